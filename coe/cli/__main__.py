@@ -1,0 +1,5 @@
+import sys
+
+from coe.cli import main
+
+sys.exit(main())

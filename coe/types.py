@@ -1,0 +1,77 @@
+"""Shared request/response types between the API, the router and the engines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list | None = ""
+
+    def text(self) -> str:
+        """The message's text; OpenAI content parts of type 'text' are concatenated."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if isinstance(part, dict) and part.get("type") == "text":
+                parts.append(str(part.get("text", "")))
+        return "".join(parts)
+
+
+class SamplingParams(BaseModel):
+    """Sampling options common to every engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class GenerationRequest:
+    """One generation for an engine: either chat ``messages`` or a raw ``prompt``.
+
+    ``adapter`` names a LoRA adapter already added to the engine (None: the base model).
+    """
+
+    request_id: str
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    finish_reason: Literal["stop", "length", "cancelled"] | str
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StreamDelta:
+    """A piece of a streamed answer. The last delta has ``finish_reason`` and the usage counts."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0

@@ -1,0 +1,5 @@
+"""Generation engines behind one protocol (:class:`serving.engines.base.Engine`)."""
+
+from serving.engines.base import Engine, get_engine_class, register_engine
+
+__all__ = ["Engine", "get_engine_class", "register_engine"]
