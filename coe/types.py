@@ -48,6 +48,8 @@ class GenerationRequest:
     """One generation for an engine: either chat ``messages`` or a raw ``prompt``.
 
     ``adapter`` names a LoRA adapter already added to the engine (None: the base model).
+    ``expert`` names the target expert where one engine hosts several whole models (the
+    expert pool); single-model engines ignore it.
     """
 
     request_id: str
@@ -55,6 +57,7 @@ class GenerationRequest:
     prompt: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None
+    expert: str | None = None
 
 
 @dataclass
