@@ -246,14 +246,49 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
     return "\n".join(lines)
 
 
-def parse_config(data: dict, source: str = "config") -> CoEConfig:
-    """Validate a mapping; raises :class:`ConfigError` with a readable message."""
+def resolve_relative_paths(cfg: CoEConfig, base_dir: Path) -> CoEConfig:
+    """Make the config's relative paths absolute, relative to ``base_dir`` (the config's folder).
+
+    Paths: lora ``adapter``, mixture ``checkpoint``, ``router.fitted``, ``serving.registry_path``,
+    ``serving.adapter_roots``, and model/embedder references that start with ``./`` or ``../``.
+    """
+
+    def fix(value: str | None, always: bool = True) -> str | None:
+        if value is None:
+            return None
+        if always and not Path(value).expanduser().is_absolute():
+            return str((base_dir / Path(value).expanduser()).resolve())
+        if not always and value.startswith(("./", "../")):
+            return str((base_dir / value).resolve())
+        return value
+
+    cfg = cfg.model_copy(deep=True)
+    for e in cfg.experts:
+        if e.kind == "lora":
+            e.adapter = fix(e.adapter)
+        elif e.kind == "mixture":
+            e.checkpoint = fix(e.checkpoint)
+        elif e.kind == "model":
+            e.model = fix(e.model, always=False)
+    cfg.router.fitted = fix(cfg.router.fitted)
+    cfg.router.embedder = fix(cfg.router.embedder, always=False)
+    cfg.serving.registry_path = fix(cfg.serving.registry_path)
+    cfg.serving.adapter_roots = [fix(r) for r in cfg.serving.adapter_roots]
+    return cfg
+
+
+def parse_config(data: dict, source: str = "config", base_dir: Path | None = None) -> CoEConfig:
+    """Validate a mapping; raises :class:`ConfigError` with a readable message.
+
+    With ``base_dir``, relative paths in the config are resolved against it.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
     try:
-        return CoEConfig.model_validate(data)
+        cfg = CoEConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
+    return resolve_relative_paths(cfg, base_dir) if base_dir is not None else cfg
 
 
 def load_config(path: str | Path | None = None) -> CoEConfig:
@@ -272,7 +307,7 @@ def load_config(path: str | Path | None = None) -> CoEConfig:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_config(data, source=str(path))
+    return parse_config(data, source=str(path), base_dir=path.resolve().parent)
 
 
 def config_json_schema() -> dict:

@@ -255,6 +255,9 @@ def prepare(alias: str, *, force: bool = False, verify: bool = True, quiet: bool
         extras = BUILTIN[alias].build(tmp, progress)
         manifest = {"alias": alias, "source": BUILTIN[alias].source, "files": _file_manifest(tmp), **extras}
         (tmp / READY).write_text(json.dumps(manifest, indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared with Ray workers
+        for f in tmp.rglob("*"):
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
         if final.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{alias}.old.", dir=models_dir()))
             os.replace(final, trash / alias)

@@ -1,0 +1,94 @@
+"""Model references and the offline model cache."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from coe import models
+from coe.errors import ModelNotFoundError
+
+
+@pytest.fixture
+def coe_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("COE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_unprepared_alias_names_the_prepare_command(coe_home):
+    with pytest.raises(ModelNotFoundError) as err:
+        models.resolve("gemma3-270m")
+    assert "gemma3-270m" in str(err.value) and "coe models prepare gemma3-270m" in str(err.value)
+
+
+def test_local_folder_and_hub_id_and_garbage(coe_home, tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    assert models.resolve(str(folder)) == str(folder.resolve())
+    assert models.resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        models.resolve("./no/such/folder")
+    with pytest.raises(ModelNotFoundError, match="smollm2-135m-instruct"):
+        models.resolve("not a model")
+    file = tmp_path / "f.bin"
+    file.write_bytes(b"x")
+    with pytest.raises(ModelNotFoundError, match="is a file"):
+        models.resolve(str(file))
+
+
+def test_unknown_alias_lists_builtins(coe_home):
+    with pytest.raises(ModelNotFoundError, match="minilm-l6"):
+        models.prepare("llama-70b")
+
+
+def test_prepare_is_atomic_idempotent_and_verified(coe_home, monkeypatch):
+    calls = []
+
+    def build(out, progress):
+        calls.append(out)
+        (out / "weights.bin").write_bytes(b"abc" * 100)
+        return {"note": "test"}
+
+    def boom(out, progress):
+        (out / "half.bin").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(models.BUILTIN, "toy", models.BuiltinModel("toy", "llm", "pkg", "toy", build))
+    monkeypatch.setitem(models.BUILTIN, "broken", models.BuiltinModel("broken", "llm", "pkg", "b", boom))
+
+    path = models.prepare("toy", quiet=True)
+    manifest = json.loads((path / models.READY).read_text())
+    assert manifest["files"]["weights.bin"] == models.sha256_file(path / "weights.bin")
+    assert models.resolve("toy") == str(path)
+    models.prepare("toy", quiet=True)
+    assert len(calls) == 1  # idempotent
+
+    (path / "weights.bin").write_bytes(b"corrupted")
+    models.prepare("toy", quiet=True)
+    assert len(calls) == 2  # checksum mismatch → rebuilt
+    assert (path / "weights.bin").read_bytes() == b"abc" * 100
+
+    with pytest.raises(KeyboardInterrupt):
+        models.prepare("broken", quiet=True)
+    leftovers = [p.name for p in models.models_dir().iterdir()]
+    assert leftovers == ["toy"], leftovers  # nothing half-written
+    assert not models.is_prepared("broken")
+
+
+def test_prepared_builtins_load(smollm2_dir, gemma3_dir, minilm_dir):
+    """The real built-in models: SmolLM2 answers, Gemma's tokenizer adds BOS, MiniLM embeds."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gemma3_dir)
+    ids = tok("The capital of France")["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    stok = AutoTokenizer.from_pretrained(smollm2_dir)
+    assert stok.chat_template
+    assert os.access(smollm2_dir / "model.safetensors", os.R_OK)
+    from sentence_transformers import SentenceTransformer
+
+    emb = SentenceTransformer(str(minilm_dir), device="cpu").encode(["hello world"])
+    assert emb.shape == (1, 384)
