@@ -85,6 +85,25 @@ class PoolConfig(Strict):
         "largest_group", description="Which expert's queue is served next."
     )
     max_wait_ms: float = Field(2000, gt=0, description="Bound on how long any request waits for its expert.")
+    swap: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="'auto': swap experts through device slots on CUDA, keep all resident on CPU; "
+        "'always': use slots on CPU too (tests, benchmarks); 'never': every expert resident.",
+    )
+    prefetch: bool = Field(
+        True, description="Copy the next scheduled expert in on a separate CUDA stream while the current one computes."
+    )
+
+    @model_validator(mode="after")
+    def _pinned_fit(self) -> "PoolConfig":
+        if len(set(self.pinned)) != len(self.pinned):
+            raise ValueError(f"pool.pinned repeats an expert id: {self.pinned}")
+        if len(self.pinned) > self.max_resident:
+            raise ValueError(
+                f"pool.pinned has {len(self.pinned)} experts but pool.max_resident is {self.max_resident}: "
+                "pin at most max_resident experts"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- experts
@@ -157,6 +176,16 @@ class RouterConfig(Strict):
     )
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     default_expert: str | None = Field(None, description="General expert for unsure or unroutable queries.")
+    unsure_similarity: float = Field(
+        0.1, ge=-1, le=1,
+        description="Description-based routing: when the best cosine similarity between the query and an "
+        "expert's description/examples is below this, the query goes to default_expert.",
+    )
+    new_expert_similarity: float = Field(
+        0.4, ge=-1, le=1,
+        description="With a fitted router: an expert it has not seen wins a query when the query's cosine "
+        "similarity to the expert's description/examples exceeds this.",
+    )
     resources: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.5))
 
 
@@ -218,6 +247,12 @@ class CoEConfig(Strict):
                         )
             if e.fallback is not None and (e.fallback not in by_id or e.fallback == e.id):
                 raise ValueError(f"experts[{e.id}].fallback is {e.fallback!r}; allowed: another expert id")
+        pool = self.serving.pool
+        for pinned in pool.pinned if pool is not None else []:
+            if pinned not in models:
+                raise ValueError(
+                    f"serving.pool.pinned has {pinned!r}; allowed: `model` experts: {', '.join(models) or '(none)'}"
+                )
         if self.router.default_expert is not None and self.router.default_expert not in by_id:
             raise ValueError(
                 f"router.default_expert is {self.router.default_expert!r}; allowed: {', '.join(sorted(by_id))}"
