@@ -195,8 +195,13 @@ class RouterConfig(Strict):
 class BatchingConfig(Strict):
     """Expert-grouped batching: requests are collected, grouped by chosen expert, dispatched per expert."""
 
-    max_batch_size: int = Field(16, ge=1, le=1024)
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Most requests of one expert in one batch.")
+    max_wait_ms: float = Field(
+        5.0, ge=0, le=10_000, description="How long the oldest request of a group waits for others to join it."
+    )
+    max_concurrent_batches: int | None = Field(
+        None, ge=1, description="Batches in flight per expert server; none: no limit (the engine batches them)."
+    )
 
 
 class ServingConfig(Strict):

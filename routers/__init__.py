@@ -1,0 +1,39 @@
+"""Routers: score experts for a batch of queries; one shared policy chooses.
+
+Light to import: numpy and pydantic only. Embedders, faiss and torch load when first used.
+"""
+
+from routers.base import (
+    FitContext,
+    QueryBatch,
+    Router,
+    RouterParams,
+    Scores,
+    create_router,
+    load_router,
+    register_router,
+    router_class,
+    router_names,
+    save_router,
+)
+from routers.online import OnlineRouter, RoutingDecision, build_online_router
+from routers.policy import SelectionPolicy, calibrate
+
+__all__ = [
+    "FitContext",
+    "OnlineRouter",
+    "QueryBatch",
+    "Router",
+    "RouterParams",
+    "RoutingDecision",
+    "Scores",
+    "SelectionPolicy",
+    "build_online_router",
+    "calibrate",
+    "create_router",
+    "load_router",
+    "register_router",
+    "router_class",
+    "router_names",
+    "save_router",
+]

@@ -1,0 +1,181 @@
+"""The router the service calls: fitted or description-based scores + the shared policy.
+
+Two sources of scores, combined per query:
+
+- **fitted** (``router.fitted``, a folder from ``coe router fit``): predicted quality on the 0..1
+  outcome scale for the experts it was fitted on;
+- **centroid** over each registered expert's ``description`` + ``examples``: cosine similarity.
+
+How the scales meet: with a fitted router, an expert it has never seen (e.g. registered at
+runtime) scores ``best_fitted_quality(query) + (cos(query, expert) − new_expert_similarity)``:
+it wins a query exactly when the query is closer to its description than
+``router.new_expert_similarity``, and otherwise ranks below the fitted experts by how far it
+falls short. Without a fitted router all experts are scored by raw cosine similarity; when the
+best similarity is below ``router.unsure_similarity`` (or the query is empty), the query goes
+to ``router.default_expert``. Costs are the experts' configured ``cost`` (one scale for all).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from coe.errors import ConfigError, ExpertNotFoundError, available
+
+
+@dataclass
+class RoutingDecision:
+    expert: str                      # chosen expert id
+    scores: dict[str, float]         # predicted quality per expert id (what the policy saw)
+    router: str                      # router name
+    costs: dict[str, float] | None = None
+
+
+@dataclass
+class _ExpertInfo:
+    id: str
+    cost: float
+    has_texts: bool
+
+
+class OnlineRouter:
+    """Thread-safe. Routes queries to expert ids using a fitted or description-based router
+    plus the shared selection policy from the config.
+
+    ``route`` may run in many threads while ``add_expert``/``remove_expert`` change the expert
+    set; each ``route`` call sees one consistent snapshot.
+    """
+
+    def __init__(self, cfg, experts: list, fitted=None, embedder=None) -> None:
+        from routers.builtin.centroid import CentroidRouter
+        from routers.embedding import get_embedder
+        from routers.policy import SelectionPolicy
+
+        self.cfg = cfg
+        self.fitted = fitted
+        self.name = fitted.name if fitted is not None else "centroid"
+        self.policy = SelectionPolicy.from_config(cfg.policy)
+        self.embedder = embedder if embedder is not None else get_embedder(cfg.embedder)
+        self._centroid = CentroidRouter()
+        self._lock = threading.RLock()
+        self._experts: dict[str, _ExpertInfo] = {}
+        for e in experts:
+            self.add_expert(e)
+
+    # -- expert set -------------------------------------------------------------------------
+    def add_expert(self, expert) -> None:
+        """Register (or replace) an expert: embeds its description + examples for the centroid scores."""
+        from routers.builtin.centroid import expert_texts
+
+        texts = expert_texts(expert.description, list(expert.examples))
+        emb = self.embedder.encode(texts) if texts else None
+        with self._lock:
+            if emb is not None:
+                self._centroid.set_expert(expert.id, emb, cost=float(expert.cost))
+            else:
+                self._centroid.remove_expert(expert.id)
+            self._experts[expert.id] = _ExpertInfo(expert.id, float(expert.cost), emb is not None)
+
+    def remove_expert(self, expert_id: str) -> None:
+        """Stop routing to ``expert_id``; :class:`ExpertNotFoundError` when it is not registered."""
+        with self._lock:
+            if expert_id not in self._experts:
+                raise ExpertNotFoundError(f"unknown expert {expert_id!r}; available: {available(self._experts)}")
+            del self._experts[expert_id]
+            self._centroid.remove_expert(expert_id)
+
+    def experts(self) -> list[str]:
+        with self._lock:
+            return list(self._experts)
+
+    # -- routing ----------------------------------------------------------------------------
+    def route(self, queries: list[str]) -> list[RoutingDecision]:
+        """One decision per query, in order; the non-empty queries are embedded once, together."""
+        from routers.base import QueryBatch
+
+        with self._lock:
+            infos = list(self._experts.values())
+        if not infos:
+            raise ExpertNotFoundError("no experts are registered; nothing to route to")
+        ids = [i.id for i in infos]
+        costs = np.array([i.cost for i in infos])
+        default = self.cfg.default_expert if self.cfg.default_expert in ids else None
+        live = [k for k, q in enumerate(queries) if q and q.strip()]
+        decisions: list[RoutingDecision | None] = [None] * len(queries)
+        if live:
+            batch = QueryBatch([queries[k] for k in live], self.embedder.encode([queries[k] for k in live]))
+            quality, unsure = self._quality(batch, ids, infos)       # [B, E], [B]
+            picks = self.policy.select(quality, costs)
+            for row, k in enumerate(live):
+                choice = ids[picks[row]]
+                if (unsure[row] or not np.isfinite(quality[row, picks[row]])) and default is not None:
+                    choice = default
+                decisions[k] = self._decision(choice, ids, quality[row], costs)
+        for k, d in enumerate(decisions):
+            if d is None:   # empty query
+                decisions[k] = self._decision(default or ids[0], ids, np.full(len(ids), np.nan), costs)
+        return decisions  # type: ignore[return-value]
+
+    def _quality(self, batch, ids: list[str], infos: list[_ExpertInfo]) -> tuple[np.ndarray, np.ndarray]:
+        b, e = len(batch), len(ids)
+        quality = np.full((b, e), -np.inf)
+        cent = self._centroid.score(batch)
+        cos = np.full((b, e), -np.inf)
+        for j, eid in enumerate(cent.experts):
+            if eid in ids:
+                cos[:, ids.index(eid)] = cent.quality[:, j]
+        if self.fitted is None:
+            best = cos.max(axis=1)
+            return cos, best < self.cfg.unsure_similarity
+        fit = self.fitted.score(batch)
+        known = [ids.index(x) for x in fit.experts if x in ids]
+        cols = [j for j, x in enumerate(fit.experts) if x in ids]
+        if known:
+            quality[:, known] = fit.quality[:, cols]
+            best_known = quality[:, known].max(axis=1, keepdims=True)      # [B, 1]
+        else:
+            best_known = np.zeros((b, 1))
+        unseen = [j for j, x in enumerate(ids) if x not in fit.experts]
+        if unseen:
+            quality[:, unseen] = best_known + (cos[:, unseen] - self.cfg.new_expert_similarity)
+        return quality, ~np.isfinite(quality).any(axis=1)
+
+    def _decision(self, choice: str, ids: list[str], row: np.ndarray, costs: np.ndarray) -> RoutingDecision:
+        scores = {eid: float(v) for eid, v in zip(ids, row) if np.isfinite(v)}
+        return RoutingDecision(
+            expert=choice, scores=scores, router=self.name, costs={eid: float(c) for eid, c in zip(ids, costs)}
+        )
+
+
+def build_online_router(cfg, experts: list, base_dir: Path | None = None, *, embedder=None) -> OnlineRouter:
+    """The service's router for ``cfg`` (a ``coe.config.RouterConfig``) over ``experts``.
+
+    Loads ``cfg.fitted`` (relative to ``base_dir``) when set; otherwise ``cfg.name`` must be a
+    router that needs no outcome data (``centroid``). Raises :class:`ConfigError` otherwise.
+    """
+    from routers.base import load_router, router_class
+
+    fitted = None
+    if cfg.fitted:
+        folder = Path(cfg.fitted)
+        if not folder.is_absolute() and base_dir is not None:
+            folder = Path(base_dir) / folder
+        fitted, meta = load_router(folder)
+        if fitted.needs_labels:
+            raise ConfigError(f"router.fitted {folder}: the {fitted.name!r} router needs true outcomes; it cannot serve")
+        if meta.get("embedder") and meta["embedder"] != cfg.embedder:
+            raise ConfigError(
+                f"router.fitted {folder} was fitted with embedder {meta['embedder']!r} but router.embedder is "
+                f"{cfg.embedder!r}; use the same embedder"
+            )
+    else:
+        cls = router_class(cfg.name)
+        if cls.needs_outcomes:
+            raise ConfigError(
+                f"router {cfg.name!r} needs outcome data: set router.fitted to a folder from `coe router fit`, "
+                f"or use router.name: centroid"
+            )
+    return OnlineRouter(cfg, experts, fitted=fitted, embedder=embedder)
