@@ -1,0 +1,104 @@
+"""Prompt preparation shared by both engines: tokenizer, chat template, context check, dtype.
+
+Both engines turn a :class:`GenerationRequest` into prompt token ids with the same code here
+(``encode_request``), so the transformers and vLLM engines see identical prompt tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from coe.config import EngineConfig
+from coe.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
+from coe.types import GenerationRequest
+
+
+def load_tokenizer(model_ref: str):
+    """The model's tokenizer (a hub id that cannot be reached raises ModelNotFoundError)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_ref)
+    except (OSError, ValueError) as err:
+        raise _load_error(model_ref, err) from None
+
+
+def _load_error(model_ref: str, err: Exception) -> ModelNotFoundError:
+    from coe.models import hub_error
+
+    if Path(model_ref).exists():
+        return ModelNotFoundError(f"model folder {model_ref} cannot be loaded: {type(err).__name__}: {str(err)[:300]}")
+    return hub_error(model_ref, err)
+
+
+def chat_template_of(tokenizer) -> str:
+    """The tokenizer's chat template, or the plain Question/Answer one for models without one."""
+    from coe.models import PLAIN_CHAT_TEMPLATE
+
+    return getattr(tokenizer, "chat_template", None) or PLAIN_CHAT_TEMPLATE
+
+
+def encode_request(tokenizer, request: GenerationRequest) -> list[int]:
+    """Prompt token ids: chat ``messages`` through the chat template, or the raw ``prompt``.
+
+    Special tokens (BOS) are added the way the tokenizer is configured; a template that already
+    writes BOS itself does not get a second one. Raises InvalidRequestError when the request
+    has neither messages nor a prompt.
+    """
+    if request.messages:
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=chat_template_of(tokenizer), add_generation_prompt=True, tokenize=False
+        )
+    elif request.prompt is not None:
+        text = request.prompt
+    else:
+        raise InvalidRequestError("a generation request needs `messages` or a `prompt`")
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+        ids = ids[1:]
+    if not ids:
+        raise InvalidRequestError("the prompt is empty after tokenization")
+    return ids
+
+
+def check_context(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """Raise ContextLengthError when ``prompt_tokens + max_tokens`` exceeds ``max_model_len``."""
+    if prompt_tokens + max_tokens > max_model_len:
+        raise ContextLengthError(
+            f"this model's context is {max_model_len} tokens; the prompt has {prompt_tokens} tokens and "
+            f"max_tokens is {max_tokens} ({prompt_tokens + max_tokens} in all): shorten the prompt or lower max_tokens",
+            param="max_tokens",
+        )
+
+
+def model_max_len(model_dir: str, configured: int) -> int:
+    """The context window: ``configured``, capped by the model's own position limit when known."""
+    cfg_file = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError):
+        return configured
+    cfg = cfg.get("text_config", cfg)
+    limit = cfg.get("max_position_embeddings")
+    return min(configured, int(limit)) if isinstance(limit, int) and limit > 0 else configured
+
+
+def resolve_device(config: EngineConfig) -> str:
+    """'cpu' or 'cuda' ('auto' picks CUDA when torch sees one)."""
+    if config.device != "auto":
+        return config.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(config: EngineConfig, device: str, *, engine: str):
+    """The torch dtype name: 'auto' is bfloat16 on CUDA, float32 for hf on CPU, bfloat16 for vLLM."""
+    if config.dtype != "auto":
+        return config.dtype
+    if device == "cuda" or engine == "vllm":
+        return "bfloat16"
+    return "float32"

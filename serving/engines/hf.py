@@ -1,0 +1,334 @@
+"""The transformers engine: one model in-process (CPU or CUDA), continuous batching, peft LoRA.
+
+Requests are decoded together by one background worker thread: each loop iteration either
+prefills the newly arrived requests (as their own left-padded batch, then joined to the
+running one) or runs one decode step over every active row (see ``hf_batch`` for the cache
+layout). Tokens go back to each caller's asyncio loop through a per-request queue.
+A mixed batch of LoRA adapters is one forward with peft's ``adapter_names=`` (``_forward``).
+
+Thread-safety: the public coroutines may be called from any asyncio loop; the model is only
+touched under ``_model_lock`` (by the worker, and by adapter loading).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from dataclasses import dataclass, field
+
+from coe.errors import AdapterError, EngineError, ModelNotFoundError, NotReadyError
+from coe.types import GenerationRequest, SamplingParams, StreamDelta
+from serving.engines.adapter_check import LoraInfo, validate_lora_adapter
+from serving.engines.base import Engine, register_engine
+from serving.engines.chat import (
+    check_context,
+    encode_request,
+    load_tokenizer,
+    model_max_len,
+    resolve_device,
+    resolve_dtype,
+)
+from serving.engines.hf_batch import KVBatch, left_pad
+from serving.engines.sampling import TextStream, make_generator, sample_token
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+@dataclass(eq=False)
+class _Row:
+    """One request in flight (owned by the worker thread once admitted)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None
+    generator: object
+    text: TextStream
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    done: bool = False
+
+    def emit(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody listens any more
+            self.cancelled = True
+
+
+@register_engine("hf")
+class HFEngine(Engine):
+    """transformers ``AutoModelForCausalLM`` with batched decoding and peft adapters."""
+
+    def __init__(self, model_path, config=None) -> None:
+        super().__init__(model_path, config)
+        self._model = None
+        self._tokenizer = None
+        self._device = "cpu"
+        self._max_len = self.config.max_model_len
+        self._eos: set[int] = set()
+        self._adapters: dict[str, tuple[str, LoraInfo]] = {}  # name -> (peft name, info)
+        self._adapter_seq = 0
+        self._pending: collections.deque[_Row] = collections.deque()
+        self._rows: list[_Row] = []
+        self._batch: KVBatch | None = None
+        self._cond = threading.Condition()
+        self._model_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        await asyncio.to_thread(self._load)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"hf-engine-{self.model_path}", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from coe.models import resolve
+
+        path = resolve(self.model_path)
+        self._device = resolve_device(self.config)
+        dtype = resolve_dtype(self.config, self._device, engine="hf")
+        self._tokenizer = load_tokenizer(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        except (OSError, ValueError) as err:
+            from serving.engines.chat import _load_error
+
+            raise _load_error(path, err) from None
+        self._model = model.to(self._device).eval()
+        self._max_len = model_max_len(path, self.config.max_model_len)
+        eos = model.generation_config.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self._tokenizer.eos_token_id is not None:
+            self._eos.add(self._tokenizer.eos_token_id)
+        pad = self._tokenizer.pad_token_id
+        self._pad_id = pad if pad is not None else (min(self._eos) if self._eos else 0)
+
+    async def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        for row in list(self._pending) + self._rows:
+            row.emit(NotReadyError("the engine was stopped"))
+        self._pending.clear()
+        self._rows, self._batch, self._model = [], None, None
+
+    async def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_len
+
+    def running(self) -> int:
+        """Requests admitted or waiting (for tests and metrics)."""
+        return len(self._rows) + len(self._pending)
+
+    # ------------------------------------------------------------------ requests
+
+    def encode_prompt(self, request: GenerationRequest) -> list[int]:
+        if self._tokenizer is None:
+            raise NotReadyError(f"engine for {self.model_path} is not started")
+        return encode_request(self._tokenizer, request)
+
+    async def stream(self, request: GenerationRequest):
+        """Yield StreamDeltas; raises ContextLengthError / AdapterError before the first one."""
+        if self._thread is None:
+            raise NotReadyError(f"engine for {self.model_path} is not started")
+        prompt_ids = self.encode_prompt(request)
+        params = request.sampling
+        check_context(len(prompt_ids), params.max_tokens, self.max_model_len)
+        if request.adapter is not None and request.adapter not in self._adapters:
+            raise AdapterError(f"unknown adapter {request.adapter!r}; added: {sorted(self._adapters) or '(none)'}")
+        row = _Row(
+            prompt_ids=prompt_ids,
+            params=params,
+            adapter=request.adapter,
+            generator=make_generator(params.seed, self._device),
+            text=TextStream(self._tokenizer, prompt_ids, params.stop),
+            loop=asyncio.get_running_loop(),
+            queue=asyncio.Queue(),
+        )
+        with self._cond:
+            self._pending.append(row)
+            self._cond.notify()
+        try:
+            while True:
+                item = await row.queue.get()
+                if isinstance(item, BaseException):
+                    if isinstance(item, EngineError):
+                        raise item
+                    raise EngineError(f"generation failed: {type(item).__name__}: {item}") from item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            row.cancelled = True  # a no-op once finished; otherwise the worker drops the row
+            with self._cond:
+                self._cond.notify()
+
+    # ------------------------------------------------------------------ adapters
+
+    async def add_adapter(self, name: str, path) -> None:
+        info = validate_lora_adapter(path, self.config.max_lora_rank)
+        if self._model is None:
+            raise NotReadyError(f"engine for {self.model_path} is not started")
+        await asyncio.to_thread(self._load_adapter, name, info)
+
+    def _load_adapter(self, name: str, info: LoraInfo) -> None:
+        from peft import PeftModel
+
+        with self._model_lock:
+            if name in self._adapters:
+                raise AdapterError(f"adapter {name!r} is already added (from {self._adapters[name][1].path})")
+            self._adapter_seq += 1
+            peft_name = f"a{self._adapter_seq}"  # peft names must be module-safe (no '.')
+            try:
+                if isinstance(self._model, PeftModel):
+                    self._model.load_adapter(info.path, adapter_name=peft_name, is_trainable=False)
+                else:
+                    self._model = PeftModel.from_pretrained(
+                        self._model, info.path, adapter_name=peft_name, is_trainable=False
+                    )
+            except Exception as err:
+                raise AdapterError(
+                    f"adapter {info.path} does not fit model {self.model_path}: {type(err).__name__}: {str(err)[:300]}"
+                ) from None
+            self._model.eval()
+            self._adapters[name] = (peft_name, info)
+
+    async def remove_adapter(self, name: str) -> None:
+        await asyncio.to_thread(self._unload_adapter, name)
+
+    def _unload_adapter(self, name: str) -> None:
+        with self._model_lock:
+            if name not in self._adapters:
+                return
+            with self._cond:
+                busy = sum(r.adapter == name for r in list(self._pending) + self._rows if not r.cancelled)
+            if busy:
+                raise AdapterError(f"adapter {name!r} is serving {busy} request(s); remove it when they finish")
+            peft_name, _ = self._adapters.pop(name)
+            if self._adapters:
+                self._model.delete_adapter(peft_name)
+            else:
+                self._model = self._model.unload()  # back to the plain model, no LoRA layers left
+
+    def adapters(self) -> list[str]:
+        return sorted(self._adapters)
+
+    # ------------------------------------------------------------------ worker thread
+
+    def _run(self) -> None:
+        import torch
+
+        while True:
+            with self._cond:
+                while not self._stopping and not self._pending and not self._rows:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                room = self.config.max_num_seqs - len(self._rows)
+                new = []
+                while self._pending and len(new) < room:
+                    row = self._pending.popleft()
+                    if not row.cancelled:
+                        new.append(row)
+            try:
+                with self._model_lock, torch.inference_mode():
+                    if new:
+                        self._prefill(new)
+                    elif self._rows:
+                        self._decode()
+                    self._drop_finished()
+            except Exception as err:  # one failing batch must not kill the engine
+                for row in self._rows + [r for r in new if r not in self._rows]:
+                    row.emit(err)
+                self._rows, self._batch = [], None
+
+    def _forward(self, input_ids, mask, positions, cache, adapters: list[str | None]):
+        """Last-position logits ``[B, V]``; the one place LoRA is applied (peft mixed batch)."""
+        kwargs = {}
+        if self._adapters:
+            kwargs["adapter_names"] = [self._adapters[a][0] if a else BASE for a in adapters]
+        out = self._model(
+            input_ids=input_ids.to(self._device),
+            attention_mask=mask.to(self._device),
+            position_ids=positions.to(self._device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
+        return out.logits[:, -1, :]
+
+    def _prefill(self, new: list[_Row]) -> None:
+        from transformers import DynamicCache
+
+        ids, mask, positions = left_pad([r.prompt_ids for r in new], self._pad_id)
+        cache = DynamicCache()  # no config: full layers only (see hf_batch)
+        logits = self._forward(ids, mask, positions, cache, [r.adapter for r in new])  # [n, V]
+        part = KVBatch(cache, mask.to(self._device))
+        if self._batch is None:
+            self._batch = part
+        else:
+            self._batch.join(part)
+        self._rows.extend(new)
+        for row, row_logits in zip(new, logits):
+            self._accept(row, sample_token(row_logits, row.params, row.generator))
+
+    def _decode(self) -> None:
+        import torch
+
+        tokens = torch.tensor([[r.generated[-1]] for r in self._rows], dtype=torch.long)  # [B, 1]
+        positions = torch.tensor([[len(r.prompt_ids) + len(r.generated) - 1] for r in self._rows])  # [B, 1]
+        mask = self._batch.grow()  # [B, T+1]
+        logits = self._forward(tokens, mask, positions, self._batch.cache, [r.adapter for r in self._rows])
+        for row, row_logits in zip(self._rows, logits):
+            self._accept(row, sample_token(row_logits, row.params, row.generator))
+
+    def _accept(self, row: _Row, token: int) -> None:
+        if row.cancelled:
+            return
+        row.generated.append(token)
+        finish = None
+        if token in self._eos:
+            text, finish = row.text.flush(), "stop"
+        else:
+            text, stopped = row.text.push(token)
+            if stopped:
+                finish = "stop"
+            elif len(row.generated) >= row.params.max_tokens:
+                text, finish = text + row.text.flush(), "length"
+        row.done = finish is not None
+        row.emit(
+            StreamDelta(
+                text=text,
+                token_ids=[token],
+                finish_reason=finish,
+                prompt_tokens=len(row.prompt_ids),
+                completion_tokens=len(row.generated),
+            )
+        )
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, r in enumerate(self._rows) if not (r.done or r.cancelled)]
+        if len(keep) == len(self._rows):
+            return
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._batch = None
+        else:
+            self._batch.keep(keep)
