@@ -1,0 +1,102 @@
+"""Where the ingress sends generations: expert servers in-process or as Ray Serve deployments.
+
+:class:`Backend` is the small protocol the ingress logic (:class:`serving.api.service.CoEService`)
+talks to; :class:`LocalBackend` hosts :class:`ExpertServer` objects in the same process (tests,
+benchmarks of the bare logic); ``serving.deployments.ray_deployments.ServeBackend`` calls Ray
+Serve deployment handles. Both raise the servers' :class:`coe.errors.CoEError` s unchanged
+(the Ray one after unwrapping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from coe.errors import EngineError, available
+from coe.types import GenerationRequest, StreamDelta
+from serving.deployments.expert_server import ExpertServer, Served
+from serving.deployments.spec import ServerSpec
+
+
+class Backend(Protocol):
+    async def generate(self, server_id: str, request: GenerationRequest, adapter_path: str | None) -> Served: ...
+
+    def stream(self, server_id: str, request: GenerationRequest, adapter_path: str | None) -> AsyncIterator[StreamDelta]: ...
+
+    async def add_adapter(self, server_id: str, expert_id: str, path: str) -> None: ...
+
+    async def remove_adapter(self, server_id: str, expert_id: str) -> None: ...
+
+    async def add_server(self, spec: ServerSpec) -> None:
+        """Start a server for a new model expert; raises (and leaves nothing behind) when its
+        engine fails to load."""
+
+    async def remove_server(self, server_id: str) -> None: ...
+
+    async def ready(self) -> dict[str, str | None]:
+        """Per expert id: None when it serves, else why not (an expert absent is not ready)."""
+
+    async def stats(self) -> dict[str, dict]: ...
+
+
+class LocalBackend:
+    """Expert servers in this process. ``engine_cls_for(spec)`` picks each server's engine
+    class (None: the registered one for ``spec.engine_kind``)."""
+
+    def __init__(self, specs: dict[str, ServerSpec], *, engine_cls_for=None) -> None:
+        self._engine_cls_for = engine_cls_for or (lambda spec: None)
+        self.servers: dict[str, ExpertServer] = {
+            sid: ExpertServer(spec, engine_cls=self._engine_cls_for(spec)) for sid, spec in specs.items()
+        }
+
+    async def start(self) -> None:
+        for server in self.servers.values():
+            await server.start()
+
+    async def stop(self) -> None:
+        for server in self.servers.values():
+            await server.stop()
+
+    def _server(self, server_id: str) -> ExpertServer:
+        try:
+            return self.servers[server_id]
+        except KeyError:
+            raise EngineError(f"no expert server {server_id!r}; running: {available(self.servers)}") from None
+
+    async def generate(self, server_id, request, adapter_path):
+        return await self._server(server_id).generate(request, adapter_path)
+
+    async def stream(self, server_id, request, adapter_path):
+        agen = self._server(server_id).stream(request, adapter_path)
+        try:
+            async for delta in agen:
+                yield delta
+        finally:
+            await agen.aclose()
+
+    async def add_adapter(self, server_id, expert_id, path):
+        await self._server(server_id).add_adapter(expert_id, path)
+
+    async def remove_adapter(self, server_id, expert_id):
+        await self._server(server_id).remove_adapter(expert_id)
+
+    async def add_server(self, spec: ServerSpec) -> None:
+        server = ExpertServer(spec, engine_cls=self._engine_cls_for(spec))
+        await server.start()
+        if server.engine is None:
+            raise EngineError(server.ready()[spec.host.id] or f"the engine of {spec.host.id} failed to load")
+        self.servers[spec.server_id] = server
+
+    async def remove_server(self, server_id):
+        server = self.servers.pop(server_id, None)
+        if server is not None:
+            await server.stop()
+
+    async def ready(self):
+        out: dict[str, str | None] = {}
+        for server in self.servers.values():
+            out.update(server.ready())
+        return out
+
+    async def stats(self):
+        return {sid: s.stats() for sid, s in self.servers.items()}

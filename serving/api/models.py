@@ -1,0 +1,139 @@
+"""OpenAI-compatible request/response models (pydantic), plus the admin and routing bodies.
+
+Requests accept OpenAI's extra fields (``extra="allow"``) so unmodified clients work; fields
+coe does not use are ignored. Ranges that the issue wants as 400 (``max_tokens``) are checked
+by the service, not here, because FastAPI reports schema errors as 422.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from coe.types import ChatMessage
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Open):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Open):
+    model: str = Field("coe", description="'coe' routes; an expert id pins that expert.")
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation; at least one message.")
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    user: str | None = None
+
+
+class RouteRequest(_Open):
+    """``/v1/route``: either chat ``messages`` or a plain ``query``."""
+
+    messages: list[ChatMessage] | None = None
+    query: str | None = None
+    model: str = "coe"
+
+
+class RoutingInfo(BaseModel):
+    """The extra ``coe`` field of a chat response: who answered and why."""
+
+    expert: str
+    router: str
+    scores: dict[str, float] = Field(default_factory=dict)
+    pinned: bool = False
+    fallback_from: str | None = None
+    routing_ms: float = 0.0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: new_id())
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    coe: RoutingInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    coe: RoutingInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "coe"
+    kind: str = "router"
+    base: str | None = None
+    description: str = ""
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ExpertInfo(BaseModel):
+    """An expert as the admin API lists it."""
+
+    id: str
+    kind: str
+    source: Literal["config", "registry"]
+    server: str
+    ready: bool
+    error: str | None = None
+    config: dict[str, Any]
+
+
+def new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"

@@ -1,0 +1,162 @@
+"""Expert-grouped batching: collect requests for a short window, group them by expert, and
+dispatch one batch per expert.
+
+A request waits at most ``max_wait_ms`` after the oldest pending request of its group arrived
+(less when its group reaches ``max_batch_size``). When the window closes every group is handed
+to ``run_batch`` as one call, up to ``max_concurrent`` batches in flight: an engine that runs
+one batch at a time (transformers) gets ``max_concurrent=1``, so requests keep collecting while
+it works and the next batch of a group takes everything that arrived meanwhile; a continuously
+batching engine (vLLM) takes every group at once. Groups are served oldest first.
+
+Runs on one asyncio loop; ``submit`` may be awaited concurrently from many tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+Req = TypeVar("Req")
+Out = TypeVar("Out")
+
+
+@dataclass
+class _Group(Generic[Req, Out]):
+    first_at: float
+    items: list[tuple[Req, asyncio.Future]] = field(default_factory=list)
+
+
+class ExpertGroupedBatcher(Generic[Req, Out]):
+    """``await submit(key, request)`` → ``(output, batch_size)``.
+
+    ``run_batch(key, requests)`` must return one output per request, in order; an exception it
+    raises is given to every request of that batch. A cancelled ``submit`` whose batch has not
+    started is dropped from its group.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[str, list[Req]], Awaitable[list[Out]]],
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_concurrent: int | None = None,
+    ) -> None:
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._slots = asyncio.Semaphore(max_concurrent) if max_concurrent else None
+        self._groups: dict[str, _Group] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._inflight: set[asyncio.Task] = set()
+        self.batches_dispatched = 0
+
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch (not yet dispatched)."""
+        return sum(len(g.items) for g in self._groups.values())
+
+    async def submit(self, key: str, request: Req) -> tuple[Out, int]:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._loop())
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group(first_at=time.monotonic())
+        group.items.append((request, fut))
+        self._wake.set()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            group = self._groups.get(key)
+            if group is not None:
+                group.items = [(r, f) for r, f in group.items if f is not fut]
+                if not group.items:
+                    self._groups.pop(key, None)
+            raise
+
+    def _due(self, now: float) -> float | None:
+        """Seconds until the next group is due (<= 0: one is due now); None when idle."""
+        if not self._groups:
+            return None
+        waits = []
+        for g in self._groups.values():
+            if len(g.items) >= self.max_batch_size:
+                return 0.0
+            waits.append(g.first_at + self.max_wait_s - now)
+        return min(waits)
+
+    async def _loop(self) -> None:
+        while True:
+            due = self._due(time.monotonic())
+            if due is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if due > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=due)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            if self._slots is not None:
+                await self._slots.acquire()
+            key = self._pick()
+            if key is None:
+                if self._slots is not None:
+                    self._slots.release()
+                continue
+            group = self._groups[key]
+            take, group.items = group.items[: self.max_batch_size], group.items[self.max_batch_size :]
+            if group.items:
+                group.first_at = time.monotonic() - self.max_wait_s  # the rest already waited: due now
+            else:
+                del self._groups[key]
+            task = asyncio.create_task(self._dispatch(key, take))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    def _pick(self) -> str | None:
+        """The oldest group that is due (full groups first)."""
+        now = time.monotonic()
+        due = [
+            (len(g.items) < self.max_batch_size, g.first_at, k)
+            for k, g in self._groups.items()
+            if g.items and (len(g.items) >= self.max_batch_size or g.first_at + self.max_wait_s <= now)
+        ]
+        return min(due)[2] if due else None
+
+    async def _dispatch(self, key: str, items: list[tuple[Req, asyncio.Future]]) -> None:
+        items = [(r, f) for r, f in items if not f.done()]
+        try:
+            if not items:
+                return
+            self.batches_dispatched += 1
+            try:
+                outputs = await self._run_batch(key, [r for r, _ in items])
+                if len(outputs) != len(items):
+                    raise RuntimeError(f"run_batch returned {len(outputs)} outputs for {len(items)} requests")
+            except BaseException as err:  # noqa: BLE001  (handed to every waiter)
+                for _, f in items:
+                    if not f.done():
+                        f.set_exception(err if isinstance(err, Exception) else RuntimeError(str(err)))
+                if not isinstance(err, Exception):
+                    raise
+                return
+            for (_, f), out in zip(items, outputs):
+                if not f.done():
+                    f.set_result((out, len(items)))
+        finally:
+            if self._slots is not None:
+                self._slots.release()
+            self._wake.set()
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        for task in list(self._inflight):
+            task.cancel()

@@ -1,0 +1,193 @@
+"""The expert server: one engine and every expert it hosts, behind expert-grouped batching.
+
+A server runs one engine: a ``model`` expert's (together with all LoRA experts on that base,
+added at start or at runtime) or a ``mixture`` expert's. Requests name their expert in
+``GenerationRequest.expert`` (and the LoRA in ``.adapter``, which is the expert id), so one
+engine may host several experts, LoRA or whole models alike. Plain (non-streamed) requests go
+through :class:`ExpertGroupedBatcher`: one ``engine.generate_batch`` call per expert per window.
+Streamed requests go straight to ``engine.stream`` (the engine batches them continuously).
+
+This class is plain Python, usable in-process; ``serving.deployments.ray_deployments`` wraps it
+as a Ray Serve deployment. Methods are coroutines on one asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from coe.config import MixtureExpert
+from coe.errors import CoEError, EngineError, ExpertNotFoundError, available
+from coe.types import GenerationOutput, GenerationRequest, StreamDelta
+from serving.deployments.batcher import ExpertGroupedBatcher
+from serving.deployments.spec import ServerSpec, resolve_model, resolve_path
+
+log = logging.getLogger("coe.serving")
+
+
+@dataclass
+class Served:
+    """A finished generation plus how it was served (for metrics)."""
+
+    output: GenerationOutput
+    expert: str
+    batch_size: int
+    queue_ms: float
+
+
+class ExpertServer:
+    """Hosts one engine for the experts of a :class:`ServerSpec`.
+
+    ``engine_cls`` is injected (``serving.engines.get_engine_class(spec.engine_kind)`` when
+    None). Engine failures surface as :class:`EngineError` (HTTP 503); request errors
+    (context too long, bad adapter) keep their own :class:`CoEError` type.
+    """
+
+    def __init__(self, spec: ServerSpec, *, engine_cls=None) -> None:
+        self.spec = spec
+        self._engine_cls = engine_cls
+        self.engine = None
+        self._experts: dict[str, str | None] = {}  # expert id -> adapter path (None: the engine's own model)
+        self._failed: dict[str, str] = {}  # expert id -> why it cannot serve
+        self._load_error: str | None = None
+        b = spec.batching
+        self.batcher: ExpertGroupedBatcher[GenerationRequest, GenerationOutput] = ExpertGroupedBatcher(
+            self._run_batch,
+            max_batch_size=b.max_batch_size,
+            max_wait_ms=b.max_wait_ms,
+            max_concurrent=b.max_concurrent_batches,
+        )
+        self.tokens_generated = 0
+        self.requests_served = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Load the engine and the spec's LoRA experts. A LoRA that fails to load marks only that
+        expert as failed; an engine that fails marks every expert of the server as failed."""
+        spec = self.spec
+        host = spec.host
+        try:
+            engine_cls = self._engine_cls
+            if engine_cls is None:
+                from serving.engines import get_engine_class
+
+                engine_cls = get_engine_class(spec.engine_kind)
+            model_path = resolve_model(spec.model_expert.model, spec.base_dir)
+            if hasattr(engine_cls, "from_spec"):  # engines that need more than a model (mixtures)
+                self.engine = engine_cls.from_spec(spec)
+            else:
+                self.engine = engine_cls(model_path, spec.model_expert.engine)
+            await self.engine.start()
+        except Exception as err:  # noqa: BLE001  (reported through readiness and 503s)
+            self._load_error = f"{type(err).__name__}: {err}"
+            log.exception("expert server %s failed to start", spec.server_id)
+            for eid in spec.expert_ids():
+                self._failed[eid] = f"the engine of {spec.server_id} failed to load: {self._load_error}"
+            return
+        self._experts[host.id] = None
+        if isinstance(host, MixtureExpert):
+            return
+        for lora in spec.loras:
+            try:
+                await self.add_adapter(lora.id, str(resolve_path(lora.adapter, spec.base_dir)))
+            except Exception as err:  # noqa: BLE001
+                log.error("LoRA expert %s failed to load: %s", lora.id, err)
+                self._failed[lora.id] = f"LoRA expert {lora.id} failed to load: {err}"
+
+    async def stop(self) -> None:
+        await self.batcher.close()
+        if self.engine is not None:
+            await self.engine.stop()
+
+    def ready(self) -> dict[str, str | None]:
+        """Per expert: None when it serves, else why not."""
+        out: dict[str, str | None] = {eid: None for eid in self._experts}
+        out.update(self._failed)
+        return out
+
+    def stats(self) -> dict:
+        return {
+            "queue_depth": self.batcher.queue_depth(),
+            "batches": self.batcher.batches_dispatched,
+            "requests": self.requests_served,
+            "tokens": self.tokens_generated,
+        }
+
+    # ------------------------------------------------------------------ adapters
+
+    async def add_adapter(self, expert_id: str, path: str) -> None:
+        """Load a LoRA expert onto the running engine (raises AdapterError, nothing added)."""
+        if self.engine is None:
+            raise EngineError(f"{self.spec.server_id} has no running engine: {self._load_error}")
+        if expert_id in self._experts:
+            return
+        await self.engine.add_adapter(expert_id, path)
+        self._experts[expert_id] = path
+        self._failed.pop(expert_id, None)
+
+    async def remove_adapter(self, expert_id: str) -> None:
+        if self._experts.get(expert_id) is None:
+            return
+        await self.engine.remove_adapter(expert_id)
+        self._experts.pop(expert_id, None)
+
+    # ------------------------------------------------------------------ requests
+
+    async def _prepare(self, request: GenerationRequest, adapter_path: str | None) -> GenerationRequest:
+        eid = request.expert or self.spec.host.id
+        request.expert = eid
+        if eid in self._failed:
+            raise EngineError(self._failed[eid])
+        if eid not in self._experts:
+            if adapter_path is None:
+                raise ExpertNotFoundError(
+                    f"expert {eid!r} is not served by {self.spec.server_id}; served: {available(self._experts)}"
+                )
+            await self.add_adapter(eid, adapter_path)  # a replica that missed a runtime registration
+        request.adapter = eid if self._experts[eid] is not None else None
+        prompt_tokens = self.engine.count_prompt_tokens(request)
+        from serving.engines.chat import check_context
+
+        check_context(prompt_tokens, request.sampling.max_tokens, self.engine.max_model_len)
+        return request
+
+    async def generate(self, request: GenerationRequest, adapter_path: str | None = None) -> Served:
+        """One whole answer, batched with the other requests for the same expert."""
+        t0 = time.monotonic()
+        request = await self._prepare(request, adapter_path)
+        output, batch_size = await self.batcher.submit(request.expert, request)
+        self.requests_served += 1
+        self.tokens_generated += output.completion_tokens
+        return Served(output, request.expert, batch_size, (time.monotonic() - t0) * 1000.0)
+
+    async def _run_batch(self, expert_id: str, requests: list[GenerationRequest]) -> list[GenerationOutput]:
+        try:
+            return await self.engine.generate_batch(requests)
+        except CoEError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            log.exception("engine of %s failed on a batch for %s", self.spec.server_id, expert_id)
+            raise EngineError(f"the engine of expert {expert_id!r} failed: {type(err).__name__}: {err}") from None
+
+    async def stream(self, request: GenerationRequest, adapter_path: str | None = None) -> AsyncIterator[StreamDelta]:
+        """Stream one answer; errors in the request raise before the first delta. Closing the
+        iterator (the client went away) cancels the generation."""
+        request = await self._prepare(request, adapter_path)
+        agen = self.engine.stream(request)
+        try:
+            async for delta in agen:
+                if delta.finish_reason is not None:
+                    self.requests_served += 1
+                    self.tokens_generated += delta.completion_tokens
+                yield delta
+        except (CoEError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as err:  # noqa: BLE001
+            log.exception("engine of %s failed while streaming", self.spec.server_id)
+            raise EngineError(f"the engine of expert {request.expert!r} failed: {type(err).__name__}: {err}") from None
+        finally:
+            await agen.aclose()

@@ -1,0 +1,168 @@
+"""The Ray Serve side: the expert-server deployment and the handle-based backend.
+
+Imported only when an application is built or runs on Ray (it imports ``ray.serve``).
+Model experts registered at runtime get their own Serve application
+(``coe-expert-<id>``, no HTTP route) holding one :class:`ExpertServerDeployment`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ray import serve
+
+from coe.config import ResourcesConfig
+from coe.errors import EngineError, available
+from serving.api.errors import as_coe_error
+from serving.deployments.expert_server import ExpertServer
+from serving.deployments.spec import ServerSpec
+
+log = logging.getLogger("coe.serving")
+RUNTIME_APP_PREFIX = "coe-expert-"
+
+
+@serve.deployment(max_ongoing_requests=256, health_check_period_s=10, graceful_shutdown_timeout_s=5)
+class ExpertServerDeployment:
+    """One replica: an :class:`ExpertServer` whose engine loads in the constructor."""
+
+    async def __init__(self, spec: ServerSpec) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.server = ExpertServer(spec)
+        await self.server.start()
+
+    async def generate(self, request, adapter_path=None):
+        return await self.server.generate(request, adapter_path)
+
+    async def stream(self, request, adapter_path=None):
+        agen = self.server.stream(request, adapter_path)
+        try:
+            async for delta in agen:
+                yield delta
+        finally:
+            await agen.aclose()
+
+    async def add_adapter(self, expert_id: str, path: str) -> None:
+        await self.server.add_adapter(expert_id, path)
+
+    async def remove_adapter(self, expert_id: str) -> None:
+        await self.server.remove_adapter(expert_id)
+
+    async def ready(self) -> dict[str, str | None]:
+        return self.server.ready()
+
+    async def stats(self) -> dict:
+        return self.server.stats()
+
+    async def check_health(self) -> None:
+        engine = self.server.engine
+        if engine is not None and not await engine.healthy():
+            raise RuntimeError(f"the engine of {self.server.spec.server_id} is not healthy")
+
+    async def __del__(self) -> None:
+        await self.server.stop()
+
+
+def deployment_options(spec: ServerSpec) -> dict:
+    """Ray Serve options from the spec's ResourcesConfig (CPUs, GPUs, memory, replicas, autoscaling)."""
+    return serve_options(spec.server_id, spec.resources)
+
+
+def serve_options(name: str, res: ResourcesConfig) -> dict:
+    actor = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    if res.memory_gib:
+        actor["memory"] = int(res.memory_gib * 2**30)
+    opts: dict = {"name": name, "ray_actor_options": actor}
+    if res.autoscaling is not None:
+        a = res.autoscaling
+        opts["autoscaling_config"] = {
+            "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+        }
+    else:
+        opts["num_replicas"] = res.num_replicas
+    return opts
+
+
+def bind_server(spec: ServerSpec):
+    return ExpertServerDeployment.options(**deployment_options(spec)).bind(spec)
+
+
+class ServeBackend:
+    """:class:`serving.api.backend.Backend` over Ray Serve deployment handles."""
+
+    def __init__(self, handles: dict, *, load_timeout_s: float = 600) -> None:
+        self.handles = dict(handles)
+        self.load_timeout_s = load_timeout_s
+
+    def _handle(self, server_id: str):
+        try:
+            return self.handles[server_id]
+        except KeyError:
+            raise EngineError(f"no expert server {server_id!r}; running: {available(self.handles)}") from None
+
+    async def generate(self, server_id, request, adapter_path):
+        return await self._handle(server_id).generate.remote(request, adapter_path)
+
+    async def stream(self, server_id, request, adapter_path):
+        gen = self._handle(server_id).options(stream=True).stream.remote(request, adapter_path)
+        done = False
+        try:
+            async for delta in gen:
+                yield delta
+            done = True
+        finally:
+            if not done:
+                gen.cancel()  # the client went away (or failed): stop generating
+
+    async def add_adapter(self, server_id, expert_id, path):
+        await self._handle(server_id).add_adapter.remote(expert_id, path)
+
+    async def remove_adapter(self, server_id, expert_id):
+        await self._handle(server_id).remove_adapter.remote(expert_id)
+
+    async def add_server(self, spec: ServerSpec) -> None:
+        """Deploy ``spec`` as its own Serve application and wait for its engine."""
+        app_name = RUNTIME_APP_PREFIX + spec.host.id
+        await asyncio.to_thread(serve.run, bind_server(spec), name=app_name, route_prefix=None, blocking=False)
+        handle = serve.get_deployment_handle(spec.server_id, app_name=app_name)
+        states = await asyncio.wait_for(handle.ready.remote(), timeout=self.load_timeout_s)
+        if states.get(spec.host.id) is not None:
+            raise EngineError(states[spec.host.id])
+        self.handles[spec.server_id] = handle
+
+    async def remove_server(self, server_id: str) -> None:
+        self.handles.pop(server_id, None)
+        app_name = RUNTIME_APP_PREFIX + server_id.removeprefix("expert-")
+        try:
+            await asyncio.to_thread(serve.delete, app_name)
+        except Exception:  # noqa: BLE001
+            log.exception("could not delete Serve application %s", app_name)
+
+    def attach_runtime_servers(self, specs: dict[str, ServerSpec]) -> None:
+        """Find the Serve applications of runtime-registered models missing from the handles."""
+        for sid, spec in specs.items():
+            if sid not in self.handles:
+                self.handles[sid] = serve.get_deployment_handle(sid, app_name=RUNTIME_APP_PREFIX + spec.host.id)
+
+    async def ready(self):
+        out: dict[str, str | None] = {}
+
+        async def one(sid, handle):
+            try:
+                out.update(await asyncio.wait_for(handle.ready.remote(), timeout=5))
+            except Exception as err:  # noqa: BLE001
+                mapped = as_coe_error(err)
+                log.warning("expert server %s did not answer readiness: %s", sid, mapped or err)
+
+        await asyncio.gather(*(one(sid, h) for sid, h in self.handles.items()))
+        return out
+
+    async def stats(self):
+        out = {}
+        for sid, h in self.handles.items():
+            try:
+                out[sid] = await asyncio.wait_for(h.stats.remote(), timeout=5)
+            except Exception:  # noqa: BLE001
+                out[sid] = {}
+        return out

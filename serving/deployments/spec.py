@@ -1,0 +1,93 @@
+"""Which expert server hosts which expert, and how config paths resolve.
+
+One expert server per ``model`` expert (its engine plus every ``lora`` expert on that base) and
+one per ``mixture`` expert. :func:`plan_servers` turns a list of experts into those server specs;
+:func:`server_id_of` names the server an expert's requests go to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from coe.config import BatchingConfig, Expert, LoraExpert, MixtureExpert, ModelExpert, ResourcesConfig
+
+
+class ServerSpec(BaseModel):
+    """Everything one expert server needs to start (picklable; passed to a Ray deployment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server_id: str = Field(description="Deployment name, e.g. 'expert-smollm2'.")
+    host: ModelExpert | MixtureExpert = Field(description="The expert whose engine the server runs.")
+    base: ModelExpert | None = Field(None, description="For a mixture: the model its adapters were trained on.")
+    loras: list[LoraExpert] = Field(default_factory=list, description="LoRA experts loaded at start.")
+    base_dir: str | None = Field(None, description="Folder relative config paths are resolved against.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+
+    @property
+    def model_expert(self) -> ModelExpert:
+        return self.host if isinstance(self.host, ModelExpert) else self.base  # type: ignore[return-value]
+
+    @property
+    def engine_kind(self) -> str:
+        return "mixture" if isinstance(self.host, MixtureExpert) else self.host.engine.kind
+
+    @property
+    def resources(self) -> ResourcesConfig:
+        return self.host.resources
+
+    def expert_ids(self) -> list[str]:
+        """Experts this server answers for."""
+        if isinstance(self.host, MixtureExpert):
+            return [self.host.id]
+        return [self.host.id] + [lora.id for lora in self.loras]
+
+
+def server_id_of(expert: Expert) -> str:
+    """The deployment that serves ``expert`` (a LoRA is served by its base's deployment)."""
+    return f"expert-{expert.base if isinstance(expert, LoraExpert) else expert.id}"
+
+
+def plan_servers(experts: list[Expert], *, base_dir: Path | None, batching: BatchingConfig) -> dict[str, ServerSpec]:
+    """One :class:`ServerSpec` per model or mixture expert, in expert order."""
+    by_id = {e.id: e for e in experts}
+    specs: dict[str, ServerSpec] = {}
+    for e in experts:
+        if isinstance(e, ModelExpert):
+            loras = [x for x in experts if isinstance(x, LoraExpert) and x.base == e.id]
+            specs[server_id_of(e)] = ServerSpec(
+                server_id=server_id_of(e), host=e, loras=loras, base_dir=_s(base_dir), batching=batching
+            )
+        elif isinstance(e, MixtureExpert):
+            loras = [by_id[a] for a in e.adapters]
+            specs[server_id_of(e)] = ServerSpec(
+                server_id=server_id_of(e), host=e, base=by_id[e.base], loras=loras,  # type: ignore[arg-type]
+                base_dir=_s(base_dir), batching=batching,
+            )
+    return specs
+
+
+def _s(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
+
+
+def resolve_path(ref: str, base_dir: str | Path | None) -> Path:
+    """A config path: absolute, ``~``-expanded, or relative to ``base_dir``."""
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    return path.resolve()
+
+
+def resolve_model(ref: str, base_dir: str | Path | None) -> str:
+    """A model reference: a relative folder resolves against ``base_dir``; everything else goes
+    through :func:`coe.models.resolve` (built-in alias, folder, hub id)."""
+    from coe.models import resolve
+
+    if base_dir is not None and not Path(ref).expanduser().is_absolute():
+        candidate = Path(base_dir) / ref
+        if ref.startswith(".") or candidate.is_dir():
+            return resolve(str(candidate.resolve()))
+    return resolve(ref)
