@@ -1,0 +1,124 @@
+"""``coe k8s render`` (manifests from a config) and ``coe k8s validate`` (schema checks)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("k8s", help="render or validate KubeRay manifests for a config")
+    cmds = parser.add_subparsers(dest="k8s_command", metavar="ACTION")
+    cmds.required = True
+
+    render = cmds.add_parser("render", help="write the RayService + state volume for a config")
+    render.add_argument("--config", default=None, help="CoE config (default: the embedded one)")
+    render.add_argument(
+        "--gpu",
+        action="store_true",
+        help="CUDA image, a GPU worker group, one GPU per model expert",
+    )
+    render.add_argument(
+        "--out",
+        default=None,
+        help="write a kustomization into this folder (default: YAML to stdout)",
+    )
+    render.add_argument("--name", default="coe", help="RayService name (default: coe)")
+    render.add_argument(
+        "--image", default=None, help="container image (default: coe:0.1.0-cpu / coe:0.1.0-cuda)"
+    )
+    render.add_argument(
+        "--storage-class",
+        default=None,
+        help="StorageClass of the state volume (default: the cluster's)",
+    )
+    render.add_argument(
+        "--state-size", default="20Gi", help="size of the state volume (default: 20Gi)"
+    )
+    render.set_defaults(func=_render)
+
+    validate = cmds.add_parser("validate", help="validate a kustomization folder or manifest files")
+    validate.add_argument("paths", nargs="+", help="kustomization folders or YAML files")
+    validate.add_argument(
+        "--crds",
+        default=os.environ.get("COE_KUBERAY_CRDS"),
+        help="folder with KubeRay's ray.io_rayservices.yaml / ray.io_rayclusters.yaml (env COE_KUBERAY_CRDS)",
+    )
+    validate.set_defaults(func=_validate)
+
+
+def _options(args):
+    from pydantic import ValidationError
+
+    from coe.config import format_validation_error
+    from coe.errors import ConfigError
+    from coe.k8s import RenderOptions
+
+    fields = {"name": args.name, "state_size": args.state_size, "storage_class": args.storage_class}
+    if args.image:
+        fields["image_cuda" if args.gpu else "image_cpu"] = args.image
+    try:
+        return RenderOptions(**fields)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "k8s render options")) from None
+
+
+def _render(args) -> int:
+    from pathlib import Path
+
+    from coe.k8s import render, to_yaml
+    from coe.k8s.cluster_config import cluster_config
+    from coe.k8s.manifests import dump_yaml
+    from coe.paths import default_config_path
+
+    opts = _options(args)
+    config = Path(args.config) if args.config else default_config_path()
+    objects = render(config, gpu=args.gpu, options=opts)
+    for change in cluster_config(config, gpu=args.gpu).changes:
+        print(f"note: {change}", file=sys.stderr)
+    if args.out is None:
+        sys.stdout.write(to_yaml(objects))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"state-pvc.yaml": to_yaml([objects[0]]), "rayservice.yaml": to_yaml([objects[1]])}
+    files["kustomization.yaml"] = dump_yaml(
+        {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": list(files),
+        }
+    )
+    for name, text in files.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)  # each file appears whole or not at all
+    print(f"wrote {', '.join(files)} to {out}; apply with: kubectl apply -k {out}", file=sys.stderr)
+    return 0
+
+
+def _validate(args) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from coe.errors import ConfigError
+    from coe.k8s.kustomize import build
+    from coe.k8s.validate import CRD_FILES, validate_objects
+
+    if not args.crds or not all((Path(args.crds) / f).is_file() for f in CRD_FILES.values()):
+        raise ConfigError(
+            f"--crds is {args.crds!r}; it must be a folder holding {', '.join(CRD_FILES.values())} "
+            "(KubeRay's ray-operator/config/crd/bases), or set COE_KUBERAY_CRDS"
+        )
+    for p in map(Path, args.paths):
+        if p.is_dir():
+            objects = build(p)
+        elif p.is_file():
+            objects = [d for d in yaml.safe_load_all(p.read_text()) if d is not None]
+        else:
+            raise ConfigError(f"{p} does not exist; give kustomization folders or YAML files")
+        validate_objects(objects, args.crds)
+        kinds = ", ".join(f"{o['kind']}/{o['metadata']['name']}" for o in objects)
+        print(f"{p}: valid ({kinds})")
+    return 0
