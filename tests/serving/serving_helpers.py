@@ -1,0 +1,95 @@
+"""Helpers of the serving tests (a module with a unique name so test files can import it)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import threading
+from pathlib import Path
+
+ADMIN = "test-admin-key"
+
+
+class KeywordRouter:
+    """Test double of ``routers.OnlineRouter``: an expert whose id appears in the query wins,
+    else the default expert. Real routing is tested with the real router elsewhere."""
+
+    name = "keyword-test"
+
+    def __init__(self, expert_ids, default):
+        self.ids = list(expert_ids)
+        self.default = default
+
+    def route(self, queries):
+        from routers import RoutingDecision
+
+        out = []
+        for q in queries:
+            hits = [e for e in self.ids if e in q.split()]
+            choice = hits[-1] if hits else self.default
+            out.append(RoutingDecision(choice, {e: float(e == choice) for e in self.ids}, self.name))
+        return out
+
+    def add_expert(self, expert):
+        self.ids.append(expert.id)
+
+    def remove_expert(self, expert_id):
+        self.ids.remove(expert_id)
+
+    def experts(self):
+        return list(self.ids)
+
+
+class LoopThread:
+    """One asyncio loop in a daemon thread; ``run(coro)`` waits for the result."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout=120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def tiny_config_dict(llama: Path, loras: list[Path], root: Path, **serving) -> dict:
+    """Experts: 'tiny' (hf), LoRAs 'tiny-a', 'tiny-b' on it, and 'flaky' (a second model whose
+    engine the tests may break) falling back to 'tiny'."""
+    engine = {"kind": "hf", "max_model_len": 128, "max_lora_rank": 8}
+    return {
+        "router": {"name": "centroid", "default_expert": "tiny"},
+        "experts": [
+            {"id": "tiny", "kind": "model", "model": str(llama), "engine": engine,
+             "description": "general questions and facts", "examples": ["what is the capital of france ?"],
+             "resources": {"num_cpus": 0.25}},
+            {"id": "tiny-a", "kind": "lora", "base": "tiny", "adapter": str(loras[0]),
+             "description": "math and arithmetic", "examples": ["what is 2 + 3 ?", "1 + 1 = ?"]},
+            {"id": "tiny-b", "kind": "lora", "base": "tiny", "adapter": str(loras[1]),
+             "description": "python code", "examples": ["def return x python code"]},
+            {"id": "flaky", "kind": "model", "model": str(llama), "engine": engine, "fallback": "tiny",
+             "description": "a model whose engine fails in tests", "resources": {"num_cpus": 0.25}},
+        ],
+        "serving": {
+            "admin_key": ADMIN,
+            "registry_path": str(root / "registry.sqlite"),
+            "adapter_roots": [str(root / "adapters")],
+            "max_tokens_limit": 64,
+            "max_tokens_default": 8,
+            "batching": {"max_batch_size": 8, "max_wait_ms": 5},
+            "ingress": {"num_cpus": 0.25},
+            **serving,
+        },
+    }
+
+
+def make_lora(*args, **kwargs):
+    """``make_lora`` of the shared tests/conftest.py (loaded by path: test folders are not packages)."""
+    path = Path(__file__).resolve().parents[1] / "conftest.py"
+    spec = importlib.util.spec_from_file_location("coe_shared_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_lora(*args, **kwargs)
