@@ -1,0 +1,118 @@
+"""PoolEngine on CPU: same tokens as the transformers engine, grouped sessions, errors, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("torch")
+
+from coe.config import EngineConfig, PoolConfig  # noqa: E402
+from coe.errors import ContextLengthError, ExpertNotFoundError  # noqa: E402
+from coe.types import ChatMessage, GenerationRequest, SamplingParams  # noqa: E402
+
+CPU = EngineConfig(kind="hf", device="cpu", max_num_seqs=8, max_model_len=128)
+GREEDY = SamplingParams(max_tokens=6, temperature=0)
+QUESTIONS = ["what is the capital of france ?", "hello world", "1 + 2 = ?", "python def return x"]
+
+
+def _req(i, expert, question=None, sampling=GREEDY):
+    q = question or QUESTIONS[i % len(QUESTIONS)]
+    return GenerationRequest(f"r{i}", messages=[ChatMessage(role="user", content=q)], sampling=sampling, expert=expert)
+
+
+async def _burst(engine, requests):
+    """Submit all requests before the worker may pick any (so grouping is deterministic)."""
+    with engine._cond:
+        tasks = [asyncio.create_task(engine.generate(r)) for r in requests]
+        await asyncio.sleep(0.05)  # every stream has enqueued its row by now
+    return await asyncio.gather(*tasks)
+
+
+def _engine(experts, **pool):
+    from serving.pool.engine import PoolEngine
+
+    return PoolEngine({k: str(v) for k, v in experts.items()}, PoolConfig(**pool), CPU)
+
+
+def test_pool_matches_hf_engine_and_groups_sessions(tiny_experts):
+    from serving.engines.hf import HFEngine
+
+    experts = {k: tiny_experts[k] for k in ("e0", "e1", "e2")}
+    order = ["e0", "e1", "e2", "e1", "e0", "e1", "e2", "e1"]
+    requests = [_req(i, e) for i, e in enumerate(order)]
+
+    async def main():
+        expected = {}
+        for eid in experts:
+            hf = HFEngine(str(experts[eid]), CPU)
+            await hf.start()
+            for r in requests:
+                if r.expert == eid:
+                    expected[r.request_id] = (await hf.generate(r)).token_ids
+            await hf.stop()
+        engine = _engine(experts, max_resident=1, swap="always", policy="largest_group")
+        await engine.start()
+        outs = await _burst(engine, requests)
+        pool = engine.pool
+        await engine.stop()  # joins the worker: its last session is recorded
+        sessions, swaps = list(engine.sessions), pool.stats.swaps
+        return expected, outs, sessions, swaps
+
+    expected, outs, sessions, swaps = asyncio.run(main())
+    for r, out in zip(requests, outs):
+        assert out.token_ids == expected[r.request_id], r.request_id
+        assert out.completion_tokens == len(out.token_ids) > 0
+    assert sessions == [("e1", 4), ("e0", 2), ("e2", 2)]  # largest group first, one session each
+    assert swaps == 3
+
+
+def test_fcfs_serves_in_arrival_order_with_more_swaps(tiny_experts):
+    experts = {k: tiny_experts[k] for k in ("e0", "e1")}
+    order = ["e0", "e1", "e0", "e1", "e1"]
+
+    async def main():
+        engine = _engine(experts, max_resident=1, swap="always", policy="fcfs")
+        await engine.start()
+        await _burst(engine, [_req(i, e) for i, e in enumerate(order)])
+        pool = engine.pool
+        await engine.stop()  # joins the worker: its last session is recorded
+        sessions, swaps = list(engine.sessions), pool.stats.swaps
+        return sessions, swaps
+
+    sessions, swaps = asyncio.run(main())
+    assert sessions == [("e0", 1), ("e1", 1), ("e0", 1), ("e1", 2)]
+    assert swaps == 4
+
+
+def test_errors_and_cancellation(tiny_experts):
+    experts = {"e0": tiny_experts["e0"], "e1": tiny_experts["e1"]}
+
+    async def main():
+        engine = _engine(experts)  # CPU 'auto': everyone resident, same API
+        await engine.start()
+        with pytest.raises(ExpertNotFoundError, match="this pool serves: e0, e1"):
+            await engine.generate(_req(0, "nope"))
+        with pytest.raises(ExpertNotFoundError):
+            await engine.generate(_req(0, None))
+        with pytest.raises(ContextLengthError):
+            await engine.generate(_req(0, "e0", sampling=SamplingParams(max_tokens=500)))
+        long = SamplingParams(max_tokens=100, temperature=1.0, seed=1)
+        stream = engine.stream(_req(1, "e1", sampling=long))
+        first = await stream.__anext__()
+        await stream.aclose()  # the caller went away
+        out = await engine.generate(_req(2, "e1"))
+        assert out.completion_tokens > 0 and first.completion_tokens == 1
+        assert engine.pool.stats.swaps == 0
+        await engine.stop()
+        assert not await engine.healthy()
+
+    asyncio.run(main())
+
+
+def test_registered_as_pool_engine():
+    from serving.engines.base import _ENGINES
+    from serving.pool.engine import PoolEngine
+
+    assert _ENGINES["pool"] is PoolEngine
