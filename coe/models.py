@@ -79,8 +79,9 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 GEMMA_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 # Gemma 3 270M is a base model without a chat template; this plain one lets chat requests reach it.
+# It starts with BOS itself because chat templates are tokenised without special tokens.
 PLAIN_CHAT_TEMPLATE = (
-    "{% for m in messages %}"
+    "{{ bos_token }}{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
     "{% elif m['role'] == 'user' %}Question: {{ m['content'] }}\n"
     "{% else %}Answer: {{ m['content'] }}\n{% endif %}"
