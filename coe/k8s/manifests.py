@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from coe.k8s.cluster_config import STATE_DIR, ClusterConfig, cluster_config
+from coe.k8s.cluster_config import APP_DIR, STATE_DIR, ClusterConfig, cluster_config
 from coe.k8s.sizing import GroupSize, size_groups
 
 RAY_VERSION = "2.60.0"
@@ -143,7 +143,7 @@ def serve_config(cc: ClusterConfig) -> dict:
                 "name": APP_NAME,
                 "route_prefix": "/",
                 "import_path": IMPORT_PATH,
-                "args": {"config_yaml": dump_yaml(cc.data)},
+                "args": {"config_yaml": dump_yaml(cc.data), "base_dir": str(APP_DIR)},
             }
         ],
     }

@@ -1,11 +1,11 @@
 """From the config's per-deployment resources to KubeRay worker-group sizes.
 
-Every Serve deployment the config describes is a :class:`Unit`: the ingress
-(``serving.ingress``), the router (``router.resources``), one per ``model`` expert (its
-engine hosts its LoRA experts) and one per ``mixture`` expert. The builder gives each
-deployment these same resources as Ray actor options and autoscaling bounds, so the pods
-only have to offer them. Units that ask for GPUs go to the GPU group, the rest to the CPU
-group.
+Every Serve deployment the builder (``serving.app:app_builder``) creates from the config is
+a :class:`Unit`: the ingress (``serving.ingress``; it hosts the router and its embedder) and
+one expert server per ``model`` expert (its engine hosts its LoRA experts) and per ``mixture``
+expert. The builder gives each deployment these same resources as Ray actor options and
+autoscaling bounds (``serving.deployments.ray_deployments.serve_options``), so the pods only
+have to offer them. Units that ask for GPUs go to the GPU group, the rest to the CPU group.
 
 A group's pods all have one shape (:class:`PodShape`). ``minReplicas`` (and the initial
 ``replicas``) is the total demand at every unit's minimum replica count divided by the pod
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from coe.config import CoEConfig, ResourcesConfig
 
-DEFAULT_MEMORY_GIB = {"ingress": 1.0, "router": 2.0, "expert": 4.0}
+DEFAULT_MEMORY_GIB = {"ingress": 2.0, "expert": 4.0}
 """Memory assumed per replica when the config sets no ``memory_gib`` (pod sizing only)."""
 POD_OVERHEAD_CPUS = 1
 """CPUs a pod keeps beyond its replicas: raylet, the node's Serve proxy, the dashboard agent."""
@@ -34,7 +34,7 @@ class Unit:
     """One Serve deployment's per-replica demand and replica bounds."""
 
     name: str
-    role: str  # ingress | router | expert
+    role: str  # ingress | expert
     cpus: float
     gpus: float
     memory_gib: float | None
@@ -81,13 +81,12 @@ class GroupSize:
 
 def units(cfg: CoEConfig) -> list[Unit]:
     """Every Serve deployment the config implies, with its per-replica resources."""
-    out = [
-        Unit.of("ingress", "ingress", cfg.serving.ingress),
-        Unit.of("router", "router", cfg.router.resources),
-    ]
+    out = [Unit.of("coe-ingress", "ingress", cfg.serving.ingress)]
     for e in cfg.experts:
         if e.kind in ("model", "mixture"):
-            out.append(Unit.of(e.id, "expert", e.resources))
+            out.append(
+                Unit.of(f"expert-{e.id}", "expert", e.resources)
+            )  # the builder's deployment names
     return out
 
 
