@@ -223,7 +223,7 @@ def test_kustomize_build_refuses_what_it_does_not_implement(tmp_path):
 def _readme_steps() -> list[str]:
     """The README's numbered set-up commands (`1. \\`python3.11 -m venv .venv\\`` ...)."""
     text = (REPO_ROOT / "README.md").read_text()
-    return re.findall(r"^\d\. `([^`]+)`", text, flags=re.M)
+    return re.findall(r"^\d\. `([^`]+)`", text, flags=re.MULTILINE)
 
 
 @pytest.mark.parametrize("kind, extra", [("cpu", "cpu"), ("cuda", "gpu")])
@@ -231,7 +231,7 @@ def test_dockerfiles_install_as_the_readme_does(kind, extra):
     from coe.k8s.manifests import RAY_VERSION
 
     text = (DOCKER / f"Dockerfile.{kind}").read_text()
-    runs = " ".join(re.findall(r"^RUN (.+?)(?<!\\)$", text.replace("\\\n", " "), flags=re.M | re.S))
+    runs = " ".join(re.findall(r"^RUN (.+?)(?<!\\)$", text.replace("\\\n", " "), flags=re.MULTILINE))
     steps = _readme_steps()
     assert len(steps) == 4, steps
     venv, install, uninstall, prepare = steps
