@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
 APP_NAME = "coe"
 
 
-def build_app(config: CoEConfig, *, base_dir: Path | None = None) -> "Application":
+def build_app(config: CoEConfig, *, base_dir: Path | None = None) -> Application:
     """The Serve application: one ingress bound to one expert-server deployment per model (and
     mixture) expert of the config plus the experts registered at runtime (the registry).
 
@@ -61,7 +61,7 @@ def load_app_config(args: dict) -> tuple[CoEConfig, Path | None]:
     return load_config(path), Path(args.get("base_dir") or path.parent)
 
 
-def app_builder(args: dict) -> "Application":
+def app_builder(args: dict) -> Application:
     """Serve ``import_path`` target: args ``{"config_path": ...}`` or ``{"config_yaml": ...}``."""
     config, base_dir = load_app_config(dict(args or {}))
     return build_app(config, base_dir=base_dir)

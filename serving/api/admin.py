@@ -149,7 +149,7 @@ async def _undo(service: CoEService, expert: Expert) -> None:
             await service.backend.remove_server(server_id_of(expert))
         if service.registry is not None and expert.id in service.registry.ids():
             service.registry.remove(expert.id)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("could not undo the registration of %s", expert.id)
 
 
@@ -176,6 +176,6 @@ async def remove_expert(service: CoEService, expert_id: str) -> None:
                 await service.backend.remove_adapter(server_id_of(expert), expert_id)
             else:
                 await service.backend.remove_server(server_id_of(expert))
-        except Exception:  # noqa: BLE001  (unreachable now; the engine frees it on restart)
+        except Exception:
             log.exception("could not unload expert %s", expert_id)
     log.info("removed expert %s", expert_id)

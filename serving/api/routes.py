@@ -11,7 +11,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serving.api import admin
 from serving.api.errors import install_error_handlers
-from serving.api.models import ChatCompletionRequest, ChatCompletionResponse, ExpertInfo, ModelList, RouteRequest
+from serving.api.models import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ExpertInfo,
+    ModelList,
+    RouteRequest,
+)
 from serving.api.service import CoEService
 from serving.metrics import CONTENT_TYPE_LATEST
 

@@ -199,7 +199,7 @@ class CoEService:
             try:
                 served = await self.backend.generate(*self._target(expert, req, sampling))
                 break
-            except Exception as raw:  # noqa: BLE001
+            except Exception as raw:
                 err = as_coe_error(raw)
                 if err is None:
                     raise
@@ -241,7 +241,7 @@ class CoEService:
             except StopAsyncIteration:
                 first = None
                 break
-            except Exception as raw:  # noqa: BLE001
+            except Exception as raw:
                 await _close(upstream)
                 err = as_coe_error(raw)
                 if err is None:

@@ -100,7 +100,7 @@ class ExpertGroupedBatcher(Generic[Req, Out]):
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=due)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 continue
             if self._slots is not None:
@@ -140,7 +140,7 @@ class ExpertGroupedBatcher(Generic[Req, Out]):
                 outputs = await self._run_batch(key, [r for r, _ in items])
                 if len(outputs) != len(items):
                     raise RuntimeError(f"run_batch returned {len(outputs)} outputs for {len(items)} requests")
-            except BaseException as err:  # noqa: BLE001  (handed to every waiter)
+            except BaseException as err:
                 for _, f in items:
                     if not f.done():
                         f.set_exception(err if isinstance(err, Exception) else RuntimeError(str(err)))

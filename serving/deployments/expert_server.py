@@ -82,7 +82,7 @@ class ExpertServer:
             else:
                 self.engine = engine_cls(model_path, spec.model_expert.engine)
             await self.engine.start()
-        except Exception as err:  # noqa: BLE001  (reported through readiness and 503s)
+        except Exception as err:
             self._load_error = f"{type(err).__name__}: {err}"
             log.exception("expert server %s failed to start", spec.server_id)
             for eid in spec.expert_ids():
@@ -115,6 +115,7 @@ class ExpertServer:
             "batches": self.batcher.batches_dispatched,
             "requests": self.requests_served,
             "tokens": self.tokens_generated,
+            "engine_running": self.engine.running() if hasattr(self.engine, "running") else None,
         }
 
     # ------------------------------------------------------------------ adapters
@@ -169,7 +170,7 @@ class ExpertServer:
             return await self.engine.generate_batch(requests)
         except CoEError:
             raise
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             log.exception("engine of %s failed on a batch for %s", self.spec.server_id, expert_id)
             raise EngineError(f"the engine of expert {expert_id!r} failed: {type(err).__name__}: {err}") from None
 
@@ -186,7 +187,7 @@ class ExpertServer:
                 yield delta
         except (CoEError, asyncio.CancelledError, GeneratorExit):
             raise
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             log.exception("engine of %s failed while streaming", self.spec.server_id)
             raise EngineError(f"the engine of expert {request.expert!r} failed: {type(err).__name__}: {err}") from None
         finally:

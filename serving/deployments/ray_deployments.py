@@ -136,7 +136,7 @@ class ServeBackend:
         app_name = RUNTIME_APP_PREFIX + server_id.removeprefix("expert-")
         try:
             await asyncio.to_thread(serve.delete, app_name)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("could not delete Serve application %s", app_name)
 
     def attach_runtime_servers(self, specs: dict[str, ServerSpec]) -> None:

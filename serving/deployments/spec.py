@@ -11,7 +11,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from coe.config import BatchingConfig, Expert, LoraExpert, MixtureExpert, ModelExpert, ResourcesConfig
+from coe.config import (
+    BatchingConfig,
+    Expert,
+    LoraExpert,
+    MixtureExpert,
+    ModelExpert,
+    ResourcesConfig,
+)
 
 
 class ServerSpec(BaseModel):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from serving_helpers import LoopThread
 
+
 @pytest.fixture(scope="session")
 def serving_root(tmp_path_factory, tiny_loras) -> Path:
     """A folder with an allowed adapter root holding copies of the tiny LoRAs."""

@@ -56,23 +56,26 @@ class LoopThread:
         self.thread.join(5)
 
 
-def tiny_config_dict(llama: Path, loras: list[Path], root: Path, **serving) -> dict:
+def tiny_config_dict(llama: Path, loras: list[Path], root: Path, *, flaky: bool = True, **serving) -> dict:
     """Experts: 'tiny' (hf), LoRAs 'tiny-a', 'tiny-b' on it, and 'flaky' (a second model whose
     engine the tests may break) falling back to 'tiny'."""
     engine = {"kind": "hf", "max_model_len": 128, "max_lora_rank": 8}
+    experts = [
+        {"id": "tiny", "kind": "model", "model": str(llama), "engine": engine,
+         "description": "general questions and facts", "examples": ["what is the capital of france ?"],
+         "resources": {"num_cpus": 0.25}},
+        {"id": "tiny-a", "kind": "lora", "base": "tiny", "adapter": str(loras[0]),
+         "description": "math and arithmetic", "examples": ["what is 2 + 3 ?", "1 + 1 = ?"]},
+        {"id": "tiny-b", "kind": "lora", "base": "tiny", "adapter": str(loras[1]),
+         "description": "python code", "examples": ["def return x python code"]},
+        {"id": "flaky", "kind": "model", "model": str(llama), "engine": engine, "fallback": "tiny",
+         "description": "a model whose engine fails in tests", "resources": {"num_cpus": 0.25}},
+    ]
+    if not flaky:
+        experts = [e for e in experts if e["id"] != "flaky"]
     return {
         "router": {"name": "centroid", "default_expert": "tiny"},
-        "experts": [
-            {"id": "tiny", "kind": "model", "model": str(llama), "engine": engine,
-             "description": "general questions and facts", "examples": ["what is the capital of france ?"],
-             "resources": {"num_cpus": 0.25}},
-            {"id": "tiny-a", "kind": "lora", "base": "tiny", "adapter": str(loras[0]),
-             "description": "math and arithmetic", "examples": ["what is 2 + 3 ?", "1 + 1 = ?"]},
-            {"id": "tiny-b", "kind": "lora", "base": "tiny", "adapter": str(loras[1]),
-             "description": "python code", "examples": ["def return x python code"]},
-            {"id": "flaky", "kind": "model", "model": str(llama), "engine": engine, "fallback": "tiny",
-             "description": "a model whose engine fails in tests", "resources": {"num_cpus": 0.25}},
-        ],
+        "experts": experts,
         "serving": {
             "admin_key": ADMIN,
             "registry_path": str(root / "registry.sqlite"),

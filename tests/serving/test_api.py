@@ -10,7 +10,6 @@ import shutil
 
 import httpx
 import pytest
-
 from serving_helpers import ADMIN, KeywordRouter, make_lora, tiny_config_dict
 
 AUTH = {"Authorization": f"Bearer {ADMIN}"}

@@ -1,0 +1,100 @@
+"""``coe experts list|add|remove``: the admin endpoints of a running service."""
+
+from __future__ import annotations
+
+import os
+
+
+def register(sub) -> None:
+    p = sub.add_parser("experts", help="list, register or remove experts of a running service")
+    p.add_argument("--url", default=os.environ.get("COE_URL"), help="service URL (default: $COE_URL or the config's host:port)")
+    p.add_argument("--config", default=None, help="config whose serving.host/port/admin key to use (default: the embedded one)")
+    p.add_argument("--admin-key", default=None, help="admin key (default: the config's, or $COE_ADMIN_KEY)")
+    cmds = p.add_subparsers(dest="experts_command", metavar="ACTION")
+    cmds.required = True
+    cmds.add_parser("list", help="every expert, where it comes from and whether it is ready").set_defaults(func=_list)
+    add = cmds.add_parser("add", help="register a LoRA (--base, --adapter) or a whole model (--model)")
+    add.add_argument("id")
+    add.add_argument("--base", help="model expert the LoRA runs on")
+    add.add_argument("--adapter", help="PEFT LoRA folder (must lie under the service's serving.adapter_roots)")
+    add.add_argument("--model", help="built-in alias, folder or hub id of a whole model")
+    add.add_argument("--engine", choices=["hf", "vllm"], default=None, help="engine of a whole model")
+    add.add_argument("--description", default="")
+    add.add_argument("--example", action="append", default=[], help="an example query (repeatable)")
+    add.add_argument("--skill", action="append", default=[], help="a skill keyword (repeatable)")
+    add.add_argument("--cost", type=float, default=None)
+    add.add_argument("--fallback", default=None)
+    add.set_defaults(func=_add)
+    rm = cmds.add_parser("remove", help="remove a registered expert")
+    rm.add_argument("id")
+    rm.set_defaults(func=_remove)
+
+
+def _client(args):
+    import httpx
+
+    from coe.config import load_config
+
+    config = load_config(args.config)
+    url = args.url or f"http://{config.serving.host}:{config.serving.port}"
+    key = args.admin_key or config.serving.admin_key or os.environ.get(config.serving.admin_key_env)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=900)
+
+
+def _call(args, method: str, path: str, **kw):
+    import httpx
+
+    from coe.errors import CoEError
+
+    try:
+        with _client(args) as client:
+            r = client.request(method, path, **kw)
+    except httpx.HTTPError as err:
+        raise CoEError(f"cannot reach the service: {err}") from None
+    if r.status_code >= 400:
+        try:
+            msg = r.json()["error"]["message"]
+        except Exception:  # noqa: BLE001
+            msg = r.text
+        raise CoEError(f"HTTP {r.status_code}: {msg}")
+    return r.json()
+
+
+def _list(args) -> int:
+    for e in _call(args, "GET", "/v1/experts"):
+        state = "ready" if e["ready"] else f"NOT READY ({e['error']})"
+        base = e["config"].get("base") or e["config"].get("model") or ""
+        print(f"{e['id']:24} {e['kind']:8} {e['source']:9} {base:28} {state}")
+    return 0
+
+
+def _add(args) -> int:
+    from pathlib import Path
+
+    from coe.errors import InvalidRequestError
+
+    body: dict = {"id": args.id, "description": args.description, "examples": args.example, "skills": args.skill}
+    if args.cost is not None:
+        body["cost"] = args.cost
+    if args.fallback:
+        body["fallback"] = args.fallback
+    if args.adapter:
+        if not args.base:
+            raise InvalidRequestError("a LoRA expert needs --base (the model expert it runs on)")
+        body.update(kind="lora", base=args.base, adapter=str(Path(args.adapter).expanduser().resolve()))
+    elif args.model:
+        body.update(kind="model", model=args.model)
+        if args.engine:
+            body["engine"] = {"kind": args.engine}
+    else:
+        raise InvalidRequestError("give --base and --adapter (a LoRA) or --model (a whole model)")
+    e = _call(args, "POST", "/v1/experts", json=body)
+    print(f"registered {e['id']} ({e['kind']}) on {e['server']}")
+    return 0
+
+
+def _remove(args) -> int:
+    _call(args, "DELETE", f"/v1/experts/{args.id}")
+    print(f"removed {args.id}")
+    return 0

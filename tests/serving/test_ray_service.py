@@ -1,0 +1,127 @@
+"""End to end over HTTP on Ray Serve: the app from ``serving.app.build_app`` on a tiny config
+(tiny llama on the transformers engine, tiny LoRAs, the real centroid router on minilm).
+Ray and Serve start once for the module."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+from serving_helpers import ADMIN, tiny_config_dict
+
+pytestmark = pytest.mark.slow
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deploy(config, base_dir):
+    from ray import serve
+
+    from serving.app import APP_NAME, build_app
+
+    serve.run(build_app(config, base_dir=base_dir), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+@pytest.fixture(scope="module")
+def svc(tiny_llama_dir, tiny_loras, serving_root, minilm_dir, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from coe.config import parse_config
+
+    root = tmp_path_factory.mktemp("ray")
+    (root / "adapters").symlink_to(serving_root / "adapters")
+    config = parse_config(tiny_config_dict(tiny_llama_dir, tiny_loras, root, flaky=False))
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        _deploy(config, root)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+        yield {"client": client, "config": config, "root": root, "llama": tiny_llama_dir}
+        client.close()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _chat(client, content, model="coe", **kw):
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 6, "temperature": 0, **kw}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def test_ready_and_routed_chat_plain_and_streamed(svc):
+    c = svc["client"]
+    assert c.get("/readyz").json()["ready"] is True
+    r = _chat(c, "what is 2 + 3 ?")
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "tiny-a" == r.headers["x-coe-expert"]
+    assert r.json()["coe"]["router"] == "centroid" and set(r.json()["coe"]["scores"]) == {"tiny", "tiny-a", "tiny-b"}
+    with c.stream("POST", "/v1/chat/completions", json={"model": "tiny-b", "stream": True, "max_tokens": 6,
+                                                         "temperature": 0,
+                                                         "messages": [{"role": "user", "content": "hello"}]}) as s:
+        assert s.status_code == 200 and s.headers["x-coe-expert"] == "tiny-b"
+        events = [ln for ln in s.iter_lines() if ln]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0].removeprefix("data: "))["choices"][0]["delta"]["role"] == "assistant"
+    bad = c.post("/v1/chat/completions", content=b"{oops", headers={"content-type": "application/json"})
+    assert bad.status_code == 400
+
+
+def test_disconnect_mid_stream_cancels(svc):
+    from ray import serve
+
+    c = svc["client"]
+    with c.stream("POST", "/v1/chat/completions", json={"model": "tiny", "stream": True, "max_tokens": 64,
+                                                         "temperature": 1.0,
+                                                         "messages": [{"role": "user", "content": "hello"}]}) as s:
+        lines = s.iter_lines()
+        next(lines)
+        next(lines)
+    handle = serve.get_deployment_handle("expert-tiny", app_name="coe")
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        stats = handle.stats.remote().result()
+        metrics = c.get("/metrics").text
+        if stats["engine_running"] == 0 and 'coe_cancelled_total{expert="tiny"} 1.0' in metrics:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"generation not cancelled: {stats}")
+
+
+def test_runtime_lora_and_model_registration_survive_a_redeploy(svc):
+    c = svc["client"]
+    lora = {"id": "physics", "base": "tiny", "adapter": str(svc["root"] / "adapters" / "c"),
+            "description": "physics: gravity, forces, energy and motion",
+            "examples": ["what is gravity and why do apples fall?", "how much energy does a moving car have?"]}
+    assert c.post("/v1/experts", json=lora).status_code == 401
+    r = c.post("/v1/experts", json=lora, headers=AUTH)
+    assert r.status_code == 201, r.text
+    assert "physics" in [m["id"] for m in c.get("/v1/models").json()["data"]]
+    routed = _chat(c, "why do apples fall because of gravity?")
+    assert routed.status_code == 200 and routed.json()["model"] == "physics"
+    model = {"id": "tiny2", "kind": "model", "model": str(svc["llama"]), "description": "a second general model",
+             "engine": {"kind": "hf", "max_model_len": 128}, "resources": {"num_cpus": 0.25}}
+    r = c.post("/v1/experts", json=model, headers=AUTH)
+    assert r.status_code == 201, r.text
+    assert _chat(c, "hello", model="tiny2").json()["model"] == "tiny2"
+    # restart the application: both come back from the registry
+    from ray import serve
+
+    serve.delete("coe")
+    serve.delete("coe-expert-tiny2")
+    _deploy(svc["config"], svc["root"])
+    ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
+    assert {"physics", "tiny2"} <= set(ids)
+    assert _chat(c, "hello", model="tiny2").status_code == 200
+    assert _chat(c, "why do apples fall because of gravity?").json()["model"] == "physics"
+    assert c.delete("/v1/experts/physics", headers=AUTH).status_code == 200
+    assert c.delete("/v1/experts/tiny2", headers=AUTH).status_code == 200
