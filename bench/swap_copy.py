@@ -1,0 +1,160 @@
+"""Swap time of a whole expert vs the copy limit and vs from_pretrained, side by side in one run.
+
+Measured on the same machine, same bytes, interleaved repeats (medians reported):
+
+- ``pool swap``: ``ExpertPool.acquire`` of an expert not resident (max_resident=1, two experts
+  alternating): one ``copy_`` of its flat host buffer (pinned on CUDA) into the device slot,
+  plus the pool's bookkeeping; synchronised before the clock stops.
+- ``plain copy_``: one ``copy_`` of a flat buffer of the same byte count, host → device (the
+  bandwidth limit; pinned on CUDA).
+- ``per-tensor copy_``: the same weights copied tensor by tensor into a resident model
+  (what a ``load_state_dict`` swap does), to show what the flat layout buys.
+- ``from_pretrained``: ``AutoModelForCausalLM.from_pretrained(folder).to(device)`` from a warm
+  page cache (one untimed load first).
+
+Run: ``.venv/bin/python bench/swap_copy.py`` (CPU here; on a GPU machine the same command
+measures host→device). ``--model`` defaults to the prepared SmolLM2-135M when present,
+otherwise a random llama of ``--preset`` shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench.swap_common import PRESETS, machine, quiet, make_experts, tokenizer_source, write_results  # noqa: E402
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--model", default=None, help="model folder (default: prepared SmolLM2, else random)")
+    parser.add_argument("--preset", default="smollm2", choices=sorted(PRESETS))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--load-repeats", type=int, default=3)
+    parser.add_argument("--name", default=None, help="results file stem (default swap_copy_<device>)")
+    args = parser.parse_args(argv)
+    quiet()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from coe.config import EngineConfig, PoolConfig
+    from serving.pool.pool import ExpertPool
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    tmp = tempfile.TemporaryDirectory(prefix="swap-copy-")
+    if args.model:
+        folder, source = args.model, args.model
+    elif tokenizer_source() is not None and args.preset == "smollm2":
+        folder, source = str(tokenizer_source()), "smollm2-135m-instruct (prepared, real weights)"
+    else:
+        folder = make_experts(Path(tmp.name), 1, PRESETS[args.preset], args.dtype)["expert00"]
+        source = f"random {PRESETS[args.preset].label()}"
+
+    # two experts from the same folder: two host copies, alternately swapped into one slot
+    pool = ExpertPool({"a": folder, "b": folder}, PoolConfig(max_resident=1, swap="always", prefetch=False),
+                      EngineConfig(kind="hf", device=device, dtype=args.dtype))
+    pool.load()
+    nbytes = pool.host["a"].nbytes
+    pin = device == "cuda"
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    src.copy_(pool.host["b"].flat)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    resident = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    host_state = {k: (v.pin_memory() if pin else v.clone()) for k, v in resident.state_dict().items()}
+    targets = dict(resident.state_dict())
+
+    def swap(expert: str) -> None:
+        pool.acquire(expert)
+        pool.release(expert)
+
+    def per_tensor() -> None:
+        for k, t in targets.items():
+            t.copy_(host_state[k], non_blocking=True)
+
+    def load() -> None:
+        AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+
+    swap("a"), swap("b"), dst.copy_(src), per_tensor()  # warm-up (allocator, page cache)
+    times = {"swap": [], "copy": [], "per_tensor": [], "from_pretrained": []}
+    for i in range(args.repeats):
+        times["swap"].append(_timed(lambda: swap("a" if i % 2 == 0 else "b"), device))
+        times["copy"].append(_timed(lambda: dst.copy_(src, non_blocking=True), device))
+        times["per_tensor"].append(_timed(per_tensor, device))
+    load()  # warm the page cache
+    for _ in range(args.load_repeats):
+        times["from_pretrained"].append(_timed(load, device))
+    assert pool.stats.swaps >= args.repeats, "every timed acquire must have been a swap"
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    gbps = {k: nbytes / med[k] / 1e9 for k in ("swap", "copy", "per_tensor")}
+    result = {
+        "benchmark": "swap_copy",
+        "machine": machine(),
+        "device": device,
+        "dtype": args.dtype,
+        "model": source,
+        "expert_bytes": nbytes,
+        "tensors": len(pool.host["a"].layout.specs),
+        "repeats": args.repeats,
+        "median_s": med,
+        "all_s": times,
+        "bandwidth_gbps": gbps,
+        "swap_vs_copy_bandwidth": gbps["swap"] / gbps["copy"],
+        "from_pretrained_vs_swap_speedup": med["from_pretrained"] / med["swap"],
+        "per_tensor_vs_swap_slowdown": med["per_tensor"] / med["swap"],
+    }
+    md = f"""# Swap vs copy limit vs from_pretrained ({device})
+
+{result['machine']['date']} · {result['machine']['platform']} · {result['machine']['cpu_count']} CPUs \
+(load average {result['machine']['load_average']}) · torch {result['machine']['torch']}\
+{' · ' + result['machine']['gpu'] if device == 'cuda' else ''}
+
+Model: {source}, {args.dtype}, {nbytes / 2**20:.1f} MiB in {result['tensors']} tensors. \
+Medians of {args.repeats} interleaved repeats ({args.load_repeats} for from_pretrained).
+
+| operation | median | GB/s |
+|---|---|---|
+| pool swap (one flat `copy_` into a slot) | {med['swap'] * 1e3:.2f} ms | {gbps['swap']:.2f} |
+| plain `copy_` of the same bytes | {med['copy'] * 1e3:.2f} ms | {gbps['copy']:.2f} |
+| per-tensor `copy_` (load_state_dict-style) | {med['per_tensor'] * 1e3:.2f} ms | {gbps['per_tensor']:.2f} |
+| `from_pretrained(...).to({device})`, warm cache | {med['from_pretrained'] * 1e3:.1f} ms | |
+
+- swap bandwidth / plain copy bandwidth: **{result['swap_vs_copy_bandwidth']:.2f}** (target ≥ 0.80)
+- from_pretrained time / swap time: **{result['from_pretrained_vs_swap_speedup']:.1f}x** (target ≥ 10x)
+- per-tensor copy time / swap time: {result['per_tensor_vs_swap_slowdown']:.2f}x
+"""
+    stem = args.name or f"swap_copy_{device}"
+    js, mdp = write_results(stem, result, md)
+    print(md)
+    print(f"wrote {js} and {mdp}")
+    tmp.cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    main()
