@@ -66,15 +66,16 @@ def _options(args):
 def _render(args) -> int:
     from pathlib import Path
 
-    from coe.k8s import render, to_yaml
+    from coe.k8s import render_cluster, to_yaml
     from coe.k8s.cluster_config import cluster_config
     from coe.k8s.manifests import dump_yaml
     from coe.paths import default_config_path
 
     opts = _options(args)
     config = Path(args.config) if args.config else default_config_path()
-    objects = render(config, gpu=args.gpu, options=opts)
-    for change in cluster_config(config, gpu=args.gpu).changes:
+    cc = cluster_config(config, gpu=args.gpu)
+    objects = render_cluster(cc, gpu=args.gpu, options=opts)
+    for change in cc.changes:
         print(f"note: {change}", file=sys.stderr)
     if args.out is None:
         sys.stdout.write(to_yaml(objects))

@@ -11,6 +11,6 @@ build for ``k8s/``), ``validate`` (schema checks), ``tree`` (regenerates ``k8s/`
 Nothing here imports ray, torch or vllm.
 """
 
-from coe.k8s.manifests import RenderOptions, render, render_config, to_yaml
+from coe.k8s.manifests import RenderOptions, render, render_cluster, to_yaml
 
-__all__ = ["RenderOptions", "render", "render_config", "to_yaml"]
+__all__ = ["RenderOptions", "render", "render_cluster", "to_yaml"]

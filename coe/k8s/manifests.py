@@ -220,10 +220,6 @@ def state_claim(opts: RenderOptions) -> dict:
     }
 
 
-def render_config(config: str | Path, *, gpu: bool = False) -> ClusterConfig:
-    return cluster_config(config, gpu=gpu)
-
-
 def render(
     config: str | Path, *, gpu: bool = False, options: RenderOptions | None = None
 ) -> list[dict]:
@@ -232,8 +228,14 @@ def render(
     Raises :class:`coe.errors.ConfigError` as :func:`cluster_config` does. The admin-key Secret
     is not rendered (a key does not belong in a manifest); create it with kubectl.
     """
+    return render_cluster(cluster_config(config, gpu=gpu), gpu=gpu, options=options)
+
+
+def render_cluster(
+    cc: ClusterConfig, *, gpu: bool, options: RenderOptions | None = None
+) -> list[dict]:
+    """:func:`render` for a config already rewritten by :func:`cluster_config` (same ``gpu``)."""
     opts = options or RenderOptions()
-    cc = cluster_config(config, gpu=gpu)
     return [state_claim(opts), ray_service(cc, opts, gpu=gpu)]
 
 

@@ -21,9 +21,3 @@ def crd_dir(shared_data) -> Path:
 def default_config() -> Path:
     return default_config_path()
 
-
-def write_config(folder: Path, text: str) -> Path:
-    """A config file in ``folder`` (a test's tmp_path)."""
-    path = folder / "coe.yaml"
-    path.write_text(text)
-    return path

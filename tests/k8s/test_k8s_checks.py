@@ -231,7 +231,9 @@ def test_dockerfiles_install_as_the_readme_does(kind, extra):
     from coe.k8s.manifests import RAY_VERSION
 
     text = (DOCKER / f"Dockerfile.{kind}").read_text()
-    runs = " ".join(re.findall(r"^RUN (.+?)(?<!\\)$", text.replace("\\\n", " "), flags=re.MULTILINE))
+    runs = " ".join(
+        re.findall(r"^RUN (.+?)(?<!\\)$", text.replace("\\\n", " "), flags=re.MULTILINE)
+    )
     steps = _readme_steps()
     assert len(steps) == 4, steps
     venv, install, uninstall, prepare = steps
