@@ -179,8 +179,12 @@ class CoEService:
         adapter_path = expert.adapter if isinstance(expert, LoraExpert) else None
         return server_id_of(expert), request, adapter_path
 
-    def _fallback(self, expert_id: str, err: CoEError, tried: list[str]) -> str | None:
+    def _fallback(self, expert_id: str, err: CoEError, tried: list[str], routed: bool) -> str | None:
+        """The expert to retry on after an engine failure: the expert's ``fallback``; for routed
+        (not pinned) requests, else the router's ``default_expert``. None: give up (503)."""
         nxt = self.experts[expert_id].fallback
+        if nxt is None and routed:
+            nxt = self.config.router.default_expert
         if isinstance(err, EngineError) and nxt and nxt in self.experts and nxt not in tried:
             log.warning("expert %s failed (%s); retrying on fallback %s", expert_id, err, nxt)
             self.metrics.fallbacks.labels(expert_id, nxt).inc()
@@ -205,7 +209,7 @@ class CoEService:
                     raise
                 self.metrics.errors.labels(expert, err.code).inc()
                 tried.append(expert)
-                nxt = self._fallback(expert, err, tried)
+                nxt = self._fallback(expert, err, tried, routed=not info.pinned)
                 if nxt is None:
                     raise err from None
                 info.fallback_from, expert = info.fallback_from or expert, nxt
@@ -248,7 +252,7 @@ class CoEService:
                     raise
                 self.metrics.errors.labels(expert, err.code).inc()
                 tried.append(expert)
-                nxt = self._fallback(expert, err, tried)
+                nxt = self._fallback(expert, err, tried, routed=not info.pinned)
                 if nxt is None:
                     raise err from None
                 info.fallback_from, expert = info.fallback_from or expert, nxt

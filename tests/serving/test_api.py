@@ -216,6 +216,9 @@ def test_engine_failure_without_fallback_is_503_and_others_keep_serving(h, tiny_
         r = h.chat("hello", model="flaky2")
         assert r.status_code == 503 and "flaky2" in _error(r) and "simulated engine crash" in _error(r)
         assert h.chat("hello", model="tiny-a").status_code == 200
+        routed = h.chat("flaky2 hello")  # routed (not pinned): retried on the router's default expert
+        assert routed.status_code == 200 and routed.json()["model"] == "tiny"
+        assert routed.json()["coe"]["fallback_from"] == "flaky2"
     finally:
         assert h.request("DELETE", "/v1/experts/flaky2", headers=AUTH).status_code == 200
     assert "expert-flaky2" not in h.backend.servers

@@ -1,0 +1,144 @@
+"""The issue's "done when", for real: ``coe serve`` on the embedded default config (SmolLM2 on
+vLLM with its LoRA experts, Gemma 3 on transformers, the centroid router), driven by the
+official ``openai`` client changed only in ``base_url`` and ``api_key``; a LoRA registered over
+HTTP is listed, receives routed traffic, and is still there after Ctrl-C and a restart."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from serving_helpers import make_lora
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+KEY = "e2e-admin-key"
+ASTRONOMY = {
+    "description": "Astronomy: planets, moons, stars, galaxies, black holes and telescopes.",
+    "examples": ["How many moons does Jupiter have?", "What is a black hole?", "How far away is the nearest star?",
+                 "Why does Mars look red in the night sky?"],
+}
+
+
+class Service:
+    """``coe serve`` in a subprocess; ``stop()`` sends Ctrl-C (SIGINT) and waits for a clean exit."""
+
+    def __init__(self, env: dict, port: int) -> None:
+        self.port = port
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "coe.cli", "serve", "--port", str(port)], cwd=REPO, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        self.url: str | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(600) or self.url is None:
+            self.kill()
+            pytest.fail("coe serve did not come up:\n" + "\n".join(self.lines[-40:]))
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            if "serving at http://" in line:
+                self.url = line.split("serving at ")[1].split()[0]
+                self._ready.set()
+        self._ready.set()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -1
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, smollm2_dir, gemma3_dir, minilm_dir):
+    from coe.paths import models_dir
+
+    home = tmp_path_factory.mktemp("coe-home")
+    (home / "models").symlink_to(models_dir())  # the prepared models; a fresh registry
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {**os.environ, "COE_HOME": str(home), "COE_ADMIN_KEY": KEY, "PYTHONUNBUFFERED": "1"}, port
+
+
+@pytest.fixture(scope="module")
+def lora_dir(smollm2_dir):
+    """A LoRA on SmolLM2 inside the default config's adapter root (removed afterwards)."""
+    folder = REPO / "adapters" / "experts" / f"_e2e-{uuid.uuid4().hex[:8]}"
+    make_lora(smollm2_dir, folder, rank=8, seed=5)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_default_config_openai_client_register_restart(env, lora_dir):
+    from openai import OpenAI
+
+    environ, port = env
+    service = Service(environ, port)
+    try:
+        client = OpenAI(base_url=service.url, api_key="anything")
+        experts = {"smollm2", "smollm2-math", "smollm2-code", "gemma3"}
+
+        raw = client.chat.completions.with_raw_response.create(
+            model="coe", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=16,
+            temperature=0,
+        )
+        answer = raw.parse()
+        assert answer.model in experts and raw.headers["x-coe-expert"] == answer.model
+        assert answer.choices[0].message.content and answer.model_extra["coe"]["router"] == "centroid"
+
+        stream = client.chat.completions.create(
+            model="coe", stream=True, max_tokens=16, temperature=0,
+            messages=[{"role": "user", "content": "Continue the story. Once upon a time, in a small village by the river,"}],
+        )
+        chunks = list(stream)
+        assert chunks and all(c.model in experts for c in chunks)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+        admin = httpx.Client(base_url=service.url.removesuffix("/v1"), timeout=300,
+                             headers={"Authorization": f"Bearer {KEY}"})
+        r = admin.post("/v1/experts", json={"id": "astronomy", "base": "smollm2", "adapter": str(lora_dir), **ASTRONOMY})
+        assert r.status_code == 201, r.text
+        assert "astronomy" in [m.id for m in client.models.list().data]
+        routed = client.chat.completions.create(
+            model="coe", max_tokens=8, messages=[{"role": "user", "content": "How many moons does Saturn have?"}]
+        )
+        assert routed.model == "astronomy", routed.model_extra["coe"]
+    finally:
+        rc = service.stop()
+    assert rc == 0, "\n".join(service.lines[-30:])
+
+    service = Service(environ, port)  # restart: the registration is persisted
+    try:
+        client = OpenAI(base_url=service.url, api_key="anything")
+        assert "astronomy" in [m.id for m in client.models.list().data]
+        routed = client.chat.completions.create(
+            model="coe", max_tokens=8, messages=[{"role": "user", "content": "What is a black hole made of?"}]
+        )
+        assert routed.model == "astronomy"
+        admin = httpx.Client(base_url=service.url.removesuffix("/v1"), timeout=60,
+                             headers={"Authorization": f"Bearer {KEY}"})
+        assert admin.delete("/v1/experts/astronomy").status_code == 200
+    finally:
+        assert service.stop() == 0
