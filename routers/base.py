@@ -16,7 +16,7 @@ import json
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -59,13 +59,14 @@ class Scores:
 
 @dataclass
 class FitContext:
-    """Extra inputs to ``fit``: per-expert descriptions (centroid/skill/category) and a seed."""
+    """Extra inputs to ``fit``: per-expert descriptions and skills, a seed, and the embedder."""
 
     descriptions: dict[str, list[str]] = field(default_factory=dict)
     description_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     categories: dict[str, str] = field(default_factory=dict)
     skills: dict[str, list[str]] = field(default_factory=dict)
     seed: int = 0
+    embed: Callable[[list[str]], np.ndarray] | None = None   # texts -> unit-norm [n, D] (skill vocabulary)
 
 
 class Router:

@@ -141,6 +141,11 @@ class Embedder:
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         model = self._load()
+        if self.max_seq_length is not None:
+            # The question comes last in few-shot prompts: keep the tail, not the head, of text
+            # that cannot fit the window (about 4 characters per token).
+            budget = 4 * self.max_seq_length
+            texts = [t[-budget:] if len(t) > budget else t for t in texts]
         vecs = model.encode(
             texts,
             batch_size=self.batch_size,

@@ -1,0 +1,147 @@
+"""``coe router list|fit`` and ``coe eval`` (offline router evaluation)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def register(sub) -> None:
+    router = sub.add_parser("router", help="list routers or fit one on outcome data")
+    cmds = router.add_subparsers(dest="router_command", metavar="ACTION")
+    cmds.required = True
+    lst = cmds.add_parser("list", help="registered routers")
+    lst.set_defaults(func=_list)
+    fit = cmds.add_parser("fit", help="fit a router on a routing dataset and save it (router.fitted loads it)")
+    fit.add_argument("--config", help="config file (router name, params, embedder); default: the embedded one")
+    fit.add_argument("--data", required=True, help="routing dataset (RouterBench/RouteLLM CSV, scores JSON(L), native JSONL)")
+    fit.add_argument("--out", required=True, help="folder to write the fitted router to")
+    fit.add_argument("--router", help="router name (default: router.name of the config)")
+    fit.add_argument("--format", default="auto", help="dataset format (auto, routerbench, routellm, scores, native)")
+    fit.add_argument("--costs", help="model -> cost-per-query table (JSON/YAML/CSV)")
+    fit.add_argument("--no-cv", action="store_true", help="use the config's params as they are (no cross-validation)")
+    fit.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    fit.add_argument("--quiet", action="store_true", help="no progress bars")
+    fit.set_defaults(func=_fit)
+
+    ev = sub.add_parser("eval", help="evaluate routers offline: cost-quality curves, AIQ, APGR, CPT")
+    ev.add_argument("--train", required=True, help="training routing dataset")
+    ev.add_argument("--test", help="test routing dataset (or use --split)")
+    ev.add_argument("--split", type=float, help="with only --train: the train fraction of a seeded shuffle, e.g. 0.7")
+    ev.add_argument("--router", action="append", dest="routers", metavar="NAME",
+                    help="router to evaluate (repeatable; default: every registered router)")
+    ev.add_argument("--out", required=True, help="folder for report.json, report.md, cost_quality.png")
+    ev.add_argument("--costs", help="model -> cost-per-query table for data without costs (else every model costs 1)")
+    ev.add_argument("--format", default="auto", help="dataset format (auto, routerbench, routellm, scores, native)")
+    ev.add_argument("--embedder", default="minilm-l6", help="sentence embedder: alias, folder or hub id")
+    ev.add_argument("--folds", type=int, default=5, help="cross-validation folds on train (default 5)")
+    ev.add_argument("--no-cv", action="store_true", help="default hyperparameters, no cross-validation")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=_eval)
+
+
+def _list(args) -> int:
+    from routers import router_class, router_names
+
+    for name in router_names():
+        cls = router_class(name)
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        needs = "labels" if cls.needs_labels else ("outcomes" if cls.needs_outcomes else "descriptions")
+        print(f"{name:12} needs {needs:12} {doc}")
+    return 0
+
+
+def _embed_all(embedder, train, test):
+    """Unit-norm embeddings of the routing texts (the shared few-shot header removed)."""
+    from routers.datasets import routing_texts, shared_prefix
+
+    prefix = shared_prefix(train.queries)
+    xtr = embedder.encode(routing_texts(train.queries, prefix))
+    xte = embedder.encode(routing_texts(test.queries, prefix)) if test is not None else None
+    return xtr, xte, prefix
+
+
+def _fit(args) -> int:
+    from coe.config import load_config
+    from routers.base import FitContext, router_class, save_router
+    from routers.datasets import load_routing_data
+    from routers.embedding import Embedder
+    from routers.tuning import cross_validate
+
+    cfg = load_config(args.config)
+    name = args.router or cfg.router.name
+    cls = router_class(name)
+    if cls.needs_labels:
+        from coe.errors import ConfigError
+
+        raise ConfigError(f"router {name!r} reads the true outcomes and cannot be fitted for serving")
+    data = load_routing_data(args.data, args.format, args.costs)
+    embedder = Embedder(cfg.router.embedder, disk_cache=True, progress=not args.quiet)
+    x, _, prefix = _embed_all(embedder, data, None)
+    ctx = FitContext(
+        descriptions={e.id: [e.description, *e.examples] for e in cfg.experts},
+        skills={e.id: list(e.skills) for e in cfg.experts},
+        categories={e.id: e.category for e in cfg.experts if e.category},
+        embed=embedder.encode,
+    )
+    base = dict(cfg.router.params) if name == cfg.router.name else {}
+    cv = None
+    if not args.no_cv and cls.cv_grid:
+        grid = {k: v for k, v in cls.cv_grid.items() if k not in base}
+        cv = cross_validate(name, data, x, grid=grid, base_params=base, folds=args.folds, ctx=ctx)
+        params = cv.params
+    else:
+        params = base
+    router = cls(params).fit(data, x, ctx)
+    extra = {
+        "data": str(Path(args.data).resolve()),
+        "rows": len(data),
+        "skipped": dict(data.skipped),
+        "stripped_prefix_chars": len(prefix),
+        "cv": None if cv is None else {"folds": cv.folds, "cv_aiq": cv.score, "params": cv.params},
+    }
+    out = save_router(router, args.out, embedder=cfg.router.embedder, extra=extra)
+    skipped = sum(data.skipped.values())
+    print(f"fitted {name} on {len(data)} rows ({skipped} skipped) over {len(router.experts)} experts; params "
+          f"{router.params.model_dump()}" + (f"; cv AIQ {cv.score:.4f}" if cv else ""))
+    print(f"saved to {out}")
+    return 0
+
+
+def _eval(args) -> int:
+    from coe.errors import DatasetError
+    from routers.base import router_class, router_names
+    from routers.datasets import load_routing_data
+    from routers.embedding import Embedder
+    from routers.report import EvalInputs, run_eval, split_data, write_report
+
+    names = args.routers or router_names()
+    for n in names:
+        router_class(n)   # unknown names fail before any work, listing the available ones
+    train = load_routing_data(args.train, args.format, args.costs)
+    if args.test and args.split is not None:
+        raise DatasetError("give either --test or --split, not both")
+    if args.test:
+        test = load_routing_data(args.test, args.format, args.costs).reordered(train.models)
+    elif args.split is not None:
+        skipped = train.skipped
+        train, test = split_data(train, args.split, args.seed)
+        train.skipped = test.skipped = skipped
+    else:
+        raise DatasetError("give --test FILE, or --split FRACTION to cut --train into train and test")
+    embedder = Embedder(args.embedder, disk_cache=True, progress=not args.quiet)
+    if not args.quiet:
+        print(f"embedding {len(train) + len(test)} queries (cached under {embedder.disk_path})", file=sys.stderr)
+    xtr, xte, _ = _embed_all(embedder, train, test)
+    inputs = EvalInputs(train, test, xtr, xte, args.embedder, embedder.encode)
+    report = run_eval(inputs, names, folds=args.folds, cv=not args.no_cv, seed=args.seed, progress=not args.quiet)
+    out = write_report(report, args.out)
+    zero = report["zero_router_aiq"]
+    print(f"zero router AIQ {zero:.4f}; best single {report['best_single']['model']} "
+          f"({report['best_single']['quality']:.4f})")
+    for name, r in sorted(report["routers"].items(), key=lambda kv: -kv[1]["aiq"]):
+        print(f"  {name:12} AIQ {r['aiq']:.4f} ({r['aiq'] - zero:+.4f})  APGR {r['apgr']:.3f}  "
+              f"max quality {r['max_quality']:.4f}  {r['decisions_per_s']:.0f} decisions/s")
+    print(f"report: {out / 'report.md'}")
+    return 0

@@ -1,0 +1,104 @@
+"""Dataset readers: every format, bad rows skipped and counted, bad files named by line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from coe.errors import DatasetError
+from routers.datasets import load_cost_table, load_routing_data, routing_texts, shared_prefix
+
+ROUTERBENCH = (
+    ",sample_id,prompt,eval_name,m1,m2,m1|model_response,m2|model_response,m1|total_cost,m2|total_cost,oracle_model_to_route_to\n"
+    "0,a,\"['What is 1+1?']\",math,1.0,0.0,2,3,0.001,0.01,m1\n"
+    "1,b,plain prompt,math,0,1,x,y,0.002,0.02,m2\n"
+    "2,c,missing one,math,,1,x,y,0.002,0.02,m2\n"
+    "3,d,bad value,math,maybe,1,x,y,0.002,0.02,m2\n"
+)
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_routerbench_csv(tmp_path):
+    data = load_routing_data(_write(tmp_path, "rb.csv", ROUTERBENCH))
+    assert data.models == ["m1", "m2"]
+    assert data.queries == ["What is 1+1?", "plain prompt"]
+    assert data.quality.tolist() == [[1, 0], [0, 1]]
+    assert data.cost.tolist() == [[0.001, 0.01], [0.002, 0.02]]
+    assert data.skipped == {"missing outcome": 1, "unparseable outcome": 1}
+    assert data.categories == ["math", "math"]
+
+
+def test_routellm_csv(tmp_path):
+    text = "prompt,weak,strong,weak_response,strong_response\nq1,True,True,a,b\nq2,False,True,a,b\nq3,,True,a,b\n"
+    data = load_routing_data(_write(tmp_path, "rl.csv", text))
+    assert data.models == ["weak", "strong"] and data.quality.tolist() == [[1, 1], [0, 1]]
+    assert data.cost is None and data.mean_costs().tolist() == [1.0, 1.0]
+    assert data.skipped == {"missing outcome": 1}
+
+
+def test_scores_json_and_jsonl_with_cost_table(tmp_path):
+    recs = [{"question": "q1", "scores": {"a": 0.5, "b": 1}}, {"question": "", "scores": {"a": 1, "b": 1}},
+            {"question": "q3", "scores": {"a": 0.0, "b": None}}]
+    js = load_routing_data(_write(tmp_path, "s.json", json.dumps(recs)))
+    jl = load_routing_data(_write(tmp_path, "s.jsonl", "\n".join(json.dumps(r) for r in recs)))
+    for data in (js, jl):
+        assert data.queries == ["q1"] and data.quality.tolist() == [[0.5, 1.0]]
+        assert data.skipped == {"empty query": 1, "missing outcome": 1}
+    table = _write(tmp_path, "costs.yaml", "a: 0.1\nb: 2\n")
+    data = load_routing_data(tmp_path / "s.jsonl", costs=table)
+    assert data.mean_costs().tolist() == [0.1, 2.0]
+    assert load_cost_table(_write(tmp_path, "c.csv", "model,cost\na,1\nb,3\n")) == {"a": 1.0, "b": 3.0}
+    with pytest.raises(DatasetError, match="no cost for models: b"):
+        load_routing_data(tmp_path / "s.jsonl", costs=_write(tmp_path, "c2.json", '{"a": 1}'))
+
+
+def test_native_jsonl(tmp_path):
+    lines = [
+        {"query": "q1", "outcomes": {"x": 1, "y": 0}, "costs": {"x": 1, "y": 5}, "category": "math"},
+        {"query": "q2", "outcomes": {"x": 0, "y": 1}, "costs": {"x": 1, "y": 5}, "category": "code"},
+        {"query": "q3", "outcomes": {"x": 0, "y": 1}},
+    ]
+    data = load_routing_data(_write(tmp_path, "n.jsonl", "\n".join(json.dumps(r) for r in lines)))
+    assert data.models == ["x", "y"] and data.cost.tolist() == [[1, 5], [1, 5]]
+    assert data.categories == ["math", "code"] and data.skipped == {"missing cost": 1}
+
+
+def test_unparseable_files_name_the_line(tmp_path):
+    bad = _write(tmp_path, "bad.jsonl", '{"query": "q", "outcomes": {"a": 1}}\n{"query": oops}\n')
+    with pytest.raises(DatasetError, match=r"bad.jsonl, line 2: not valid JSON"):
+        load_routing_data(bad)
+    with pytest.raises(DatasetError, match=r"line 1: no 'prompt' column"):
+        load_routing_data(_write(tmp_path, "np.csv", "question,a\nq,1\n"))
+    with pytest.raises(DatasetError, match="line 1: expected an object"):
+        load_routing_data(_write(tmp_path, "x.jsonl", '{"query": "q", "outcomes": 3}\n'))
+    with pytest.raises(DatasetError, match="no usable rows"):
+        load_routing_data(_write(tmp_path, "e.csv", "prompt,a\nq,\n"))
+    with pytest.raises(DatasetError, match="unknown dataset format 'xml'"):
+        load_routing_data(bad, fmt="xml")
+
+
+def test_model_mismatch_is_refused_with_the_difference(tmp_path):
+    a = load_routing_data(_write(tmp_path, "a.csv", "prompt,m1,m2\nq,1,0\n"))
+    b = load_routing_data(_write(tmp_path, "b.csv", "prompt,m2,m3\nq,1,0\n"))
+    with pytest.raises(DatasetError, match="only in train: m1; only in test: m3"):
+        b.reordered(a.models)
+    c = load_routing_data(_write(tmp_path, "c.csv", "prompt,m2,m1\nq,1,0\n")).reordered(a.models)
+    assert c.models == ["m1", "m2"] and c.quality.tolist() == [[0, 1]]
+
+
+def test_shared_routerbench_files(shared_data):
+    data = load_routing_data(shared_data / "routing" / "winograde_test.csv")
+    assert len(data) == 380 and len(data.models) == 11 and data.cost is not None
+    prefix = shared_prefix(data.queries)
+    assert len(prefix) > 500 and prefix.endswith("\n\n")
+    texts = routing_texts(data.queries, prefix)
+    assert all(len(t) < 600 for t in texts) and "_" in texts[0]
+    assert shared_prefix(["a", "b"]) == ""
+    assert np.isclose(data.quality.mean(axis=0).max(), 0.855, atol=1e-3)
