@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from coe.config import EngineConfig, PoolConfig
 from coe.errors import EngineError, ExpertNotFoundError, InvalidRequestError, NotReadyError, available
@@ -27,6 +28,9 @@ from serving.engines.hf import HFEngine, _Row
 from serving.engines.sampling import TextStream, make_generator
 from serving.pool.pool import ExpertPool
 from serving.pool.scheduler import GroupedQueue
+
+if TYPE_CHECKING:
+    from coe.config import CoEConfig
 
 
 class _ExpertRunner(HFEngine):
@@ -70,6 +74,22 @@ class PoolEngine(Engine):
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.sessions: list[tuple[str, int]] = []  # (expert, rows served), for metrics and tests
+
+    @classmethod
+    def from_config(cls, config: "CoEConfig") -> "PoolEngine":
+        """The pool of ``config``: every ``model`` expert on the ``hf`` engine, ``serving.pool``.
+
+        The engine settings (device, dtype, max_num_seqs, max_model_len) are the first pooled
+        expert's. Raises ConfigError when ``serving.pool`` is unset or no expert qualifies.
+        """
+        from coe.errors import ConfigError
+
+        if config.serving.pool is None:
+            raise ConfigError("serving.pool is not set: there is no expert pool to build")
+        pooled = [e for e in config.experts if e.kind == "model" and e.engine.kind == "hf"]
+        if not pooled:
+            raise ConfigError("serving.pool is set but no `model` expert uses engine.kind 'hf'")
+        return cls({e.id: e.model for e in pooled}, config.serving.pool, pooled[0].engine)
 
     # ------------------------------------------------------------------ lifecycle
 

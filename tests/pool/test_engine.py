@@ -116,3 +116,48 @@ def test_registered_as_pool_engine():
     from serving.pool.engine import PoolEngine
 
     assert _ENGINES["pool"] is PoolEngine
+
+
+def test_from_config_takes_hf_model_experts(tiny_experts):
+    from coe.config import parse_config
+    from coe.errors import ConfigError
+    from serving.pool.engine import PoolEngine
+
+    hf = {"kind": "hf", "device": "cpu"}
+    data = {
+        "experts": [
+            {"id": "a", "kind": "model", "model": str(tiny_experts["e0"]), "engine": hf},
+            {"id": "b", "kind": "model", "model": str(tiny_experts["e1"]), "engine": hf},
+            {"id": "v", "kind": "model", "model": "smollm2-135m-instruct"},  # vLLM: not pooled
+        ],
+        "serving": {"pool": {"max_resident": 1, "pinned": ["a"], "policy": "oldest_first"}},
+    }
+    engine = PoolEngine.from_config(parse_config(data))
+    assert engine.experts == {"a": str(tiny_experts["e0"]), "b": str(tiny_experts["e1"])}
+    assert engine.pool_config.pinned == ["a"] and engine.config.device == "cpu"
+    with pytest.raises(ConfigError, match="serving.pool is not set"):
+        PoolEngine.from_config(parse_config({**data, "serving": {}}))
+    with pytest.raises(ConfigError, match="allowed: `model` experts: a, b, v"):
+        parse_config({**data, "serving": {"pool": {"pinned": ["zz"]}}})
+
+
+@pytest.mark.gpu
+def test_cuda_pool_engine_swaps_and_prefetches(tiny_experts):
+    experts = dict(tiny_experts)
+    order = ["e0", "e1", "e2", "e3", "e0", "e2", "e1", "e3"] * 2
+    requests = [_req(i, e) for i, e in enumerate(order)]
+
+    async def main():
+        from serving.pool.engine import PoolEngine
+
+        cuda = EngineConfig(kind="hf", device="cuda", dtype="float32", max_num_seqs=8, max_model_len=128)
+        engine = PoolEngine({k: str(v) for k, v in experts.items()}, PoolConfig(max_resident=2), cuda)
+        await engine.start()
+        outs = await _burst(engine, requests)
+        pool = engine.pool
+        await engine.stop()
+        return outs, pool
+
+    outs, pool = asyncio.run(main())
+    assert pool.swapping and pool.stats.swaps >= 2 and all(o.completion_tokens > 0 for o in outs)
+    assert pool.stats.prefetches >= 1  # the next group's expert was copied in during compute
