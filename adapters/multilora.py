@@ -43,7 +43,7 @@ class BatchWeights:
     """The current step's adapter weights, shared by all wrapped layers of one model.
 
     ``rows`` is ``[B, n]`` (the same for every layer and token) or a callable
-    ``layer_index -> [B, n] | [B, T, n] | None`` (mixtures whose weights depend on the layer
+    ``MultiLoRALinear -> [B, n] | [B, T, n] | None`` (it may read ``.layer``, the decoder layer) (mixtures whose weights depend on the layer
     and token). For static rows each layer's active columns, matrices and mask are computed
     once per context (i.e. once per ``generate`` call), not once per token."""
 
@@ -55,7 +55,7 @@ class BatchWeights:
     def operands(self, layer: "MultiLoRALinear"):
         """``(A [R', in], B [out, R'], mask [B, 1|T, R'])`` for this step, or None to skip the layer."""
         if callable(self.rows):
-            w = self.rows(layer.layer)
+            w = self.rows(layer)
             if w is None:
                 return None
             m = w.to(layer.expand.dtype) @ layer.expand  # [B, (T,) n] @ [n, R]
@@ -205,7 +205,7 @@ class MultiLoRA:
         """Within the block, row ``b`` of every forward uses adapter ``rows[b]`` (or None).
 
         ``rows`` may also be a ``[B, n]`` weight tensor (a static mixture per row) or a callable
-        ``layer -> [B, n] | [B, T, n]`` (weights per layer and token; see :mod:`adapters.mole`)."""
+        ``MultiLoRALinear -> [B, n] | [B, T, n]`` (weights per layer and token; see :mod:`adapters.mole`)."""
         if isinstance(rows, torch.Tensor) or callable(rows):
             weights = rows
         else:
