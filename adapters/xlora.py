@@ -21,8 +21,8 @@ earlier tokens through its own cache. The result equals PEFT's no-cache path up 
 rounding (the test checks the prompt's logits and greedy tokens); the cost per new token is two
 one-token steps instead of two full passes.
 
-Format on disk (:meth:`XLoRA.save` / :meth:`XLoRA.load`): ``xlora_config.json`` (the fields of
-:class:`XLoRAConfig` plus the adapter names in order), ``classifier.safetensors`` (peft's
+Format on disk (:meth:`XLoRA.save` / :meth:`XLoRA.load`): ``mixture.json`` (``"kind": "xlora"``,
+the adapter names in order and the fields of :class:`XLoRAConfig`), ``classifier.safetensors`` (peft's
 classifier ``layers.*`` state dict) and one PEFT LoRA folder per adapter under ``adapters/<name>``.
 A PEFT X-LoRA model in memory converts with :meth:`XLoRA.from_peft`.
 """
@@ -183,7 +183,7 @@ class XLoRA:
         for name in self.lora.names:
             shutil.copytree(sources[name], folder / "adapters" / name, dirs_exist_ok=True)
         meta = {"kind": "xlora", "adapters": self.lora.names, **self.cfg.model_dump()}
-        (folder / "xlora_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (folder / "mixture.json").write_text(json.dumps(meta, indent=2) + "\n")
         state = {k: v.contiguous() for k, v in self.classifier.state_dict().items()}
         save_file(state, str(folder / "classifier.safetensors"))
 
@@ -191,13 +191,13 @@ class XLoRA:
     def load(cls, folder: str | Path, model: nn.Module) -> "XLoRA":
         from safetensors.torch import load_file
 
+        from adapters.mole import read_mixture_meta
+
         folder = Path(folder)
-        meta_file = folder / "xlora_config.json"
-        if not meta_file.is_file():
-            raise AdapterError(f"{folder} is not an X-LoRA folder: xlora_config.json is missing")
-        meta = json.loads(meta_file.read_text())
+        meta = read_mixture_meta(folder)
+        if meta.pop("kind", None) != "xlora":
+            raise AdapterError(f"{folder}: mixture.json does not describe an X-LoRA mixture")
         names = meta.pop("adapters")
-        meta.pop("kind", None)
         mix = cls(model, [(n, load_lora(folder / "adapters" / n, n)) for n in names], XLoRAConfig(**meta))
         mix.classifier.load_state_dict(load_file(str(folder / "classifier.safetensors")))
         return mix
