@@ -1,41 +1,16 @@
 """Engine fixtures: one event loop on a background thread, engines started once per session.
 
 vLLM's ``AsyncLLM`` binds to the loop that first uses it, so every engine call in these tests
-goes through the same long-lived loop (``loop.run(coro)``). Starting vLLM costs ~30 s or more
+goes through the same long-lived loop (``loop.run(coro)``, see engine_helpers). Starting vLLM costs ~30 s or more
 here: the vLLM engine is a session fixture shared by every test that needs it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import pytest
+from engine_helpers import LoopThread, make_lora
 
 from coe.config import EngineConfig
-from coe.types import ChatMessage, GenerationRequest, SamplingParams
-
-
-class LoopThread:
-    """An asyncio loop running forever on a daemon thread; ``run`` waits for a coroutine."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="engine-tests-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 600):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
-def chat(text: str, *, max_tokens: int = 16, temperature: float = 0.0, rid: str = "t", **kw) -> GenerationRequest:
-    """A one-message chat request (greedy by default)."""
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, **kw)
-    return GenerationRequest(request_id=rid, messages=[ChatMessage(role="user", content=text)], sampling=sampling)
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +58,4 @@ def smollm2_vllm(smollm2_dir, loop):
 @pytest.fixture(scope="session")
 def smollm2_lora(smollm2_dir, tmp_path_factory):
     """A rank-8 peft LoRA on SmolLM2's q_proj/v_proj with random non-zero B weights."""
-    from conftest import make_lora
-
     return make_lora(smollm2_dir, tmp_path_factory.mktemp("smollm2-lora") / "a", rank=8, seed=5)
