@@ -79,7 +79,7 @@ def create_api(service: CoEService) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request):
-        await service.readiness()  # refresh the coe_expert_ready gauge
+        await service.refresh_gauges()
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app

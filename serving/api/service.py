@@ -191,6 +191,14 @@ class CoEService:
             return nxt
         return None
 
+    async def _timed(self, awaitable, expert_id: str):
+        """``awaitable`` within ``serving.request_timeout_s``; a timeout is an EngineError (503)."""
+        timeout = self.config.serving.request_timeout_s
+        try:
+            return await asyncio.wait_for(awaitable, timeout=timeout)
+        except asyncio.TimeoutError:
+            raise EngineError(f"expert {expert_id!r} did not answer within {timeout:g} s") from None
+
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         """A whole answer; raises CoEError (mapped to HTTP by the caller)."""
         sampling = self.sampling(req)
@@ -201,7 +209,7 @@ class CoEService:
             queued = self.metrics.queue.labels(expert)
             queued.inc()
             try:
-                served = await self.backend.generate(*self._target(expert, req, sampling))
+                served = await self._timed(self.backend.generate(*self._target(expert, req, sampling)), expert)
                 break
             except Exception as raw:
                 err = as_coe_error(raw)
@@ -240,7 +248,7 @@ class CoEService:
             self.metrics.requests.labels(expert, "chat_stream").inc()
             upstream = self.backend.stream(*self._target(expert, req, sampling))
             try:
-                first = await upstream.__anext__()
+                first = await self._timed(upstream.__anext__(), expert)
                 break
             except StopAsyncIteration:
                 first = None
@@ -317,6 +325,17 @@ class CoEService:
         for eid, why in out.items():
             self.metrics.ready.labels(eid).set(0 if why else 1)
         return all(v is None for v in out.values()), out
+
+    async def refresh_gauges(self) -> None:
+        """Scrape-time gauges: readiness per expert, batcher queue depth per server."""
+        await self.readiness()
+        try:
+            stats = await asyncio.wait_for(self.backend.stats(), timeout=5)
+        except Exception:  # noqa: BLE001  (a scrape must not fail because one server is slow)
+            return
+        for sid, st in stats.items():
+            if "queue_depth" in st:
+                self.metrics.server_queue.labels(sid).set(st["queue_depth"])
 
     def server_of(self, expert: Expert) -> str:
         return server_id_of(expert)

@@ -124,9 +124,18 @@ class ServeBackend:
     async def add_server(self, spec: ServerSpec) -> None:
         """Deploy ``spec`` as its own Serve application and wait for its engine."""
         app_name = RUNTIME_APP_PREFIX + spec.host.id
-        await asyncio.to_thread(serve.run, bind_server(spec), name=app_name, route_prefix=None, blocking=False)
+        # deploy without waiting inside Serve: the wait below has a deadline (a replica that
+        # never fits the cluster's free resources must not hang the admin call)
+        await asyncio.to_thread(serve._run, bind_server(spec), name=app_name, route_prefix=None, _blocking=False)
         handle = serve.get_deployment_handle(spec.server_id, app_name=app_name)
-        states = await asyncio.wait_for(handle.ready.remote(), timeout=self.load_timeout_s)
+        try:
+            states = await asyncio.wait_for(handle.ready.remote(), timeout=self.load_timeout_s)
+        except asyncio.TimeoutError:
+            res = spec.resources
+            raise EngineError(
+                f"the engine of {spec.host.id} did not start within {self.load_timeout_s:.0f} s; does the cluster "
+                f"have num_cpus={res.num_cpus}, num_gpus={res.num_gpus} free for it?"
+            ) from None
         if states.get(spec.host.id) is not None:
             raise EngineError(states[spec.host.id])
         self.handles[spec.server_id] = handle

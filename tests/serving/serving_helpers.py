@@ -5,9 +5,20 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 ADMIN = "test-admin-key"
+
+
+@dataclass
+class Decision:
+    """Shaped like ``routers.RoutingDecision`` (not imported: under pytest's prepend import mode
+    the folder tests/routers can shadow the routers package)."""
+
+    expert: str
+    scores: dict
+    router: str
 
 
 class KeywordRouter:
@@ -21,13 +32,11 @@ class KeywordRouter:
         self.default = default
 
     def route(self, queries):
-        from routers import RoutingDecision
-
         out = []
         for q in queries:
             hits = [e for e in self.ids if e in q.split()]
             choice = hits[-1] if hits else self.default
-            out.append(RoutingDecision(choice, {e: float(e == choice) for e in self.ids}, self.name))
+            out.append(Decision(choice, {e: float(e == choice) for e in self.ids}, self.name))
         return out
 
     def add_expert(self, expert):

@@ -83,12 +83,13 @@ def test_window_bounds_the_wait_of_a_lone_request():
 
 
 def test_one_batch_in_flight_collects_the_next_batch_meanwhile():
-    rec = Recorder(delay=0.1)
+    rec = Recorder(delay=0.5)
 
     async def go():
         b = ExpertGroupedBatcher(rec, max_batch_size=16, max_wait_ms=1, max_concurrent=1)
         first = asyncio.create_task(b.submit("a", 0))
-        await asyncio.sleep(0.02)  # batch 1 is running now
+        while not rec.calls:  # wait until batch 1 is running
+            await asyncio.sleep(0.005)
         rest = [asyncio.create_task(b.submit("a", i)) for i in range(1, 6)]
         await asyncio.gather(first, *rest)
         await b.close()
@@ -117,7 +118,7 @@ def test_cancelled_request_leaves_its_group():
     rec = Recorder()
 
     async def go():
-        b = ExpertGroupedBatcher(rec, max_batch_size=8, max_wait_ms=50)
+        b = ExpertGroupedBatcher(rec, max_batch_size=8, max_wait_ms=500)
         t = asyncio.create_task(b.submit("a", 1))
         keep = asyncio.create_task(b.submit("a", 2))
         await asyncio.sleep(0.01)
