@@ -108,8 +108,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--policies", default="fcfs,largest_group")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="results file stem (default swap_sched_<device>)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
     quiet()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     import torch
 
