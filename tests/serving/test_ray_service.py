@@ -97,7 +97,7 @@ def test_disconnect_mid_stream_cancels(svc):
     pytest.fail(f"generation not cancelled: {stats}")
 
 
-def test_runtime_lora_and_model_registration_survive_a_redeploy(svc):
+def test_runtime_lora_and_model_registration(svc):
     c = svc["client"]
     lora = {"id": "physics", "base": "tiny", "adapter": str(svc["root"] / "adapters" / "c"),
             "description": "physics: gravity, forces, energy and motion",
@@ -113,15 +113,6 @@ def test_runtime_lora_and_model_registration_survive_a_redeploy(svc):
     r = c.post("/v1/experts", json=model, headers=AUTH)
     assert r.status_code == 201, r.text
     assert _chat(c, "hello", model="tiny2").json()["model"] == "tiny2"
-    # restart the application: both come back from the registry
-    from ray import serve
-
-    serve.delete("coe")
-    serve.delete("coe-expert-tiny2")
-    _deploy(svc["config"], svc["root"])
-    ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
-    assert {"physics", "tiny2"} <= set(ids)
-    assert _chat(c, "hello", model="tiny2").status_code == 200
-    assert _chat(c, "why do apples fall because of gravity?").json()["model"] == "physics"
     assert c.delete("/v1/experts/physics", headers=AUTH).status_code == 200
     assert c.delete("/v1/experts/tiny2", headers=AUTH).status_code == 200
+    assert "tiny2" not in [m["id"] for m in c.get("/v1/models").json()["data"]]

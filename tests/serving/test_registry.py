@@ -71,3 +71,18 @@ def test_importing_the_app_starts_no_ray():
     code = "import serving.app, sys; print(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_registered_models_get_their_own_server_at_build_time(tmp_path):
+    """What a restart deploys: config experts plus registered ones, one server per model."""
+    from coe.config import BatchingConfig
+    from serving.deployments.spec import plan_servers
+
+    reg = ExpertRegistry(tmp_path / "r.sqlite")
+    reg.add(ModelExpert(id="m2", model="x2", resources={"num_cpus": 0.5}))
+    reg.add(LoraExpert(id="l1", base="base", adapter="/a/l1"))
+    reg.add(LoraExpert(id="l2", base="m2", adapter="/a/l2"))
+    specs = plan_servers(live_experts(_config(), reg), base_dir=tmp_path, batching=BatchingConfig())
+    assert list(specs) == ["expert-base", "expert-m2"]
+    assert specs["expert-base"].expert_ids() == ["base", "l1"]
+    assert specs["expert-m2"].expert_ids() == ["m2", "l2"] and specs["expert-m2"].resources.num_cpus == 0.5
