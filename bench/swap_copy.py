@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.swap_common import PRESETS, machine, quiet, make_experts, tokenizer_source, write_results  # noqa: E402
+from bench.swap_common import PRESETS, machine, make_experts, quiet, tokenizer_source, write_results
 
 
 def _sync(device: str) -> None:
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     swap("a"), swap("b"), dst.copy_(src), per_tensor()  # warm-up (allocator, page cache)
     times = {"swap": [], "copy": [], "per_tensor": [], "from_pretrained": []}
     for i in range(args.repeats):
-        times["swap"].append(_timed(lambda: swap("a" if i % 2 == 0 else "b"), device))
+        expert = "a" if i % 2 == 0 else "b"
+        times["swap"].append(_timed(lambda e=expert: swap(e), device))
         times["copy"].append(_timed(lambda: dst.copy_(src, non_blocking=True), device))
         times["per_tensor"].append(_timed(per_tensor, device))
     load()  # warm the page cache

@@ -20,7 +20,13 @@ import time
 from typing import TYPE_CHECKING
 
 from coe.config import EngineConfig, PoolConfig
-from coe.errors import EngineError, ExpertNotFoundError, InvalidRequestError, NotReadyError, available
+from coe.errors import (
+    EngineError,
+    ExpertNotFoundError,
+    InvalidRequestError,
+    NotReadyError,
+    available,
+)
 from coe.types import GenerationRequest
 from serving.engines.base import Engine, register_engine
 from serving.engines.chat import check_context, encode_request, model_max_len
@@ -76,7 +82,7 @@ class PoolEngine(Engine):
         self.sessions: list[tuple[str, int]] = []  # (expert, rows served), for metrics and tests
 
     @classmethod
-    def from_config(cls, config: "CoEConfig") -> "PoolEngine":
+    def from_config(cls, config: CoEConfig) -> PoolEngine:
         """The pool of ``config``: every ``model`` expert on the ``hf`` engine, ``serving.pool``.
 
         The engine settings (device, dtype, max_num_seqs, max_model_len) are the first pooled
@@ -223,7 +229,7 @@ class PoolEngine(Engine):
             expert, rows = batch
             try:
                 self._session(expert, rows)
-            except Exception as err:  # one failing session must not kill the engine
+            except Exception as err:  # noqa: BLE001  (one failing session must not kill the engine)
                 runner = self._runners[expert]
                 for row in set(runner._rows) | set(rows):
                     if not row.done:

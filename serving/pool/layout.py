@@ -33,7 +33,7 @@ class TensorSpec:
     names: tuple[str, ...]
     kind: str  # "param" | "buffer"
     shape: tuple[int, ...]
-    dtype: "torch.dtype"
+    dtype: torch.dtype
     offset: int
     nbytes: int
 
@@ -46,17 +46,17 @@ class Layout:
     specs: tuple[TensorSpec, ...]
     nbytes: int
 
-    def empty(self, device, pin: bool = False) -> "torch.Tensor":
+    def empty(self, device, pin: bool = False) -> torch.Tensor:
         """An uninitialised flat uint8 buffer of this layout (pinned host memory if ``pin``)."""
         import torch
 
         return torch.empty(self.nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
 
-    def view(self, flat: "torch.Tensor", spec: TensorSpec) -> "torch.Tensor":
+    def view(self, flat: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
         """The tensor ``spec`` as a view into ``flat`` (no copy)."""
         return flat[spec.offset : spec.offset + spec.nbytes].view(spec.dtype).view(spec.shape)
 
-    def pack(self, model, flat: "torch.Tensor") -> None:
+    def pack(self, model, flat: torch.Tensor) -> None:
         """Copy ``model``'s tensors into ``flat``. Raises ValueError if ``model`` has another shape."""
         got = shape_key(model)
         if got != self.key:
@@ -65,7 +65,7 @@ class Layout:
         for spec in self.specs:
             self.view(flat, spec).copy_(tensors[spec.names[0]][1])
 
-    def bind(self, skeleton, flat: "torch.Tensor") -> None:
+    def bind(self, skeleton, flat: torch.Tensor) -> None:
         """Point every parameter and buffer of ``skeleton`` at its view of ``flat``.
 
         ``skeleton`` may live on the ``meta`` device (nothing is allocated); afterwards its
@@ -86,7 +86,7 @@ class Layout:
                     module._buffers[leaf] = tensor
 
 
-def _unique_tensors(model) -> dict[str, tuple[str, "torch.Tensor"]]:
+def _unique_tensors(model) -> dict[str, tuple[str, torch.Tensor]]:
     """First name of each unique tensor → (kind, tensor); also maps every alias name."""
     out: dict[str, tuple[str, torch.Tensor]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):

@@ -47,8 +47,8 @@ class PoolBusyError(EngineError):
 class Slot:
     """A device buffer of one layout, with a module skeleton bound to it."""
 
-    layout: "Layout"
-    flat: "torch.Tensor"
+    layout: Layout
+    flat: torch.Tensor
     model: object
     holder: str | None = None
     leases: int = 0
@@ -166,7 +166,7 @@ class ExpertPool:
     def experts(self) -> list[str]:
         return list(self.paths)
 
-    def host_expert(self, expert_id: str) -> "HostExpert":
+    def host_expert(self, expert_id: str) -> HostExpert:
         """The host record of ``expert_id`` (tokenizer, eos ids). Raises ExpertNotFoundError."""
         if expert_id not in self.host:
             raise ExpertNotFoundError(f"unknown expert {expert_id!r}; available: {available(self.paths)}")
@@ -256,7 +256,7 @@ class ExpertPool:
         self.resident[expert_id] = slot
         return slot
 
-    def _free_slot(self, layout: "Layout") -> Slot:
+    def _free_slot(self, layout: Layout) -> Slot:
         """A slot of ``layout`` holding nobody: an empty one, a new one, or an evicted one."""
         for slot in self.slots:
             if slot.holder is None and slot.layout is layout:
@@ -281,7 +281,7 @@ class ExpertPool:
             f"no device slot can be freed for an expert: every resident expert is pinned or in use ({held})"
         )
 
-    def _can_allocate(self, layout: "Layout") -> bool:
+    def _can_allocate(self, layout: Layout) -> bool:
         if len(self.slots) >= self.config.max_resident:
             return False
         budget = self.budget_bytes
@@ -292,7 +292,7 @@ class ExpertPool:
         slot.holder = None
         self.stats.evictions += 1
 
-    def _new_slot(self, layout: "Layout", flat=None) -> Slot:
+    def _new_slot(self, layout: Layout, flat=None) -> Slot:
         from serving.pool.store import build_skeleton
 
         if flat is None:
@@ -308,7 +308,7 @@ class ExpertPool:
             self.slots.append(slot)
         return slot
 
-    def _copy_in(self, slot: Slot, host: "HostExpert") -> None:
+    def _copy_in(self, slot: Slot, host: HostExpert) -> None:
         start = time.perf_counter()
         if self._copy_stream is None:
             slot.flat.copy_(host.flat)

@@ -30,8 +30,8 @@ class HostExpert:
 
     id: str
     path: str
-    layout: "Layout"
-    flat: "torch.Tensor"
+    layout: Layout
+    flat: torch.Tensor
     config: object  # transformers PretrainedConfig
     tokenizer: object
     eos_ids: list[int] = field(default_factory=list)
@@ -56,7 +56,7 @@ def eos_ids_of(model, tokenizer) -> list[int]:
     return ids
 
 
-def build_skeleton(config, dtype: "torch.dtype"):
+def build_skeleton(config, dtype: torch.dtype):
     """A module of ``config``'s architecture on the ``meta`` device (no memory, no init cost)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -70,9 +70,9 @@ def load_host_expert(
     expert_id: str,
     path: str | Path,
     *,
-    dtype: "torch.dtype",
+    dtype: torch.dtype,
     pin: bool,
-    layouts: dict[str, "Layout"],
+    layouts: dict[str, Layout],
 ) -> HostExpert:
     """Read ``path`` once and pack it into a flat host buffer.
 

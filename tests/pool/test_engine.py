@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from coe.config import EngineConfig, PoolConfig  # noqa: E402
-from coe.errors import ContextLengthError, ExpertNotFoundError  # noqa: E402
-from coe.types import ChatMessage, GenerationRequest, SamplingParams  # noqa: E402
+from coe.config import EngineConfig, PoolConfig
+from coe.errors import ContextLengthError, ExpertNotFoundError
+from coe.types import ChatMessage, GenerationRequest, SamplingParams
 
 CPU = EngineConfig(kind="hf", device="cpu", max_num_seqs=8, max_model_len=128)
 GREEDY = SamplingParams(max_tokens=6, temperature=0)
@@ -45,8 +45,8 @@ def test_pool_matches_hf_engine_and_groups_sessions(tiny_experts):
 
     async def main():
         expected = {}
-        for eid in experts:
-            hf = HFEngine(str(experts[eid]), CPU)
+        for eid, path in experts.items():
+            hf = HFEngine(str(path), CPU)
             await hf.start()
             for r in requests:
                 if r.expert == eid:

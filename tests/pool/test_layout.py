@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -57,7 +59,7 @@ def test_views_are_aligned_and_disjoint(tiny_experts):
     layout = layout_of(_load(tiny_experts["e0"]))
     spans = sorted((s.offset, s.offset + s.nbytes) for s in layout.specs)
     assert all(start % ALIGN == 0 for start, _ in spans)
-    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
+    assert all(end <= nxt for (_, end), (nxt, _) in itertools.pairwise(spans))
     assert spans[-1][1] <= layout.nbytes
     names = [n for s in layout.specs for n in s.names]
     assert "model.rotary_emb.inv_freq" in names  # non-persistent buffers travel too

@@ -6,8 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from coe.config import EngineConfig, PoolConfig  # noqa: E402
-from coe.errors import ConfigError, ExpertNotFoundError  # noqa: E402
+from coe.config import EngineConfig, PoolConfig
+from coe.errors import ConfigError, ExpertNotFoundError
 
 CPU = EngineConfig(kind="hf", device="cpu")
 IDS = torch.tensor([[1, 5, 6, 7, 8, 9]])
