@@ -206,19 +206,45 @@ class MultiLoRA:
 
         ``rows`` may also be a ``[B, n]`` weight tensor (a static mixture per row) or a callable
         ``MultiLoRALinear -> [B, n] | [B, T, n]`` (weights per layer and token; see :mod:`adapters.mole`)."""
-        if isinstance(rows, torch.Tensor) or callable(rows):
-            weights = rows
-        else:
-            weights = self.row_weights(rows)
-        if isinstance(weights, torch.Tensor) and weights.shape[-1] != len(self.adapters):
-            raise AdapterError(f"weights have {weights.shape[-1]} columns for {len(self.adapters)} adapters")
         prev = self.current
-        self.current = None if (isinstance(weights, torch.Tensor) and not weights.any()) else BatchWeights(
-            weights, len(self.adapters)
-        )
+        self.current = self.prepare(rows)
         try:
             yield self
         finally:
             self.current = prev
 
     set_batch_adapters = batch
+
+    def prepare(self, rows) -> BatchWeights | None:
+        """The :class:`BatchWeights` for ``rows`` (None when no row uses an adapter)."""
+        weights = rows if isinstance(rows, torch.Tensor) or callable(rows) else self.row_weights(rows)
+        if isinstance(weights, torch.Tensor):
+            if weights.shape[-1] != len(self.adapters):
+                raise AdapterError(f"weights have {weights.shape[-1]} columns for {len(self.adapters)} adapters")
+            if not weights.any():
+                return None
+        return BatchWeights(weights, len(self.adapters))
+
+
+class LoRAStepper:
+    """A decoding stepper (:mod:`adapters.decode`) for one mixed batch: row ``b`` uses ``rows[b]``."""
+
+    def __init__(self, lora: MultiLoRA, rows: Sequence[str | None] | torch.Tensor) -> None:
+        self.lora, self._cache = lora, None
+        self._weights = lora.prepare(rows)  # built once: per-layer operands are reused every step
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self._cache = DynamicCache()
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from adapters.decode import call_model
+
+        if self._cache is None:
+            self.reset()
+        prev, self.lora.current = self.lora.current, self._weights
+        try:
+            return call_model(self.lora.model, ids, mask, self._cache, logits_to_keep=1).logits[:, -1]
+        finally:
+            self.lora.current = prev

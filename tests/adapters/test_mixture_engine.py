@@ -1,0 +1,86 @@
+"""The `mixture` engine serves a MoLE / X-LoRA expert: chat template, streaming, usage, batches."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from coe.config import EngineConfig
+from coe.errors import AdapterError, ConfigError
+from coe.types import ChatMessage, GenerationRequest, SamplingParams
+from serving.engines.base import get_engine_class
+
+
+def _req(text: str, **sampling) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=text,
+        messages=[ChatMessage(role="user", content=text)],
+        sampling=SamplingParams(**{"max_tokens": 5, "temperature": 0, **sampling}),
+    )
+
+
+@pytest.fixture(scope="module")
+def saved_mole(tiny_llama_dir, tiny_loras, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from adapters.mole import MoLE
+
+    mole = MoLE(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), [("a", tiny_loras[0]), ("b", tiny_loras[1])], top_k=1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for g in mole.gates.values():
+            g.weight.normal_(0, 1.0)
+    folder = tmp_path_factory.mktemp("mix") / "mole"
+    mole.save(folder, {"a": tiny_loras[0], "b": tiny_loras[1]})
+    return folder
+
+
+def test_streams_greedy_tokens_of_the_mixture_with_usage(tiny_llama_dir, saved_mole):
+    from transformers import AutoModelForCausalLM
+
+    from adapters.decode import decode
+    from adapters.mixtures import load_mixture
+
+    engine = get_engine_class("mixture")(tiny_llama_dir, EngineConfig(kind="hf"), method="mole", checkpoint=saved_mole)
+
+    async def run():
+        await engine.start()
+        deltas = [d async for d in engine.stream(_req("what is the capital of france ?"))]
+        batch = await engine.generate_batch([_req("hello world"), _req("what is 2 + 2 ?", max_tokens=3)])
+        return deltas, batch
+
+    deltas, batch = asyncio.run(run())
+    req = _req("what is the capital of france ?")
+    ids = engine.encode_prompt(req)
+    mix = load_mixture(saved_mole, AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval())
+    t = torch.tensor([ids])
+    want = [int(x) for x, _ in decode(mix, t, torch.ones_like(t), 5, eos_ids=engine._eos, pad_id=engine._pad_id)]
+    assert [i for d in deltas for i in d.token_ids] == want
+    last = deltas[-1]
+    assert last.finish_reason in ("stop", "length") and last.prompt_tokens == len(ids)
+    assert last.completion_tokens == len(want)
+    assert batch[1].completion_tokens <= 3 and batch[0].prompt_tokens == len(engine.encode_prompt(_req("hello world")))
+    single = asyncio.run(engine.generate(_req("hello world")))
+    assert single.token_ids == batch[0].token_ids  # batching (left padding) does not change the answer
+    assert engine.adapters() == ["a", "b"]
+
+
+def test_uniform_mixture_without_checkpoint_and_config_errors(tiny_llama_dir, tiny_loras, saved_mole):
+    cls = get_engine_class("mixture")
+    engine = cls(tiny_llama_dir, method="mole", adapters=[("a", tiny_loras[0]), ("c", tiny_loras[2])])
+    out = asyncio.run(_start_and_generate(engine))
+    assert out.completion_tokens >= 1
+    with pytest.raises(ConfigError, match="needs a `checkpoint`"):
+        cls(tiny_llama_dir, method="xlora", adapters=[("a", tiny_loras[0]), ("c", tiny_loras[2])])
+    with pytest.raises(AdapterError, match="cannot name one"):
+        asyncio.run(engine.generate(GenerationRequest(request_id="x", prompt="hello", adapter="a")))
+    wrong = cls(tiny_llama_dir, method="xlora", checkpoint=saved_mole)
+    with pytest.raises(ConfigError, match="holds a 'mole' mixture"):
+        asyncio.run(wrong.start())
+
+
+async def _start_and_generate(engine):
+    await engine.start()
+    return await engine.generate(_req("hello"))
