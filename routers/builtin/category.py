@@ -54,7 +54,7 @@ class CategoryRouter(Router):
         import faiss
 
         k = min(self.params.n_categories, len(x))
-        km = faiss.Kmeans(x.shape[1], k, niter=20, seed=self.params.seed, verbose=False)
+        km = faiss.Kmeans(x.shape[1], k, niter=20, seed=self.params.seed, verbose=False, min_points_per_centroid=1)
         km.train(np.ascontiguousarray(x, dtype=np.float32))
         _, lab = km.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
         return lab[:, 0], [f"cluster-{i}" for i in range(k)]
@@ -79,7 +79,7 @@ class CategoryRouter(Router):
         if c == 1:
             self.coef, self.intercept = np.zeros((x.shape[1], 1)), np.zeros(1)
             return self
-        clf = LogisticRegression(C=self.params.c, max_iter=300)
+        clf = LogisticRegression(C=self.params.c, max_iter=100, tol=1e-3)
         clf.fit(x, labels)
         coef, icpt = clf.coef_, clf.intercept_
         if c == 2:   # sklearn keeps one row for two classes

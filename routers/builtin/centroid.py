@@ -126,6 +126,8 @@ class CentroidRouter(Router):
         with self._lock:
             experts, cents, costs = list(self.experts), self.centroids, self.costs
             slope, offset, calibrated = self.slope, self.offset, self.calibrated
+        if not experts:
+            return Scores(experts=[], quality=np.zeros((len(batch), 0)), cost=np.zeros(0))
         sims = np.asarray(batch.embeddings, dtype=np.float32) @ cents.T   # [B, M]
         quality = np.where(calibrated[None, :], offset[None, :] + slope[None, :] * sims, sims)
         return Scores(experts=experts, quality=quality.astype(np.float64), cost=costs)
