@@ -101,3 +101,16 @@ def test_bad_adapters_are_refused(tiny_llama_dir, tiny_loras, tmp_path):
     (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(AdapterError, match="DoRA"):
         ml.add("d", dora)
+
+
+def test_adapter_for_another_model_is_refused(tiny_llama_dir):
+    from adapters.lora_weights import LoraWeights
+
+    ml = MultiLoRA(_base(tiny_llama_dir))
+    wrong_shape = LoraWeights("w", "<mem>", {"model.layers.0.self_attn.q_proj": (torch.zeros(2, 32), torch.zeros(64, 2))})
+    with pytest.raises(AdapterError, match="another base model"):
+        ml.add("w", wrong_shape)
+    no_module = LoraWeights("n", "<mem>", {"model.layers.9.self_attn.q_proj": (torch.zeros(2, 64), torch.zeros(64, 2))})
+    with pytest.raises(AdapterError, match="not a linear layer of this model"):
+        ml.add("n", no_module)
+    assert ml.names == []
