@@ -132,6 +132,27 @@ class PoolEngine(Engine):
     async def healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def stats(self) -> dict:
+        """A snapshot for metrics: residency (LRU first), swap counters, queue, sessions served."""
+        pool = self.pool
+        if pool is None:
+            return {"started": False}
+        st = pool.stats
+        return {
+            "started": True,
+            "device": pool.device,
+            "swapping": pool.swapping,
+            "resident": pool.resident_experts(),
+            "slot_bytes": pool.slot_bytes(),
+            "hits": st.hits,
+            "swaps": st.swaps,
+            "prefetches": st.prefetches,
+            "evictions": st.evictions,
+            "bytes_swapped": st.bytes_swapped,
+            "queued": self.queued(),
+            "sessions": len(self.sessions),
+        }
+
     def queued(self) -> dict[str, int]:
         """Requests waiting per expert (for metrics and tests)."""
         with self._cond:

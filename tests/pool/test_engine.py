@@ -161,3 +161,39 @@ def test_cuda_pool_engine_swaps_and_prefetches(tiny_experts):
     outs, pool = asyncio.run(main())
     assert pool.swapping and pool.stats.swaps >= 2 and all(o.completion_tokens > 0 for o in outs)
     assert pool.stats.prefetches >= 1  # the next group's expert was copied in during compute
+
+
+@pytest.mark.parametrize(("max_wait_ms", "first"), [(60_000, "e1"), (1, "e0")])
+def test_wait_bound_serves_an_overdue_rare_expert_first(tiny_experts, max_wait_ms, first):
+    experts = {"e0": tiny_experts["e0"], "e1": tiny_experts["e1"]}
+    order = ["e0"] + ["e1"] * 4  # the rare expert's request is the oldest
+
+    async def main():
+        engine = _engine(experts, max_resident=1, swap="always", max_wait_ms=max_wait_ms)
+        await engine.start()
+        await _burst(engine, [_req(i, e) for i, e in enumerate(order)])
+        await engine.stop()
+        return engine.sessions
+
+    sessions = asyncio.run(main())
+    assert sessions[0][0] == first
+    assert sorted(sessions) == [("e0", 1), ("e1", 4)]
+
+
+def test_same_expert_requests_join_the_running_session(tiny_experts):
+    async def main():
+        engine = _engine({"e0": tiny_experts["e0"]}, swap="always")
+        await engine.start()
+        long = engine.stream(_req(0, "e0", sampling=SamplingParams(max_tokens=100, temperature=0)))
+        await long.__anext__()  # the session is running
+        late = await engine.generate(_req(1, "e0"))
+        async for _ in long:
+            pass
+        stats = engine.stats()
+        await engine.stop()
+        return engine.sessions, late, stats
+
+    sessions, late, stats = asyncio.run(main())
+    assert late.completion_tokens > 0
+    assert sessions == [("e0", 2)]  # one session: the late request joined the running batch
+    assert stats["swaps"] == 1 and stats["resident"] == ["e0"] and stats["queued"] == {}
