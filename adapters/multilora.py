@@ -12,6 +12,9 @@ mixture (MoLE, X-LoRA) real-valued weights, possibly per token and per layer. Ev
 weights are read once per step whatever the batch size, in two GEMMs — no loop over adapters,
 no per-row gather of weight matrices (BGMV's memory traffic grows with the batch; this does
 not). Columns of adapters that no row uses are dropped for the step. Ranks need no padding.
+When a batch of one-hot rows uses many distinct adapters, the dense kernel's compute (which
+grows with their total rank) loses to a gathered BGMV path (per-row ``A``/``B`` gathered once
+per ``generate`` call, two ``bmm`` per layer): see :class:`BatchWeights` for the choice.
 
 Usage::
 
@@ -43,36 +46,64 @@ class BatchWeights:
     """The current step's adapter weights, shared by all wrapped layers of one model.
 
     ``rows`` is ``[B, n]`` (the same for every layer and token) or a callable
-    ``MultiLoRALinear -> [B, n] | [B, T, n] | None`` (it may read ``.layer``, the decoder layer) (mixtures whose weights depend on the layer
-    and token). For static rows each layer's active columns, matrices and mask are computed
-    once per context (i.e. once per ``generate`` call), not once per token."""
+    ``MultiLoRALinear -> [B, n] | [B, T, n] | None`` (mixtures whose weights depend on the
+    layer and token; it may read ``.layer``, the decoder layer index). For static rows each
+    layer's operands are computed once per context (once per ``generate`` call), not per token.
 
-    def __init__(self, rows, n_adapters: int) -> None:
+    Two ways to compute a static batch, picked per layer by ``mode``:
+
+    * ``dense``: the concatenated-rank kernel (module docstring). Weights read once per step;
+      compute grows with the total rank of the adapters the batch uses.
+    * ``gather`` (BGMV): one-hot rows only; each row's ``A``/``B`` gathered (once per context)
+      into ``[B, r_max, in]`` / ``[B, out, r_max]`` (ranks zero-padded, no adapter = zeros) and
+      applied with two ``bmm``; compute grows with the batch, not with the number of adapters.
+    * ``auto``: gather when the rows are one-hot and the batch uses more than
+      ``GATHER_MIN_ADAPTERS`` distinct adapters on the layer, else dense.
+    """
+
+    GATHER_MIN_ADAPTERS = 8
+
+    def __init__(self, rows, n_adapters: int, mode: str = "auto") -> None:
         self.rows = rows
         self.n = n_adapters
+        self.mode = mode
         self._static: dict[int, tuple | None] = {}
+        if not callable(rows):
+            nz = rows != 0
+            self.one_hot = bool(((nz.sum(-1) <= 1) & ((rows == 0) | (rows == 1)).all(-1)).all())
+            self.index = torch.where(nz.any(-1), rows.argmax(-1), torch.full_like(rows[:, 0], -1, dtype=torch.long))
 
     def operands(self, layer: "MultiLoRALinear"):
-        """``(A [R', in], B [out, R'], mask [B, 1|T, R'])`` for this step, or None to skip the layer."""
+        """``("dense", A [R', in], B [out, R'], mask [B, 1|T, R'])`` or ``("gather", A [B, r, in],
+        B [B, out, r])`` for this step, or None to skip the layer."""
         if callable(self.rows):
             w = self.rows(layer)
             if w is None:
                 return None
             m = w.to(layer.expand.dtype) @ layer.expand  # [B, (T,) n] @ [n, R]
-            return layer.A, layer.B, (m.unsqueeze(1) if m.dim() == 2 else m)
+            return "dense", layer.A, layer.B, (m.unsqueeze(1) if m.dim() == 2 else m)
         key = id(layer)
         if key not in self._static:
-            w = self.rows.to(layer.expand.dtype)  # [B, n]
-            used = (w != 0).any(0).to(w.dtype) @ layer.expand > 0  # [R]: columns some row needs
-            if not bool(used.any()):
-                self._static[key] = None
-            elif bool(used.all()):
-                self._static[key] = (layer.A, layer.B, (w @ layer.expand).unsqueeze(1))
-            else:  # drop the columns of adapters no row uses
-                cols = used.nonzero().squeeze(1)
-                mask = (w @ layer.expand[:, cols]).unsqueeze(1)  # [B, 1, R']
-                self._static[key] = (layer.A[cols], layer.B[:, cols], mask)
+            self._static[key] = self._prepare(layer)
         return self._static[key]
+
+    def _prepare(self, layer: "MultiLoRALinear"):
+        w = self.rows.to(layer.expand.dtype)  # [B, n]
+        targets = layer.expand.sum(-1) > 0  # [n]: adapters with weights on this layer
+        active = (w != 0).any(0) & targets  # [n]
+        n_active = int(active.sum())
+        if n_active == 0:
+            return None
+        gather = self.mode == "gather" or (self.mode == "auto" and n_active > self.GATHER_MIN_ADAPTERS)
+        if gather and self.one_hot:
+            a_stack, b_stack = layer.stacks()  # [n+1, r, in], [n+1, out, r]; slot n is zeros
+            idx = torch.where(self.index >= 0, self.index, torch.full_like(self.index, self.n))
+            return "gather", a_stack[idx], b_stack[idx]  # [B, r, in], [B, out, r]
+        used = (w != 0).any(0).to(w.dtype) @ layer.expand > 0  # [R]: columns some row needs
+        if bool(used.all()):
+            return "dense", layer.A, layer.B, (w @ layer.expand).unsqueeze(1)
+        cols = used.nonzero().squeeze(1)  # drop the columns of adapters no row uses
+        return "dense", layer.A[cols], layer.B[:, cols], (w @ layer.expand[:, cols]).unsqueeze(1)
 
 
 class MultiLoRALinear(nn.Module):
@@ -87,6 +118,8 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("A", base.weight.new_zeros(0, base.in_features), persistent=False)
         self.register_buffer("B", base.weight.new_zeros(base.out_features, 0), persistent=False)
         self.expand: torch.Tensor | None = None  # [n_adapters, R] 0/1
+        self._stacks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._order: list[str] = []
 
     @property
     def weight(self):  # code that inspects .weight (dtype, device) keeps working
@@ -102,10 +135,27 @@ class MultiLoRALinear(nn.Module):
         self.A = torch.cat([a for _, a, _ in parts]).to(w) if parts else w.new_zeros(0, w.shape[1])
         self.B = torch.cat([b for _, _, b in parts], dim=1).to(w) if parts else w.new_zeros(w.shape[0], 0)
         self.expand = w.new_zeros(len(order), start)
+        self._stacks, self._order = None, list(order)
         for i, name in enumerate(order):
             if name in self.slots:
                 lo, hi = self.slots[name]
                 self.expand[i, lo:hi] = 1.0
+
+    def stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A [n+1, r_max, in]``, ``B [n+1, out, r_max]`` in adapter order, ranks zero-padded;
+        adapters that do not target this layer and the last slot (no adapter) are zeros."""
+        if self._stacks is None:
+            w = self.base.weight
+            r_max = max((hi - lo for lo, hi in self.slots.values()), default=0)
+            a = w.new_zeros(len(self._order) + 1, r_max, w.shape[1])
+            b = w.new_zeros(len(self._order) + 1, w.shape[0], r_max)
+            for i, name in enumerate(self._order):
+                if name in self.slots:
+                    lo, hi = self.slots[name]
+                    a[i, : hi - lo] = self.A[lo:hi]
+                    b[i, :, : hi - lo] = self.B[:, lo:hi]
+            self._stacks = (a, b)
+        return self._stacks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -115,8 +165,14 @@ class MultiLoRALinear(nn.Module):
         ops = ctx.operands(self)
         if ops is None:
             return y
-        A, B, mask = ops  # [R, in], [out, R], [B, 1|T, R]
-        if mask.shape[0] != x.shape[0]:  # generate() expanded rows (num_return_sequences, beams)
+        if ops[0] == "gather":
+            A, B = ops[1], ops[2]  # [B, r, in], [B, out, r]
+            if A.shape[0] != x.shape[0]:  # generate() expanded rows (num_return_sequences, beams)
+                A, B = (t.repeat_interleave(x.shape[0] // t.shape[0], dim=0) for t in (A, B))
+            h = torch.bmm(x, A.transpose(1, 2))  # [B, T, r]
+            return y + torch.bmm(h, B.transpose(1, 2))  # [B, T, out]
+        A, B, mask = ops[1:]  # [R, in], [out, R], [B, 1|T, R]
+        if mask.shape[0] != x.shape[0]:
             mask = mask.repeat_interleave(x.shape[0] // mask.shape[0], dim=0)
         h = nn.functional.linear(x, A) * mask  # [B, T, R]
         return y + nn.functional.linear(h, B)  # [B, T, out]
@@ -128,7 +184,10 @@ class MultiLoRA:
     The model's targeted ``nn.Linear`` layers are wrapped in place (outputs are unchanged while
     no batch context is active). ``add``/``remove`` may be called between batches."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, mode: str = "auto") -> None:
+        if mode not in ("auto", "dense", "gather"):
+            raise AdapterError(f"multi-LoRA mode {mode!r} is unknown; allowed: auto, dense, gather")
+        self.mode = mode
         if hasattr(model, "peft_config"):
             raise AdapterError("MultiLoRA wraps a plain transformers model, not a peft-wrapped one")
         self.model = model
@@ -223,7 +282,7 @@ class MultiLoRA:
                 raise AdapterError(f"weights have {weights.shape[-1]} columns for {len(self.adapters)} adapters")
             if not weights.any():
                 return None
-        return BatchWeights(weights, len(self.adapters))
+        return BatchWeights(weights, len(self.adapters), self.mode)
 
 
 class LoRAStepper:

@@ -29,13 +29,14 @@ def _peft(tiny_llama_dir, loras):
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16], [17, 18, 19, 20, 21, 22], [5, 9, 11, 7, 6, 8]])
 
 
+@pytest.mark.parametrize("mode", ["dense", "gather"])
 @torch.no_grad()
-def test_mixed_batch_matches_peft_per_adapter(tiny_llama_dir, tiny_loras):
+def test_mixed_batch_matches_peft_per_adapter(tiny_llama_dir, tiny_loras, mode):
     peft_model = _peft(tiny_llama_dir, tiny_loras)
     rows = ["a0", "a1", "a2", "__base__"]
     want = peft_model(input_ids=IDS, adapter_names=rows).logits
     model = _base(tiny_llama_dir)
-    ml = MultiLoRA(model)
+    ml = MultiLoRA(model, mode=mode)
     for i, p in enumerate(tiny_loras):
         ml.add(f"a{i}", p)
     plain = model(input_ids=IDS).logits
@@ -46,11 +47,12 @@ def test_mixed_batch_matches_peft_per_adapter(tiny_llama_dir, tiny_loras):
     torch.testing.assert_close(model(input_ids=IDS).logits, plain)  # outside the block: base model
 
 
+@pytest.mark.parametrize("mode", ["auto", "gather"])
 @torch.no_grad()
-def test_subset_of_adapters_and_generate_with_cache(tiny_llama_dir, tiny_loras):
+def test_subset_of_adapters_and_generate_with_cache(tiny_llama_dir, tiny_loras, mode):
     peft_model = _peft(tiny_llama_dir, tiny_loras)
     model = _base(tiny_llama_dir)
-    ml = MultiLoRA(model)
+    ml = MultiLoRA(model, mode=mode)
     for i, p in enumerate(tiny_loras):
         ml.add(f"a{i}", p)
     rows = ["a1", None, "a1", "a2"]
