@@ -96,7 +96,6 @@ class ExpertPool:
         self.dtype = None
         self._lock = threading.RLock()
         self._copy_stream = None
-        self._skeletons: dict[str, object] = {}
 
     # ------------------------------------------------------------------ loading
 
@@ -315,9 +314,14 @@ class ExpertPool:
         else:
             import torch
 
+            compute = torch.cuda.current_stream()  # read before switching streams below
             with torch.cuda.stream(self._copy_stream):
                 if slot.free is not None:
                     self._copy_stream.wait_event(slot.free)
+                else:
+                    # a fresh buffer may reuse memory the compute stream still reads (a freed
+                    # slot of another shape): order the copy after the compute queued so far
+                    self._copy_stream.wait_stream(compute)
                 slot.flat.copy_(host.flat, non_blocking=True)
                 slot.ready = torch.cuda.Event()
                 slot.ready.record(self._copy_stream)
