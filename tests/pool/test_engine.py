@@ -197,3 +197,23 @@ def test_same_expert_requests_join_the_running_session(tiny_experts):
     assert late.completion_tokens > 0
     assert sessions == [("e0", 2)]  # one session: the late request joined the running batch
     assert stats["swaps"] == 1 and stats["resident"] == ["e0"] and stats["queued"] == {}
+
+
+def test_stop_fails_queued_and_running_requests_cleanly(tiny_experts):
+    from coe.errors import NotReadyError
+
+    experts = {"e0": tiny_experts["e0"], "e1": tiny_experts["e1"]}
+    long = SamplingParams(max_tokens=100, temperature=0)
+
+    async def main():
+        engine = _engine(experts, max_resident=1, swap="always", max_wait_ms=60_000)
+        await engine.start()
+        tasks = [asyncio.create_task(engine.generate(_req(i, e, sampling=long))) for i, e in enumerate(["e0", "e1"])]
+        while not engine.sessions and not any(r._rows for r in engine._runners.values()):
+            await asyncio.sleep(0.01)  # wait until the first session is decoding
+        await engine.stop()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert any(isinstance(r, NotReadyError) for r in results)  # the queued one at least
+    assert all(isinstance(r, NotReadyError) or r.completion_tokens > 0 for r in results)
