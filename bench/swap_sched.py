@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.swap_common import PRESETS, machine, quiet, make_experts, percentile, write_results  # noqa: E402
+from bench.swap_common import PRESETS, machine, make_experts, percentile, quiet, write_results
 
 QUESTIONS = [
     "What is the capital of France?", "Write a python function that adds two numbers.",
