@@ -33,6 +33,7 @@ def register_engine(name: str) -> Callable[[type["Engine"]], type["Engine"]]:
 def get_engine_class(name: str) -> type["Engine"]:
     """The engine class registered under ``name`` (imports the built-in backends lazily)."""
     from serving.engines import hf, mixture, vllm_engine  # noqa: F401  (self-registering)
+    from serving.pool import engine as _pool  # noqa: F401
 
     if name not in _ENGINES:
         from coe.errors import ConfigError, available
