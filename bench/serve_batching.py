@@ -72,10 +72,15 @@ async def run_mode(spec, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests-per-client", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--modes", nargs="*", default=list(MODES))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 = what a 1-CPU Ray Serve replica gets: Ray sets OMP_NUM_THREADS=num_cpus)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from coe.config import BatchingConfig, EngineConfig, LoraExpert, ModelExpert
     from serving.deployments.spec import ServerSpec
@@ -101,7 +106,7 @@ def main() -> None:
         "",
         f"{args.clients} concurrent clients over 3 experts (SmolLM2-135M-Instruct + 2 LoRA experts), "
         f"{args.requests_per_client} requests each, greedy, max_tokens {args.max_tokens}; one ExpertServer + HFEngine "
-        f"in process. Machine: {machine()['cpus']} CPUs, {machine()['date']}; {machine()['note']}.",
+        f"in process, {args.threads} torch thread(s). Machine: {machine()['cpus']} CPUs, {machine()['date']}; {machine()['note']}.",
         "",
         "| dispatch | tokens/s | mean batch | wall s | vs per_request |",
         "|---|---|---|---|---|",

@@ -35,11 +35,11 @@ def error_response(err: CoEError) -> JSONResponse:
 def as_coe_error(err: BaseException) -> CoEError | None:
     """The domain error behind ``err`` (unwrapping Ray's wrappers); an engine that died or
     a replica that is gone becomes EngineError; None for anything else."""
-    if isinstance(err, CoEError):
-        return err
-    cause = getattr(err, "cause", None)
+    cause = getattr(err, "cause", None)  # Ray's RayTaskError (also an instance of the cause's class)
     if isinstance(cause, CoEError):
         return cause
+    if isinstance(err, CoEError):
+        return err
     name = type(err).__name__
     if name in {"RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError",
                 "BackPressureError", "DeploymentUnavailableError", "RayTaskError"} or "Ray" in name:

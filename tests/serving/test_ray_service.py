@@ -74,6 +74,11 @@ def test_ready_and_routed_chat_plain_and_streamed(svc):
     assert json.loads(events[0].removeprefix("data: "))["choices"][0]["delta"]["role"] == "assistant"
     bad = c.post("/v1/chat/completions", content=b"{oops", headers={"content-type": "application/json"})
     assert bad.status_code == 400
+    # errors raised inside the expert-server replicas come back with their own status
+    for stream in (False, True):
+        long = _chat(c, "hello " * 200, model="tiny", stream=stream)
+        assert long.status_code == 400 and "128" in long.json()["error"]["message"]
+    assert _chat(c, "hello", model="nope").status_code == 404
 
 
 def test_disconnect_mid_stream_cancels(svc):
