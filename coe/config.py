@@ -47,6 +47,12 @@ class EngineConfig(Strict):
     )
     enforce_eager: bool = Field(True, description="Disable CUDA graphs / compilation (faster start-up).")
     seed: int = Field(0, description="Engine-level seed.")
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="hf engine on CPU: torch intra-op threads (process-wide; None keeps torch's default, one "
+        "per core). Fewer threads avoid OpenMP stalls when the cores are shared with other work.",
+    )
 
 
 class AutoscalingConfig(Strict):

@@ -97,6 +97,8 @@ class HFEngine(Engine):
         path = resolve(self.model_path)
         self._device = resolve_device(self.config)
         dtype = resolve_dtype(self.config, self._device, engine="hf")
+        if self._device == "cpu" and self.config.cpu_threads is not None:
+            torch.set_num_threads(self.config.cpu_threads)  # process-wide, by request of the config
         self._tokenizer = load_tokenizer(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
