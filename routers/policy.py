@@ -78,8 +78,8 @@ def calibrate(
     """A policy whose λ (``tradeoff``) or τ (``threshold``) meets one target on these queries.
 
     ``target_cost``: average predicted cost per query at most this; ``target_top_share``: share of
-    calls to the most expensive expert at most this (0..1). Monotone bisection: a larger λ or τ
-    never raises cost. Returns the least restrictive policy that meets the target; raises
+    calls to the most expensive expert at most this (0..1). Bisection on a monotone knob: a
+    larger λ never raises cost, a larger τ never lowers it. Returns the least restrictive policy that meets the target; raises
     :class:`ConfigError` when it cannot be met even by the cheapest choice.
     """
     if (target_cost is None) == (target_top_share is None):

@@ -86,6 +86,8 @@ def run_eval(inputs: EvalInputs, names: list[str], *, folds: int = 5, cv: bool =
         "best_single": {"model": ref.models[best], "quality": float(ref.qualities[best]), "cost": float(ref.costs[best])},
         "oracle": {"quality": ref.oracle_quality, "cost": ref.oracle_cost},
         "routers": {n: {**r.summary(), **({"cv": cv_info[n]} if n in cv_info else {})} for n, r in results.items()},
+        # the router an honest user would deploy: best held-out AIQ in cross-validation on train
+        "selected_by_cv": max(cv_info, key=lambda n: cv_info[n]["cv_aiq"]) if cv_info else None,
     }
 
 
@@ -105,14 +107,16 @@ def write_markdown(report: dict, path: Path) -> None:
         f"- best single model: **{bs['model']}** quality {bs['quality']:.4f} at cost {bs['cost']:.4g}",
         f"- oracle: quality {orc['quality']:.4f} at cost {orc['cost']:.4g}",
         f"- zero router AIQ: **{zero:.4f}**",
+        f"- router selected by cross-validation on train (best held-out AIQ): **{report.get('selected_by_cv')}**",
         "",
-        "| router | AIQ | AIQ − zero | APGR | CPT(50%) | CPT(80%) | max quality | decisions/s | params |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| router | AIQ | AIQ − zero | CV AIQ (train) | APGR | CPT(50%) | CPT(80%) | max quality | decisions/s | params |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in sorted(report["routers"].items(), key=lambda kv: -kv[1]["aiq"]):
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items() if v not in (None, [], ""))
+        cv_aiq = _fmt(r["cv"]["cv_aiq"]) if "cv" in r else "—"
         lines.append(
-            f"| {name} | {r['aiq']:.4f} | {r['aiq'] - zero:+.4f} | {r['apgr']:.3f} | {_fmt(r['cpt50'], '.3f')} | "
+            f"| {name} | {r['aiq']:.4f} | {r['aiq'] - zero:+.4f} | {cv_aiq} | {r['apgr']:.3f} | {_fmt(r['cpt50'], '.3f')} | "
             f"{_fmt(r['cpt80'], '.3f')} | {r['max_quality']:.4f} | {r['decisions_per_s']:.0f} | {params} |"
         )
     lines += [

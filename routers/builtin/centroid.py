@@ -39,6 +39,7 @@ class CentroidRouter(Router):
 
     Params = CentroidParams
     needs_outcomes = False
+    cv_grid = {"calibrate": [True, False]}
 
     def __init__(self, params=None) -> None:
         super().__init__(params)
