@@ -24,7 +24,8 @@ one-token steps instead of two full passes.
 Format on disk (:meth:`XLoRA.save` / :meth:`XLoRA.load`): ``mixture.json`` (``"kind": "xlora"``,
 the adapter names in order and the fields of :class:`XLoRAConfig`), ``classifier.safetensors`` (peft's
 classifier ``layers.*`` state dict) and one PEFT LoRA folder per adapter under ``adapters/<name>``.
-A PEFT X-LoRA model in memory converts with :meth:`XLoRA.from_peft`.
+A PEFT X-LoRA model in memory converts with :meth:`XLoRA.from_peft`; a PEFT X-LoRA checkpoint
+folder (``save_pretrained``) loads with :meth:`XLoRA.from_peft_checkpoint`.
 """
 
 from __future__ import annotations
@@ -172,6 +173,25 @@ class XLoRA:
         mix.classifier.load_state_dict(xl.internal_xlora_classifier.layers.state_dict())
         return mix
 
+    @classmethod
+    def from_peft_checkpoint(cls, folder: str | Path, model_dir: str | Path, **load_kw) -> "XLoRA":
+        """Load a folder written by peft's ``XLoraModel.save_pretrained`` (peft reads it, on a
+        cache-less copy of the base model as it requires), then copy it onto a clean model."""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(model_dir, **load_kw)
+        base.config.use_cache = False
+        try:
+            peft_model = PeftModel.from_pretrained(base, str(folder)).eval()
+        except (OSError, ValueError, KeyError) as exc:
+            raise AdapterError(f"cannot load the PEFT X-LoRA checkpoint {folder}: {exc}") from exc
+        if type(peft_model.base_model).__name__ != "XLoraModel":
+            raise AdapterError(f"{folder} is a PEFT checkpoint but not an X-LoRA one")
+        mix = cls.from_peft(peft_model, AutoModelForCausalLM.from_pretrained(model_dir, **load_kw).eval())
+        mix.classifier.load_state_dict(_saved_classifier(Path(folder), mix.classifier))
+        return mix
+
     def save(self, folder: str | Path, sources: dict[str, str | Path]) -> None:
         """Write the documented format; ``sources`` maps adapter names to their PEFT folders."""
         import shutil
@@ -201,3 +221,28 @@ class XLoRA:
         mix = cls(model, [(n, load_lora(folder / "adapters" / n, n)) for n in names], XLoRAConfig(**meta))
         mix.classifier.load_state_dict(load_file(str(folder / "classifier.safetensors")))
         return mix
+
+
+def _saved_classifier(folder: Path, classifier: nn.Module) -> dict:
+    """The classifier weights as saved by peft's X-LoRA.
+
+    peft 0.21 reloads an X-LoRA checkpoint with a freshly initialised classifier: on saving it
+    strips ``.<adapter name>`` from keys, and with adapters named "0", "1", … that also strips
+    the ``Sequential`` index of ``layers.0`` (saved as ``layers.weight``). The tensors are in
+    the folder's ``adapter_model.safetensors`` files; this collects them and restores the keys."""
+    from safetensors.torch import load_file
+
+    prefix = "base_model.internal_xlora_classifier.layers."
+    found: dict = {}
+    for f in sorted(folder.rglob("adapter_model.safetensors")):
+        for key, t in load_file(str(f)).items():
+            if key.startswith(prefix):
+                sub = key[len(prefix) :]
+                found["0." + sub if sub in ("weight", "bias") else sub] = t
+    want = classifier.state_dict()
+    if set(found) != set(want) or any(found[k].shape != want[k].shape for k in want):
+        raise AdapterError(
+            f"{folder}: classifier weights do not match the X-LoRA config "
+            f"(found {sorted(found)}, expected {sorted(want)})"
+        )
+    return found

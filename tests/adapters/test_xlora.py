@@ -58,3 +58,14 @@ def test_prompt_logits_and_greedy_tokens_match_peft(tiny_llama_dir, tiny_loras, 
     mix.save(tmp_path / "x", {str(i): p for i, p in enumerate(tiny_loras)})
     again = XLoRA.load(tmp_path / "x", _clean(tiny_llama_dir))
     torch.testing.assert_close(again.logits(IDS), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@torch.no_grad()
+def test_loads_a_peft_xlora_checkpoint(tiny_llama_dir, tiny_loras, tmp_path, depth):
+    """Including the classifier, which peft's own reload re-initialises (see _saved_classifier)."""
+    peft_model = _peft_xlora(tiny_llama_dir, tiny_loras[:2], xlora_depth=depth, xlora_size=8)
+    want = peft_model(input_ids=IDS).logits
+    peft_model.save_pretrained(tmp_path / "peft-xlora")
+    mix = XLoRA.from_peft_checkpoint(tmp_path / "peft-xlora", tiny_llama_dir)
+    torch.testing.assert_close(mix.logits(IDS), want, atol=1e-5, rtol=1e-4)
