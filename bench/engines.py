@@ -65,7 +65,7 @@ def machine(device: str) -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "load_average_at_start": os.getloadavg(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -121,8 +121,10 @@ def summary(data: dict) -> str:
     lines = [
         f"# Engines on SmolLM2-135M-Instruct ({data['dtype']}, {m['device']})",
         "",
-        f"{m['date']} — {m['cpus']} × {m['cpu'] or 'CPU'}, {m['platform']}; load average at start "
-        f"{m['load_average_at_start'][0]:.1f} (shared machine: other work ran at the same time).",
+        (
+            f"{m['date']} — {m['cpus']} × {m['cpu'] or 'CPU'}, {m['platform']}; load average at start "
+            f"{m['load_average_at_start'][0]:.1f} (shared machine: other work ran at the same time)."
+        ),
         f"Greedy, up to {data['max_tokens']} new tokens per request; tokens/s = completion tokens / wall time.",
         "",
         "| engine | torch threads | start-up s | batch 1 tok/s | batch 16 tok/s | batch 16 / batch 1 |",
@@ -137,8 +139,10 @@ def summary(data: dict) -> str:
     if {"hf", "vllm"} <= by.keys():
         lines += [
             "",
-            f"vllm / hf: batch 1 {by['vllm']['batch1']['tokens_per_s'] / by['hf']['batch1']['tokens_per_s']:.2f}x, "
-            f"batch 16 {by['vllm']['batch16']['tokens_per_s'] / by['hf']['batch16']['tokens_per_s']:.2f}x",
+            (
+                f"vllm / hf: batch 1 {by['vllm']['batch1']['tokens_per_s'] / by['hf']['batch1']['tokens_per_s']:.2f}x, "
+                f"batch 16 {by['vllm']['batch16']['tokens_per_s'] / by['hf']['batch16']['tokens_per_s']:.2f}x"
+            ),
         ]
     return "\n".join(lines) + "\n"
 

@@ -21,10 +21,10 @@ def load_tokenizer(model_ref: str):
     try:
         return AutoTokenizer.from_pretrained(model_ref)
     except (OSError, ValueError) as err:
-        raise _load_error(model_ref, err) from None
+        raise model_load_error(model_ref, err) from None
 
 
-def _load_error(model_ref: str, err: Exception) -> ModelNotFoundError:
+def model_load_error(model_ref: str, err: Exception) -> ModelNotFoundError:
     from coe.models import hub_error
 
     if Path(model_ref).exists():

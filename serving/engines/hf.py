@@ -17,7 +17,7 @@ import collections
 import threading
 from dataclasses import dataclass, field
 
-from coe.errors import AdapterError, EngineError, ModelNotFoundError, NotReadyError
+from coe.errors import AdapterError, EngineError, NotReadyError
 from coe.types import GenerationRequest, SamplingParams, StreamDelta
 from serving.engines.adapter_check import LoraInfo, validate_lora_adapter
 from serving.engines.base import Engine, register_engine
@@ -25,6 +25,7 @@ from serving.engines.chat import (
     check_context,
     encode_request,
     load_tokenizer,
+    model_load_error,
     model_max_len,
     resolve_device,
     resolve_dtype,
@@ -103,9 +104,7 @@ class HFEngine(Engine):
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         except (OSError, ValueError) as err:
-            from serving.engines.chat import _load_error
-
-            raise _load_error(path, err) from None
+            raise model_load_error(path, err) from None
         self._model = model.to(self._device).eval()
         self._max_len = model_max_len(path, self.config.max_model_len)
         eos = model.generation_config.eos_token_id
@@ -170,7 +169,7 @@ class HFEngine(Engine):
             while True:
                 item = await row.queue.get()
                 if isinstance(item, BaseException):
-                    if isinstance(item, EngineError):
+                    if isinstance(item, (EngineError, AdapterError)):
                         raise item
                     raise EngineError(f"generation failed: {type(item).__name__}: {item}") from item
                 yield item
@@ -204,7 +203,7 @@ class HFEngine(Engine):
                     self._model = PeftModel.from_pretrained(
                         self._model, info.path, adapter_name=peft_name, is_trainable=False
                     )
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001  (peft raises many kinds; all mean 'does not fit')
                 raise AdapterError(
                     f"adapter {info.path} does not fit model {self.model_path}: {type(err).__name__}: {str(err)[:300]}"
                 ) from None
@@ -255,7 +254,7 @@ class HFEngine(Engine):
                     elif self._rows:
                         self._decode()
                     self._drop_finished()
-            except Exception as err:  # one failing batch must not kill the engine
+            except Exception as err:  # noqa: BLE001  (one failing batch must not kill the engine)
                 for row in self._rows + [r for r in new if r not in self._rows]:
                     row.emit(err)
                 self._rows, self._batch = [], None
@@ -279,6 +278,12 @@ class HFEngine(Engine):
     def _prefill(self, new: list[_Row]) -> None:
         from transformers import DynamicCache
 
+        gone = [r for r in new if r.adapter is not None and r.adapter not in self._adapters]
+        for row in gone:  # removed between the request's check and its admission
+            row.emit(AdapterError(f"adapter {row.adapter!r} was removed"))
+        new = [r for r in new if r not in gone]
+        if not new:
+            return
         ids, mask, positions = left_pad([r.prompt_ids for r in new], self._pad_id)
         cache = DynamicCache()  # no config: full layers only (see hf_batch)
         logits = self._forward(ids, mask, positions, cache, [r.adapter for r in new])  # [n, V]

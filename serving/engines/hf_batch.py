@@ -60,7 +60,7 @@ class KVBatch:
             layer.values = F.pad(layer.values, (0, 0, n, 0))
         self.mask = F.pad(self.mask, (n, 0))
 
-    def join(self, other: "KVBatch") -> None:
+    def join(self, other: KVBatch) -> None:
         """Append ``other``'s rows after this batch's rows (both caches must cover every layer)."""
         import torch
 

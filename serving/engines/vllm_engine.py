@@ -16,7 +16,7 @@ import itertools
 import os
 import uuid
 
-from coe.errors import AdapterError, EngineError, ModelNotFoundError, NotReadyError
+from coe.errors import AdapterError, EngineError, NotReadyError
 from coe.types import GenerationRequest, StreamDelta
 from serving.engines.adapter_check import LoraInfo, validate_lora_adapter
 from serving.engines.base import Engine, register_engine
@@ -24,6 +24,7 @@ from serving.engines.chat import (
     check_context,
     encode_request,
     load_tokenizer,
+    model_load_error,
     model_max_len,
     resolve_device,
     resolve_dtype,
@@ -88,9 +89,7 @@ class VLLMEngine(Engine):
         try:
             self._engine = AsyncLLM.from_engine_args(self.engine_args(path))
         except (OSError, ValueError) as err:
-            from serving.engines.chat import _load_error
-
-            raise _load_error(path, err) from None
+            raise model_load_error(path, err) from None
         except Exception as err:
             raise EngineError(f"vLLM could not start for {self.model_path}: {type(err).__name__}: {err}") from err
 
@@ -104,7 +103,7 @@ class VLLMEngine(Engine):
             return False
         try:
             await self._engine.check_health()
-        except Exception:
+        except Exception:  # noqa: BLE001  (any failure means unhealthy)
             return False
         return True
 
@@ -187,7 +186,7 @@ class VLLMEngine(Engine):
         int_id = next(self._ids)
         try:
             await self._engine.add_lora(LoRARequest(name, int_id, info.path))
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001  (vLLM raises many kinds; all mean 'does not fit')
             raise AdapterError(
                 f"adapter {info.path} does not fit model {self.model_path}: {type(err).__name__}: {str(err)[:300]}"
             ) from None
