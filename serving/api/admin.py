@@ -21,6 +21,7 @@ from coe.errors import (
     DuplicateExpertError,
     ExpertNotFoundError,
     InvalidRequestError,
+    ModelNotFoundError,
     available,
 )
 from serving.api.errors import as_coe_error
@@ -117,7 +118,10 @@ async def _add_lora(service: CoEService, expert: LoraExpert) -> LoraExpert:
 
 
 async def _add_model(service: CoEService, expert: ModelExpert) -> ModelExpert:
-    resolve_model(expert.model, service.base_dir)  # ModelNotFoundError before anything starts
+    path = Path(resolve_model(expert.model, service.base_dir))  # ModelNotFoundError before anything starts
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"model folder {path} has no config.json: not a transformers model folder",
+                                 param="model")
     spec = ServerSpec(server_id=server_id_of(expert), host=expert, base_dir=str(service.base_dir) if service.base_dir else None,
                       batching=service.config.serving.batching)
     try:

@@ -83,7 +83,8 @@ class LocalBackend:
     async def add_server(self, spec: ServerSpec) -> None:
         server = ExpertServer(spec, engine_cls=self._engine_cls_for(spec))
         await server.start()
-        if server.engine is None:
+        if server.load_error is not None:
+            await server.stop()
             raise EngineError(server.ready()[spec.host.id] or f"the engine of {spec.host.id} failed to load")
         self.servers[spec.server_id] = server
 

@@ -52,7 +52,7 @@ class ExpertServer:
         self.engine = None
         self._experts: dict[str, str | None] = {}  # expert id -> adapter path (None: the engine's own model)
         self._failed: dict[str, str] = {}  # expert id -> why it cannot serve
-        self._load_error: str | None = None
+        self.load_error: str | None = None
         b = spec.batching
         self.batcher: ExpertGroupedBatcher[GenerationRequest, GenerationOutput] = ExpertGroupedBatcher(
             self._run_batch,
@@ -83,10 +83,10 @@ class ExpertServer:
                 self.engine = engine_cls(model_path, spec.model_expert.engine)
             await self.engine.start()
         except Exception as err:
-            self._load_error = f"{type(err).__name__}: {err}"
+            self.load_error = f"{type(err).__name__}: {err}"
             log.exception("expert server %s failed to start", spec.server_id)
             for eid in spec.expert_ids():
-                self._failed[eid] = f"the engine of {spec.server_id} failed to load: {self._load_error}"
+                self._failed[eid] = f"the engine of {spec.server_id} failed to load: {self.load_error}"
             return
         self._experts[host.id] = None
         if isinstance(host, MixtureExpert):
@@ -101,7 +101,10 @@ class ExpertServer:
     async def stop(self) -> None:
         await self.batcher.close()
         if self.engine is not None:
-            await self.engine.stop()
+            try:
+                await self.engine.stop()
+            except Exception:  # noqa: BLE001  (an engine that never started may not stop cleanly)
+                log.exception("stopping the engine of %s failed", self.spec.server_id)
 
     def ready(self) -> dict[str, str | None]:
         """Per expert: None when it serves, else why not."""
@@ -118,12 +121,17 @@ class ExpertServer:
             "engine_running": self.engine.running() if hasattr(self.engine, "running") else None,
         }
 
+    def host_expert(self, expert_id: str) -> None:
+        """Answer for another whole-model expert on this engine (for engines hosting several
+        models, such as the expert pool, which read ``GenerationRequest.expert``)."""
+        self._experts.setdefault(expert_id, None)
+
     # ------------------------------------------------------------------ adapters
 
     async def add_adapter(self, expert_id: str, path: str) -> None:
         """Load a LoRA expert onto the running engine (raises AdapterError, nothing added)."""
         if self.engine is None:
-            raise EngineError(f"{self.spec.server_id} has no running engine: {self._load_error}")
+            raise EngineError(f"{self.spec.server_id} has no running engine: {self.load_error}")
         if expert_id in self._experts:
             return
         await self.engine.add_adapter(expert_id, path)

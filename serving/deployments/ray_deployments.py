@@ -55,8 +55,11 @@ class ExpertServerDeployment:
         return self.server.stats()
 
     async def check_health(self) -> None:
+        """Fail (Serve restarts the replica) only when a loaded engine stops being healthy; an
+        engine that never loaded is reported by /readyz and 503s instead: restarting would not
+        fix a broken model reference, and the other experts must keep serving."""
         engine = self.server.engine
-        if engine is not None and not await engine.healthy():
+        if self.server.load_error is None and engine is not None and not await engine.healthy():
             raise RuntimeError(f"the engine of {self.server.spec.server_id} is not healthy")
 
     async def __del__(self) -> None:

@@ -305,9 +305,53 @@ def test_bad_registrations_are_400_and_register_nothing(h, tiny_llama_dir, tmp_p
     assert r.status_code == 400 and "tiny" in _error(r)
     assert h.request("POST", "/v1/experts", headers=AUTH, json={"id": "tiny", "base": "tiny",
                      "adapter": str(h.root / "adapters" / "a")}).status_code == 409
+    r = h.request("POST", "/v1/experts", headers=AUTH, json={"id": "bad-model", "model": str(not_peft)})
+    assert r.status_code == 404 and "config.json" in _error(r)
+    r = h.request("POST", "/v1/experts", headers=AUTH, json={"id": "bad-model", "model": "./nowhere"})
+    assert r.status_code == 404 and "does not exist" in _error(r)
     r = h.request("POST", "/v1/experts", headers=AUTH, json={"id": "bad id!", "base": "tiny", "adapter": "x"})
     assert r.status_code == 422 and "id" in _error(r)
     assert h.request("DELETE", "/v1/experts/tiny-a", headers=AUTH).status_code == 400
     assert ExpertRegistry(h.root / "registry.sqlite").list() == []
     assert not any(e.startswith("bad-") for e in h.service.experts)
+    assert not any(sid.startswith("expert-bad") for sid in h.backend.servers)
     assert h.backend.servers["expert-tiny"].engine.adapters() == ["tiny-a", "tiny-b"]
+
+
+# ------------------------------------------------------------------ the CLI over the same app
+
+
+class _LoopTransport(httpx.BaseTransport):
+    """A sync httpx transport that answers from the in-process app on the harness's loop."""
+
+    def __init__(self, h):
+        self.h = h
+
+    def handle_request(self, request):
+        r = self.h.request(request.method, request.url.raw_path.decode(), headers=dict(request.headers),
+                           content=request.read())
+        return httpx.Response(r.status_code, headers=r.headers, content=r.content)
+
+
+def test_cli_experts_list_add_remove(h, monkeypatch, capsys):
+    import coe.cli.experts as cli
+    from coe.cli import main
+
+    def client(args):
+        key = args.admin_key or ""
+        return httpx.Client(transport=_LoopTransport(h), base_url="http://coe",
+                            headers={"Authorization": f"Bearer {key}"} if key else {})
+
+    monkeypatch.setattr(cli, "_client", client)
+    adapter = h.root / "adapters" / "c"
+    assert main(["experts", "--admin-key", ADMIN, "add", "tiny-cli", "--base", "tiny", "--adapter", str(adapter),
+                 "--description", "cli test", "--example", "hello"]) == 0
+    assert "registered tiny-cli (lora) on expert-tiny" in capsys.readouterr().out
+    assert main(["experts", "--admin-key", ADMIN, "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "tiny-cli" in listing and "registry" in listing and "tiny-a" in listing
+    assert main(["experts", "--admin-key", "wrong", "list"]) == 2
+    assert "403" in capsys.readouterr().err
+    assert main(["experts", "--admin-key", ADMIN, "remove", "tiny-cli"]) == 0
+    assert main(["experts", "--admin-key", ADMIN, "remove", "tiny-cli"]) == 2
+    assert "404" in capsys.readouterr().err

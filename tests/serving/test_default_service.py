@@ -43,9 +43,10 @@ class Service:
         self.url: str | None = None
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(600) or self.url is None:
+        if not self._ready.wait(900) or self.url is None:
             self.kill()
-            pytest.fail("coe serve did not come up:\n" + "\n".join(self.lines[-40:]))
+            notable = [ln for ln in self.lines if any(w in ln for w in ("Error", "error", "Traceback", "failed", "died"))]
+            pytest.fail("coe serve did not come up:\n" + "\n".join(notable[-40:] + ["..."] + self.lines[-20:]))
 
     def _read(self) -> None:
         for line in self.proc.stdout:
