@@ -149,12 +149,12 @@ def write_plot(report: dict, path: Path) -> None:
     ax.scatter(cs, qs, marker="s", color="black", zorder=3, label="single models")
     for m, c, q in zip(singles, cs, qs):
         ax.annotate(m.split("/")[-1], (c, q), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    from routers.metrics import nondecreasing_hull
+    from routers.metrics import hull_value, nondecreasing_hull
 
     hull = nondecreasing_hull(cs, qs)
     lo, hi = report["cost_range"]
-    hx = np.concatenate([hull[:, 0], [hi]])
-    hy = np.concatenate([hull[:, 1], [hull[-1, 1]]])
+    hx = np.geomspace(lo, hi, 300)   # the hull is linear in cost: sample it densely for the log axis
+    hy = hull_value(hull, hx)
     ax.plot(hx, hy, "k--", lw=1.5, label=f"zero router (AIQ {report['zero_router_aiq']:.3f})")
     for name, r in report["routers"].items():
         c = [p["cost"] for p in r["curve"]]
