@@ -110,7 +110,7 @@ def main() -> None:
     }
 
     result = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
                    f"(load average {os.getloadavg()[0]:.1f} at the end), torch threads {args.threads}",
         "router": "learned (11 RouterBench experts)",

@@ -14,9 +14,10 @@ from __future__ import annotations
 import importlib
 import json
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -109,7 +110,7 @@ class Router:
             raise ConfigError(f"router {cls.name!r} params are invalid: {problems} (allowed: {allowed})") from None
 
     # -- protocol ---------------------------------------------------------------------------
-    def fit(self, data, embeddings: np.ndarray | None, ctx: FitContext | None = None) -> "Router":
+    def fit(self, data, embeddings: np.ndarray | None, ctx: FitContext | None = None) -> Router:
         raise NotImplementedError
 
     def score(self, batch: QueryBatch) -> Scores:

@@ -69,7 +69,7 @@ class RoutingData:
     def costs_or_ones(self) -> np.ndarray:
         return self.cost if self.cost is not None else np.ones_like(self.quality)
 
-    def subset(self, idx) -> "RoutingData":
+    def subset(self, idx) -> RoutingData:
         idx = np.asarray(idx)
         return RoutingData(
             queries=[self.queries[i] for i in idx],
@@ -81,7 +81,7 @@ class RoutingData:
             categories=None if self.categories is None else [self.categories[i] for i in idx],
         )
 
-    def with_cost_table(self, table: dict[str, float]) -> "RoutingData":
+    def with_cost_table(self, table: dict[str, float]) -> RoutingData:
         missing = [m for m in self.models if m not in table]
         if missing:
             raise DatasetError(f"cost table has no cost for models: {', '.join(missing)}")
@@ -91,7 +91,7 @@ class RoutingData:
             self.categories,
         )
 
-    def reordered(self, models: list[str]) -> "RoutingData":
+    def reordered(self, models: list[str]) -> RoutingData:
         """The same data with columns in ``models`` order (which must be the same set)."""
         check_same_models(models, self.models, "train", "test")
         idx = [self.models.index(m) for m in models]

@@ -33,7 +33,7 @@ class Reference:
     oracle_cost: float
 
     @classmethod
-    def from_data(cls, data) -> "Reference":
+    def from_data(cls, data) -> Reference:
         costs, q = data.mean_costs(), data.quality.mean(axis=0)
         c_all = data.costs_or_ones()
         # oracle: the best outcome per query, the cheapest such model

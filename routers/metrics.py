@@ -79,7 +79,7 @@ class Anchors:
     q_strong: float
 
     @classmethod
-    def from_models(cls, costs, qualities) -> "Anchors":
+    def from_models(cls, costs, qualities) -> Anchors:
         c, q = np.asarray(costs, dtype=np.float64), np.asarray(qualities, dtype=np.float64)
         weak = int(np.lexsort((-q, c))[0])            # cheapest, best among equally cheap
         strong = int(np.lexsort((c, -q))[0])          # best, cheapest among equally good

@@ -30,7 +30,7 @@ class SelectionPolicy:
     tau: float = 0.5
 
     @classmethod
-    def from_config(cls, cfg) -> "SelectionPolicy":
+    def from_config(cls, cfg) -> SelectionPolicy:
         return cls(mode=cfg.mode, lam=cfg.lam, tau=cfg.tau)
 
     def select(self, quality: np.ndarray, cost: np.ndarray | None = None) -> np.ndarray:

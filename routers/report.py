@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from coe.errors import DatasetError
-from routers.base import FitContext, create_router, router_class
-from routers.evaluate import Reference, RouterResult, evaluate_router, zero_router_hull
+from routers.base import FitContext, router_class
+from routers.evaluate import Reference, RouterResult, evaluate_router
 
 
 @dataclass
@@ -72,7 +72,7 @@ def run_eval(inputs: EvalInputs, names: list[str], *, folds: int = 5, cv: bool =
         results[name] = evaluate_router(router, inputs.test, inputs.test_emb, ref, params=router.params.model_dump())
     best = int(np.lexsort((ref.costs, -ref.qualities))[0])
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "embedder": inputs.embedder,
         "train": {"source": inputs.train.source, "rows": len(inputs.train), "skipped": dict(inputs.train.skipped)},

@@ -19,7 +19,7 @@ class BestSingleRouter(Router):
         super().__init__(params)
         self.prior = np.zeros(0)
 
-    def fit(self, data, embeddings, ctx=None) -> "BestSingleRouter":
+    def fit(self, data, embeddings, ctx=None) -> BestSingleRouter:
         self._set_experts(data)
         self.prior = data.quality.mean(axis=0)
         return self

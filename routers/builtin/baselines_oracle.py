@@ -13,7 +13,7 @@ class OracleRouter(Router):
     needs_embeddings = False
     needs_labels = True
 
-    def fit(self, data, embeddings, ctx=None) -> "OracleRouter":
+    def fit(self, data, embeddings, ctx=None) -> OracleRouter:
         self._set_experts(data)
         return self
 

@@ -17,7 +17,7 @@ class RandomRouter(Router):
     Params = RandomParams
     needs_embeddings = False
 
-    def fit(self, data, embeddings, ctx=None) -> "RandomRouter":
+    def fit(self, data, embeddings, ctx=None) -> RandomRouter:
         self._set_experts(data)
         return self
 

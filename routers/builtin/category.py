@@ -59,7 +59,7 @@ class CategoryRouter(Router):
         _, lab = km.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
         return lab[:, 0], [f"cluster-{i}" for i in range(k)]
 
-    def fit(self, data, embeddings, ctx=None) -> "CategoryRouter":
+    def fit(self, data, embeddings, ctx=None) -> CategoryRouter:
         from sklearn.linear_model import LogisticRegression
 
         self._set_experts(data)

@@ -87,7 +87,7 @@ class CentroidRouter(Router):
             self.slope, self.offset, self.calibrated = self.slope[keep], self.offset[keep], self.calibrated[keep]
 
     # -- protocol ---------------------------------------------------------------------------
-    def fit(self, data, embeddings, ctx: FitContext | None = None) -> "CentroidRouter":
+    def fit(self, data, embeddings, ctx: FitContext | None = None) -> CentroidRouter:
         ctx = ctx or FitContext()
         if data is None:
             for expert_id, emb in ctx.description_embeddings.items():

@@ -34,7 +34,7 @@ class KnnRouter(Router):
         self.values = np.zeros((0, 0))                    # [N, M]
         self.prior = np.zeros(0)                          # [M]
 
-    def fit(self, data, embeddings, ctx=None) -> "KnnRouter":
+    def fit(self, data, embeddings, ctx=None) -> KnnRouter:
         self._set_experts(data)
         self.keys = np.ascontiguousarray(embeddings, dtype=np.float32)
         self.values = data.quality.astype(np.float64)

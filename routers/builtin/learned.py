@@ -33,7 +33,7 @@ class LearnedRouter(Router):
         self.prior = np.zeros(0)          # [M]
         self.bounds = np.array([0.0, 1.0])
 
-    def fit(self, data, embeddings, ctx=None) -> "LearnedRouter":
+    def fit(self, data, embeddings, ctx=None) -> LearnedRouter:
         self._set_experts(data)
         x = np.asarray(embeddings, dtype=np.float64)          # [N, D]
         y = data.quality                                      # [N, M]

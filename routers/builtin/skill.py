@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from pydantic import Field
@@ -84,7 +84,7 @@ class SkillRouter(Router):
         np.put_along_axis(weights, top, w / w.sum(axis=1, keepdims=True), axis=1)
         return weights
 
-    def fit(self, data, embeddings, ctx: FitContext | None = None) -> "SkillRouter":
+    def fit(self, data, embeddings, ctx: FitContext | None = None) -> SkillRouter:
         ctx = ctx or FitContext()
         if ctx.embed is None:
             raise ConfigError("the skill router needs an embedder at fit time (FitContext.embed)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from routers.metrics import Anchors, aiq, apgr, cpt, nondecreasing_hull

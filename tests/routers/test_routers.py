@@ -9,7 +9,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from routers import FitContext, QueryBatch, SelectionPolicy, create_router, load_router, router_names, save_router
+from routers import (
+    FitContext,
+    QueryBatch,
+    SelectionPolicy,
+    create_router,
+    load_router,
+    router_names,
+    save_router,
+)
 
 # name -> (params for a quick fit, expected to send held-out queries to the right specialist)
 CASES: dict[str, tuple[dict, bool]] = {
@@ -76,7 +84,7 @@ def test_policy_over_scores(name, synthetic, embedder):
 @pytest.mark.parametrize("name", [n for n in NAMES if _case(n)[1]])
 def test_learns_the_specialists(name, synthetic, embedder):
     router = _fit(name, synthetic, embedder)
-    _, _, test, xte, kinds = synthetic
+    kinds = synthetic[4]
     pick = SelectionPolicy("max_quality").select(router.score(_batch(synthetic)).quality)
     want = np.array([{"math": 0, "code": 1, "chat": 2}[k] for k in kinds])
     assert (pick == want).mean() >= 0.8, f"{name} routed {pick.tolist()} vs {want.tolist()}"
