@@ -21,6 +21,11 @@ def register(sub) -> None:
     fit.add_argument("--costs", help="model -> cost-per-query table (JSON/YAML/CSV)")
     fit.add_argument("--no-cv", action="store_true", help="use the config's params as they are (no cross-validation)")
     fit.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    fit.add_argument("--target-cost", type=float, help="calibrate λ/τ so the average predicted cost per query is at most this")
+    fit.add_argument("--target-top-share", type=float,
+                     help="calibrate λ/τ so at most this share (0..1) of queries go to the most expensive expert")
+    fit.add_argument("--policy-mode", choices=["tradeoff", "threshold"], default="tradeoff",
+                     help="which knob the calibration sets (default tradeoff: λ)")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     fit.set_defaults(func=_fit)
 
@@ -94,7 +99,18 @@ def _fit(args) -> int:
     else:
         params = base
     router = cls(params).fit(data, x, ctx)
+    policy = None
+    if args.target_cost is not None or args.target_top_share is not None:
+        from routers.base import QueryBatch
+        from routers.policy import calibrate
+
+        # Calibrated on the training queries' predicted scores (no outcomes are used), as RouteLLM does.
+        scores = router.score(QueryBatch(list(data.queries), x))
+        cal = calibrate(scores.quality, scores.cost, mode=args.policy_mode,
+                        target_cost=args.target_cost, target_top_share=args.target_top_share)
+        policy = {"mode": cal.mode, "lam": cal.lam, "tau": cal.tau}
     extra = {
+        "calibrated_policy": policy,
         "data": str(Path(args.data).resolve()),
         "rows": len(data),
         "skipped": dict(data.skipped),
@@ -105,6 +121,9 @@ def _fit(args) -> int:
     skipped = sum(data.skipped.values())
     print(f"fitted {name} on {len(data)} rows ({skipped} skipped) over {len(router.experts)} experts; params "
           f"{router.params.model_dump()}" + (f"; cv AIQ {cv.score:.4f}" if cv else ""))
+    if policy is not None:
+        knob = f"lam: {policy['lam']:.6g}" if policy["mode"] == "tradeoff" else f"tau: {policy['tau']:.6g}"
+        print(f"calibrated policy (put it in the config): router.policy: {{mode: {policy['mode']}, {knob}}}")
     print(f"saved to {out}")
     return 0
 
