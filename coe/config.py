@@ -133,6 +133,12 @@ class ModelExpert(ExpertBase):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     system_prompt: str | None = Field(None, description="Prepended as a system message when the request has none.")
+    pooled: bool = Field(
+        False,
+        description="Host this model in the shared expert pool (`serving.pool`: many whole models on one "
+        "accelerator, swapped in on demand) instead of a deployment of its own. Needs engine.kind 'hf' "
+        "and no LoRA experts on it.",
+    )
 
 
 class LoraExpert(ExpertBase):
@@ -259,11 +265,21 @@ class CoEConfig(Strict):
             if e.fallback is not None and (e.fallback not in by_id or e.fallback == e.id):
                 raise ValueError(f"experts[{e.id}].fallback is {e.fallback!r}; allowed: another expert id")
         pool = self.serving.pool
+        pooled = sorted(e.id for e in self.experts if e.kind == "model" and e.pooled)
         for pinned in pool.pinned if pool is not None else []:
-            if pinned not in models:
+            if pinned not in pooled:
                 raise ValueError(
-                    f"serving.pool.pinned has {pinned!r}; allowed: `model` experts: {', '.join(models) or '(none)'}"
+                    f"serving.pool.pinned has {pinned!r}; allowed: pooled `model` experts: {', '.join(pooled) or '(none)'}"
                 )
+        for eid in pooled:
+            e = by_id[eid]
+            if pool is None:
+                raise ValueError(f"experts[{eid}].pooled is true but serving.pool is not set; set serving.pool or pooled: false")
+            if e.engine.kind != "hf":
+                raise ValueError(f"experts[{eid}].pooled needs engine.kind 'hf' (got {e.engine.kind!r})")
+            on_it = sorted(x.id for x in self.experts if x.kind in ("lora", "mixture") and x.base == eid)
+            if on_it:
+                raise ValueError(f"experts[{eid}].pooled: pooled models host no adapters, but {', '.join(on_it)} use it as base")
         if self.router.default_expert is not None and self.router.default_expert not in by_id:
             raise ValueError(
                 f"router.default_expert is {self.router.default_expert!r}; allowed: {', '.join(sorted(by_id))}"

@@ -31,7 +31,7 @@ def build_app(config: CoEConfig, *, base_dir: Path | None = None) -> Application
     base_dir = Path(base_dir).resolve() if base_dir is not None else None
     registry = ExpertRegistry(registry_path(config, base_dir))
     experts = live_experts(config, registry)
-    specs = plan_servers(experts, base_dir=base_dir, batching=config.serving.batching)
+    specs = plan_servers(experts, base_dir=base_dir, batching=config.serving.batching, pool=config.serving.pool)
     servers = {sid: bind_server(spec) for sid, spec in specs.items()}
     ingress = CoEIngress.options(**serve_options("coe-ingress", config.serving.ingress))
     return ingress.bind(config.model_dump_json(), str(base_dir) if base_dir else None, servers)

@@ -118,6 +118,11 @@ async def _add_lora(service: CoEService, expert: LoraExpert) -> LoraExpert:
 
 
 async def _add_model(service: CoEService, expert: ModelExpert) -> ModelExpert:
+    if expert.pooled:
+        raise InvalidRequestError(
+            "pooled experts are set in the config file (the pool is built at start); register with pooled: false "
+            "to give this model a deployment of its own", param="pooled",
+        )
     path = Path(resolve_model(expert.model, service.base_dir))  # ModelNotFoundError before anything starts
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelNotFoundError(f"model folder {path} has no config.json: not a transformers model folder",

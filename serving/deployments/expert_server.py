@@ -89,6 +89,8 @@ class ExpertServer:
                 self._failed[eid] = f"the engine of {spec.server_id} failed to load: {self.load_error}"
             return
         self._experts[host.id] = None
+        for pooled in spec.pooled:
+            self.host_expert(pooled.id)
         if isinstance(host, MixtureExpert):
             return
         for lora in spec.loras:

@@ -33,7 +33,7 @@ class CoEIngress:
         registry = ExpertRegistry(registry_path(config, base))
         experts = live_experts(config, registry)
         backend = ServeBackend(servers, load_timeout_s=config.serving.request_timeout_s)
-        specs = plan_servers(experts, base_dir=base, batching=config.serving.batching)
+        specs = plan_servers(experts, base_dir=base, batching=config.serving.batching, pool=config.serving.pool)
         backend.attach_runtime_servers({sid: s for sid, s in specs.items() if sid not in servers})
         router = build_online_router(config.router, experts, base_dir=base)
         self.service = CoEService(config, backend=backend, router=router, registry=registry, base_dir=base,

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coe.config import (
     BatchingConfig,
+    PoolConfig,
     Expert,
     LoraExpert,
     MixtureExpert,
@@ -32,6 +33,10 @@ class ServerSpec(BaseModel):
     loras: list[LoraExpert] = Field(default_factory=list, description="LoRA experts loaded at start.")
     base_dir: str | None = Field(None, description="Folder relative config paths are resolved against.")
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    pooled: list[ModelExpert] = Field(
+        default_factory=list, description="For the expert pool: every pooled model expert (host is the first)."
+    )
+    pool: PoolConfig | None = Field(None, description="The pool's residency and scheduling settings.")
 
     @property
     def model_expert(self) -> ModelExpert:
@@ -39,6 +44,8 @@ class ServerSpec(BaseModel):
 
     @property
     def engine_kind(self) -> str:
+        if self.pooled:
+            return "pool"
         return "mixture" if isinstance(self.host, MixtureExpert) else self.host.engine.kind
 
     @property
@@ -49,19 +56,37 @@ class ServerSpec(BaseModel):
         """Experts this server answers for."""
         if isinstance(self.host, MixtureExpert):
             return [self.host.id]
+        if self.pooled:
+            return [e.id for e in self.pooled]
         return [self.host.id] + [lora.id for lora in self.loras]
 
 
+POOL_SERVER = "expert-pool"
+
+
 def server_id_of(expert: Expert) -> str:
-    """The deployment that serves ``expert`` (a LoRA is served by its base's deployment)."""
+    """The deployment that serves ``expert`` (a LoRA is served by its base's deployment; pooled
+    models share the pool's)."""
+    if isinstance(expert, ModelExpert) and expert.pooled:
+        return POOL_SERVER
     return f"expert-{expert.base if isinstance(expert, LoraExpert) else expert.id}"
 
 
-def plan_servers(experts: list[Expert], *, base_dir: Path | None, batching: BatchingConfig) -> dict[str, ServerSpec]:
-    """One :class:`ServerSpec` per model or mixture expert, in expert order."""
+def plan_servers(
+    experts: list[Expert], *, base_dir: Path | None, batching: BatchingConfig, pool: PoolConfig | None = None
+) -> dict[str, ServerSpec]:
+    """One :class:`ServerSpec` per model or mixture expert, in expert order; all pooled model
+    experts share one spec (``POOL_SERVER``) whose engine is the expert pool."""
     by_id = {e.id: e for e in experts}
     specs: dict[str, ServerSpec] = {}
+    pooled = [e for e in experts if isinstance(e, ModelExpert) and e.pooled]
+    if pooled:
+        specs[POOL_SERVER] = ServerSpec(
+            server_id=POOL_SERVER, host=pooled[0], pooled=pooled, pool=pool, base_dir=_s(base_dir), batching=batching
+        )
     for e in experts:
+        if isinstance(e, ModelExpert) and e.pooled:
+            continue
         if isinstance(e, ModelExpert):
             loras = [x for x in experts if isinstance(x, LoraExpert) and x.base == e.id]
             specs[server_id_of(e)] = ServerSpec(

@@ -83,7 +83,7 @@ class PoolEngine(Engine):
 
     @classmethod
     def from_config(cls, config: CoEConfig) -> PoolEngine:
-        """The pool of ``config``: every ``model`` expert on the ``hf`` engine, ``serving.pool``.
+        """The pool of ``config``: every ``model`` expert with ``pooled: true``, ``serving.pool``.
 
         The engine settings (device, dtype, max_num_seqs, max_model_len) are the first pooled
         expert's. Raises ConfigError when ``serving.pool`` is unset or no expert qualifies.
@@ -92,10 +92,18 @@ class PoolEngine(Engine):
 
         if config.serving.pool is None:
             raise ConfigError("serving.pool is not set: there is no expert pool to build")
-        pooled = [e for e in config.experts if e.kind == "model" and e.engine.kind == "hf"]
+        pooled = [e for e in config.experts if e.kind == "model" and e.pooled]
         if not pooled:
-            raise ConfigError("serving.pool is set but no `model` expert uses engine.kind 'hf'")
+            raise ConfigError("serving.pool is set but no `model` expert has `pooled: true`")
         return cls({e.id: e.model for e in pooled}, config.serving.pool, pooled[0].engine)
+
+    @classmethod
+    def from_spec(cls, spec) -> PoolEngine:
+        """The pool of an expert server's spec (``serving.deployments.spec.ServerSpec`` with ``pooled``)."""
+        from serving.deployments.spec import resolve_model
+
+        experts = {e.id: resolve_model(e.model, spec.base_dir) for e in spec.pooled}
+        return cls(experts, spec.pool, spec.pooled[0].engine)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -118,7 +118,7 @@ def test_registered_as_pool_engine():
     assert _ENGINES["pool"] is PoolEngine
 
 
-def test_from_config_takes_hf_model_experts(tiny_experts):
+def test_from_config_takes_pooled_model_experts(tiny_experts):
     from coe.config import parse_config
     from coe.errors import ConfigError
     from serving.pool.engine import PoolEngine
@@ -126,8 +126,9 @@ def test_from_config_takes_hf_model_experts(tiny_experts):
     hf = {"kind": "hf", "device": "cpu"}
     data = {
         "experts": [
-            {"id": "a", "kind": "model", "model": str(tiny_experts["e0"]), "engine": hf},
-            {"id": "b", "kind": "model", "model": str(tiny_experts["e1"]), "engine": hf},
+            {"id": "a", "kind": "model", "model": str(tiny_experts["e0"]), "engine": hf, "pooled": True},
+            {"id": "b", "kind": "model", "model": str(tiny_experts["e1"]), "engine": hf, "pooled": True},
+            {"id": "h", "kind": "model", "model": str(tiny_experts["e1"]), "engine": hf},  # own deployment
             {"id": "v", "kind": "model", "model": "smollm2-135m-instruct"},  # vLLM: not pooled
         ],
         "serving": {"pool": {"max_resident": 1, "pinned": ["a"], "policy": "oldest_first"}},
@@ -135,10 +136,61 @@ def test_from_config_takes_hf_model_experts(tiny_experts):
     engine = PoolEngine.from_config(parse_config(data))
     assert engine.experts == {"a": str(tiny_experts["e0"]), "b": str(tiny_experts["e1"])}
     assert engine.pool_config.pinned == ["a"] and engine.config.device == "cpu"
-    with pytest.raises(ConfigError, match="serving.pool is not set"):
-        PoolEngine.from_config(parse_config({**data, "serving": {}}))
-    with pytest.raises(ConfigError, match="allowed: `model` experts: a, b, v"):
+    with pytest.raises(ConfigError, match="pooled is true but serving.pool is not set"):
+        parse_config({**data, "serving": {}})
+    with pytest.raises(ConfigError, match="allowed: pooled `model` experts: a, b"):
         parse_config({**data, "serving": {"pool": {"pinned": ["zz"]}}})
+    vllm_pooled = {"id": "w", "kind": "model", "model": "m", "pooled": True}
+    with pytest.raises(ConfigError, match="pooled needs engine.kind 'hf'"):
+        parse_config({**data, "experts": data["experts"] + [vllm_pooled]})
+    lora_on_pooled = {"id": "l", "kind": "lora", "base": "a", "adapter": "/x"}
+    with pytest.raises(ConfigError, match="pooled models host no adapters"):
+        parse_config({**data, "experts": data["experts"] + [lora_on_pooled]})
+
+
+def test_expert_server_hosts_the_pool(tiny_experts):
+    """Pooled experts share one expert server (one deployment) whose engine is the pool."""
+    from coe.config import parse_config
+    from coe.types import GenerationRequest, SamplingParams
+    from serving.deployments.expert_server import ExpertServer
+    from serving.deployments.spec import POOL_SERVER, plan_servers, server_id_of
+
+    hf = {"kind": "hf", "device": "cpu"}
+    cfg = parse_config({
+        "experts": [
+            {"id": "a", "kind": "model", "model": str(tiny_experts["e0"]), "engine": hf, "pooled": True},
+            {"id": "b", "kind": "model", "model": str(tiny_experts["e1"]), "engine": hf, "pooled": True},
+            {"id": "h", "kind": "model", "model": str(tiny_experts["e2"]), "engine": hf},
+        ],
+        "serving": {"pool": {"max_resident": 1, "swap": "always"}},
+    })
+    specs = plan_servers(cfg.experts, base_dir=None, batching=cfg.serving.batching, pool=cfg.serving.pool)
+    assert sorted(specs) == sorted([POOL_SERVER, "expert-h"])
+    assert [server_id_of(e) for e in cfg.experts] == [POOL_SERVER, POOL_SERVER, "expert-h"]
+    spec = specs[POOL_SERVER]
+    assert spec.engine_kind == "pool" and spec.expert_ids() == ["a", "b"]
+    asyncio.run(_serve_pool(spec))
+
+
+async def _serve_pool(spec):
+    from coe.types import GenerationRequest, SamplingParams
+    from serving.deployments.expert_server import ExpertServer
+
+    server = ExpertServer(spec)
+    await server.start()
+    try:
+        assert server.ready() == {"a": None, "b": None}
+        outs = {}
+        for eid in ("a", "b", "a"):
+            req = GenerationRequest(request_id=eid, prompt="the capital of", expert=eid,
+                                    sampling=SamplingParams(max_tokens=4, temperature=0))
+            served = await server.generate(req)
+            outs.setdefault(eid, []).append(served.output.token_ids)
+            assert served.expert == eid and served.output.completion_tokens >= 1
+        assert outs["a"][0] == outs["a"][1]
+        assert server.engine.pool.stats.swaps >= 2  # room for one: a → b → a swaps
+    finally:
+        await server.stop()
 
 
 @pytest.mark.gpu
