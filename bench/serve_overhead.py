@@ -9,7 +9,13 @@ on Ray Serve, over HTTP, ``model: "coe"`` so it routes each one itself) gets the
   of bare);
 - time to first token, p50, one request at a time, streamed (target: added <= 20 ms).
 
-Usage: ``python bench/serve_overhead.py [--engine vllm|hf] [--clients 8] [--repeat 4] [--max-tokens 32]``
+Both phases run with the same thread settings: ``OMP_NUM_THREADS`` (``--threads``, default 1, what
+Ray Serve gives a 1-CPU replica) is set before torch is imported, so this process, its vLLM
+workers and the Ray replicas (Ray keeps a value that is already set) all see it, and the hf
+engine gets ``cpu_threads`` = ``--threads``. vLLM's CPU workers bind their own OpenMP threads to
+the cores they may use, the same way in both phases.
+
+Usage: ``python bench/serve_overhead.py [--engine vllm|hf] [--clients 8] [--repeat 4] [--max-tokens 32] [--threads 1]``
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import sys
 import tempfile
@@ -28,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.serve_common import QUERIES, expert_loras, machine, percentile, write_results  # noqa: E402
 
 
-def build_config(engine: str, loras: dict, root: Path):
+def build_config(engine: str, loras: dict, root: Path, threads: int):
     import yaml
 
     from coe.config import parse_config
@@ -36,7 +43,8 @@ def build_config(engine: str, loras: dict, root: Path):
 
     default = yaml.safe_load(default_config_path().read_text())
     by_id = {e["id"]: e for e in default["experts"]}
-    base = dict(by_id["smollm2"], engine=dict(by_id["smollm2"]["engine"], kind=engine), resources={"num_cpus": 1})
+    engine_cfg = dict(by_id["smollm2"]["engine"], kind=engine, cpu_threads=threads)
+    base = dict(by_id["smollm2"], engine=engine_cfg, resources={"num_cpus": 1})
     experts = [base] + [dict(by_id[eid], adapter=str(path)) for eid, path in loras.items()]
     return parse_config({
         "router": default["router"],
@@ -81,19 +89,25 @@ async def bare(config, work, args) -> dict:
         async for _ in agen:
             pass
     queue = list(enumerate(work))
-    tokens = 0
+    counts: dict[int, int] = {}
+    texts: dict[int, str] = {}
 
     async def client():
-        nonlocal tokens
+        # Await first, then record: ``total += await ...`` reads the total before the await and
+        # concurrent clients overwrite each other's updates (the bug that made the first run
+        # count 96 tokens for 24 answers of ~28).
         while queue:
             i, (expert, q) = queue.pop(0)
-            tokens += (await engine.generate(req(i, expert, q))).completion_tokens
+            out = await engine.generate(req(i, expert, q))
+            counts[i], texts[i] = out.completion_tokens, out.text
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(args.clients)))
     wall = time.perf_counter() - t0
     await engine.stop()
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "ttft_ms": ttft}
+    tokens = sum(counts.values())
+    return {"tokens": tokens, "requests": len(counts), "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_ms": ttft, "texts": [texts[i] for i in sorted(texts)]}
 
 
 async def service(url: str, work, args) -> dict:
@@ -115,23 +129,27 @@ async def service(url: str, work, args) -> dict:
                     if first and line.startswith("data:"):
                         ttft.append((time.perf_counter() - t0) * 1000)
                         first = False
-        queue = list(work)
-        tokens, agree = 0, 0
+        queue = list(enumerate(work))
+        counts: dict[int, int] = {}
+        texts: dict[int, str] = {}
+        agree = 0
 
         async def client():
-            nonlocal tokens, agree
+            nonlocal agree
             while queue:
-                expert, q = queue.pop(0)
+                i, (expert, q) = queue.pop(0)
                 r = await c.post("/v1/chat/completions", json=body(q))
                 r.raise_for_status()
-                tokens += r.json()["usage"]["completion_tokens"]
-                agree += r.json()["model"] == expert
+                data = r.json()
+                counts[i], texts[i] = data["usage"]["completion_tokens"], data["choices"][0]["message"]["content"]
+                agree += data["model"] == expert
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(args.clients)))
         wall = time.perf_counter() - t0
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "ttft_ms": ttft,
-            "routing_agreement": agree / len(work)}
+    tokens = sum(counts.values())
+    return {"tokens": tokens, "requests": len(counts), "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_ms": ttft, "routing_agreement": agree / len(work), "texts": [texts[i] for i in sorted(texts)]}
 
 
 def run_service(config, root: Path, work, args) -> dict:
@@ -160,34 +178,47 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--ttft-requests", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OMP_NUM_THREADS for both phases (Ray gives a 1-CPU replica 1) and the hf engine's cpu_threads")
+    parser.add_argument("--note", default="2-core CPU development machine; no other benchmark ran at the same time")
     args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch is imported; Ray replicas inherit it
+    load_before = os.getloadavg()
 
     root = Path(tempfile.mkdtemp(prefix="coe-bench-"))
-    config = build_config(args.engine, expert_loras(root), root)
+    config = build_config(args.engine, expert_loras(root), root, args.threads)
     work = workload(config, args.repeat)
     b = asyncio.run(bare(config, work, args))
-    print("bare", {k: v for k, v in b.items() if k != "ttft_ms"}, flush=True)
+    print("bare", {k: v for k, v in b.items() if k not in ("ttft_ms", "texts")}, flush=True)
     s = run_service(config, root, work, args)
-    print("service", {k: v for k, v in s.items() if k != "ttft_ms"}, flush=True)
+    print("service", {k: v for k, v in s.items() if k not in ("ttft_ms", "texts")}, flush=True)
+    same = sum(x == y for x, y in zip(b["texts"], s["texts"]))
     ratio = s["tokens_per_s"] / b["tokens_per_s"]
     ttft_b, ttft_s = percentile(b["ttft_ms"], 50), percentile(s["ttft_ms"], 50)
     m = machine()
+    m["note"] = args.note
+    m["loadavg_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     md = "\n".join([
         f"# Service overhead ({args.engine} engine)",
         "",
-        f"{len(work)} requests over 3 experts (SmolLM2-135M-Instruct + 2 LoRA experts, one {args.engine} engine), "
-        f"greedy, max_tokens {args.max_tokens}, {args.clients} concurrent clients; TTFT: {args.ttft_requests} "
-        f"streamed requests one at a time. Machine: {m['cpus']} CPUs, {m['date']}; {m['note']}.",
+        (f"{len(work)} requests over 3 experts (SmolLM2-135M-Instruct + 2 LoRA experts, one {args.engine} engine), "
+         f"greedy, max_tokens {args.max_tokens}, {args.clients} concurrent clients; TTFT: {args.ttft_requests} "
+         f"streamed requests one at a time. OMP_NUM_THREADS={args.threads} in both phases. Machine: {m['cpus']} CPUs, "
+         f"{m['date']}; {m['note']}; 1-min load average {m['loadavg_1m_before_after'][0]} before, "
+         f"{m['loadavg_1m_before_after'][1]} after."),
         "",
         "| | bare engine | service (HTTP, Ray Serve, routing) | ratio / added |",
         "|---|---|---|---|",
+        f"| completion tokens (requests) | {b['tokens']} ({b['requests']}) | {s['tokens']} ({s['requests']}) | |",
         f"| completion tokens/s | {b['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} | {ratio:.1%} |",
         f"| TTFT p50 (ms) | {ttft_b:.1f} | {ttft_s:.1f} | +{ttft_s - ttft_b:.1f} ms |",
         f"| routed as pre-assigned | | {s['routing_agreement']:.0%} | |",
+        f"| identical answers (greedy) | | {same}/{len(work)} | |",
         "",
     ])
     write_results(f"serve_overhead_{args.engine}", {"machine": m, "args": vars(args), "bare": b, "service": s,
-                                                    "throughput_ratio": ratio, "ttft_p50_added_ms": ttft_s - ttft_b}, md)
+                                                    "throughput_ratio": ratio, "ttft_p50_added_ms": ttft_s - ttft_b,
+                                                    "identical_answers": same}, md)
     print(json.dumps({"throughput_ratio": ratio, "ttft_added_ms": ttft_s - ttft_b}))
 
 
