@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass, field
 
 from coe.errors import AdapterError, EngineError, NotReadyError
-from coe.types import GenerationRequest, SamplingParams, StreamDelta
+from coe.types import GenerationRequest, SamplingParams
 from serving.engines.adapter_check import LoraInfo, validate_lora_adapter
 from serving.engines.base import Engine, register_engine
 from serving.engines.chat import (
@@ -34,8 +34,7 @@ from serving.engines.chat import (
     resolve_dtype,
 )
 from serving.engines.hf_batch import KVBatch, left_pad
-from serving.engines.sampling import TextStream, make_generator, sample_token
-
+from serving.engines.sampling import TextStream, accept_token, make_generator, sample_token
 
 
 @dataclass(eq=False)
@@ -302,28 +301,8 @@ class HFEngine(Engine):
             self._accept(row, sample_token(row_logits, row.params, row.generator))
 
     def _accept(self, row: _Row, token: int) -> None:
-        if row.cancelled:
-            return
-        row.generated.append(token)
-        finish = None
-        if token in self._eos:
-            text, finish = row.text.flush(), "stop"
-        else:
-            text, stopped = row.text.push(token)
-            if stopped:
-                finish = "stop"
-            elif len(row.generated) >= row.params.max_tokens:
-                text, finish = text + row.text.flush(), "length"
-        row.done = finish is not None
-        row.emit(
-            StreamDelta(
-                text=text,
-                token_ids=[token],
-                finish_reason=finish,
-                prompt_tokens=len(row.prompt_ids),
-                completion_tokens=len(row.generated),
-            )
-        )
+        if not row.cancelled:
+            row.emit(accept_token(row, token, self._eos))
 
     def _drop_finished(self) -> None:
         keep = [i for i, r in enumerate(self._rows) if not (r.done or r.cancelled)]

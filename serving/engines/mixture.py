@@ -20,8 +20,14 @@ from pathlib import Path
 from coe.errors import AdapterError, ConfigError, EngineError, NotReadyError
 from coe.types import GenerationOutput, GenerationRequest, StreamDelta
 from serving.engines.base import Engine, register_engine
-from serving.engines.chat import check_context, encode_request, load_tokenizer, model_max_len, resolve_dtype
-from serving.engines.sampling import TextStream, make_generator, sample_token
+from serving.engines.chat import (
+    check_context,
+    encode_request,
+    load_tokenizer,
+    model_max_len,
+    resolve_dtype,
+)
+from serving.engines.sampling import TextStream, accept_token, make_generator, sample_token
 
 
 class _Row:
@@ -63,7 +69,7 @@ class MixtureEngine(Engine):
         self._max_len = self.config.max_model_len
 
     @classmethod
-    def from_spec(cls, spec) -> "MixtureEngine":
+    def from_spec(cls, spec) -> MixtureEngine:
         """Build from a ``serving.deployments.spec.ServerSpec`` whose host is a mixture expert."""
         from serving.deployments.spec import resolve_model, resolve_path
 
@@ -167,19 +173,7 @@ class MixtureEngine(Engine):
                 logits = stepper.forward(torch.tensor(tokens).unsqueeze(1), mask)
 
     def _accept(self, row: _Row, token: int) -> None:
-        row.generated.append(token)
-        finish = None
-        if token in self._eos:
-            text, finish = row.text.flush(), "stop"
-        else:
-            text, stopped = row.text.push(token)
-            if stopped:
-                finish = "stop"
-            elif len(row.generated) >= row.params.max_tokens:
-                text, finish = text + row.text.flush(), "length"
-        row.done = finish is not None
-        row.emit(StreamDelta(text=text, token_ids=[token], finish_reason=finish,
-                             prompt_tokens=len(row.prompt_ids), completion_tokens=len(row.generated)))
+        row.emit(accept_token(row, token, self._eos))
 
     async def stream(self, request: GenerationRequest):
         """Yield StreamDeltas (the last one has the finish reason and usage)."""

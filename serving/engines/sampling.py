@@ -99,3 +99,27 @@ class TextStream:
 
     def flush(self) -> str:
         return self._take(len(self.text))
+
+
+def accept_token(row, token: int, eos: set[int]):
+    """Append a sampled ``token`` to a decoding row and return the :class:`StreamDelta` to emit.
+
+    ``row`` has ``generated`` (token list), ``text`` (:class:`TextStream`), ``params``
+    (SamplingParams), ``prompt_ids`` and ``done``; ``done`` is set when the row finishes (EOS,
+    a stop string, or ``max_tokens``). Shared by every engine's decode loop.
+    """
+    from coe.types import StreamDelta
+
+    row.generated.append(token)
+    finish = None
+    if token in eos:
+        text, finish = row.text.flush(), "stop"
+    else:
+        text, stopped = row.text.push(token)
+        if stopped:
+            finish = "stop"
+        elif len(row.generated) >= row.params.max_tokens:
+            text, finish = text + row.text.flush(), "length"
+    row.done = finish is not None
+    return StreamDelta(text=text, token_ids=[token], finish_reason=finish,
+                       prompt_tokens=len(row.prompt_ids), completion_tokens=len(row.generated))
