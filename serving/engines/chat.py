@@ -102,3 +102,16 @@ def resolve_dtype(config: EngineConfig, device: str, *, engine: str):
     if device == "cuda" or engine == "vllm":
         return "bfloat16"
     return "float32"
+
+
+def stop_ids(generation_eos, tokenizer) -> tuple[set[int], int]:
+    """The token ids that end a generation (the model's ``generation_config.eos_token_id``,
+    an int, a list or None, plus the tokenizer's EOS) and the padding id (the tokenizer's, else
+    the smallest EOS, else 0)."""
+    if isinstance(generation_eos, int):
+        generation_eos = [generation_eos]
+    eos = set(generation_eos or [])
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    pad = tokenizer.pad_token_id
+    return eos, pad if pad is not None else min(eos or {0})

@@ -32,6 +32,7 @@ from serving.engines.chat import (
     model_max_len,
     resolve_device,
     resolve_dtype,
+    stop_ids,
 )
 from serving.engines.hf_batch import KVBatch, left_pad
 from serving.engines.sampling import TextStream, accept_token, make_generator, sample_token
@@ -108,12 +109,7 @@ class HFEngine(Engine):
             raise model_load_error(path, err) from None
         self._model = model.to(self._device).eval()
         self._max_len = model_max_len(path, self.config.max_model_len)
-        eos = model.generation_config.eos_token_id
-        self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self._tokenizer.eos_token_id is not None:
-            self._eos.add(self._tokenizer.eos_token_id)
-        pad = self._tokenizer.pad_token_id
-        self._pad_id = pad if pad is not None else (min(self._eos) if self._eos else 0)
+        self._eos, self._pad_id = stop_ids(model.generation_config.eos_token_id, self._tokenizer)
 
     async def stop(self) -> None:
         with self._cond:

@@ -26,6 +26,7 @@ from serving.engines.chat import (
     load_tokenizer,
     model_max_len,
     resolve_dtype,
+    stop_ids,
 )
 from serving.engines.sampling import TextStream, accept_token, make_generator, sample_token
 
@@ -111,12 +112,7 @@ class MixtureEngine(Engine):
         else:  # untrained gates: the uniform mixture of the experts
             self.mixture = MoLE(model, self.adapter_paths, top_k=self.top_k)
         self._max_len = model_max_len(path, self.config.max_model_len)
-        eos = model.generation_config.eos_token_id
-        self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self._tokenizer.eos_token_id is not None:
-            self._eos.add(self._tokenizer.eos_token_id)
-        pad = self._tokenizer.pad_token_id
-        self._pad_id = pad if pad is not None else min(self._eos or {0})
+        self._eos, self._pad_id = stop_ids(model.generation_config.eos_token_id, self._tokenizer)
 
     async def stop(self) -> None:
         self.mixture = None

@@ -29,7 +29,7 @@ from coe.errors import (
 )
 from coe.types import GenerationRequest
 from serving.engines.base import Engine, register_engine
-from serving.engines.chat import check_context, encode_request, model_max_len
+from serving.engines.chat import check_context, encode_request, model_max_len, stop_ids
 from serving.engines.hf import HFEngine, _Row
 from serving.engines.sampling import TextStream, make_generator
 from serving.pool.pool import ExpertPool
@@ -50,9 +50,7 @@ class _ExpertRunner(HFEngine):
         super().__init__(host.path, config)
         self._tokenizer = host.tokenizer
         self._device = device
-        self._eos = set(host.eos_ids)
-        pad = host.tokenizer.pad_token_id
-        self._pad_id = pad if pad is not None else (min(self._eos) if self._eos else 0)
+        self._eos, self._pad_id = stop_ids(list(host.eos_ids), host.tokenizer)
         self._max_len = model_max_len(host.path, config.max_model_len)
 
 
