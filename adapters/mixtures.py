@@ -10,10 +10,10 @@ MIXTURE_KINDS = ("mole", "xlora")
 
 
 def load_mixture(folder: str | Path, model):
-    """A :class:`~adapters.mole.MoLE` or :class:`~adapters.xlora.XLoRA` on ``model`` (a plain
+    """A :class:`~coe.adapters.mole.MoLE` or :class:`~coe.adapters.xlora.XLoRA` on ``model`` (a plain
     transformers causal LM, modified in place). Raises AdapterError for an unknown kind."""
-    from adapters.mole import MoLE, read_mixture_meta
-    from adapters.xlora import XLoRA
+    from coe.adapters.mole import MoLE, read_mixture_meta
+    from coe.adapters.xlora import XLoRA
 
     kind = read_mixture_meta(folder).get("kind")
     if kind == "mole":

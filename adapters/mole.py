@@ -8,7 +8,7 @@ and gives per-token weights over the ``n`` experts::
     w = p, or with top_k: p kept on its k largest, renormalised  # [B, T, n]
 
 and every adapted linear layer of that decoder layer adds ``Σ_i w_i · B_i A_i x`` (the
-:mod:`adapters.multilora` kernel with per-token weights). Gates start at zero (a uniform
+:mod:`coe.adapters.multilora` kernel with per-token weights). Gates start at zero (a uniform
 mixture). The gate only looks at the current token's hidden state, so a KV cache is exact.
 
 Training (:func:`adapters.mole_train.train_gates`) freezes the model and the experts and fits the
@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adapters.decode import call_model
-from adapters.lora_weights import LoraWeights, load_lora
-from adapters.multilora import MultiLoRA, MultiLoRALinear
+from coe.adapters.decode import call_model
+from coe.adapters.lora_weights import LoraWeights, load_lora
+from coe.adapters.multilora import MultiLoRA, MultiLoRALinear
 from coe.errors import AdapterError
 
 
@@ -87,12 +87,12 @@ class MoLE:
         def hook(module, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]  # [B, T, H]
             if self.lora.current is None:
-                return None
+                return
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
             p = torch.softmax(self.gates[str(layer)](h) / self.temperature, dim=-1)  # [B, T, n]
             self._probs[layer] = p
             self._weights[layer] = self._top_k(p)
-            return None
+            return
 
         return hook
 
@@ -162,7 +162,7 @@ class MoLE:
         save_file(state, str(folder / "gates.safetensors"))
 
     @classmethod
-    def load(cls, folder: str | Path, model: nn.Module) -> "MoLE":
+    def load(cls, folder: str | Path, model: nn.Module) -> MoLE:
         """Load a folder written by :meth:`save` onto ``model`` (AdapterError if it does not fit)."""
         from safetensors.torch import load_file
 

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from adapters.mole import MoLE
+from coe.adapters.mole import MoLE
 
 
 def train_gates(
@@ -25,9 +25,9 @@ def train_gates(
     """Adam on the gates only; loss = answer-token cross-entropy + ``balance_coef`` × balance loss.
 
     ``examples`` are ``(token ids, number of trailing answer tokens)`` as made by
-    :func:`adapters.experts.data.encode_example`. Returns one record per step
+    :func:`coe.adapters.experts.data.encode_example`. Returns one record per step
     (``{"step", "loss", "ce", "balance", "s"}``)."""
-    from adapters.experts.train import _batches, _collate
+    from coe.adapters.experts.train import _batches, _collate
 
     for p in mole.model.parameters():
         p.requires_grad_(False)

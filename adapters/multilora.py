@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adapters.lora_weights import LoraWeights, load_lora
+from coe.adapters.lora_weights import LoraWeights, load_lora
 from coe.errors import AdapterError
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -73,7 +73,7 @@ class BatchWeights:
             self.one_hot = bool(((nz.sum(-1) <= 1) & ((rows == 0) | (rows == 1)).all(-1)).all())
             self.index = torch.where(nz.any(-1), rows.argmax(-1), torch.full_like(rows[:, 0], -1, dtype=torch.long))
 
-    def operands(self, layer: "MultiLoRALinear"):
+    def operands(self, layer: MultiLoRALinear):
         """``("dense", A [R', in], B [out, R'], mask [B, 1|T, R'])`` or ``("gather", A [B, r, in],
         B [B, out, r])`` for this step, or None to skip the layer."""
         if callable(self.rows):
@@ -87,7 +87,7 @@ class BatchWeights:
             self._static[key] = self._prepare(layer)
         return self._static[key]
 
-    def _prepare(self, layer: "MultiLoRALinear"):
+    def _prepare(self, layer: MultiLoRALinear):
         w = self.rows.to(layer.expand.dtype)  # [B, n]
         targets = layer.expand.sum(-1) > 0  # [n]: adapters with weights on this layer
         active = (w != 0).any(0) & targets  # [n]
@@ -264,7 +264,7 @@ class MultiLoRA:
         """Within the block, row ``b`` of every forward uses adapter ``rows[b]`` (or None).
 
         ``rows`` may also be a ``[B, n]`` weight tensor (a static mixture per row) or a callable
-        ``MultiLoRALinear -> [B, n] | [B, T, n]`` (weights per layer and token; see :mod:`adapters.mole`)."""
+        ``MultiLoRALinear -> [B, n] | [B, T, n]`` (weights per layer and token; see :mod:`coe.adapters.mole`)."""
         prev = self.current
         self.current = self.prepare(rows)
         try:
@@ -286,7 +286,7 @@ class MultiLoRA:
 
 
 class LoRAStepper:
-    """A decoding stepper (:mod:`adapters.decode`) for one mixed batch: row ``b`` uses ``rows[b]``."""
+    """A decoding stepper (:mod:`coe.adapters.decode`) for one mixed batch: row ``b`` uses ``rows[b]``."""
 
     def __init__(self, lora: MultiLoRA, rows: Sequence[str | None] | torch.Tensor) -> None:
         self.lora, self._cache = lora, None
@@ -298,7 +298,7 @@ class LoRAStepper:
         self._cache = DynamicCache()
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        from adapters.decode import call_model
+        from coe.adapters.decode import call_model
 
         if self._cache is None:
             self.reset()

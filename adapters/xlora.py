@@ -37,9 +37,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from adapters.decode import call_model
-from adapters.lora_weights import LoraWeights, load_lora
-from adapters.multilora import MultiLoRA, MultiLoRALinear
+from coe.adapters.decode import call_model
+from coe.adapters.lora_weights import LoraWeights, load_lora
+from coe.adapters.multilora import MultiLoRA, MultiLoRALinear
 from coe.errors import AdapterError
 
 
@@ -72,7 +72,7 @@ def build_classifier(cfg: XLoRAConfig, n_classes: int, n_layers: int) -> nn.Sequ
 class XLoRA:
     """An X-LoRA mixture over LoRA adapters on a plain transformers causal LM.
 
-    Also a decoding *stepper* (:mod:`adapters.decode`): ``reset()`` then ``forward(ids, mask)``.
+    Also a decoding *stepper* (:mod:`coe.adapters.decode`): ``reset()`` then ``forward(ids, mask)``.
     Not thread-safe."""
 
     def __init__(self, model: nn.Module, adapters: list[tuple[str, str | Path | LoraWeights]], cfg: XLoRAConfig):
@@ -153,7 +153,7 @@ class XLoRA:
 
     # -- formats --------------------------------------------------------------------------
     @classmethod
-    def from_peft(cls, peft_model, model: nn.Module) -> "XLoRA":
+    def from_peft(cls, peft_model, model: nn.Module) -> XLoRA:
         """Copy a peft X-LoRA model's adapters and classifier onto ``model`` (a clean base model)."""
         from peft.tuners import lora
 
@@ -174,7 +174,7 @@ class XLoRA:
         return mix
 
     @classmethod
-    def from_peft_checkpoint(cls, folder: str | Path, model_dir: str | Path, **load_kw) -> "XLoRA":
+    def from_peft_checkpoint(cls, folder: str | Path, model_dir: str | Path, **load_kw) -> XLoRA:
         """Load a folder written by peft's ``XLoraModel.save_pretrained`` (peft reads it, on a
         cache-less copy of the base model as it requires), then copy it onto a clean model."""
         from peft import PeftModel
@@ -208,10 +208,10 @@ class XLoRA:
         save_file(state, str(folder / "classifier.safetensors"))
 
     @classmethod
-    def load(cls, folder: str | Path, model: nn.Module) -> "XLoRA":
+    def load(cls, folder: str | Path, model: nn.Module) -> XLoRA:
         from safetensors.torch import load_file
 
-        from adapters.mole import read_mixture_meta
+        from coe.adapters.mole import read_mixture_meta
 
         folder = Path(folder)
         meta = read_mixture_meta(folder)

@@ -85,7 +85,7 @@ def requests(n: int, max_tokens: int, offset: int = 0):
 
 async def measure(engine_name: str, model: str, args) -> dict:
     from coe.config import EngineConfig
-    from serving.engines.base import get_engine_class
+    from coe.serving.engines.base import get_engine_class
 
     threads = args.hf_cpu_threads if engine_name == "hf" else None
     cfg = EngineConfig(
@@ -162,7 +162,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from coe.config import EngineConfig
-    from serving.engines.chat import resolve_device
+    from coe.serving.engines.chat import resolve_device
 
     device = resolve_device(EngineConfig(device=args.device))
     data = {"machine": machine(device), "dtype": args.dtype, "max_tokens": args.max_tokens, "model": args.model}

@@ -21,7 +21,7 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "torch": torch.__version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "load_avg_at_start": os.getloadavg()[0],
         "note": "shared 2-core CPU machine; teammates' jobs ran at the same time, so absolute figures "
         "are noisy: compare the ratios measured side by side in one run",

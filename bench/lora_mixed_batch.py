@@ -36,8 +36,8 @@ def main() -> None:
     import torch
     from peft import PeftModel
 
-    from adapters.multilora import MultiLoRA
     from bench.lora_common import load, machine, random_llama, random_loras, timed, write
+    from coe.adapters.multilora import MultiLoRA
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="lora-bench-"))

@@ -3,7 +3,7 @@
     .venv/bin/python bench/lora_mixture.py [--batch 8 --prompt 32 --new 64]
 
 Random llama, 4 random rank-16 LoRAs on q/k/v/o/gate/up/down; all variants use the same
-KV-cached decode loop (:mod:`adapters.decode`), so the ratios isolate the mixing cost:
+KV-cached decode loop (:mod:`coe.adapters.decode`), so the ratios isolate the mixing cost:
 base, one LoRA (MultiLoRA), MoLE over 4 (dense), MoLE over 4 (top-2), X-LoRA over 4.
 Target (issue 5): a mixture over 4 adapters ≤ 1.5x the per-token time of a single LoRA.
 """
@@ -33,11 +33,11 @@ def main() -> None:
 
     import torch
 
-    from adapters.decode import decode
-    from adapters.mole import MoLE
-    from adapters.multilora import LoRAStepper, MultiLoRA
-    from adapters.xlora import XLoRA, XLoRAConfig
     from bench.lora_common import load, machine, random_llama, random_loras, timed, write
+    from coe.adapters.decode import decode
+    from coe.adapters.mole import MoLE
+    from coe.adapters.multilora import LoRAStepper, MultiLoRA
+    from coe.adapters.xlora import XLoRA, XLoRAConfig
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="mix-bench-"))

@@ -34,9 +34,9 @@ def main() -> None:
     import torch
     from peft import XLoraConfig, get_peft_model
 
-    from adapters.decode import decode
-    from adapters.xlora import XLoRA
     from bench.lora_common import load, machine, random_llama, random_loras, timed, write
+    from coe.adapters.decode import decode
+    from coe.adapters.xlora import XLoRA
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="xlora-bench-"))

@@ -46,10 +46,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from coe.config import load_config
-    from routers import SelectionPolicy, build_online_router, create_router
-    from routers.base import QueryBatch
-    from routers.datasets import load_routing_data, routing_texts, shared_prefix
-    from routers.embedding import Embedder
+    from coe.routers import SelectionPolicy, build_online_router, create_router
+    from coe.routers.base import QueryBatch
+    from coe.routers.datasets import load_routing_data, routing_texts, shared_prefix
+    from coe.routers.embedding import Embedder
 
     train = load_routing_data(DATA / "winograde_train.csv")
     prefix = shared_prefix(train.queries)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.serve_common import QUERIES, expert_loras, machine, write_results  # noqa: E402
+from bench.serve_common import QUERIES, expert_loras, machine, write_results
 
 MODES = {
     "grouped": {"max_batch_size": 16, "max_wait_ms": 10.0, "max_concurrent_batches": None},
@@ -35,8 +35,8 @@ MODES = {
 
 
 async def run_mode(spec, args) -> dict:
+    from coe.serving.deployments.expert_server import ExpertServer
     from coe.types import ChatMessage, GenerationRequest, SamplingParams
-    from serving.deployments.expert_server import ExpertServer
 
     server = ExpertServer(spec)
     await server.start()
@@ -83,7 +83,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from coe.config import BatchingConfig, EngineConfig, LoraExpert, ModelExpert
-    from serving.deployments.spec import ServerSpec
+    from coe.serving.deployments.spec import ServerSpec
 
     work = Path(tempfile.mkdtemp(prefix="coe-bench-"))
     loras = expert_loras(work)

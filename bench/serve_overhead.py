@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.serve_common import QUERIES, expert_loras, machine, percentile, write_results  # noqa: E402
+from bench.serve_common import QUERIES, expert_loras, machine, percentile, write_results
 
 
 def build_config(engine: str, loras: dict, root: Path, threads: int):
@@ -56,7 +56,7 @@ def build_config(engine: str, loras: dict, root: Path, threads: int):
 
 def workload(config, repeat: int) -> list[tuple[str, str]]:
     """(assigned expert, query) pairs: every query ``repeat`` times, routed by the real router."""
-    from routers import build_online_router
+    from coe.routers import build_online_router
 
     router = build_online_router(config.router, list(config.experts))
     queries = [q for qs in QUERIES.values() for q in qs] * repeat
@@ -64,9 +64,9 @@ def workload(config, repeat: int) -> list[tuple[str, str]]:
 
 
 async def bare(config, work, args) -> dict:
+    from coe.serving.deployments.spec import resolve_model
+    from coe.serving.engines import get_engine_class
     from coe.types import ChatMessage, GenerationRequest, SamplingParams
-    from serving.deployments.spec import resolve_model
-    from serving.engines import get_engine_class
 
     host = config.experts[0]
     engine = get_engine_class(host.engine.kind)(resolve_model(host.model, None), host.engine)
@@ -156,7 +156,7 @@ def run_service(config, root: Path, work, args) -> dict:
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from coe.serving.app import build_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

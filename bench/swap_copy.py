@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     from coe.config import EngineConfig, PoolConfig
-    from serving.pool.pool import ExpertPool
+    from coe.serving.pool.pool import ExpertPool
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)

@@ -47,8 +47,8 @@ def workload(n: int, experts: list[str], zipf: float, rate: float, seed: int) ->
 
 async def run_policy(policy: str, experts: dict[str, str], args, load) -> dict:
     from coe.config import EngineConfig, PoolConfig
+    from coe.serving.pool.engine import PoolEngine
     from coe.types import ChatMessage, GenerationRequest, SamplingParams
-    from serving.pool.engine import PoolEngine
 
     engine = PoolEngine(
         experts,

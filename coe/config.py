@@ -7,7 +7,7 @@ objects. Every field documents itself, so ``coe config schema`` is the reference
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -63,7 +63,7 @@ class AutoscalingConfig(Strict):
     target_ongoing_requests: float = Field(8, gt=0)
 
     @model_validator(mode="after")
-    def _bounds(self) -> "AutoscalingConfig":
+    def _bounds(self) -> AutoscalingConfig:
         if self.max_replicas < self.min_replicas:
             raise ValueError(
                 f"autoscaling.max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})"
@@ -101,7 +101,7 @@ class PoolConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _pinned_fit(self) -> "PoolConfig":
+    def _pinned_fit(self) -> PoolConfig:
         if len(set(self.pinned)) != len(self.pinned):
             raise ValueError(f"pool.pinned repeats an expert id: {self.pinned}")
         if len(self.pinned) > self.max_resident:
@@ -161,7 +161,7 @@ class MixtureExpert(ExpertBase):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
 
-Expert = Annotated[Union[ModelExpert, LoraExpert, MixtureExpert], Field(discriminator="kind")]
+Expert = Annotated[ModelExpert | LoraExpert | MixtureExpert, Field(discriminator="kind")]
 
 
 # --------------------------------------------------------------------------- router
@@ -243,7 +243,7 @@ class CoEConfig(Strict):
     serving: ServingConfig = Field(default_factory=ServingConfig)
 
     @model_validator(mode="after")
-    def _references(self) -> "CoEConfig":
+    def _references(self) -> CoEConfig:
         ids = [e.id for e in self.experts]
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:

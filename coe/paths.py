@@ -22,5 +22,10 @@ def models_dir() -> Path:
 
 
 def default_config_path() -> Path:
-    """The embedded default config (``configs/default.yaml``)."""
-    return REPO_ROOT / "configs" / "default.yaml"
+    """The embedded default config: ``configs/default.yaml``, installed as ``coe.configs``.
+
+    Found through the package, so it is the same file in a checkout, an editable install and a
+    wheel (where its relative adapter paths point into the installed ``coe.adapters``)."""
+    from importlib.resources import files
+
+    return Path(str(files("coe.configs") / "default.yaml"))

@@ -3,7 +3,7 @@
 Light to import: numpy and pydantic only. Embedders, faiss and torch load when first used.
 """
 
-from routers.base import (
+from coe.routers.base import (
     FitContext,
     QueryBatch,
     Router,
@@ -16,8 +16,8 @@ from routers.base import (
     router_names,
     save_router,
 )
-from routers.online import OnlineRouter, RoutingDecision, build_online_router
-from routers.policy import SelectionPolicy, calibrate
+from coe.routers.online import OnlineRouter, RoutingDecision, build_online_router
+from coe.routers.policy import SelectionPolicy, calibrate
 
 __all__ = [
     "FitContext",

@@ -2,7 +2,7 @@
 
 A router only *scores*: for a batch of queries it predicts every expert's quality (and, where it
 knows, cost). Choosing an expert from the scores (argmax, quality − λ·cost, cheapest above τ)
-is the one shared :mod:`routers.policy`. Routers register themselves in their own file with
+is the one shared :mod:`coe.routers.policy`. Routers register themselves in their own file with
 ``@register_router("name")``; the registry refuses duplicates.
 
 A fitted router is a folder: ``router.json`` (name, params, experts, costs, embedder, notes)
@@ -77,7 +77,7 @@ class Router:
     flags, and implement :meth:`fit`, :meth:`score`, :meth:`state` and :meth:`set_state`.
     Contract:
 
-    - ``fit(data, embeddings, ctx)``: learn from a :class:`routers.datasets.RoutingData` whose
+    - ``fit(data, embeddings, ctx)``: learn from a :class:`coe.routers.datasets.RoutingData` whose
       rows are embedded in ``embeddings`` ``[N, D]`` (unit norm). Sets ``self.experts`` and
       ``self.costs`` (mean cost per expert, ``[M]``).
     - ``score(batch)`` → :class:`Scores` for the experts in ``self.experts``; pure function of
@@ -152,11 +152,11 @@ def register_router(name: str):
 
 
 def _load_builtins() -> None:
-    """Import every module of ``routers.builtin`` (each registers its router)."""
+    """Import every module of ``coe.routers.builtin`` (each registers its router)."""
     global _BUILTINS_LOADED
     if _BUILTINS_LOADED:
         return
-    import routers.builtin as pkg
+    import coe.routers.builtin as pkg
 
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):

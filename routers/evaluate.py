@@ -1,9 +1,9 @@
 """Offline evaluation of a fitted router on a test set: the λ sweep and the metrics.
 
-For each λ of :func:`routers.policy.lambda_sweep` the shared policy (``tradeoff``) picks an
+For each λ of :func:`coe.routers.policy.lambda_sweep` the shared policy (``tradeoff``) picks an
 expert per test query from the router's predicted quality and cost; the point is the *realised*
 mean cost and mean quality of those picks on the test outcomes. AIQ, APGR and CPT come from
-:mod:`routers.metrics` over those points.
+:mod:`coe.routers.metrics` over those points.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from routers.base import QueryBatch, Router
-from routers.metrics import Anchors, aiq, apgr, cpt, nondecreasing_hull
-from routers.policy import SelectionPolicy, lambda_sweep
+from coe.routers.base import QueryBatch, Router
+from coe.routers.metrics import Anchors, aiq, apgr, cpt, nondecreasing_hull
+from coe.routers.policy import SelectionPolicy, lambda_sweep
 
 
 @dataclass

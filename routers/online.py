@@ -50,9 +50,9 @@ class OnlineRouter:
     """
 
     def __init__(self, cfg, experts: list, fitted=None, embedder=None) -> None:
-        from routers.builtin.centroid import CentroidRouter
-        from routers.embedding import get_embedder
-        from routers.policy import SelectionPolicy
+        from coe.routers.builtin.centroid import CentroidRouter
+        from coe.routers.embedding import get_embedder
+        from coe.routers.policy import SelectionPolicy
 
         self.cfg = cfg
         self.fitted = fitted
@@ -68,7 +68,7 @@ class OnlineRouter:
     # -- expert set -------------------------------------------------------------------------
     def add_expert(self, expert) -> None:
         """Register (or replace) an expert: embeds its description + examples for the centroid scores."""
-        from routers.builtin.centroid import expert_texts
+        from coe.routers.builtin.centroid import expert_texts
 
         texts = expert_texts(expert.description, list(expert.examples))
         emb = self.embedder.encode(texts) if texts else None
@@ -94,7 +94,7 @@ class OnlineRouter:
     # -- routing ----------------------------------------------------------------------------
     def route(self, queries: list[str]) -> list[RoutingDecision]:
         """One decision per query, in order; the non-empty queries are embedded once, together."""
-        from routers.base import QueryBatch
+        from coe.routers.base import QueryBatch
 
         with self._lock:
             infos = list(self._experts.values())
@@ -156,7 +156,7 @@ def build_online_router(cfg, experts: list, base_dir: Path | None = None, *, emb
     Loads ``cfg.fitted`` (relative to ``base_dir``) when set; otherwise ``cfg.name`` must be a
     router that needs no outcome data (``centroid``). Raises :class:`ConfigError` otherwise.
     """
-    from routers.base import load_router, router_class
+    from coe.routers.base import load_router, router_class
 
     fitted = None
     if cfg.fitted:

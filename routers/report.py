@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from coe.errors import DatasetError
-from routers.base import FitContext, router_class
-from routers.evaluate import Reference, RouterResult, evaluate_router
+from coe.routers.base import FitContext, router_class
+from coe.routers.evaluate import Reference, RouterResult, evaluate_router
 
 
 @dataclass
@@ -51,7 +51,7 @@ def run_eval(inputs: EvalInputs, names: list[str], *, folds: int = 5, cv: bool =
     """Cross-validate on train, fit, evaluate on test, for each router; returns the report dict."""
     from tqdm.auto import tqdm
 
-    from routers.tuning import cross_validate, grid_size
+    from coe.routers.tuning import cross_validate, grid_size
 
     ref = Reference.from_data(inputs.test)
     ctx = FitContext(seed=seed, embed=inputs.embed)
@@ -149,7 +149,7 @@ def write_plot(report: dict, path: Path) -> None:
     ax.scatter(cs, qs, marker="s", color="black", zorder=3, label="single models")
     for m, c, q in zip(singles, cs, qs):
         ax.annotate(m.split("/")[-1], (c, q), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    from routers.metrics import hull_value, nondecreasing_hull
+    from coe.routers.metrics import hull_value, nondecreasing_hull
 
     hull = nondecreasing_hull(cs, qs)
     lo, hi = report["cost_range"]

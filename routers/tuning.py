@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from routers.base import FitContext, create_router, router_class
+from coe.routers.base import FitContext, create_router, router_class
 
 
 @dataclass
@@ -41,8 +41,8 @@ def cross_validate(
     progress=None,
 ) -> CVResult:
     """Best params for router ``name`` by mean held-out AIQ over ``folds`` folds of ``data``."""
-    from routers.evaluate import Reference, sweep_points
-    from routers.metrics import aiq
+    from coe.routers.evaluate import Reference, sweep_points
+    from coe.routers.metrics import aiq
 
     cls = router_class(name)
     grid = cls.cv_grid if grid is None else grid

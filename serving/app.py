@@ -1,7 +1,7 @@
 """The one builder of the service: ``build_app(config) -> ray.serve.Application``.
 
-Used by ``coe serve``, by ``serve run serving.app:app_builder config_path=...`` and by the
-KubeRay manifests (``import_path: serving.app:app_builder``), so all three run the same thing.
+Used by ``coe serve``, by ``serve run coe.serving.app:app_builder config_path=...`` and by the
+KubeRay manifests (``import_path: coe.serving.app:app_builder``), so all three run the same thing.
 Importing this module starts nothing and imports no Ray.
 """
 
@@ -24,9 +24,9 @@ def build_app(config: CoEConfig, *, base_dir: Path | None = None) -> Application
 
     ``base_dir`` is the folder relative config paths resolve against (the config file's)."""
     from coe.registry import ExpertRegistry, live_experts, registry_path
-    from serving.deployments.ingress import CoEIngress
-    from serving.deployments.ray_deployments import bind_server, serve_options
-    from serving.deployments.spec import plan_servers
+    from coe.serving.deployments.ingress import CoEIngress
+    from coe.serving.deployments.ray_deployments import bind_server, serve_options
+    from coe.serving.deployments.spec import plan_servers
 
     base_dir = Path(base_dir).resolve() if base_dir is not None else None
     registry = ExpertRegistry(registry_path(config, base_dir))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import make_lora
+
 # Never reach for a model hub from the tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -52,10 +54,7 @@ def _tiny_tokenizer(folder: Path):
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
-    words = (
-        "the a of to and is in what capital france paris city math code python def return "
-        "x y 1 2 3 4 5 6 7 8 9 0 + - * = ? . , : ! user assistant system hello world question answer"
-    ).split()
+    words = ["the", "a", "of", "to", "and", "is", "in", "what", "capital", "france", "paris", "city", "math", "code", "python", "def", "return", "x", "y", "1", "2", "3", "4", "5", "6", "7", "8", "9", "0", "+", "-", "*", "=", "?", ".", ",", ":", "!", "user", "assistant", "system", "hello", "world", "question", "answer"]
     for w in words:
         vocab.setdefault(w, len(vocab))
     for tok in ["<|user|>", "<|assistant|>", "<|system|>", "\n"]:
@@ -97,23 +96,6 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def make_lora(base_dir: Path, out: Path, *, rank: int = 4, seed: int = 0, targets=("q_proj", "v_proj")) -> Path:
-    """Save a peft LoRA adapter for the model in ``base_dir`` with non-zero random B weights."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    peft_model = get_peft_model(
-        base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0)
-    )
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    peft_model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session")

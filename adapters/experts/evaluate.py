@@ -1,6 +1,6 @@
 """Held-out evaluation of the LoRA experts against the base model (CPU).
 
-    .venv/bin/python -m adapters.experts.evaluate --math-n 60 --code-n 40
+    .venv/bin/python -m coe.adapters.experts.evaluate --math-n 60 --code-n 40
 
 * math: GSM8K exact final-answer accuracy on the first ``--math-n`` of the held-out lines
   (the last 300 of gsm8k_train.jsonl, never trained on), greedy decoding, up to
@@ -9,7 +9,7 @@
 * code: MBPP has no test asserts in this data set, so the measure is a proxy: the mean
   per-token NLL of a correct answer (gpt-4's when correct) on held-out ``mbpp_test.csv`` tasks.
 
-Base and expert rows run in the same batch through :class:`adapters.multilora.MultiLoRA`
+Base and expert rows run in the same batch through :class:`coe.adapters.multilora.MultiLoRA`
 (rows with no adapter are the base model). Writes ``bench/results/lora_experts_eval.{json,md}``.
 """
 
@@ -29,8 +29,8 @@ def answer_nll(model, lora, tok, pairs, adapter: str, batch_size: int, max_len: 
     """Mean per-token NLL of the answers, base rows vs ``adapter`` rows (same batch)."""
     import torch
 
-    from adapters.experts.data import encode_example
-    from adapters.experts.train import _collate
+    from coe.adapters.experts.data import encode_example
+    from coe.adapters.experts.train import _collate
 
     examples = [e for e in (encode_example(tok, q, a, max_len) for q, a in pairs) if e is not None]
     sums = {"base": 0.0, adapter: 0.0}
@@ -52,11 +52,10 @@ def answer_nll(model, lora, tok, pairs, adapter: str, batch_size: int, max_len: 
 
 def gsm8k_accuracy(model, lora, tok, pairs, batch_size: int, max_new: int) -> dict:
     """Greedy exact-answer accuracy, base vs math (each chunk: base rows then math rows)."""
-    import torch
 
-    from adapters.decode import decode
-    from adapters.experts.data import gsm8k_final
-    from adapters.multilora import LoRAStepper
+    from coe.adapters.decode import decode
+    from coe.adapters.experts.data import gsm8k_final
+    from coe.adapters.multilora import LoRAStepper
 
     correct = {"base": 0, "math": 0}
     samples = []
@@ -103,8 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapters.experts.data import code_heldout, math_heldout
-    from adapters.multilora import MultiLoRA
+    from coe.adapters.experts.data import code_heldout, math_heldout
+    from coe.adapters.multilora import MultiLoRA
     from coe.models import resolve
 
     torch.set_num_threads(args.threads)
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         print("code", result["code_heldout_nll"], flush=True)
         _write(args.out, result)
     if "math" not in args.skip:
-        from adapters.experts.data import GSM8K, clean_gsm8k_answer
+        from coe.adapters.experts.data import GSM8K, clean_gsm8k_answer
 
         lines = [json.loads(x) for x in GSM8K.read_text().splitlines() if x.strip()][-args.holdout :][: args.math_n]
         nll_pairs = [(r["question"], clean_gsm8k_answer(r["answer"])) for r in lines]

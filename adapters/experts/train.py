@@ -1,9 +1,9 @@
 """Train one LoRA expert on SmolLM2-135M-Instruct (CPU, peft), reproducibly.
 
-    .venv/bin/python -m adapters.experts.train --domain math --out adapters/experts/math
-    .venv/bin/python -m adapters.experts.train --domain code --out adapters/experts/code
+    .venv/bin/python -m coe.adapters.experts.train --domain math --out adapters/experts/math
+    .venv/bin/python -m coe.adapters.experts.train --domain code --out adapters/experts/code
 
-Data (the team's shared folder, see :mod:`adapters.experts.data`):
+Data (the team's shared folder, see :mod:`coe.adapters.experts.data`):
 
 * ``math``: GSM8K train questions → reference answers (calculator annotations ``<<...>>``
   stripped, ``#### N`` kept). The last ``--holdout`` lines of the file are never trained on;
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapters.experts.data import code_train, encode_example, math_train
+    from coe.adapters.experts.data import code_train, encode_example, math_train
     from coe.models import resolve
 
     torch.set_num_threads(args.threads)

@@ -1,10 +1,10 @@
 """Train the MoLE mixture over the math and code experts (gates only; CPU), reproducibly.
 
-    .venv/bin/python -m adapters.experts.train_mixture --out adapters/experts/mixture
+    .venv/bin/python -m coe.adapters.experts.train_mixture --out adapters/experts/mixture
 
 Data: an equal number of math (GSM8K train part) and code (MBPP train) examples, shuffled
 with the seed, chat-formatted as for the experts (loss on the answer tokens). Writes the
-mixture folder (:mod:`adapters.mole` format), ``training_args.json``, ``loss.json``,
+mixture folder (:mod:`coe.adapters.mole` format), ``training_args.json``, ``loss.json``,
 ``loss.png`` and ``gate_report.json``: the mean gate weights on held-out math and code
 prompts, averaged over their (non-padding) tokens, system prompt included (does the gate
 send math to the math expert?).
@@ -40,10 +40,16 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapters.experts.data import code_heldout, code_train, encode_example, math_heldout, math_train
-    from adapters.experts.train import _collate, plot_loss
-    from adapters.mole import MoLE
-    from adapters.mole_train import train_gates
+    from coe.adapters.experts.data import (
+        code_heldout,
+        code_train,
+        encode_example,
+        math_heldout,
+        math_train,
+    )
+    from coe.adapters.experts.train import _collate, plot_loss
+    from coe.adapters.mole import MoLE
+    from coe.adapters.mole_train import train_gates
     from coe.models import resolve
 
     torch.set_num_threads(args.threads)

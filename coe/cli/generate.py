@@ -68,7 +68,7 @@ def _engine_config(args):
 
 
 async def _run(args) -> int:
-    from serving.engines.base import get_engine_class
+    from coe.serving.engines.base import get_engine_class
 
     request = _request(args)
     config = _engine_config(args)

@@ -47,7 +47,7 @@ def register(sub) -> None:
 
 
 def _list(args) -> int:
-    from routers import router_class, router_names
+    from coe.routers import router_class, router_names
 
     for name in router_names():
         cls = router_class(name)
@@ -59,7 +59,7 @@ def _list(args) -> int:
 
 def _embed_all(embedder, train, test):
     """Unit-norm embeddings of the routing texts (the shared few-shot header removed)."""
-    from routers.datasets import routing_texts, shared_prefix
+    from coe.routers.datasets import routing_texts, shared_prefix
 
     prefix = shared_prefix(train.queries)
     xtr = embedder.encode(routing_texts(train.queries, prefix))
@@ -69,10 +69,10 @@ def _embed_all(embedder, train, test):
 
 def _fit(args) -> int:
     from coe.config import load_config
-    from routers.base import FitContext, router_class, save_router
-    from routers.datasets import load_routing_data
-    from routers.embedding import Embedder
-    from routers.tuning import cross_validate
+    from coe.routers.base import FitContext, router_class, save_router
+    from coe.routers.datasets import load_routing_data
+    from coe.routers.embedding import Embedder
+    from coe.routers.tuning import cross_validate
 
     cfg = load_config(args.config)
     name = args.router or cfg.router.name
@@ -101,8 +101,8 @@ def _fit(args) -> int:
     router = cls(params).fit(data, x, ctx)
     policy = None
     if args.target_cost is not None or args.target_top_share is not None:
-        from routers.base import QueryBatch
-        from routers.policy import calibrate
+        from coe.routers.base import QueryBatch
+        from coe.routers.policy import calibrate
 
         # Calibrated on the training queries' predicted scores (no outcomes are used), as RouteLLM does.
         scores = router.score(QueryBatch(list(data.queries), x))
@@ -130,10 +130,10 @@ def _fit(args) -> int:
 
 def _eval(args) -> int:
     from coe.errors import DatasetError
-    from routers.base import router_class, router_names
-    from routers.datasets import load_routing_data
-    from routers.embedding import Embedder
-    from routers.report import EvalInputs, run_eval, split_data, write_report
+    from coe.routers.base import router_class, router_names
+    from coe.routers.datasets import load_routing_data
+    from coe.routers.embedding import Embedder
+    from coe.routers.report import EvalInputs, run_eval, split_data, write_report
 
     names = args.routers or router_names()
     for n in names:

@@ -38,7 +38,7 @@ def _serve(args) -> int:
     import ray
     from ray import serve
 
-    from serving.app import APP_NAME, build_app
+    from coe.serving.app import APP_NAME, build_app
 
     local = args.address is None
     init = {"address": args.address or "local", "include_dashboard": False, "log_to_driver": True,
@@ -69,8 +69,8 @@ def _serve(args) -> int:
 
 def _shutdown(serve, ray, local: bool) -> None:
     """Delete our applications (on a shared cluster) or the whole local Serve + Ray."""
-    from serving.app import APP_NAME
-    from serving.deployments.ray_deployments import RUNTIME_APP_PREFIX
+    from coe.serving.app import APP_NAME
+    from coe.serving.deployments.ray_deployments import RUNTIME_APP_PREFIX
 
     try:
         if local:

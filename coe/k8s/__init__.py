@@ -2,7 +2,7 @@
 
 ``render(config_path, gpu=...)`` returns the manifests (plain dicts) that run, on a cluster with
 the KubeRay operator, exactly the application ``coe serve`` runs: a ``RayService`` whose
-``serveConfigV2`` imports ``serving.app:app_builder`` with the whole CoE config inline, plus the
+``serveConfigV2`` imports ``coe.serving.app:app_builder`` with the whole CoE config inline, plus the
 ``PersistentVolumeClaim`` that holds the expert registry and runtime-registered adapters.
 
 Modules: ``cluster_config`` (config → the config as the cluster sees it), ``sizing`` (Serve

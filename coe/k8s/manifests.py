@@ -19,7 +19,7 @@ from coe.k8s.cluster_config import APP_DIR, STATE_DIR, ClusterConfig, cluster_co
 from coe.k8s.sizing import GroupSize, size_groups
 
 RAY_VERSION = "2.60.0"
-IMPORT_PATH = "serving.app:app_builder"
+IMPORT_PATH = "coe.serving.app:app_builder"
 APP_NAME = "coe"
 STATE_VOLUME = "coe-state"
 DNS_LABEL = r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"

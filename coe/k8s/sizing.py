@@ -1,10 +1,10 @@
 """From the config's per-deployment resources to KubeRay worker-group sizes.
 
-Every Serve deployment the builder (``serving.app:app_builder``) creates from the config is
+Every Serve deployment the builder (``coe.serving.app:app_builder``) creates from the config is
 a :class:`Unit`: the ingress (``serving.ingress``; it hosts the router and its embedder) and
 one expert server per ``model`` expert (its engine hosts its LoRA experts) and per ``mixture``
 expert. The builder gives each deployment these same resources as Ray actor options and
-autoscaling bounds (``serving.deployments.ray_deployments.serve_options``), so the pods only
+autoscaling bounds (``coe.serving.deployments.ray_deployments.serve_options``), so the pods only
 have to offer them. Units that ask for GPUs go to the GPU group, the rest to the CPU group.
 
 A group's pods all have one shape (:class:`PodShape`). ``minReplicas`` (and the initial

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from routers.base import QueryBatch, Router, Scores, register_router
+from coe.routers.base import QueryBatch, Router, Scores, register_router
 
 
 @register_router("best-single")

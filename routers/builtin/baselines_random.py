@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from routers.base import QueryBatch, Router, RouterParams, Scores, register_router
+from coe.routers.base import QueryBatch, Router, RouterParams, Scores, register_router
 
 
 class RandomParams(RouterParams):

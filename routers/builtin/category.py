@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import Field
 
 from coe.errors import ConfigError
-from routers.base import QueryBatch, Router, RouterParams, Scores, register_router
+from coe.routers.base import QueryBatch, Router, RouterParams, Scores, register_router
 
 
 class CategoryParams(RouterParams):

@@ -16,7 +16,7 @@ import threading
 import numpy as np
 from pydantic import Field
 
-from routers.base import FitContext, QueryBatch, Router, RouterParams, Scores, register_router
+from coe.routers.base import FitContext, QueryBatch, Router, RouterParams, Scores, register_router
 
 
 def expert_texts(description: str, examples: list[str]) -> list[str]:

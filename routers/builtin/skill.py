@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import Field
 
 from coe.errors import ConfigError
-from routers.base import FitContext, QueryBatch, Router, RouterParams, Scores, register_router
+from coe.routers.base import FitContext, QueryBatch, Router, RouterParams, Scores, register_router
 
 DEFAULT_SKILLS = [
     "arithmetic", "algebra", "geometry", "probability and statistics", "word problems", "calculus",

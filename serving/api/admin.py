@@ -24,10 +24,10 @@ from coe.errors import (
     ModelNotFoundError,
     available,
 )
-from serving.api.errors import as_coe_error
-from serving.api.models import ExpertInfo
-from serving.api.service import ROUTED, CoEService
-from serving.deployments.spec import ServerSpec, resolve_model, resolve_path, server_id_of
+from coe.serving.api.errors import as_coe_error
+from coe.serving.api.models import ExpertInfo
+from coe.serving.api.service import ROUTED, CoEService
+from coe.serving.deployments.spec import ServerSpec, resolve_model, resolve_path, server_id_of
 
 log = logging.getLogger("coe.serving")
 _EXPERT = TypeAdapter(Expert)
@@ -96,7 +96,7 @@ async def add_expert(service: CoEService, data) -> ExpertInfo:
 
 
 async def _add_lora(service: CoEService, expert: LoraExpert) -> LoraExpert:
-    from serving.engines.adapter_check import validate_lora_adapter
+    from coe.serving.engines.adapter_check import validate_lora_adapter
 
     base = service.experts.get(expert.base)
     if not isinstance(base, ModelExpert):

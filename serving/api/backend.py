@@ -1,8 +1,8 @@
 """Where the ingress sends generations: expert servers in-process or as Ray Serve deployments.
 
-:class:`Backend` is the small protocol the ingress logic (:class:`serving.api.service.CoEService`)
+:class:`Backend` is the small protocol the ingress logic (:class:`coe.serving.api.service.CoEService`)
 talks to; :class:`LocalBackend` hosts :class:`ExpertServer` objects in the same process (tests,
-benchmarks of the bare logic); ``serving.deployments.ray_deployments.ServeBackend`` calls Ray
+benchmarks of the bare logic); ``coe.serving.deployments.ray_deployments.ServeBackend`` calls Ray
 Serve deployment handles. Both raise the servers' :class:`coe.errors.CoEError` s unchanged
 (the Ray one after unwrapping).
 """
@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from coe.errors import EngineError, available
+from coe.serving.deployments.expert_server import ExpertServer, Served
+from coe.serving.deployments.spec import ServerSpec
 from coe.types import GenerationRequest, StreamDelta
-from serving.deployments.expert_server import ExpertServer, Served
-from serving.deployments.spec import ServerSpec
 
 
 class Backend(Protocol):

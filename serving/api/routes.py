@@ -9,17 +9,17 @@ from __future__ import annotations
 from fastapi import Body, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from serving.api import admin
-from serving.api.errors import install_error_handlers
-from serving.api.models import (
+from coe.serving.api import admin
+from coe.serving.api.errors import install_error_handlers
+from coe.serving.api.models import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ExpertInfo,
     ModelList,
     RouteRequest,
 )
-from serving.api.service import CoEService
-from serving.metrics import CONTENT_TYPE_LATEST
+from coe.serving.api.service import CoEService
+from coe.serving.metrics import CONTENT_TYPE_LATEST
 
 EXPERT_HEADER = "x-coe-expert"
 

@@ -1,7 +1,7 @@
 """The ingress logic: route (or pin), generate on the chosen expert's server, retry on a fallback.
 
 :class:`CoEService` holds the live expert set (config + registry), the online router and a
-:class:`serving.api.backend.Backend`. The FastAPI routes (``serving/api/routes.py``) are thin
+:class:`coe.serving.api.backend.Backend`. The FastAPI routes (``serving/api/routes.py``) are thin
 calls into it; registration lives in ``serving/api/admin.py``. Async methods run on the
 ingress's event loop; the router (CPU-bound embedding) runs in a worker thread.
 """
@@ -27,10 +27,9 @@ from coe.errors import (
     UnauthorizedError,
     available,
 )
-from coe.types import GenerationRequest, SamplingParams
-from serving.api.backend import Backend
-from serving.api.errors import as_coe_error, error_body
-from serving.api.models import (
+from coe.serving.api.backend import Backend
+from coe.serving.api.errors import as_coe_error, error_body
+from coe.serving.api.models import (
     AssistantMessage,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -45,8 +44,9 @@ from serving.api.models import (
     Usage,
     new_id,
 )
-from serving.deployments.spec import server_id_of
-from serving.metrics import ServiceMetrics
+from coe.serving.deployments.spec import server_id_of
+from coe.serving.metrics import ServiceMetrics
+from coe.types import GenerationRequest, SamplingParams
 
 log = logging.getLogger("coe.serving")
 ROUTED = "coe"
@@ -196,7 +196,7 @@ class CoEService:
         timeout = self.config.serving.request_timeout_s
         try:
             return await asyncio.wait_for(awaitable, timeout=timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise EngineError(f"expert {expert_id!r} did not answer within {timeout:g} s") from None
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:

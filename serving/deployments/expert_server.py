@@ -7,7 +7,7 @@ engine may host several experts, LoRA or whole models alike. Plain (non-streamed
 through :class:`ExpertGroupedBatcher`: one ``engine.generate_batch`` call per expert per window.
 Streamed requests go straight to ``engine.stream`` (the engine batches them continuously).
 
-This class is plain Python, usable in-process; ``serving.deployments.ray_deployments`` wraps it
+This class is plain Python, usable in-process; ``coe.serving.deployments.ray_deployments`` wraps it
 as a Ray Serve deployment. Methods are coroutines on one asyncio loop.
 """
 
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from coe.config import MixtureExpert
 from coe.errors import CoEError, EngineError, ExpertNotFoundError, available
+from coe.serving.deployments.batcher import ExpertGroupedBatcher
+from coe.serving.deployments.spec import ServerSpec, resolve_model, resolve_path
 from coe.types import GenerationOutput, GenerationRequest, StreamDelta
-from serving.deployments.batcher import ExpertGroupedBatcher
-from serving.deployments.spec import ServerSpec, resolve_model, resolve_path
 
 log = logging.getLogger("coe.serving")
 
@@ -41,7 +41,7 @@ class Served:
 class ExpertServer:
     """Hosts one engine for the experts of a :class:`ServerSpec`.
 
-    ``engine_cls`` is injected (``serving.engines.get_engine_class(spec.engine_kind)`` when
+    ``engine_cls`` is injected (``coe.serving.engines.get_engine_class(spec.engine_kind)`` when
     None). Engine failures surface as :class:`EngineError` (HTTP 503); request errors
     (context too long, bad adapter) keep their own :class:`CoEError` type.
     """
@@ -73,7 +73,7 @@ class ExpertServer:
         try:
             engine_cls = self._engine_cls
             if engine_cls is None:
-                from serving.engines import get_engine_class
+                from coe.serving.engines import get_engine_class
 
                 engine_cls = get_engine_class(spec.engine_kind)
             model_path = resolve_model(spec.model_expert.model, spec.base_dir)
@@ -105,7 +105,7 @@ class ExpertServer:
         if self.engine is not None:
             try:
                 await self.engine.stop()
-            except Exception:  # noqa: BLE001  (an engine that never started may not stop cleanly)
+            except Exception:
                 log.exception("stopping the engine of %s failed", self.spec.server_id)
 
     def ready(self) -> dict[str, str | None]:
@@ -161,7 +161,7 @@ class ExpertServer:
             await self.add_adapter(eid, adapter_path)  # a replica that missed a runtime registration
         request.adapter = eid if self._experts[eid] is not None else None
         prompt_tokens = self.engine.count_prompt_tokens(request)
-        from serving.engines.chat import check_context
+        from coe.serving.engines.chat import check_context
 
         check_context(prompt_tokens, request.sampling.max_tokens, self.engine.max_model_len)
         return request

@@ -14,8 +14,8 @@ from ray import serve
 
 from coe.config import CoEConfig
 from coe.registry import ExpertRegistry, live_experts, registry_path
-from serving.deployments.ray_deployments import ServeBackend
-from serving.deployments.spec import plan_servers
+from coe.serving.deployments.ray_deployments import ServeBackend
+from coe.serving.deployments.spec import plan_servers
 
 log = logging.getLogger("coe.serving")
 
@@ -24,8 +24,8 @@ log = logging.getLogger("coe.serving")
 @serve.ingress()
 class CoEIngress:
     async def __init__(self, config_json: str, base_dir: str | None, servers: dict) -> None:
-        from routers import build_online_router
-        from serving.api.service import CoEService
+        from coe.routers import build_online_router
+        from coe.serving.api.service import CoEService
 
         logging.basicConfig(level=logging.INFO)
         config = CoEConfig.model_validate_json(config_json)
@@ -41,6 +41,6 @@ class CoEIngress:
         log.info("coe ingress up: %d experts, router %s", len(experts), getattr(router, "name", "?"))
 
     def __serve_build_asgi_app__(self):
-        from serving.api.routes import create_api
+        from coe.serving.api.routes import create_api
 
         return create_api(self.service)

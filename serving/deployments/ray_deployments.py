@@ -14,9 +14,9 @@ from ray import serve
 
 from coe.config import ResourcesConfig
 from coe.errors import EngineError, available
-from serving.api.errors import as_coe_error
-from serving.deployments.expert_server import ExpertServer
-from serving.deployments.spec import ServerSpec
+from coe.serving.api.errors import as_coe_error
+from coe.serving.deployments.expert_server import ExpertServer
+from coe.serving.deployments.spec import ServerSpec
 
 log = logging.getLogger("coe.serving")
 RUNTIME_APP_PREFIX = "coe-expert-"
@@ -92,7 +92,7 @@ def bind_server(spec: ServerSpec):
 
 
 class ServeBackend:
-    """:class:`serving.api.backend.Backend` over Ray Serve deployment handles."""
+    """:class:`coe.serving.api.backend.Backend` over Ray Serve deployment handles."""
 
     def __init__(self, handles: dict, *, load_timeout_s: float = 600) -> None:
         self.handles = dict(handles)
@@ -133,7 +133,7 @@ class ServeBackend:
         handle = serve.get_deployment_handle(spec.server_id, app_name=app_name)
         try:
             states = await asyncio.wait_for(handle.ready.remote(), timeout=self.load_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             res = spec.resources
             raise EngineError(
                 f"the engine of {spec.host.id} did not start within {self.load_timeout_s:.0f} s; does the cluster "

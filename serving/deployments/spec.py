@@ -13,11 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coe.config import (
     BatchingConfig,
-    PoolConfig,
     Expert,
     LoraExpert,
     MixtureExpert,
     ModelExpert,
+    PoolConfig,
     ResourcesConfig,
 )
 

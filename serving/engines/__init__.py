@@ -1,5 +1,5 @@
-"""Generation engines behind one protocol (:class:`serving.engines.base.Engine`)."""
+"""Generation engines behind one protocol (:class:`coe.serving.engines.base.Engine`)."""
 
-from serving.engines.base import Engine, get_engine_class, register_engine
+from coe.serving.engines.base import Engine, get_engine_class, register_engine
 
 __all__ = ["Engine", "get_engine_class", "register_engine"]

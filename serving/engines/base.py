@@ -7,17 +7,16 @@ coroutines meant to run on one asyncio loop (the expert server's); they are not 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Callable
 
 from coe.config import EngineConfig
 from coe.types import GenerationOutput, GenerationRequest, StreamDelta
 
-_ENGINES: dict[str, type["Engine"]] = {}
+_ENGINES: dict[str, type[Engine]] = {}
 
 
-def register_engine(name: str) -> Callable[[type["Engine"]], type["Engine"]]:
+def register_engine(name: str) -> Callable[[type[Engine]], type[Engine]]:
     """Class decorator: make an engine available under ``name`` (the config's ``engine.kind``)."""
 
     def deco(cls: type[Engine]) -> type[Engine]:
@@ -30,10 +29,10 @@ def register_engine(name: str) -> Callable[[type["Engine"]], type["Engine"]]:
     return deco
 
 
-def get_engine_class(name: str) -> type["Engine"]:
+def get_engine_class(name: str) -> type[Engine]:
     """The engine class registered under ``name`` (imports the built-in backends lazily)."""
-    from serving.engines import hf, mixture, vllm_engine  # noqa: F401  (self-registering)
-    from serving.pool import engine as _pool  # noqa: F401
+    from coe.serving.engines import hf, mixture, vllm_engine  # noqa: F401  (self-registering)
+    from coe.serving.pool import engine as _pool  # noqa: F401
 
     if name not in _ENGINES:
         from coe.errors import ConfigError, available

@@ -4,7 +4,7 @@ Requests are decoded together by one background worker thread: each loop iterati
 prefills the newly arrived requests (as their own left-padded batch, then joined to the
 running one) or runs one decode step over every active row (see ``hf_batch`` for the cache
 layout). Tokens go back to each caller's asyncio loop through a per-request queue.
-A mixed batch of LoRA adapters is one forward through :class:`adapters.multilora.MultiLoRA`
+A mixed batch of LoRA adapters is one forward through :class:`coe.adapters.multilora.MultiLoRA`
 (``_forward``): every loaded adapter's A/B matrices are concatenated per layer and each row's
 adapter is selected by a mask, so a batch mixing 8 adapters costs two extra GEMMs per layer
 instead of peft's per-adapter loop (``bench/lora_mixed_batch.py``: 2.7x peft's tokens/s on CPU).
@@ -21,10 +21,9 @@ import threading
 from dataclasses import dataclass, field
 
 from coe.errors import AdapterError, EngineError, NotReadyError
-from coe.types import GenerationRequest, SamplingParams
-from serving.engines.adapter_check import LoraInfo, validate_lora_adapter
-from serving.engines.base import Engine, register_engine
-from serving.engines.chat import (
+from coe.serving.engines.adapter_check import LoraInfo, validate_lora_adapter
+from coe.serving.engines.base import Engine, register_engine
+from coe.serving.engines.chat import (
     check_context,
     encode_request,
     load_tokenizer,
@@ -34,8 +33,9 @@ from serving.engines.chat import (
     resolve_dtype,
     stop_ids,
 )
-from serving.engines.hf_batch import KVBatch, left_pad
-from serving.engines.sampling import TextStream, accept_token, make_generator, sample_token
+from coe.serving.engines.hf_batch import KVBatch, left_pad
+from coe.serving.engines.sampling import TextStream, accept_token, make_generator, sample_token
+from coe.types import GenerationRequest, SamplingParams
 
 
 @dataclass(eq=False)
@@ -72,7 +72,7 @@ class HFEngine(Engine):
         self._max_len = self.config.max_model_len
         self._eos: set[int] = set()
         self._adapters: dict[str, tuple[str, LoraInfo]] = {}  # name -> (name in MultiLoRA, info)
-        self._lora = None  # adapters.multilora.MultiLoRA, created with the first adapter
+        self._lora = None  # coe.adapters.multilora.MultiLoRA, created with the first adapter
         self._pending: collections.deque[_Row] = collections.deque()
         self._rows: list[_Row] = []
         self._batch: KVBatch | None = None
@@ -186,7 +186,7 @@ class HFEngine(Engine):
         await asyncio.to_thread(self._load_adapter, name, info)
 
     def _load_adapter(self, name: str, info: LoraInfo) -> None:
-        from adapters.multilora import MultiLoRA
+        from coe.adapters.multilora import MultiLoRA
 
         with self._model_lock:
             if name in self._adapters:

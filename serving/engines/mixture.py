@@ -1,9 +1,9 @@
 """The mixture engine: serves a ``kind: mixture`` expert (MoLE or X-LoRA over LoRA experts).
 
 The base model runs in-process with transformers; the layer-wise mixing is
-:mod:`adapters.mole` / :mod:`adapters.xlora` (KV-cached). Prompts go through the same chat
-template code as the other engines (``serving.engines.chat``), tokens through the same
-sampling and incremental detokenisation (``serving.engines.sampling``).
+:mod:`coe.adapters.mole` / :mod:`coe.adapters.xlora` (KV-cached). Prompts go through the same chat
+template code as the other engines (``coe.serving.engines.chat``), tokens through the same
+sampling and incremental detokenisation (``coe.serving.engines.sampling``).
 
 Batches: ``generate_batch`` decodes its requests as one left-padded batch; ``stream`` runs a
 batch of one. One batch runs at a time (the mixture keeps one KV cache); the work happens in a
@@ -18,9 +18,8 @@ import threading
 from pathlib import Path
 
 from coe.errors import AdapterError, ConfigError, EngineError, NotReadyError
-from coe.types import GenerationOutput, GenerationRequest, StreamDelta
-from serving.engines.base import Engine, register_engine
-from serving.engines.chat import (
+from coe.serving.engines.base import Engine, register_engine
+from coe.serving.engines.chat import (
     check_context,
     encode_request,
     load_tokenizer,
@@ -28,7 +27,8 @@ from serving.engines.chat import (
     resolve_dtype,
     stop_ids,
 )
-from serving.engines.sampling import TextStream, accept_token, make_generator, sample_token
+from coe.serving.engines.sampling import TextStream, accept_token, make_generator, sample_token
+from coe.types import GenerationOutput, GenerationRequest, StreamDelta
 
 
 class _Row:
@@ -71,8 +71,8 @@ class MixtureEngine(Engine):
 
     @classmethod
     def from_spec(cls, spec) -> MixtureEngine:
-        """Build from a ``serving.deployments.spec.ServerSpec`` whose host is a mixture expert."""
-        from serving.deployments.spec import resolve_model, resolve_path
+        """Build from a ``coe.serving.deployments.spec.ServerSpec`` whose host is a mixture expert."""
+        from coe.serving.deployments.spec import resolve_model, resolve_path
 
         host, base = spec.host, spec.model_expert
         paths = {lora.id: str(resolve_path(lora.adapter, spec.base_dir)) for lora in spec.loras}
@@ -94,8 +94,8 @@ class MixtureEngine(Engine):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from adapters.mixtures import load_mixture
-        from adapters.mole import MoLE, read_mixture_meta
+        from coe.adapters.mixtures import load_mixture
+        from coe.adapters.mole import MoLE, read_mixture_meta
         from coe.models import resolve
 
         path = resolve(self.model_path)
@@ -146,7 +146,7 @@ class MixtureEngine(Engine):
         """Decode ``rows`` as one batch (worker thread); each row's deltas go to its ``emit``."""
         import torch
 
-        from serving.engines.hf_batch import left_pad
+        from coe.serving.engines.hf_batch import left_pad
 
         with self._lock, torch.no_grad():
             ids, mask, _ = left_pad([r.prompt_ids for r in rows], self._pad_id)

@@ -17,10 +17,9 @@ import os
 import uuid
 
 from coe.errors import AdapterError, EngineError, NotReadyError
-from coe.types import GenerationRequest, StreamDelta
-from serving.engines.adapter_check import LoraInfo, validate_lora_adapter
-from serving.engines.base import Engine, register_engine
-from serving.engines.chat import (
+from coe.serving.engines.adapter_check import LoraInfo, validate_lora_adapter
+from coe.serving.engines.base import Engine, register_engine
+from coe.serving.engines.chat import (
     check_context,
     encode_request,
     load_tokenizer,
@@ -29,6 +28,7 @@ from serving.engines.chat import (
     resolve_device,
     resolve_dtype,
 )
+from coe.types import GenerationRequest, StreamDelta
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 

@@ -3,8 +3,8 @@
 ``PoolEngine(experts, pool_config, engine_config)`` is the integration surface: ``experts``
 maps expert id → model reference (alias, folder or hub id), requests name their expert in
 ``GenerationRequest.expert``. One worker thread serves *sessions*: it asks the
-:class:`~serving.pool.scheduler.GroupedQueue` for the next expert and its requests, leases the
-expert from the :class:`~serving.pool.pool.ExpertPool` (swapping it in if needed), starts
+:class:`~coe.serving.pool.scheduler.GroupedQueue` for the next expert and its requests, leases the
+expert from the :class:`~coe.serving.pool.pool.ExpertPool` (swapping it in if needed), starts
 copying the expert scheduled after it (CUDA), and decodes the group as one batch with the
 transformers engine's continuous batching (``HFEngine``'s prefill/decode steps, reused as they
 are). At each step boundary more requests for the same expert join the running batch while
@@ -27,13 +27,13 @@ from coe.errors import (
     NotReadyError,
     available,
 )
+from coe.serving.engines.base import Engine, register_engine
+from coe.serving.engines.chat import check_context, encode_request, model_max_len, stop_ids
+from coe.serving.engines.hf import HFEngine, _Row
+from coe.serving.engines.sampling import TextStream, make_generator
+from coe.serving.pool.pool import ExpertPool
+from coe.serving.pool.scheduler import GroupedQueue
 from coe.types import GenerationRequest
-from serving.engines.base import Engine, register_engine
-from serving.engines.chat import check_context, encode_request, model_max_len, stop_ids
-from serving.engines.hf import HFEngine, _Row
-from serving.engines.sampling import TextStream, make_generator
-from serving.pool.pool import ExpertPool
-from serving.pool.scheduler import GroupedQueue
 
 if TYPE_CHECKING:
     from coe.config import CoEConfig
@@ -97,8 +97,8 @@ class PoolEngine(Engine):
 
     @classmethod
     def from_spec(cls, spec) -> PoolEngine:
-        """The pool of an expert server's spec (``serving.deployments.spec.ServerSpec`` with ``pooled``)."""
-        from serving.deployments.spec import resolve_model
+        """The pool of an expert server's spec (``coe.serving.deployments.spec.ServerSpec`` with ``pooled``)."""
+        from coe.serving.deployments.spec import resolve_model
 
         experts = {e.id: resolve_model(e.model, spec.base_dir) for e in spec.pooled}
         return cls(experts, spec.pool, spec.pooled[0].engine)

@@ -33,8 +33,8 @@ from coe.errors import ConfigError, EngineError, ExpertNotFoundError, available
 if TYPE_CHECKING:
     import torch
 
-    from serving.pool.layout import Layout
-    from serving.pool.store import HostExpert
+    from coe.serving.pool.layout import Layout
+    from coe.serving.pool.store import HostExpert
 
 GIB = 1024**3
 
@@ -112,8 +112,8 @@ class ExpertPool:
         """
         import torch
 
-        from serving.engines.chat import resolve_device, resolve_dtype
-        from serving.pool.store import load_host_expert
+        from coe.serving.engines.chat import resolve_device, resolve_dtype
+        from coe.serving.pool.store import load_host_expert
 
         self.device = resolve_device(self.engine_config)
         self.dtype = dtype = getattr(torch, resolve_dtype(self.engine_config, self.device, engine="hf"))
@@ -292,7 +292,7 @@ class ExpertPool:
         self.stats.evictions += 1
 
     def _new_slot(self, layout: Layout, flat=None) -> Slot:
-        from serving.pool.store import build_skeleton
+        from coe.serving.pool.store import build_skeleton
 
         if flat is None:
             flat = layout.empty(self.device)

@@ -1,7 +1,7 @@
 """Host copies of whole-model experts: one flat (pinned, on CUDA) buffer of weights per expert.
 
 Loading an expert reads it once with ``from_pretrained`` on the CPU, packs every tensor into a
-flat buffer with its architecture shape's :class:`~serving.pool.layout.Layout`, and drops the
+flat buffer with its architecture shape's :class:`~coe.serving.pool.layout.Layout`, and drops the
 module. Experts of the same shape share the layout and the module skeleton recipe (the config),
 so a device slot built for one can hold any of them.
 """
@@ -17,7 +17,7 @@ from coe.errors import ModelNotFoundError
 if TYPE_CHECKING:
     import torch
 
-    from serving.pool.layout import Layout
+    from coe.serving.pool.layout import Layout
 
 
 @dataclass
@@ -82,8 +82,8 @@ def load_host_expert(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from serving.engines.chat import load_tokenizer
-    from serving.pool.layout import layout_of, shape_key
+    from coe.serving.engines.chat import load_tokenizer
+    from coe.serving.pool.layout import layout_of, shape_key
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)

@@ -9,8 +9,8 @@ import torch
 
 from coe.config import EngineConfig
 from coe.errors import AdapterError, ConfigError
+from coe.serving.engines.base import get_engine_class
 from coe.types import ChatMessage, GenerationRequest, SamplingParams
-from serving.engines.base import get_engine_class
 
 
 def _req(text: str, **sampling) -> GenerationRequest:
@@ -25,7 +25,7 @@ def _req(text: str, **sampling) -> GenerationRequest:
 def saved_mole(tiny_llama_dir, tiny_loras, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    from adapters.mole import MoLE
+    from coe.adapters.mole import MoLE
 
     mole = MoLE(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), [("a", tiny_loras[0]), ("b", tiny_loras[1])], top_k=1)
     torch.manual_seed(0)
@@ -40,8 +40,8 @@ def saved_mole(tiny_llama_dir, tiny_loras, tmp_path_factory):
 def test_streams_greedy_tokens_of_the_mixture_with_usage(tiny_llama_dir, saved_mole):
     from transformers import AutoModelForCausalLM
 
-    from adapters.decode import decode
-    from adapters.mixtures import load_mixture
+    from coe.adapters.decode import decode
+    from coe.adapters.mixtures import load_mixture
 
     engine = get_engine_class("mixture")(tiny_llama_dir, EngineConfig(kind="hf"), method="mole", checkpoint=saved_mole)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.decode import decode
-from adapters.mixtures import load_mixture
-from adapters.mole import MoLE
+from coe.adapters.decode import decode
+from coe.adapters.mixtures import load_mixture
+from coe.adapters.mole import MoLE
 from coe.errors import AdapterError
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
@@ -53,7 +53,7 @@ def test_cached_decoding_equals_full_forward(tiny_llama_dir, tiny_loras):
 
 
 def test_training_lowers_loss_and_save_load_roundtrip(tiny_llama_dir, tiny_loras, tmp_path):
-    from adapters.mole_train import train_gates
+    from coe.adapters.mole_train import train_gates
 
     mole = MoLE(_clean(tiny_llama_dir), [(f"a{i}", p) for i, p in enumerate(tiny_loras)])
     rng = torch.Generator().manual_seed(0)

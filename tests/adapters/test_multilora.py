@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from adapters.multilora import MultiLoRA
+from coe.adapters.multilora import MultiLoRA
 from coe.errors import AdapterError
 
 
@@ -85,9 +85,8 @@ def test_rslora_alpha_pattern_and_remove(tiny_llama_dir, tmp_path):
         torch.testing.assert_close(model(input_ids=IDS).logits, want, atol=1e-5, rtol=1e-4)
     ml.remove("rs")
     assert ml.names == []
-    with pytest.raises(AdapterError, match="unknown adapter 'rs'"):
-        with ml.batch(["rs"] * 4):
-            pass
+    with pytest.raises(AdapterError, match="unknown adapter 'rs'"), ml.batch(["rs"] * 4):
+        pass
 
 
 def test_bad_adapters_are_refused(tiny_llama_dir, tiny_loras, tmp_path):
@@ -106,7 +105,7 @@ def test_bad_adapters_are_refused(tiny_llama_dir, tiny_loras, tmp_path):
 
 
 def test_adapter_for_another_model_is_refused(tiny_llama_dir):
-    from adapters.lora_weights import LoraWeights
+    from coe.adapters.lora_weights import LoraWeights
 
     ml = MultiLoRA(_base(tiny_llama_dir))
     wrong_shape = LoraWeights("w", "<mem>", {"model.layers.0.self_attn.q_proj": (torch.zeros(2, 32), torch.zeros(64, 2))})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.decode import decode
-from adapters.xlora import XLoRA
+from coe.adapters.decode import decode
+from coe.adapters.xlora import XLoRA
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
 

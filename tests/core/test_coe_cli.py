@@ -33,6 +33,6 @@ def test_commands_are_discovered():
 
 
 def test_import_coe_is_light():
-    code = "import sys, coe, coe.config, coe.cli, coe.models, serving.engines; print(sorted(m for m in ('torch','vllm','ray') if m in sys.modules))"
+    code = "import sys, coe, coe.config, coe.cli, coe.models, coe.serving.engines; print(sorted(m for m in ('torch','vllm','ray') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -8,9 +8,9 @@ here: the vLLM engine is a session fixture shared by every test that needs it.
 from __future__ import annotations
 
 import pytest
-from engine_helpers import LoopThread, make_lora
 
 from coe.config import EngineConfig
+from tests.engines.engine_helpers import LoopThread, make_lora
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,7 @@ def loop():
 @pytest.fixture(scope="session")
 def tiny_hf(tiny_llama_dir, loop):
     """HFEngine on the tiny random llama (float32, CPU, context 256)."""
-    from serving.engines.hf import HFEngine
+    from coe.serving.engines.hf import HFEngine
 
     engine = HFEngine(tiny_llama_dir, EngineConfig(kind="hf", device="cpu", max_model_len=256, max_num_seqs=8))
     loop.run(engine.start())
@@ -34,7 +34,7 @@ def tiny_hf(tiny_llama_dir, loop):
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_dir, loop):
     """HFEngine on SmolLM2-135M-Instruct in float32 (the dtype the vLLM fixture uses too)."""
-    from serving.engines.hf import HFEngine
+    from coe.serving.engines.hf import HFEngine
 
     engine = HFEngine(smollm2_dir, EngineConfig(kind="hf", device="cpu", dtype="float32", max_lora_rank=8))
     loop.run(engine.start())
@@ -46,7 +46,7 @@ def smollm2_hf(smollm2_dir, loop):
 def smollm2_vllm(smollm2_dir, loop):
     """VLLMEngine on SmolLM2 in float32, started once per session."""
     pytest.importorskip("vllm")
-    from serving.engines.vllm_engine import VLLMEngine
+    from coe.serving.engines.vllm_engine import VLLMEngine
 
     cfg = EngineConfig(kind="vllm", dtype="float32", max_model_len=1024, max_num_seqs=8, max_loras=2, max_lora_rank=8)
     engine = VLLMEngine(smollm2_dir, cfg)

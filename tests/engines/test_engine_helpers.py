@@ -7,10 +7,10 @@ import json
 import pytest
 
 from coe.errors import AdapterError, ContextLengthError
-from serving.engines.adapter_check import validate_lora_adapter
-from serving.engines.chat import check_context, encode_request
-from serving.engines.sampling import TextStream
-from serving.engines.vllm_engine import vllm_lora_rank
+from coe.serving.engines.adapter_check import validate_lora_adapter
+from coe.serving.engines.chat import check_context, encode_request
+from coe.serving.engines.sampling import TextStream
+from coe.serving.engines.vllm_engine import vllm_lora_rank
 
 TEXT = "Café naïve — 日本語のテキスト 🙂 done."
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from engine_helpers import chat, make_lora
 
 from coe.errors import AdapterError, ContextLengthError
+from tests.engines.engine_helpers import chat, make_lora
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +108,7 @@ def test_hf_and_vllm_lora_agree(smollm2_hf, smollm2_vllm, smollm2_lora, loop):
 
 def test_gemma3_through_hf_is_not_degenerate(gemma3_dir, loop):
     from coe.config import EngineConfig
-    from serving.engines.hf import HFEngine
+    from coe.serving.engines.hf import HFEngine
 
     engine = HFEngine(gemma3_dir, EngineConfig(kind="hf", device="cpu"))
     loop.run(engine.start())

@@ -142,8 +142,8 @@ def test_invalid_config_fails_like_coe_serve(tmp_path, default_config):
 
 
 def test_units_are_the_builders_deployments(default_config):
-    """Sizing counts exactly the deployments serving.app builds, with their resources."""
-    from serving.deployments.spec import plan_servers
+    """Sizing counts exactly the deployments coe.serving.app builds, with their resources."""
+    from coe.serving.deployments.spec import plan_servers
 
     cfg = load_config(default_config)
     specs = plan_servers(cfg.experts, base_dir=None, batching=cfg.serving.batching)

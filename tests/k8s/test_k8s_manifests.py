@@ -82,7 +82,7 @@ def test_import_path_imports_and_accepts_the_rendered_args(default_config):
     module, _, attr = IMPORT_PATH.partition(":")
     builder = getattr(importlib.import_module(module), attr)
     assert callable(builder)
-    from serving.app import load_app_config  # the builder's own argument parsing, no Ray
+    from coe.serving.app import load_app_config  # the builder's own argument parsing, no Ray
 
     args = _app(_ray_service(render(default_config)))["args"]
     config, base_dir = load_app_config(args)

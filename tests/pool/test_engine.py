@@ -31,13 +31,13 @@ async def _burst(engine, requests):
 
 
 def _engine(experts, **pool):
-    from serving.pool.engine import PoolEngine
+    from coe.serving.pool.engine import PoolEngine
 
     return PoolEngine({k: str(v) for k, v in experts.items()}, PoolConfig(**pool), CPU)
 
 
 def test_pool_matches_hf_engine_and_groups_sessions(tiny_experts):
-    from serving.engines.hf import HFEngine
+    from coe.serving.engines.hf import HFEngine
 
     experts = {k: tiny_experts[k] for k in ("e0", "e1", "e2")}
     order = ["e0", "e1", "e2", "e1", "e0", "e1", "e2", "e1"]
@@ -112,8 +112,8 @@ def test_errors_and_cancellation(tiny_experts):
 
 
 def test_registered_as_pool_engine():
-    from serving.engines.base import _ENGINES
-    from serving.pool.engine import PoolEngine
+    from coe.serving.engines.base import _ENGINES
+    from coe.serving.pool.engine import PoolEngine
 
     assert _ENGINES["pool"] is PoolEngine
 
@@ -121,7 +121,7 @@ def test_registered_as_pool_engine():
 def test_from_config_takes_pooled_model_experts(tiny_experts):
     from coe.config import parse_config
     from coe.errors import ConfigError
-    from serving.pool.engine import PoolEngine
+    from coe.serving.pool.engine import PoolEngine
 
     hf = {"kind": "hf", "device": "cpu"}
     data = {
@@ -151,9 +151,7 @@ def test_from_config_takes_pooled_model_experts(tiny_experts):
 def test_expert_server_hosts_the_pool(tiny_experts):
     """Pooled experts share one expert server (one deployment) whose engine is the pool."""
     from coe.config import parse_config
-    from coe.types import GenerationRequest, SamplingParams
-    from serving.deployments.expert_server import ExpertServer
-    from serving.deployments.spec import POOL_SERVER, plan_servers, server_id_of
+    from coe.serving.deployments.spec import POOL_SERVER, plan_servers, server_id_of
 
     hf = {"kind": "hf", "device": "cpu"}
     cfg = parse_config({
@@ -173,8 +171,8 @@ def test_expert_server_hosts_the_pool(tiny_experts):
 
 
 async def _serve_pool(spec):
+    from coe.serving.deployments.expert_server import ExpertServer
     from coe.types import GenerationRequest, SamplingParams
-    from serving.deployments.expert_server import ExpertServer
 
     server = ExpertServer(spec)
     await server.start()
@@ -200,7 +198,7 @@ def test_cuda_pool_engine_swaps_and_prefetches(tiny_experts):
     requests = [_req(i, e) for i, e in enumerate(order)]
 
     async def main():
-        from serving.pool.engine import PoolEngine
+        from coe.serving.pool.engine import PoolEngine
 
         cuda = EngineConfig(kind="hf", device="cuda", dtype="float32", max_num_seqs=8, max_model_len=128)
         engine = PoolEngine({k: str(v) for k, v in experts.items()}, PoolConfig(max_resident=2), cuda)

@@ -21,8 +21,8 @@ def _logits(model, ids):
 
 
 def test_bound_skeleton_matches_model(tiny_experts):
-    from serving.pool.layout import layout_of
-    from serving.pool.store import build_skeleton
+    from coe.serving.pool.layout import layout_of
+    from coe.serving.pool.store import build_skeleton
 
     model = _load(tiny_experts["e0"])
     layout = layout_of(model)
@@ -36,8 +36,8 @@ def test_bound_skeleton_matches_model(tiny_experts):
 
 
 def test_copy_into_buffer_swaps_weights(tiny_experts):
-    from serving.pool.layout import layout_of
-    from serving.pool.store import build_skeleton
+    from coe.serving.pool.layout import layout_of
+    from coe.serving.pool.store import build_skeleton
 
     a, b = _load(tiny_experts["e0"]), _load(tiny_experts["e1"])
     layout = layout_of(a)
@@ -54,7 +54,7 @@ def test_copy_into_buffer_swaps_weights(tiny_experts):
 
 
 def test_views_are_aligned_and_disjoint(tiny_experts):
-    from serving.pool.layout import ALIGN, layout_of
+    from coe.serving.pool.layout import ALIGN, layout_of
 
     layout = layout_of(_load(tiny_experts["e0"]))
     spans = sorted((s.offset, s.offset + s.nbytes) for s in layout.specs)
@@ -68,8 +68,8 @@ def test_views_are_aligned_and_disjoint(tiny_experts):
 def test_tied_weights_share_one_view(tiny_llama_dir, tmp_path):
     from transformers import AutoConfig, LlamaForCausalLM
 
-    from serving.pool.layout import layout_of
-    from serving.pool.store import build_skeleton
+    from coe.serving.pool.layout import layout_of
+    from coe.serving.pool.store import build_skeleton
 
     cfg = AutoConfig.from_pretrained(tiny_llama_dir)
     cfg.tie_word_embeddings = True
@@ -87,7 +87,7 @@ def test_tied_weights_share_one_view(tiny_llama_dir, tmp_path):
 
 
 def test_shape_key_separates_shapes(tiny_experts, odd_expert):
-    from serving.pool.layout import layout_of, shape_key
+    from coe.serving.pool.layout import layout_of, shape_key
 
     a, b, odd = _load(tiny_experts["e0"]), _load(tiny_experts["e1"]), _load(odd_expert)
     assert shape_key(a) == shape_key(b)

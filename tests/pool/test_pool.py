@@ -14,7 +14,7 @@ IDS = torch.tensor([[1, 5, 6, 7, 8, 9]])
 
 
 def _pool(experts, **kw):
-    from serving.pool.pool import ExpertPool
+    from coe.serving.pool.pool import ExpertPool
 
     pool = ExpertPool({k: str(v) for k, v in experts.items()}, PoolConfig(**kw), CPU)
     pool.load()
@@ -69,7 +69,7 @@ def test_pinned_expert_is_never_evicted(tiny_experts, reference_logits):
 
 
 def test_leased_expert_is_not_evicted(tiny_experts):
-    from serving.pool.pool import PoolBusyError
+    from coe.serving.pool.pool import PoolBusyError
 
     pool = _pool(tiny_experts, max_resident=1, swap="always")
     with pool.lease("e0"):
@@ -81,7 +81,7 @@ def test_leased_expert_is_not_evicted(tiny_experts):
 
 
 def test_memory_budget_limits_slots(tiny_experts):
-    from serving.pool.pool import GIB
+    from coe.serving.pool.pool import GIB
 
     one = _pool({"e0": tiny_experts["e0"]}, swap="always").host["e0"].nbytes
     pool = _pool(tiny_experts, max_resident=4, memory_budget_gib=(2.5 * one) / GIB, swap="always")
@@ -110,7 +110,7 @@ def test_cpu_auto_keeps_everyone_resident_without_copies(tiny_experts, reference
 
 
 def test_errors_name_what_is_allowed(tiny_experts):
-    from serving.pool.pool import ExpertPool
+    from coe.serving.pool.pool import ExpertPool
 
     pool = _pool({"e0": tiny_experts["e0"]}, swap="always")
     with pytest.raises(ExpertNotFoundError, match="available: e0"):
@@ -121,7 +121,7 @@ def test_errors_name_what_is_allowed(tiny_experts):
 
 @pytest.mark.gpu
 def test_cuda_swap_uses_pinned_memory_and_copy_stream(tiny_experts, reference_logits):
-    from serving.pool.pool import ExpertPool
+    from coe.serving.pool.pool import ExpertPool
 
     pool = ExpertPool({k: str(v) for k, v in tiny_experts.items()}, PoolConfig(max_resident=2),
                       EngineConfig(kind="hf", device="cuda", dtype="float32"))

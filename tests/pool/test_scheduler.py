@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.pool.scheduler import GroupedQueue
+from coe.serving.pool.scheduler import GroupedQueue
 
 
 def _queue(policy, experts, max_wait_ms=1000, max_batch=16, t0=0.0):

@@ -41,7 +41,7 @@ def synthetic_rows(n_per_kind: int = 12, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def embedder(minilm_dir):
-    from routers.embedding import Embedder
+    from coe.routers.embedding import Embedder
 
     return Embedder(str(minilm_dir))
 
@@ -49,7 +49,7 @@ def embedder(minilm_dir):
 @pytest.fixture(scope="session")
 def synthetic(embedder):
     """(train RoutingData, train embeddings, test RoutingData, test embeddings, test kinds)."""
-    from routers.datasets import RoutingData
+    from coe.routers.datasets import RoutingData
 
     q, kinds, y, c = synthetic_rows(12, seed=0)
     tq, tkinds, ty, tc = synthetic_rows(4, seed=1)

@@ -67,7 +67,7 @@ def test_eval_split_and_bad_input(mbpp_slice, tmp_path, capsys):
 
 
 def test_router_fit_saves_a_loadable_router(mbpp_slice, tmp_path, capsys):
-    from routers import load_router
+    from coe.routers import load_router
 
     train, _ = mbpp_slice
     assert main(["router", "fit", "--data", str(train), "--out", str(tmp_path / "f"), "--router", "learned",

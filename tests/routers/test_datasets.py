@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from coe.errors import DatasetError
-from routers.datasets import load_cost_table, load_routing_data, routing_texts, shared_prefix
+from coe.routers.datasets import load_cost_table, load_routing_data, routing_texts, shared_prefix
 
 ROUTERBENCH = (
     ",sample_id,prompt,eval_name,m1,m2,m1|model_response,m2|model_response,m1|total_cost,m2|total_cost,oracle_model_to_route_to\n"

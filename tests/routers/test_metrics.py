@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from routers.metrics import Anchors, aiq, apgr, cpt, nondecreasing_hull
+from coe.routers.metrics import Anchors, aiq, apgr, cpt, nondecreasing_hull
 
 COST = [1.0, 2.0, 3.0, 4.0]
 QUAL = [0.5, 0.8, 0.7, 0.9]
@@ -36,8 +36,8 @@ def test_apgr_and_cpt_by_hand():
 
 @pytest.mark.parametrize("split, expected", [("winograde_test", 0.790), ("mbpp_test", 0.683)])
 def test_zero_router_aiq_matches_the_reference(shared_data, split, expected):
-    from routers.datasets import load_routing_data
-    from routers.evaluate import Reference
+    from coe.routers.datasets import load_routing_data
+    from coe.routers.evaluate import Reference
 
     ref = Reference.from_data(load_routing_data(shared_data / "routing" / f"{split}.csv"))
     assert ref.zero_router_aiq == pytest.approx(expected, abs=6e-4)

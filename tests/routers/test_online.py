@@ -6,7 +6,7 @@ import pytest
 
 from coe.config import LoraExpert, ModelExpert, RouterConfig, load_config
 from coe.errors import ConfigError, ExpertNotFoundError
-from routers import build_online_router
+from coe.routers import build_online_router
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_unsure_queries_go_to_the_default_expert(default_cfg, embedder):
 
 
 def test_fitted_router_and_unseen_expert(tmp_path, synthetic, embedder):
-    from routers import create_router, save_router
+    from coe.routers import create_router, save_router
 
     train, xtr, *_ = synthetic
     save_router(create_router("knn", {"k": 5}).fit(train, xtr), tmp_path / "fitted", embedder="minilm-l6")

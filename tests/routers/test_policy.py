@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from coe.errors import ConfigError
-from routers.policy import SelectionPolicy, calibrate, lambda_sweep
+from coe.routers.policy import SelectionPolicy, calibrate, lambda_sweep
 
 Q = np.array([[0.9, 0.8, 0.2], [0.3, 0.6, 0.55], [0.5, 0.5, 0.5]])
 C = np.array([10.0, 2.0, 1.0])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from routers import (
+from coe.routers import (
     FitContext,
     QueryBatch,
     SelectionPolicy,
@@ -103,7 +103,7 @@ def test_save_load_round_trip(name, synthetic, embedder, tmp_path):
 
 def test_registry_refuses_duplicates_and_lists_unknown():
     from coe.errors import RouterNotFoundError
-    from routers import Router, register_router
+    from coe.routers import Router, register_router
 
     with pytest.raises(ValueError, match="already registered"):
         @register_router("knn")

@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serving_helpers import LoopThread
+
+from tests.serving.serving_helpers import LoopThread
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,11 @@
-"""Helpers of the serving tests (a module with a unique name so test files can import it)."""
+"""Helpers of the serving tests."""
 
 from __future__ import annotations
 
-import asyncio
-import importlib.util
-import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.helpers import LoopThread, make_lora  # noqa: F401  (re-exported for the serving tests)
 
 ADMIN = "test-admin-key"
 
@@ -49,20 +48,6 @@ class KeywordRouter:
         return list(self.ids)
 
 
-class LoopThread:
-    """One asyncio loop in a daemon thread; ``run(coro)`` waits for the result."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout=120):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 def tiny_config_dict(llama: Path, loras: list[Path], root: Path, *, flaky: bool = True, **serving) -> dict:
@@ -98,10 +83,3 @@ def tiny_config_dict(llama: Path, loras: list[Path], root: Path, *, flaky: bool 
     }
 
 
-def make_lora(*args, **kwargs):
-    """``make_lora`` of the shared tests/conftest.py (loaded by path: test folders are not packages)."""
-    path = Path(__file__).resolve().parents[1] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("coe_shared_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_lora(*args, **kwargs)

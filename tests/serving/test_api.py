@@ -10,13 +10,14 @@ import shutil
 
 import httpx
 import pytest
-from serving_helpers import ADMIN, KeywordRouter, make_lora, tiny_config_dict
+
+from tests.serving.serving_helpers import ADMIN, KeywordRouter, make_lora, tiny_config_dict
 
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
 
 def _flaky_engine_cls():
-    from serving.engines.hf import HFEngine
+    from coe.serving.engines.hf import HFEngine
 
     class FlakyEngine(HFEngine):
         """The real engine, except that generation fails (a crashed engine, as seen by callers)."""
@@ -34,10 +35,10 @@ def _flaky_engine_cls():
 class Harness:
     def __init__(self, loop_thread, config, base_dir, registry):
         from coe.registry import live_experts
-        from serving.api.backend import LocalBackend
-        from serving.api.routes import create_api
-        from serving.api.service import CoEService
-        from serving.deployments.spec import plan_servers
+        from coe.serving.api.backend import LocalBackend
+        from coe.serving.api.routes import create_api
+        from coe.serving.api.service import CoEService
+        from coe.serving.deployments.spec import plan_servers
 
         flaky = _flaky_engine_cls()
         experts = live_experts(config, registry)
@@ -226,7 +227,7 @@ def test_engine_failure_without_fallback_is_503_and_others_keep_serving(h, tiny_
 
 
 def test_client_disconnect_cancels_the_generation(h):
-    from serving.api.models import ChatCompletionRequest
+    from coe.serving.api.models import ChatCompletionRequest
 
     engine = h.backend.servers["expert-tiny"].engine
     req = ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=64,

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from serving.deployments.batcher import ExpertGroupedBatcher
+from coe.serving.deployments.batcher import ExpertGroupedBatcher
 
 
 class Recorder:

@@ -12,13 +12,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
-from serving_helpers import make_lora
+
+from tests.serving.serving_helpers import make_lora
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

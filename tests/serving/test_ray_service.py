@@ -1,4 +1,4 @@
-"""End to end over HTTP on Ray Serve: the app from ``serving.app.build_app`` on a tiny config
+"""End to end over HTTP on Ray Serve: the app from ``coe.serving.app.build_app`` on a tiny config
 (tiny llama on the transformers engine, tiny LoRAs, the real centroid router on minilm).
 Ray and Serve start once for the module."""
 
@@ -10,7 +10,8 @@ import time
 
 import httpx
 import pytest
-from serving_helpers import ADMIN, tiny_config_dict
+
+from tests.serving.serving_helpers import ADMIN, tiny_config_dict
 
 pytestmark = pytest.mark.slow
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -25,7 +26,7 @@ def _free_port() -> int:
 def _deploy(config, base_dir):
     from ray import serve
 
-    from serving.app import APP_NAME, build_app
+    from coe.serving.app import APP_NAME, build_app
 
     serve.run(build_app(config, base_dir=base_dir), name=APP_NAME, route_prefix="/", blocking=False)
 

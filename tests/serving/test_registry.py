@@ -53,7 +53,7 @@ def test_unwritable_registry_is_a_config_error(tmp_path):
 
 
 def test_app_module_imports_light_and_builder_args():
-    import serving.app as app
+    from coe.serving import app
 
     config, base = app.load_app_config({"config_yaml": "experts: [{id: a, kind: model, model: m}]", "base_dir": "/tmp"})
     assert config.experts[0].id == "a" and str(base) == "/tmp"
@@ -68,7 +68,7 @@ def test_app_module_imports_light_and_builder_args():
 def test_importing_the_app_starts_no_ray():
     import subprocess
 
-    code = "import serving.app, sys; print(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))"
+    code = "import coe.serving.app, sys; print(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -76,7 +76,7 @@ def test_importing_the_app_starts_no_ray():
 def test_registered_models_get_their_own_server_at_build_time(tmp_path):
     """What a restart deploys: config experts plus registered ones, one server per model."""
     from coe.config import BatchingConfig
-    from serving.deployments.spec import plan_servers
+    from coe.serving.deployments.spec import plan_servers
 
     reg = ExpertRegistry(tmp_path / "r.sqlite")
     reg.add(ModelExpert(id="m2", model="x2", resources={"num_cpus": 0.5}))
