@@ -216,6 +216,44 @@ class BatchingConfig(Strict):
     )
 
 
+class AdmissionConfig(Strict):
+    """Admission control at the ingress, per expert and per ingress replica: a bounded queue.
+
+    A request past ``max_queued_per_expert`` waiting requests is answered at once with 429 and
+    ``Retry-After``; one that waits longer than ``max_queue_wait_s`` for a slot gets the same."""
+
+    max_running_per_expert: int = Field(
+        32, ge=1, le=100_000, description="Requests of one expert sent to its server at once (per ingress replica)."
+    )
+    max_queued_per_expert: int = Field(
+        64, ge=0, le=1_000_000, description="Requests of one expert waiting for a slot; more get 429 at once."
+    )
+    max_queue_wait_s: float = Field(20.0, gt=0, description="Longest wait for a slot before a 429.")
+    retry_after_s: float = Field(2.0, gt=0, description="Retry-After (seconds) sent with a 429.")
+
+
+class FaultConfig(Strict):
+    """What the ingress does while an expert's server is down (unreachable or not loaded)."""
+
+    on_server_down: Literal["fallback", "fail"] = Field(
+        "fallback",
+        description="'fallback': routed requests go to the next-best expert on a healthy server and pinned ones to "
+        "their `fallback` expert (when healthy); 'fail': answer 503 with Retry-After at once.",
+    )
+    down_retry_after_s: float = Field(
+        5.0, gt=0, description="How long a server stays marked down after a failure (and the Retry-After sent)."
+    )
+    health_check_period_s: float = Field(
+        2.0, ge=0, description="How often the ingress probes its expert servers; 0: only on /readyz and failures."
+    )
+
+
+class LimitsConfig(Strict):
+    """HTTP limits checked before a body is parsed."""
+
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body; larger ones get 413.")
+
+
 class ServingConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -228,10 +266,16 @@ class ServingConfig(Strict):
     )
     max_tokens_default: int = Field(256, ge=1)
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
-    request_timeout_s: float = Field(300, gt=0)
+    request_timeout_s: float = Field(
+        300, gt=0, description="A request's deadline (queueing, generation and fallbacks); past it: 504."
+    )
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     pool: PoolConfig | None = Field(None, description="Expert swapping for hf model experts (one accelerator).")
     ingress: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.5))
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    faults: FaultConfig = Field(default_factory=FaultConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    openapi_docs: bool = Field(True, description="Serve /docs, /redoc and /openapi.json (false: 404).")
 
 
 class CoEConfig(Strict):

@@ -98,6 +98,50 @@ class NotReadyError(EngineError):
     """An engine has not finished loading yet."""
 
 
+class OverloadedError(CoEError):
+    """An expert's queue at the ingress is full, or a request waited too long in it (retry later).
+
+    ``retry_after_s`` becomes the ``Retry-After`` header."""
+
+    status_code = 429
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
+
+
+class ServerDownError(EngineError):
+    """An expert's server cannot be reached (its replica died or is restarting); fails fast.
+
+    ``retry_after_s`` becomes the ``Retry-After`` header."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 5.0, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(CoEError):
+    """A request got no answer within its deadline (``serving.request_timeout_s``)."""
+
+    status_code = 504
+    code = "timeout"
+
+
+class PayloadTooLargeError(CoEError):
+    """A request body is larger than ``serving.limits.max_body_bytes``."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(CoEError):
+    """A request body is not declared as JSON (``Content-Type: application/json``)."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
 def available(names) -> str:
     """Format a list of allowed names for an error message."""
     names = sorted(names)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,8 +35,10 @@ class SamplingParams(BaseModel):
     max_tokens: int = Field(128, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, max_length=4, description="Up to 4 non-empty stop strings."
+    )
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Sampling seed, 0 to 2^63-1.")
 
     @property
     def greedy(self) -> bool:

@@ -27,6 +27,7 @@ from coe.errors import (
 from coe.serving.api.errors import as_coe_error
 from coe.serving.api.models import ExpertInfo
 from coe.serving.api.service import ROUTED, CoEService
+from coe.serving.api.validation import check_text
 from coe.serving.deployments.spec import ServerSpec, resolve_model, resolve_path, server_id_of
 
 log = logging.getLogger("coe.serving")
@@ -34,9 +35,13 @@ _EXPERT = TypeAdapter(Expert)
 
 
 def parse_expert(data) -> Expert:
-    """Validate a registration body (``kind`` defaults to 'lora' when ``adapter`` is given, else 'model')."""
+    """Validate a registration body (``kind`` defaults to 'lora' when ``adapter`` is given, else 'model').
+
+    Text must be valid Unicode and free of NUL characters (they end up in file paths): 400 naming
+    the field otherwise."""
     if not isinstance(data, dict):
         raise InvalidRequestError("the body must be a JSON object describing one expert")
+    check_text(data, allow_nul=False)
     data = dict(data)
     data.setdefault("kind", "lora" if "adapter" in data else "model")
     try:
@@ -55,26 +60,28 @@ def check_adapter_root(path: Path, roots: list[Path]) -> None:
 
 async def list_experts(service: CoEService) -> list[ExpertInfo]:
     _, states = await service.readiness()
+    catalog = service.catalog
     return [
         ExpertInfo(
-            id=e.id, kind=e.kind, source="config" if e.id in service.config_ids else "registry",
+            id=e.id, kind=e.kind, source="config" if e.id in catalog.config_ids else "registry",
             server=server_id_of(e), ready=states.get(e.id) is None, error=states.get(e.id),
             config=e.model_dump(mode="json"),
         )
-        for e in service.experts.values()
+        for e in catalog.snapshot().values()
     ]
 
 
 async def add_expert(service: CoEService, data) -> ExpertInfo:
     expert = parse_expert(data)
+    catalog = service.catalog
     async with service.admin_lock:
         if expert.id == ROUTED:
             raise InvalidRequestError(f"expert id {ROUTED!r} is reserved for routed requests", param="id")
-        if expert.id in service.experts:
+        if expert.id in catalog:
             raise DuplicateExpertError(f"expert {expert.id!r} is already registered")
-        if expert.fallback is not None and expert.fallback not in service.experts:
+        if expert.fallback is not None and expert.fallback not in catalog:
             raise InvalidRequestError(
-                f"fallback is {expert.fallback!r}; allowed: {available(service.experts)}", param="fallback"
+                f"fallback is {expert.fallback!r}; allowed: {available(catalog.ids())}", param="fallback"
             )
         if isinstance(expert, MixtureExpert):
             raise InvalidRequestError("mixture experts are configured in the config file, not registered at runtime",
@@ -83,41 +90,40 @@ async def add_expert(service: CoEService, data) -> ExpertInfo:
             expert = await _add_lora(service, expert)
         else:
             expert = await _add_model(service, expert)
-        service.experts[expert.id] = expert
         try:
-            service.router.add_expert(expert)
-        except Exception:
-            service.experts.pop(expert.id, None)
-            await _undo(service, expert)
-            raise
+            catalog.add(expert)  # registry + router + live set, all or nothing
+        except Exception as raw:  # noqa: BLE001  (undo the load, then report)
+            await _unload(service, expert)
+            raise (as_coe_error(raw) or raw) from None
     log.info("registered expert %s (%s)", expert.id, expert.kind)
     return ExpertInfo(id=expert.id, kind=expert.kind, source="registry", server=server_id_of(expert), ready=True,
                       config=expert.model_dump(mode="json"))
 
 
 async def _add_lora(service: CoEService, expert: LoraExpert) -> LoraExpert:
+    """Validate and load the adapter on its base's server (nothing is left loaded on failure)."""
     from coe.serving.engines.adapter_check import validate_lora_adapter
 
-    base = service.experts.get(expert.base)
+    base = service.catalog.get(expert.base)
     if not isinstance(base, ModelExpert):
         raise InvalidRequestError(
-            f"base is {expert.base!r}; it must name a model expert: {available(service.model_experts())}", param="base"
+            f"base is {expert.base!r}; it must name a model expert: {available(service.catalog.model_experts())}",
+            param="base",
         )
     path = resolve_path(expert.adapter, service.base_dir)
     roots = [resolve_path(r, service.base_dir) for r in service.config.serving.adapter_roots]
     check_adapter_root(path, roots)
     validate_lora_adapter(path, base.engine.max_lora_rank)
     expert = expert.model_copy(update={"adapter": str(path)})
-    sid = server_id_of(expert)
     try:
-        await service.backend.add_adapter(sid, expert.id, str(path))
+        await service.backend.add_adapter(server_id_of(expert), expert.id, str(path))
     except Exception as raw:  # noqa: BLE001
         raise (as_coe_error(raw) or raw) from None
-    _persist(service, expert)
     return expert
 
 
 async def _add_model(service: CoEService, expert: ModelExpert) -> ModelExpert:
+    """Resolve the model and start its server (nothing is left running on failure)."""
     if expert.pooled:
         raise InvalidRequestError(
             "pooled experts are set in the config file (the pool is built at start); register with pooled: false "
@@ -134,57 +140,33 @@ async def _add_model(service: CoEService, expert: ModelExpert) -> ModelExpert:
     except Exception as raw:  # noqa: BLE001
         await service.backend.remove_server(spec.server_id)
         raise (as_coe_error(raw) or raw) from None
-    _persist(service, expert)
     return expert
 
 
-def _persist(service: CoEService, expert: Expert) -> None:
-    if service.registry is None:
-        return
-    try:
-        service.registry.add(expert)
-    except Exception:
-        import asyncio
-
-        asyncio.ensure_future(_undo(service, expert))
-        raise
-
-
-async def _undo(service: CoEService, expert: Expert) -> None:
+async def _unload(service: CoEService, expert: Expert) -> None:
+    """Take ``expert`` off its server (the backend side of a registration); logs failures."""
     try:
         if isinstance(expert, LoraExpert):
             await service.backend.remove_adapter(server_id_of(expert), expert.id)
         else:
             await service.backend.remove_server(server_id_of(expert))
-        if service.registry is not None and expert.id in service.registry.ids():
-            service.registry.remove(expert.id)
     except Exception:
-        log.exception("could not undo the registration of %s", expert.id)
+        log.exception("could not unload expert %s", expert.id)
 
 
 async def remove_expert(service: CoEService, expert_id: str) -> None:
+    catalog = service.catalog
     async with service.admin_lock:
-        expert = service.experts.get(expert_id)
-        if expert is None:
-            raise ExpertNotFoundError(f"unknown expert {expert_id!r}; available: {available(service.experts)}")
-        if expert_id in service.config_ids:
+        if expert_id not in catalog:
+            raise ExpertNotFoundError(f"unknown expert {expert_id!r}; available: {available(catalog.ids())}")
+        if expert_id in catalog.config_ids:
             raise InvalidRequestError(
                 f"expert {expert_id!r} is defined in the config file; remove it there (only registered experts "
-                f"can be removed here: {available(set(service.experts) - service.config_ids)})"
+                f"can be removed here: {available(set(catalog.ids()) - catalog.config_ids)})"
             )
-        users = sorted(e.id for e in service.experts.values() if getattr(e, "base", None) == expert_id
-                       or e.fallback == expert_id)
+        users = catalog.users_of(expert_id)
         if users:
             raise DuplicateExpertError(f"expert {expert_id!r} is used by {', '.join(users)}; remove those first")
-        service.router.remove_expert(expert_id)
-        service.experts.pop(expert_id)
-        if service.registry is not None:
-            service.registry.remove(expert_id)
-        try:
-            if isinstance(expert, LoraExpert):
-                await service.backend.remove_adapter(server_id_of(expert), expert_id)
-            else:
-                await service.backend.remove_server(server_id_of(expert))
-        except Exception:
-            log.exception("could not unload expert %s", expert_id)
+        expert = catalog.remove(expert_id)
+        await _unload(service, expert)
     log.info("removed expert %s", expert_id)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from coe.errors import EngineError, available
+from coe.errors import EngineError, ServerDownError, available
 from coe.serving.deployments.expert_server import ExpertServer, Served
 from coe.serving.deployments.spec import ServerSpec
 from coe.types import GenerationRequest, StreamDelta
@@ -61,7 +61,7 @@ class LocalBackend:
         try:
             return self.servers[server_id]
         except KeyError:
-            raise EngineError(f"no expert server {server_id!r}; running: {available(self.servers)}") from None
+            raise ServerDownError(f"no expert server {server_id!r}; running: {available(self.servers)}") from None
 
     async def generate(self, server_id, request, adapter_path):
         return await self._server(server_id).generate(request, adapter_path)

@@ -2,21 +2,23 @@
 
 Every answer that is not a success has OpenAI's error shape:
 ``{"error": {"message", "type", "param", "code"}}``. Domain errors carry their status
-(:mod:`coe.errors`); malformed JSON is 400; schema problems are 422 naming the field; anything
-unexpected is logged and answered 500 without internals. Errors raised inside Ray replicas
-arrive wrapped (``RayTaskError``) and are unwrapped by :func:`as_coe_error`.
+(:mod:`coe.errors`) and, for 429/503, a ``Retry-After`` header; malformed JSON is 400; schema
+problems are 422 naming the field; anything unexpected is logged and answered 500 without
+internals. Errors of the transport to the expert servers (Ray's) are mapped to domain errors by
+type where they arise (``serving/deployments/ray_deployments.py``), never here.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from coe.errors import CoEError, EngineError
+from coe.errors import CoEError
 
 log = logging.getLogger("coe.serving")
 
@@ -26,25 +28,20 @@ def error_body(message: str, *, type_: str, code: str | None = None, param: str 
 
 
 def error_response(err: CoEError) -> JSONResponse:
+    headers = None
+    retry = getattr(err, "retry_after_s", None)
+    if retry is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(retry)))}
     return JSONResponse(
         status_code=err.status_code,
         content=error_body(err.message, type_=err.code, code=err.code, param=err.param),
+        headers=headers,
     )
 
 
 def as_coe_error(err: BaseException) -> CoEError | None:
-    """The domain error behind ``err`` (unwrapping Ray's wrappers); an engine that died or
-    a replica that is gone becomes EngineError; None for anything else."""
-    cause = getattr(err, "cause", None)  # Ray's RayTaskError (also an instance of the cause's class)
-    if isinstance(cause, CoEError):
-        return cause
-    if isinstance(err, CoEError):
-        return err
-    name = type(err).__name__
-    if name in {"RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError",
-                "BackPressureError", "DeploymentUnavailableError", "RayTaskError"} or "Ray" in name:
-        return EngineError(f"an expert server failed: {name}: {str(err).splitlines()[0][:300] if str(err) else ''}")
-    return None
+    """``err`` when it is a domain error, else None (the backends map transport errors by type)."""
+    return err if isinstance(err, CoEError) else None
 
 
 def _field(loc) -> str:

@@ -1,8 +1,8 @@
 """OpenAI-compatible request/response models (pydantic), plus the admin and routing bodies.
 
 Requests accept OpenAI's extra fields (``extra="allow"``) so unmodified clients work; fields
-coe does not use are ignored. Ranges that the issue wants as 400 (``max_tokens``) are checked
-by the service, not here, because FastAPI reports schema errors as 422.
+coe does not implement are refused with a 400 (``serving/api/validation.py``). Ranges are checked
+there too (a 400 naming the field and the range), not here, because FastAPI reports schema errors as 422.
 """
 
 from __future__ import annotations
@@ -25,18 +25,28 @@ class StreamOptions(_Open):
 
 
 class ChatCompletionRequest(_Open):
+    """OpenAI's chat request. Ranges are checked by ``serving/api/validation.py`` (400 naming the
+    field and the range), not here; fields coe does not implement are refused there, not ignored."""
+
     model: str = Field("coe", description="'coe' routes; an expert id pins that expert.")
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation; at least one message.")
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    max_tokens: int | None = Field(None, description="1 to serving.max_tokens_limit (deprecated by OpenAI).")
+    max_completion_tokens: int | None = Field(None, description="Wins over max_tokens when both are set.")
+    temperature: float | None = Field(None, description="0 to 2; 0 is greedy.")
+    top_p: float | None = Field(None, description="0 to 1; 0 is greedy.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 non-empty stop strings.")
+    seed: int | None = Field(None, description="0 to 2^63-1.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    n: int | None = Field(None, description="Only 1 is supported.")
     user: str | None = None
+    presence_penalty: float | None = Field(None, description="-2 to 2; only 0 is supported (else 400).")
+    frequency_penalty: float | None = Field(None, description="-2 to 2; only 0 is supported (else 400).")
+    logprobs: bool | None = Field(None, description="Not supported yet: true gets a 400.")
+    top_logprobs: int | None = Field(None, description="Not supported yet: a value gets a 400.")
+    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}; others get a 400.")
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported yet: tools get a 400.")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none'; others get a 400.")
 
 
 class RouteRequest(_Open):
@@ -133,6 +143,19 @@ class ExpertInfo(BaseModel):
     ready: bool
     error: str | None = None
     config: dict[str, Any]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every answer that is not a success (OpenAI's error shape)."""
+
+    error: ErrorDetail
 
 
 def new_id() -> str:

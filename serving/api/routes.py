@@ -1,20 +1,30 @@
 """The HTTP routes (thin): parse, call :class:`CoEService` / ``admin``, shape the response.
 
 ``create_api(service)`` builds the FastAPI app; the Ray ingress deployment serves the same app
-(``serving/deployments/ingress.py``), and tests call it in-process.
+(``serving/deployments/ingress.py``), and tests call it in-process. The OpenAPI document declares
+the error responses and the two bearer schemes (``apiKey`` for chat when ``serving.api_key`` is
+set, ``adminKey`` for ``/v1/experts``); ``serving.openapi_docs: false`` turns ``/docs``,
+``/redoc`` and ``/openapi.json`` off.
 """
 
 from __future__ import annotations
 
-from fastapi import Body, FastAPI, Header, Request
+import asyncio
+import contextlib
+
+from fastapi import Body, FastAPI, Request, Security
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from coe.serving.api import admin
 from coe.serving.api.errors import install_error_handlers
+from coe.serving.api.limits import BodyLimits
 from coe.serving.api.models import (
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ErrorResponse,
     ExpertInfo,
+    ModelCard,
     ModelList,
     RouteRequest,
 )
@@ -22,49 +32,123 @@ from coe.serving.api.service import CoEService
 from coe.serving.metrics import CONTENT_TYPE_LATEST
 
 EXPERT_HEADER = "x-coe-expert"
+CLIENT_GONE = 499  # nginx's "client closed request": nobody reads it, the access log shows it
+
+_API_KEY = HTTPBearer(scheme_name="apiKey", auto_error=False,
+                      description="serving.api_key, when set (chat, routing, models).")
+_ADMIN_KEY = HTTPBearer(scheme_name="adminKey", auto_error=False,
+                        description="serving.admin_key (or $COE_ADMIN_KEY): expert registration.")
+_WHY = {
+    400: "Invalid request: names the field and what is allowed", 401: "No bearer token", 403: "Wrong key",
+    404: "Unknown model or expert", 409: "Conflict (already registered, or in use)", 413: "Body too large",
+    415: "Body is not JSON", 422: "Schema error naming the field", 429: "Expert at capacity (see Retry-After)",
+    503: "Expert unavailable (see Retry-After)", 504: "No answer within the request deadline",
+}
+
+
+_EXPERT_BODY = Body(..., description="One expert, as in the config file's `experts` list.")
+
+
+def _errors(*codes: int) -> dict:
+    return {c: {"model": ErrorResponse, "description": _WHY[c]} for c in codes}
+
+
+def _token(creds: HTTPAuthorizationCredentials | None) -> str | None:
+    return creds.credentials if creds is not None else None
+
+
+class _ClosingStream(StreamingResponse):
+    """Closes its event stream however the response ends (a client that left before the first
+    byte included), so the generation and the expert's slot are always freed."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def until_disconnect(request: Request, work):
+    """Await ``work``; if the client disconnects first, cancel it (which cancels the generation)
+    and return None."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and watcher.done() and watcher.exception() is None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return None
+        return await task
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
 
 
 def create_api(service: CoEService) -> FastAPI:
-    app = FastAPI(title="coe", description="Composition-of-Experts router service (OpenAI-compatible)")
+    s = service.config.serving
+    docs = s.openapi_docs
+    app = FastAPI(title="coe", description="Composition-of-Experts router service (OpenAI-compatible)",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     install_error_handlers(app)
+    app.add_middleware(BodyLimits, max_bytes=s.limits.max_body_bytes)
     app.state.service = service
+    api_key, admin_key = Security(_API_KEY), Security(_ADMIN_KEY)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
-    async def chat_completions(body: ChatCompletionRequest, authorization: str | None = Header(None)):
-        service.check_api(authorization)
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses=_errors(400, 401, 403, 404, 413, 415, 422, 429, 503, 504))
+    async def chat_completions(body: ChatCompletionRequest, request: Request, creds=api_key):
+        """An answer from the routed (``model: coe``) or pinned expert; ``stream: true`` gives SSE."""
+        service.check_api(_token(creds))
         if body.stream:
             info, events = await service.chat_stream(body)
-            return StreamingResponse(
-                events, media_type="text/event-stream",
-                headers={EXPERT_HEADER: info.expert, "cache-control": "no-cache"},
-            )
-        result = await service.chat(body)
+            return _ClosingStream(events, media_type="text/event-stream",
+                                  headers={EXPERT_HEADER: info.expert, "cache-control": "no-cache"})
+        result = await until_disconnect(request, service.chat(body))
+        if result is None:
+            return Response(status_code=CLIENT_GONE)
         return JSONResponse(result.model_dump(mode="json"), headers={EXPERT_HEADER: result.model})
 
-    @app.post("/v1/route")
-    async def route(body: RouteRequest, authorization: str | None = Header(None)):
-        service.check_api(authorization)
+    @app.post("/v1/route", responses=_errors(400, 401, 403, 404, 413, 415, 422, 503))
+    async def route(body: RouteRequest, creds=api_key):
+        """The expert the router picks for a query, with the scores (nothing is generated)."""
+        service.check_api(_token(creds))
         decision = await service.route(body)
         return JSONResponse(decision, headers={EXPERT_HEADER: decision["expert"]})
 
-    @app.get("/v1/models", response_model=ModelList)
-    async def models(authorization: str | None = Header(None)):
-        service.check_api(authorization)
+    @app.get("/v1/models", response_model=ModelList, responses=_errors(401, 403))
+    async def models(creds=api_key):
+        service.check_api(_token(creds))
         return service.models()
 
-    @app.get("/v1/experts", response_model=list[ExpertInfo])
-    async def list_experts(authorization: str | None = Header(None)):
-        service.check_admin(authorization)
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=_errors(401, 403, 404))
+    async def model(model_id: str, creds=api_key):
+        service.check_api(_token(creds))
+        return service.model_card(model_id)
+
+    @app.get("/v1/experts", response_model=list[ExpertInfo], responses=_errors(401, 403))
+    async def list_experts(creds=admin_key):
+        service.check_admin(_token(creds))
         return await admin.list_experts(service)
 
-    @app.post("/v1/experts", response_model=ExpertInfo, status_code=201)
-    async def add_expert(body: dict = Body(...), authorization: str | None = Header(None)):
-        service.check_admin(authorization)
+    @app.post("/v1/experts", response_model=ExpertInfo, status_code=201,
+              responses=_errors(400, 401, 403, 404, 409, 413, 415, 422, 503))
+    async def add_expert(body: dict = _EXPERT_BODY, creds=admin_key):
+        """Register a LoRA or model expert (all or nothing)."""
+        service.check_admin(_token(creds))
         return await admin.add_expert(service, body)
 
-    @app.delete("/v1/experts/{expert_id}")
-    async def remove_expert(expert_id: str, authorization: str | None = Header(None)):
-        service.check_admin(authorization)
+    @app.delete("/v1/experts/{expert_id}", responses=_errors(400, 401, 403, 404, 409))
+    async def remove_expert(expert_id: str, creds=admin_key):
+        service.check_admin(_token(creds))
         await admin.remove_expert(service, expert_id)
         return {"id": expert_id, "deleted": True}
 
@@ -72,7 +156,7 @@ def create_api(service: CoEService) -> FastAPI:
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "Some expert is not ready (the body says which)"}})
     async def readyz():
         ready, experts = await service.readiness()
         return JSONResponse({"ready": ready, "experts": experts}, status_code=200 if ready else 503)

@@ -1,55 +1,62 @@
-"""The ingress logic: route (or pin), generate on the chosen expert's server, retry on a fallback.
+"""The ingress logic: validate, route (or pin), admit, generate on the chosen expert's server, fall back.
 
-:class:`CoEService` holds the live expert set (config + registry), the online router and a
-:class:`coe.serving.api.backend.Backend`. The FastAPI routes (``serving/api/routes.py``) are thin
-calls into it; registration lives in ``serving/api/admin.py``. Async methods run on the
-ingress's event loop; the router (CPU-bound embedding) runs in a worker thread.
+:class:`CoEService` holds the live expert set (:class:`ExpertCatalog`: experts, router, registry,
+server health), the per-expert admission queues and a :class:`coe.serving.api.backend.Backend`.
+The FastAPI routes (``serving/api/routes.py``) are thin calls into it; registration lives in
+``serving/api/admin.py``. Async methods run on the ingress's event loop; the router (CPU-bound
+embedding) runs in a worker thread.
+
+A request is checked whole before it is routed (``serving/api/validation.py``: 400 naming the
+field), carries a deadline (``serving.request_timeout_s``: 504 past it), waits in its expert's
+bounded queue (429 with ``Retry-After`` past it), and on an engine failure (503) is retried per
+the fault policy on the next expert on a healthy server. Client errors never trigger a fallback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
-import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
-from coe.config import CoEConfig, Expert, LoraExpert, ModelExpert
+from coe.config import CoEConfig, Expert, LoraExpert
 from coe.errors import (
-    CoEError,
     EngineError,
     ExpertNotFoundError,
     ForbiddenError,
     InvalidRequestError,
+    NotReadyError,
+    ServerDownError,
     UnauthorizedError,
     available,
 )
+from coe.serving.api.admission import Admission, Deadline
 from coe.serving.api.backend import Backend
-from coe.serving.api.errors import as_coe_error, error_body
+from coe.serving.api.catalog import ExpertCatalog
+from coe.serving.api.errors import as_coe_error
 from coe.serving.api.models import (
-    AssistantMessage,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    Choice,
-    ChunkChoice,
-    DeltaMessage,
     ModelCard,
     ModelList,
     RouteRequest,
     RoutingInfo,
-    Usage,
     new_id,
 )
+from coe.serving.api.sse import EventStream, response_of
+from coe.serving.api.validation import check_text, refuse_unimplemented, sampling_params
 from coe.serving.deployments.spec import server_id_of
 from coe.serving.metrics import ServiceMetrics
-from coe.types import GenerationRequest, SamplingParams
+from coe.types import ChatMessage, GenerationRequest, SamplingParams
 
 log = logging.getLogger("coe.serving")
 ROUTED = "coe"
+T = TypeVar("T")
 
 
 def query_text(messages) -> str:
@@ -58,36 +65,33 @@ def query_text(messages) -> str:
     return users[-1] if users else "\n".join(m.text() for m in messages)
 
 
-def bearer(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
-
-
 class CoEService:
     """Routes and serves chat requests; see the module docstring."""
 
     def __init__(self, config: CoEConfig, *, backend: Backend, router, registry=None,
                  base_dir: Path | None = None, experts: list[Expert] | None = None,
                  metrics: ServiceMetrics | None = None) -> None:
+        s = config.serving
         self.config = config
         self.base_dir = base_dir
         self.backend = backend
-        self.router = router
-        self.registry = registry
         self.metrics = metrics or ServiceMetrics()
-        self.experts: dict[str, Expert] = {e.id: e for e in (experts if experts is not None else config.experts)}
-        self.config_ids = {e.id for e in config.experts}
+        self.catalog = ExpertCatalog(experts if experts is not None else config.experts,
+                                     config_ids={e.id for e in config.experts}, router=router, registry=registry,
+                                     down_retry_after_s=s.faults.down_retry_after_s)
+        self.admission = Admission(s.admission)
         self.admin_lock = asyncio.Lock()
-        s = config.serving
         self.admin_key = s.admin_key or os.environ.get(s.admin_key_env) or None
+        self._probe: asyncio.Task | None = None
+
+    @property
+    def router(self):
+        return self.catalog.router
 
     # ------------------------------------------------------------------ auth
 
-    def check_admin(self, authorization: str | None) -> None:
+    def check_admin(self, token: str | None) -> None:
         """401 without a Bearer token, 403 with a wrong one (or when no admin key is configured)."""
-        token = bearer(authorization)
         if not token:
             raise UnauthorizedError("the admin API needs `Authorization: Bearer <admin key>`")
         if self.admin_key is None:
@@ -97,11 +101,10 @@ class CoEService:
         if not hmac.compare_digest(token.encode(), self.admin_key.encode()):
             raise ForbiddenError("the admin key is wrong")
 
-    def check_api(self, authorization: str | None) -> None:
+    def check_api(self, token: str | None) -> None:
         key = self.config.serving.api_key
         if key is None:
             return
-        token = bearer(authorization)
         if not token:
             raise UnauthorizedError("this service needs `Authorization: Bearer <api key>`")
         if not hmac.compare_digest(token.encode(), key.encode()):
@@ -110,11 +113,14 @@ class CoEService:
     # ------------------------------------------------------------------ routing
 
     async def decide(self, model: str, messages) -> RoutingInfo:
-        """Pin (``model`` is an expert id) or route (``model == 'coe'``)."""
+        """Pin (``model`` is an expert id) or route (``model == 'coe'``). A routed request skips
+        experts whose server is down (the next-best serving one, per ``serving.faults``)."""
+        self._ensure_probe()
         if model != ROUTED:
-            if model not in self.experts:
+            if model not in self.catalog:
                 raise ExpertNotFoundError(
-                    f"unknown model {model!r}; available: {ROUTED} (routed), {available(self.experts)}", param="model"
+                    f"unknown model {model!r}; available: {ROUTED} (routed), {available(self.catalog.ids())}",
+                    param="model",
                 )
             return RoutingInfo(expert=model, router="pinned", pinned=True)
         text = query_text(messages) if messages else ""
@@ -122,55 +128,55 @@ class CoEService:
         decision = (await asyncio.to_thread(self.router.route, [text]))[0]
         elapsed = time.perf_counter() - t0
         self.metrics.routing.observe(elapsed)
-        expert = decision.expert
-        if expert not in self.experts:  # a stale router choice: fall back to the general expert
-            expert = self.config.router.default_expert or next(iter(self.experts))
-        return RoutingInfo(expert=expert, router=decision.router, scores=dict(decision.scores),
+        info = RoutingInfo(expert=decision.expert, router=decision.router, scores=dict(decision.scores),
                            routing_ms=elapsed * 1000.0)
+        default = self.config.router.default_expert
+        if info.expert not in self.catalog:  # a stale router choice: fall back to the general expert
+            info.expert = default if default in self.catalog else self.catalog.ids()[0]
+        if not self.catalog.serving(info.expert) and self.config.serving.faults.on_server_down == "fallback":
+            ranked = self.catalog.ranked(info.scores, default=default)
+            if ranked:
+                info.fallback_from, info.expert = info.expert, ranked[0]
+        return info
 
     async def route(self, req: RouteRequest) -> dict:
+        check_text(req.model_dump())
         if req.query is None and not req.messages:
             raise InvalidRequestError("/v1/route needs `query` or non-empty `messages`", param="query")
-        from coe.types import ChatMessage
-
         messages = req.messages or [ChatMessage(role="user", content=req.query)]
         info = await self.decide(req.model, messages)
         return {"expert": info.expert, "router": info.router, "scores": info.scores,
                 "pinned": info.pinned, "routing_ms": info.routing_ms}
 
+    def model_card(self, model_id: str) -> ModelCard:
+        """The card of ``coe`` or of one expert (ExpertNotFoundError 404 otherwise)."""
+        if model_id == ROUTED:
+            return ModelCard(id=ROUTED, kind="router", description="Routed to the best expert for each query")
+        e = self.catalog.get(model_id)
+        if e is None:
+            raise ExpertNotFoundError(
+                f"unknown model {model_id!r}; available: {ROUTED} (routed), {available(self.catalog.ids())}",
+                param="model",
+            )
+        return ModelCard(id=e.id, kind=e.kind, base=getattr(e, "base", None), description=e.description)
+
     def models(self) -> ModelList:
-        cards = [ModelCard(id=ROUTED, kind="router", description="Routed to the best expert for each query")]
-        for e in self.experts.values():
-            cards.append(ModelCard(id=e.id, kind=e.kind, base=getattr(e, "base", None), description=e.description))
-        return ModelList(data=cards)
+        return ModelList(data=[self.model_card(ROUTED)] + [self.model_card(eid) for eid in self.catalog.ids()])
 
     # ------------------------------------------------------------------ generation
 
     def sampling(self, req: ChatCompletionRequest) -> SamplingParams:
-        s = self.config.serving
-        max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
-        if max_tokens is None:
-            max_tokens = s.max_tokens_default
-        if not 1 <= max_tokens <= s.max_tokens_limit:
-            raise InvalidRequestError(
-                f"max_tokens is {max_tokens}; allowed: 1 to {s.max_tokens_limit}", param="max_tokens"
-            )
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            stop=stop,
-            seed=req.seed,
-        )
+        """Every check of the request that needs no expert (400 naming the field)."""
+        check_text(req.model_dump(exclude_none=True))
+        return sampling_params(req, self.config.serving)
 
     def _target(self, expert_id: str, req: ChatCompletionRequest, sampling: SamplingParams):
-        expert = self.experts[expert_id]
+        expert = self.catalog.get(expert_id)
+        if expert is None:  # removed while the request was on its way
+            raise ExpertNotFoundError(f"expert {expert_id!r} was removed; available: {available(self.catalog.ids())}")
         messages = list(req.messages)
         system = getattr(expert, "system_prompt", None)
         if system and not any(m.role == "system" for m in messages):
-            from coe.types import ChatMessage
-
             messages.insert(0, ChatMessage(role="system", content=system))
         request = GenerationRequest(
             request_id=new_id(), messages=messages, sampling=sampling.model_copy(),
@@ -179,151 +185,170 @@ class CoEService:
         adapter_path = expert.adapter if isinstance(expert, LoraExpert) else None
         return server_id_of(expert), request, adapter_path
 
-    def _fallback(self, expert_id: str, err: CoEError, tried: list[str], routed: bool) -> str | None:
-        """The expert to retry on after an engine failure: the expert's ``fallback``; for routed
-        (not pinned) requests, else the router's ``default_expert``. None: give up (503)."""
-        nxt = self.experts[expert_id].fallback
-        if nxt is None and routed:
-            nxt = self.config.router.default_expert
-        if isinstance(err, EngineError) and nxt and nxt in self.experts and nxt not in tried:
-            log.warning("expert %s failed (%s); retrying on fallback %s", expert_id, err, nxt)
-            self.metrics.fallbacks.labels(expert_id, nxt).inc()
-            return nxt
-        return None
+    def _next_expert(self, expert_id: str, err: Exception, tried: list[str], info: RoutingInfo) -> str | None:
+        """Where to retry after ``err``: only after an engine failure (503), never after a client
+        error; the expert's own ``fallback``, else (routed requests) the next-best expert by the
+        router's scores; never one on the failed server or one whose server is down. None: give up."""
+        if not isinstance(err, EngineError):
+            return None
+        if isinstance(err, ServerDownError) and self.config.serving.faults.on_server_down == "fail":
+            return None
+        expert = self.catalog.get(expert_id)
+        exclude = set(tried) | (set(self.catalog.on_server(server_id_of(expert))) if expert else set())
+        if expert is not None and expert.fallback and expert.fallback not in exclude \
+                and self.catalog.serving(expert.fallback):
+            return expert.fallback
+        if info.pinned:
+            return None
+        ranked = self.catalog.ranked(info.scores, default=self.config.router.default_expert, exclude=exclude)
+        return ranked[0] if ranked else None
 
-    async def _timed(self, awaitable, expert_id: str):
-        """``awaitable`` within ``serving.request_timeout_s``; a timeout is an EngineError (503)."""
-        timeout = self.config.serving.request_timeout_s
-        try:
-            return await asyncio.wait_for(awaitable, timeout=timeout)
-        except TimeoutError:
-            raise EngineError(f"expert {expert_id!r} did not answer within {timeout:g} s") from None
+    def _public(self, err: Exception, expert_id: str) -> Exception:
+        """What the client sees: engine failures name the expert, not the engine's internals
+        (those are logged), and carry Retry-After; other errors are already in the request's terms."""
+        if not isinstance(err, EngineError):
+            return err
+        log.warning("expert %s could not answer: %s", expert_id, err.message)
+        if isinstance(err, ServerDownError):
+            why = "its server is down or restarting"
+        elif isinstance(err, NotReadyError):
+            why = "its engine is still loading"
+        else:
+            why = "its engine failed on this request"
+        retry = getattr(err, "retry_after_s", None) or self.config.serving.faults.down_retry_after_s
+        return ServerDownError(f"expert {expert_id!r} is unavailable: {why}; retry later or pick another model",
+                               retry_after_s=retry)
+
+    async def _on_experts(self, info: RoutingInfo, endpoint: str, attempt: Callable[[str], Awaitable[T]]) -> T:
+        """``attempt(expert)`` on ``info.expert``, then on fallbacks after engine failures (the
+        one fallback loop of plain and streamed requests). An expert whose server is down fails
+        fast. Sets ``info.expert``/``info.fallback_from``; raises the public error when out of options."""
+        expert, tried, health = info.expert, [], self.catalog.health
+        while True:
+            self.metrics.requests.labels(expert, endpoint).inc()
+            wait = health.retry_after(expert)
+            try:
+                if wait is not None:
+                    raise ServerDownError(f"expert {expert} is marked down: {health.why(expert)}", retry_after_s=wait)
+                result = await attempt(expert)
+                health.mark_up([expert])
+                info.expert = expert
+                return result
+            except Exception as raw:
+                err = as_coe_error(raw)
+                if err is None:
+                    raise
+                self.metrics.errors.labels(expert, err.code).inc()
+                if isinstance(err, ServerDownError) and wait is None and expert in self.catalog:
+                    health.mark_down(self.catalog.on_server(self.catalog.server_of(expert)), err.message,
+                                     err.retry_after_s)
+                tried.append(expert)
+                nxt = self._next_expert(expert, err, tried, info)
+                if nxt is None:
+                    raise self._public(err, expert) from None
+                log.warning("expert %s failed (%s); retrying on %s", expert, err.code, nxt)
+                self.metrics.fallbacks.labels(expert, nxt).inc()
+                info.fallback_from, expert = info.fallback_from or expert, nxt
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        """A whole answer; raises CoEError (mapped to HTTP by the caller)."""
+        """A whole answer; raises CoEError (mapped to HTTP by the caller). Cancelling the call
+        (the client went away) cancels the generation on the expert server."""
+        deadline = Deadline(self.config.serving.request_timeout_s)
+        t0 = time.perf_counter()
         sampling = self.sampling(req)
         info = await self.decide(req.model, req.messages)
-        expert, tried, t0 = info.expert, [], time.perf_counter()
-        while True:
-            self.metrics.requests.labels(expert, "chat").inc()
+        refuse_unimplemented(req, info.expert)
+
+        async def attempt(expert: str):
+            target = self._target(expert, req, sampling)
+            await self.admission.acquire(expert, deadline)
             queued = self.metrics.queue.labels(expert)
             queued.inc()
             try:
-                served = await self._timed(self.backend.generate(*self._target(expert, req, sampling)), expert)
-                break
-            except Exception as raw:
-                err = as_coe_error(raw)
-                if err is None:
-                    raise
-                self.metrics.errors.labels(expert, err.code).inc()
-                tried.append(expert)
-                nxt = self._fallback(expert, err, tried, routed=not info.pinned)
-                if nxt is None:
-                    raise err from None
-                info.fallback_from, expert = info.fallback_from or expert, nxt
+                return await deadline.run(self.backend.generate(*target))
+            except asyncio.CancelledError:
+                self.metrics.cancelled.labels(expert).inc()
+                raise
             finally:
                 queued.dec()
-        out = served.output
-        info.expert = expert
-        m = self.metrics
-        m.batch.labels(expert).observe(served.batch_size)
-        m.add_tokens(expert, out.completion_tokens)
-        m.latency.labels(expert).observe(time.perf_counter() - t0)
-        return ChatCompletionResponse(
-            model=expert,
-            choices=[Choice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)],
-            usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                        total_tokens=out.prompt_tokens + out.completion_tokens),
-            coe=info,
-        )
+                self.admission.release(expert)
 
-    async def chat_stream(self, req: ChatCompletionRequest) -> tuple[RoutingInfo, AsyncIterator[str]]:
+        served = await self._on_experts(info, "chat", attempt)
+        m = self.metrics
+        m.batch.labels(info.expert).observe(served.batch_size)
+        m.add_tokens(info.expert, served.output.completion_tokens)
+        m.latency.labels(info.expert).observe(time.perf_counter() - t0)
+        return response_of(served.output, info)
+
+    async def chat_stream(self, req: ChatCompletionRequest) -> tuple[RoutingInfo, EventStream]:
         """Start a streamed answer. Errors before the first token raise here (so the HTTP status
-        can still say so); later ones end the stream with an error event. The returned iterator
-        yields SSE lines and ends with ``data: [DONE]``; closing it cancels the generation."""
+        can still say so); later ones end the stream with an error event. The returned stream
+        yields SSE lines and ends with ``data: [DONE]``; ``aclose()`` (the client went away)
+        cancels the generation and frees the expert's slot, whether or not it was iterated."""
+        deadline = Deadline(self.config.serving.request_timeout_s)
+        t0 = time.perf_counter()
         sampling = self.sampling(req)
         info = await self.decide(req.model, req.messages)
-        expert, tried, t0 = info.expert, [], time.perf_counter()
-        while True:
-            self.metrics.requests.labels(expert, "chat_stream").inc()
-            upstream = self.backend.stream(*self._target(expert, req, sampling))
+        refuse_unimplemented(req, info.expert)
+
+        async def attempt(expert: str):
+            target = self._target(expert, req, sampling)
+            await self.admission.acquire(expert, deadline)
+            upstream = self.backend.stream(*target)
             try:
-                first = await self._timed(upstream.__anext__(), expert)
-                break
+                first = await deadline.run(upstream.__anext__())
             except StopAsyncIteration:
                 first = None
-                break
-            except Exception as raw:
+            except BaseException:
                 await _close(upstream)
-                err = as_coe_error(raw)
-                if err is None:
-                    raise
-                self.metrics.errors.labels(expert, err.code).inc()
-                tried.append(expert)
-                nxt = self._fallback(expert, err, tried, routed=not info.pinned)
-                if nxt is None:
-                    raise err from None
-                info.fallback_from, expert = info.fallback_from or expert, nxt
-        info.expert = expert
-        self.metrics.ttft.labels(expert).observe(time.perf_counter() - t0)
-        return info, self._sse(info, req, first, upstream, t0)
+                self.admission.release(expert)
+                raise
+            return upstream, first
 
-    async def _sse(self, info: RoutingInfo, req, first, upstream, t0: float) -> AsyncIterator[str]:
-        cid, created, expert = new_id(), int(time.time()), info.expert
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(delta: DeltaMessage, finish=None, usage=None, coe=None) -> str:
-            c = ChatCompletionChunk(id=cid, created=created, model=expert,
-                                    choices=[ChunkChoice(delta=delta, finish_reason=finish)] if delta else [],
-                                    usage=usage, coe=coe)
-            return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
-
-        self.metrics.queue.labels(expert).inc()
-        finished = False
-        try:
-            yield chunk(DeltaMessage(role="assistant", content=""), coe=info)
-            delta, usage = first, None
-            while delta is not None:
-                if delta.text or delta.finish_reason is None:
-                    yield chunk(DeltaMessage(content=delta.text))
-                if delta.finish_reason is not None:
-                    usage = Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens,
-                                  total_tokens=delta.prompt_tokens + delta.completion_tokens)
-                    self.metrics.add_tokens(expert, delta.completion_tokens)
-                    yield chunk(DeltaMessage(), finish=delta.finish_reason)
-                    break
-                try:
-                    delta = await upstream.__anext__()
-                except StopAsyncIteration:
-                    break
-                except Exception as raw:  # noqa: BLE001
-                    err = as_coe_error(raw) or EngineError(f"generation failed: {type(raw).__name__}")
-                    self.metrics.errors.labels(expert, err.code).inc()
-                    yield f"data: {json.dumps(error_body(err.message, type_=err.code, code=err.code))}\n\n"
-                    break
-            if include_usage and usage is not None:
-                c = ChatCompletionChunk(id=cid, created=created, model=expert, choices=[], usage=usage)
-                yield f"data: {c.model_dump_json(exclude_none=True)}\n\n"
-            yield "data: [DONE]\n\n"
-            finished = True
-            self.metrics.latency.labels(expert).observe(time.perf_counter() - t0)
-        finally:
-            self.metrics.queue.labels(expert).dec()
-            if not finished:
-                self.metrics.cancelled.labels(expert).inc()
-            await _close(upstream)
+        upstream, first = await self._on_experts(info, "chat_stream", attempt)
+        self.metrics.ttft.labels(info.expert).observe(time.perf_counter() - t0)
+        return info, EventStream(info, req, first, upstream, t0=t0, deadline=deadline, metrics=self.metrics,
+                                 public_error=lambda err: self._public(err, info.expert),
+                                 release=lambda: self.admission.release(info.expert))
 
     # ------------------------------------------------------------------ health
 
+    def _ensure_probe(self) -> None:
+        period = self.config.serving.faults.health_check_period_s
+        if period > 0 and (self._probe is None or self._probe.done()):
+            self._probe = asyncio.get_running_loop().create_task(self._probe_loop(period))
+
+    async def _probe_loop(self, period: float) -> None:
+        while True:
+            try:
+                await self.readiness()
+            except Exception:  # a probe must never stop probing
+                log.exception("health probe failed")
+            await asyncio.sleep(period)
+
+    async def close(self) -> None:
+        """Stop the background health probe."""
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
+            self._probe = None
+
     async def readiness(self) -> tuple[bool, dict[str, str | None]]:
-        """(ready, per expert: None or why not). Ready when every expert's engine has loaded."""
+        """(ready, per expert: None or why not). Ready when every expert's engine has loaded.
+        Updates the health state: an expert that is not ready is marked down, a ready one up."""
+        ids = self.catalog.ids()
         try:
             states = await asyncio.wait_for(self.backend.ready(), timeout=10)
         except Exception as err:  # noqa: BLE001
-            return False, {eid: f"expert servers did not answer: {type(err).__name__}" for eid in self.experts}
-        out = {eid: states.get(eid, "not loaded yet") for eid in self.experts}
+            return False, {eid: f"expert servers did not answer: {type(err).__name__}" for eid in ids}
+        out = {eid: states.get(eid, "not loaded yet") for eid in ids}
+        health = self.catalog.health
         for eid, why in out.items():
             self.metrics.ready.labels(eid).set(0 if why else 1)
+            if why:
+                health.mark_down([eid], why)
+            else:
+                health.mark_up([eid])
         return all(v is None for v in out.values()), out
 
     async def refresh_gauges(self) -> None:
@@ -337,15 +362,7 @@ class CoEService:
             if "queue_depth" in st:
                 self.metrics.server_queue.labels(sid).set(st["queue_depth"])
 
-    def server_of(self, expert: Expert) -> str:
-        return server_id_of(expert)
-
-    def model_experts(self) -> list[str]:
-        return sorted(e.id for e in self.experts.values() if isinstance(e, ModelExpert))
-
 
 async def _close(agen) -> None:
-    try:
+    with contextlib.suppress(Exception):  # closing after a failure: the first error is what matters
         await agen.aclose()
-    except Exception:  # noqa: BLE001  (closing after a failure)
-        pass

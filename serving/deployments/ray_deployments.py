@@ -13,8 +13,7 @@ import logging
 from ray import serve
 
 from coe.config import ResourcesConfig
-from coe.errors import EngineError, available
-from coe.serving.api.errors import as_coe_error
+from coe.errors import CoEError, EngineError, OverloadedError, ServerDownError, available
 from coe.serving.deployments.expert_server import ExpertServer
 from coe.serving.deployments.spec import ServerSpec
 
@@ -91,8 +90,39 @@ def bind_server(spec: ServerSpec):
     return ExpertServerDeployment.options(**deployment_options(spec)).bind(spec)
 
 
+def map_ray_error(err: BaseException, server_id: str) -> BaseException:
+    """The domain error for an exception out of a Serve handle call to ``server_id``, by type.
+
+    A replica's own :class:`CoEError` (wrapped in ``RayTaskError``) comes back unwrapped; a
+    replica that died, is restarting or cannot be placed is :class:`ServerDownError` (fail fast,
+    ``Retry-After``); Serve's back-pressure is :class:`OverloadedError` (429); any other Ray error
+    is :class:`EngineError`. Ray's text (pids, IP addresses, actor ids) is logged, never put in
+    the message. Anything else (including cancellation) is returned unchanged."""
+    from ray import exceptions as rex
+    from ray.serve import exceptions as sex
+
+    if isinstance(err, rex.RayTaskError):
+        cause = err.cause
+        if isinstance(cause, CoEError):
+            return cause
+    if isinstance(err, CoEError) and not isinstance(err, rex.RayError):
+        return err
+    if isinstance(err, sex.BackPressureError):
+        return OverloadedError(f"expert server {server_id} is at capacity; retry later", retry_after_s=1.0)
+    if isinstance(err, (rex.RayActorError, rex.ActorUnschedulableError, rex.WorkerCrashedError, rex.NodeDiedError,
+                        rex.LocalRayletDiedError, rex.RaySystemError, sex.DeploymentUnavailableError,
+                        sex.ReplicaUnavailableError)):
+        log.warning("expert server %s is unreachable: %s: %s", server_id, type(err).__name__, err)
+        return ServerDownError(f"expert server {server_id} is down or restarting")
+    if isinstance(err, (rex.RayError, sex.RayServeException)):
+        log.error("expert server %s failed: %s: %s", server_id, type(err).__name__, err)
+        return EngineError(f"expert server {server_id} failed on the request")
+    return err
+
+
 class ServeBackend:
-    """:class:`coe.serving.api.backend.Backend` over Ray Serve deployment handles."""
+    """:class:`coe.serving.api.backend.Backend` over Ray Serve deployment handles. Raises only
+    domain errors (:func:`map_ray_error`); cancelling a call cancels it on the replica."""
 
     def __init__(self, handles: dict, *, load_timeout_s: float = 600) -> None:
         self.handles = dict(handles)
@@ -102,27 +132,40 @@ class ServeBackend:
         try:
             return self.handles[server_id]
         except KeyError:
-            raise EngineError(f"no expert server {server_id!r}; running: {available(self.handles)}") from None
+            raise ServerDownError(f"no expert server {server_id!r}; running: {available(self.handles)}") from None
+
+    async def _call(self, server_id: str, method: str, *args):
+        response = getattr(self._handle(server_id), method).remote(*args)
+        try:
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()  # the client went away or the deadline passed: stop the replica's work
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise map_ray_error(err, server_id) from None
 
     async def generate(self, server_id, request, adapter_path):
-        return await self._handle(server_id).generate.remote(request, adapter_path)
+        return await self._call(server_id, "generate", request, adapter_path)
 
     async def stream(self, server_id, request, adapter_path):
         gen = self._handle(server_id).options(stream=True).stream.remote(request, adapter_path)
         done = False
         try:
-            async for delta in gen:
-                yield delta
+            try:
+                async for delta in gen:
+                    yield delta
+            except Exception as err:  # noqa: BLE001
+                raise map_ray_error(err, server_id) from None
             done = True
         finally:
             if not done:
                 gen.cancel()  # the client went away (or failed): stop generating
 
     async def add_adapter(self, server_id, expert_id, path):
-        await self._handle(server_id).add_adapter.remote(expert_id, path)
+        await self._call(server_id, "add_adapter", expert_id, path)
 
     async def remove_adapter(self, server_id, expert_id):
-        await self._handle(server_id).remove_adapter.remote(expert_id)
+        await self._call(server_id, "remove_adapter", expert_id)
 
     async def add_server(self, spec: ServerSpec) -> None:
         """Deploy ``spec`` as its own Serve application and wait for its engine."""
@@ -164,8 +207,7 @@ class ServeBackend:
             try:
                 out.update(await asyncio.wait_for(handle.ready.remote(), timeout=5))
             except Exception as err:  # noqa: BLE001
-                mapped = as_coe_error(err)
-                log.warning("expert server %s did not answer readiness: %s", sid, mapped or err)
+                log.warning("expert server %s did not answer readiness: %s", sid, map_ray_error(err, sid))
 
         await asyncio.gather(*(one(sid, h) for sid, h in self.handles.items()))
         return out

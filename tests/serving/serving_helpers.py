@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from tests.helpers import LoopThread, make_lora  # noqa: F401  (re-exported for the serving tests)
 
 ADMIN = "test-admin-key"
@@ -82,4 +84,49 @@ def tiny_config_dict(llama: Path, loras: list[Path], root: Path, *, flaky: bool 
         },
     }
 
+
+class Harness:
+    """The FastAPI app + ingress logic + in-process expert servers (real engines) on a loop thread.
+
+    ``engine_cls_for(spec)`` may swap an engine class (None: the registered one); ``router``
+    defaults to a :class:`KeywordRouter` over the experts with ``default`` as its default."""
+
+    def __init__(self, loop_thread, config, base_dir, registry=None, *, engine_cls_for=None, router=None,
+                 default="tiny"):
+        from coe.registry import live_experts
+        from coe.serving.api.backend import LocalBackend
+        from coe.serving.api.routes import create_api
+        from coe.serving.api.service import CoEService
+        from coe.serving.deployments.spec import plan_servers
+
+        experts = live_experts(config, registry) if registry is not None else list(config.experts)
+        specs = plan_servers(experts, base_dir=base_dir, batching=config.serving.batching)
+        self.backend = LocalBackend(specs, engine_cls_for=engine_cls_for)
+        self.lt = loop_thread
+        self.lt.run(self.backend.start())
+        router = router or KeywordRouter([e.id for e in experts], default)
+        self.service = CoEService(config, backend=self.backend, router=router, registry=registry,
+                                  base_dir=base_dir, experts=experts)
+        self.app = create_api(self.service)
+
+    def request(self, method, path, **kw) -> httpx.Response:
+        async def go():
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://coe") as client:
+                return await client.request(method, path, **kw)
+
+        return self.lt.run(go())
+
+    def chat(self, content, model="coe", **kw) -> httpx.Response:
+        body = {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0,
+                "max_tokens": 6, **kw}
+        return self.request("POST", "/v1/chat/completions", json=body)
+
+    def close(self) -> None:
+        self.lt.run(self.service.close())
+        self.lt.run(self.backend.stop())
+
+
+def error_of(resp) -> str:
+    return resp.json()["error"]["message"]
 

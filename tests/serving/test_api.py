@@ -11,7 +11,7 @@ import shutil
 import httpx
 import pytest
 
-from tests.serving.serving_helpers import ADMIN, KeywordRouter, make_lora, tiny_config_dict
+from tests.serving.serving_helpers import ADMIN, Harness, make_lora, tiny_config_dict
 
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
@@ -32,39 +32,6 @@ def _flaky_engine_cls():
     return FlakyEngine
 
 
-class Harness:
-    def __init__(self, loop_thread, config, base_dir, registry):
-        from coe.registry import live_experts
-        from coe.serving.api.backend import LocalBackend
-        from coe.serving.api.routes import create_api
-        from coe.serving.api.service import CoEService
-        from coe.serving.deployments.spec import plan_servers
-
-        flaky = _flaky_engine_cls()
-        experts = live_experts(config, registry)
-        specs = plan_servers(experts, base_dir=base_dir, batching=config.serving.batching)
-        self.backend = LocalBackend(specs, engine_cls_for=lambda s: flaky if s.host.id.startswith("flaky") else None)
-        self.lt = loop_thread
-        self.lt.run(self.backend.start())
-        router = KeywordRouter([e.id for e in experts], "tiny")
-        self.service = CoEService(config, backend=self.backend, router=router, registry=registry,
-                                  base_dir=base_dir, experts=experts)
-        self.app = create_api(self.service)
-
-    def request(self, method, path, **kw) -> httpx.Response:
-        async def go():
-            transport = httpx.ASGITransport(app=self.app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://coe") as client:
-                return await client.request(method, path, **kw)
-
-        return self.lt.run(go())
-
-    def chat(self, content, model="coe", **kw) -> httpx.Response:
-        body = {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0,
-                "max_tokens": 6, **kw}
-        return self.request("POST", "/v1/chat/completions", json=body)
-
-
 @pytest.fixture(scope="module")
 def h(loop_thread, tiny_llama_dir, tiny_loras, serving_root, tmp_path_factory):
     from coe.config import parse_config
@@ -73,10 +40,12 @@ def h(loop_thread, tiny_llama_dir, tiny_loras, serving_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
     (root / "adapters").symlink_to(serving_root / "adapters")
     config = parse_config(tiny_config_dict(tiny_llama_dir, tiny_loras, root))
-    harness = Harness(loop_thread, config, root, ExpertRegistry(root / "registry.sqlite"))
+    flaky = _flaky_engine_cls()
+    harness = Harness(loop_thread, config, root, ExpertRegistry(root / "registry.sqlite"),
+                      engine_cls_for=lambda s: flaky if s.host.id.startswith("flaky") else None)
     harness.root = root
     yield harness
-    loop_thread.run(harness.backend.stop())
+    harness.close()
 
 
 def _error(resp) -> str:
@@ -131,16 +100,18 @@ def test_route_and_models(h):
     assert ids[0] == "coe" and {"tiny", "tiny-a", "tiny-b", "flaky"} <= set(ids)
 
 
-def test_grouped_batching_one_engine_call_per_expert(h):
+def test_concurrent_mixed_experts_each_reach_their_adapter(h):
+    """A burst over three experts of one engine: every request is answered by the engine with
+    its own expert (the continuously batching engine gets each request at once)."""
     server = h.backend.servers["expert-tiny"]
     calls = []
-    real = server.engine.generate_batch
+    real = server.engine.generate
 
-    async def spy(requests):
-        calls.append([r.expert for r in requests])
-        return await real(requests)
+    async def spy(request):
+        calls.append(request.expert)
+        return await real(request)
 
-    server.engine.generate_batch = spy
+    server.engine.generate = spy
     try:
         async def burst():
             transport = httpx.ASGITransport(app=h.app)
@@ -151,10 +122,10 @@ def test_grouped_batching_one_engine_call_per_expert(h):
 
         responses = h.lt.run(burst())
     finally:
-        server.engine.generate_batch = real
+        server.engine.generate = real
     assert all(r.status_code == 200 for r in responses)
-    assert sorted(sorted(set(c)) for c in calls) == [["tiny"], ["tiny-a"], ["tiny-b"]]
-    assert sorted(len(c) for c in calls) == [3, 3, 3]
+    assert [r.json()["model"] for r in responses] == ["tiny-a", "tiny-b", "tiny"] * 3
+    assert sorted(calls) == sorted(["tiny-a", "tiny-b", "tiny"] * 3)
 
 
 def test_health_ready_metrics(h):
@@ -216,7 +187,8 @@ def test_engine_failure_without_fallback_is_503_and_others_keep_serving(h, tiny_
     assert r.status_code == 201, r.text
     try:
         r = h.chat("hello", model="flaky2")
-        assert r.status_code == 503 and "flaky2" in _error(r) and "simulated engine crash" in _error(r)
+        assert r.status_code == 503 and "flaky2" in _error(r) and r.headers["retry-after"].isdigit()
+        assert "simulated engine crash" not in _error(r) and "RuntimeError" not in _error(r)  # internals: log only
         assert h.chat("hello", model="tiny-a").status_code == 200
         routed = h.chat("flaky2 hello")  # routed (not pinned): retried on the router's default expert
         assert routed.status_code == 200 and routed.json()["model"] == "tiny"
@@ -314,7 +286,7 @@ def test_bad_registrations_are_400_and_register_nothing(h, tiny_llama_dir, tmp_p
     assert r.status_code == 422 and "id" in _error(r)
     assert h.request("DELETE", "/v1/experts/tiny-a", headers=AUTH).status_code == 400
     assert ExpertRegistry(h.root / "registry.sqlite").list() == []
-    assert not any(e.startswith("bad-") for e in h.service.experts)
+    assert not any(e.startswith("bad-") for e in h.service.catalog.ids())
     assert not any(sid.startswith("expert-bad") for sid in h.backend.servers)
     assert h.backend.servers["expert-tiny"].engine.adapters() == ["tiny-a", "tiny-b"]
 
