@@ -25,9 +25,10 @@ def train_gates(
     """Adam on the gates only; loss = answer-token cross-entropy + ``balance_coef`` × balance loss.
 
     ``examples`` are ``(token ids, number of trailing answer tokens)`` as made by
-    :func:`coe.adapters.experts.data.encode_example`. Returns one record per step
+    :func:`coe.eval.likelihood.encode_chat`. Returns one record per step
     (``{"step", "loss", "ce", "balance", "s"}``)."""
-    from coe.adapters.experts.train import _batches, _collate
+    from coe.adapters.experts.train import batches
+    from coe.eval.likelihood import collate
 
     for p in mole.model.parameters():
         p.requires_grad_(False)
@@ -37,10 +38,10 @@ def train_gates(
     opt = torch.optim.Adam(params, lr=lr)
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    batches = _batches(examples, batch_size, rng)
+    stream = batches(examples, batch_size, rng)
     history, t0 = [], time.time()
     for step in range(steps):
-        ids, mask, labels, keep = _collate(next(batches), pad_id)
+        ids, mask, labels, keep = collate(next(stream), pad_id)
         logits = mole(ids, mask, logits_to_keep=keep).logits  # [B, keep, V]
         ce = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, -keep + 1 :].reshape(-1), ignore_index=-100

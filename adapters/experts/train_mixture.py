@@ -2,6 +2,9 @@
 
     .venv/bin/python -m coe.adapters.experts.train_mixture --out adapters/experts/mixture
 
+The mixture folder references the experts' own folders (``adapters/<name>`` are relative
+symbolic links to ``adapters/experts/<name>``): no copies of their weights are committed.
+
 Data: an equal number of math (GSM8K train part) and code (MBPP train) examples, shuffled
 with the seed, chat-formatted as for the experts (loss on the answer tokens). Writes the
 mixture folder (:mod:`coe.adapters.mole` format), ``training_args.json``, ``loss.json``,
@@ -19,6 +22,33 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def link_experts(out: Path, experts: dict[str, Path]) -> None:
+    """Make ``out/adapters/<name>`` a relative symbolic link to each expert's own folder, so the
+    mixture references the experts instead of holding byte-identical copies of their weights
+    (the MoLE format reads ``adapters/<name>``; a link is followed like a folder)."""
+    import os
+    import shutil
+
+    (out / "adapters").mkdir(parents=True, exist_ok=True)
+    for name, src in experts.items():
+        dst = out / "adapters" / name
+        if dst.is_symlink():
+            dst.unlink()
+        elif dst.exists():
+            shutil.rmtree(dst)
+        dst.symlink_to(os.path.relpath(src.resolve(), dst.parent.resolve()), target_is_directory=True)
+
+
+def save_referencing(mole, out: Path, experts: dict[str, Path]) -> None:
+    """``mole.save`` (which copies the experts), then the copies replaced by links."""
+    adapters = out / "adapters"
+    for name in experts:  # MoLE.save would copy a folder onto itself through an existing link
+        if (adapters / name).is_symlink():
+            (adapters / name).unlink()
+    mole.save(out, experts)
+    link_experts(out, experts)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,16 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from coe.adapters.experts.data import (
-        code_heldout,
-        code_train,
-        encode_example,
-        math_heldout,
-        math_train,
-    )
-    from coe.adapters.experts.train import _collate, plot_loss
+    from coe.adapters.experts.data import code_heldout, encode_example, math_heldout
+    from coe.adapters.experts.train import plot_loss, training_pairs
     from coe.adapters.mole import MoLE
     from coe.adapters.mole_train import train_gates
+    from coe.eval.likelihood import collate
     from coe.models import resolve
 
     torch.set_num_threads(args.threads)
@@ -62,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         rng.shuffle(enc)
         return enc[:n]
 
-    examples = pick(math_train(args.holdout), args.per_domain) + pick(code_train(), args.per_domain)
+    examples = pick(training_pairs("math", args.holdout), args.per_domain) + pick(training_pairs("code", 0), args.per_domain)
     rng.shuffle(examples)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     experts = {"math": ROOT / "adapters" / "experts" / "math", "code": ROOT / "adapters" / "experts" / "code"}
@@ -72,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         mole, examples, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         balance_coef=args.balance_coef, pad_id=tok.pad_token_id, seed=args.seed,
     )
-    mole.save(args.out, experts)
+    save_referencing(mole, args.out, experts)
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     record.update(model_dir=str(model_dir), n_examples=len(examples), wall_s=round(time.time() - t0, 1))
     (args.out / "training_args.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -82,9 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     report = {}
     with torch.no_grad():
         for domain, pairs in (("math", math_heldout(args.holdout)), ("code", code_heldout())):
-            prompts = [q for q, _ in pairs[: args.report_n]]
+            prompts = [p.query for p in pairs[: args.report_n]]
             enc = [encode_example(tok, q, "", 10_000)[0][:-1] for q in prompts]  # prompt only
-            ids, mask, _, _ = _collate([(e, 1) for e in enc], tok.pad_token_id)
+            ids, mask, _, _ = collate([(e, 1) for e in enc], tok.pad_token_id)
             mole(ids, mask, logits_to_keep=1)
             m = mask.unsqueeze(-1).float()  # mean over real (not padding) prompt tokens
             weights = {l: ((w * m).sum((0, 1)) / m.sum()).tolist() for l, w in mole._weights.items()}

@@ -1,0 +1,93 @@
+"""The scorer protocol and its registry.
+
+A scorer checks one answer to one :class:`~coe.eval.probes.Probe` and returns an
+:class:`Outcome`. Scorers register themselves in their own module with
+``@register_scorer("name")``; the registry refuses duplicates and loads the built-in modules
+of this package on first use. :func:`score` is the one safe entry point: a scorer that raises
+gives a failed outcome with the reason, so a run over many probes goes on.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from coe.errors import InvalidRequestError, available
+from coe.eval.probes import Probe
+
+BUILTIN_MODULES = ("exact_number", "code_tests", "choice", "reference_nll")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """``score`` in [0, 1] (1: correct) or, for likelihood scorers, a value where lower is better
+    (see the scorer's ``higher_is_better``); ``passed`` is the binary verdict; ``reason`` says why
+    an answer failed (``None`` when it passed); ``detail`` holds scorer-specific numbers."""
+
+    score: float
+    passed: bool
+    reason: str | None = None
+    detail: dict[str, Any] | None = None
+
+    @classmethod
+    def failed(cls, reason: str, **detail: Any) -> Outcome:
+        return cls(0.0, False, reason, detail or None)
+
+
+class Scorer(Protocol):
+    """Checks an ``answer`` (the expert's generated text) to ``probe``.
+
+    Generation-free scorers (``choice``, ``reference_nll``) ignore ``answer`` and read what they
+    need from ``context`` (e.g. a likelihood function). Must be thread-safe."""
+
+    name: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+
+    def __call__(self, probe: Probe, answer: str | None, **context: Any) -> Outcome: ...
+
+
+_REGISTRY: dict[str, type] = {}
+_loaded = False
+
+
+def register_scorer(name: str):
+    """Class decorator: register a scorer class under ``name`` (duplicates refused)."""
+
+    def deco(cls: type) -> type:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"scorer {name!r} is already registered by {_REGISTRY[name].__module__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        for mod in BUILTIN_MODULES:
+            importlib.import_module(f"coe.eval.{mod}")
+        _loaded = True
+
+
+def scorer_names() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_scorer(name: str, **options: Any) -> Scorer:
+    """A new instance of the scorer ``name``; InvalidRequestError lists the registered names."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise InvalidRequestError(f"unknown scorer {name!r}; allowed: {available(_REGISTRY)}")
+    return _REGISTRY[name](**options)
+
+
+def score(scorer: Scorer, probe: Probe, answer: str | None, **context: Any) -> Outcome:
+    """Run ``scorer``; an exception becomes a failed Outcome naming the error (the run goes on)."""
+    try:
+        return scorer(probe, answer, **context)
+    except Exception as exc:  # noqa: BLE001 - a broken scorer must not stop a whole run
+        return Outcome.failed(f"scorer {scorer.name!r} crashed: {type(exc).__name__}: {exc}"[:500])
