@@ -1,86 +1,79 @@
 """Shared parts of the LoRA benchmarks: a random llama of a chosen shape, random PEFT adapters,
-timing, and result files (``bench/results/<name>.json`` + ``.md``)."""
+the device/dtype/shape arguments they all take."""
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
-import os
-import platform
-import time
+import argparse
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.shapes import PRESETS, Shape, init_device, llama_config
 
 
-def machine() -> dict:
+def add_model_args(p: argparse.ArgumentParser, *, preset: str = "lora-cpu") -> None:
+    """``--preset`` (bench.shapes) with ``--hidden/--layers/--vocab`` overrides, ``--device``, ``--dtype``."""
+    p.add_argument("--preset", default=preset, choices=sorted(PRESETS))
+    p.add_argument("--hidden", type=int, default=None, help="override the preset's hidden size")
+    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    p.add_argument("--vocab", type=int, default=None, help="override the preset's vocabulary")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def shape_of(args) -> Shape:
+    """The preset's shape with the command line's overrides (the FFN scales with ``--hidden``)."""
+    s = PRESETS[args.preset]
+    hidden = args.hidden or s.hidden
+    inter = s.intermediate if args.hidden is None else hidden * 8 // 3
+    heads = s.heads if args.hidden is None else max(1, hidden // 64)
+    kv = s.kv_heads if args.hidden is None else max(1, heads // 2)
+    return Shape(hidden=hidden, layers=args.layers or s.layers, intermediate=inter, heads=heads, kv_heads=kv,
+                 tie=s.tie, vocab=args.vocab or s.vocab or 8192)
+
+
+def random_llama(folder: Path, shape: Shape):
+    """Save a random llama of ``shape`` (float32) to ``folder``; returns nothing (load it with :func:`load`)."""
     import torch
+    from transformers import LlamaForCausalLM
 
-    return {
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "load_avg_at_start": os.getloadavg()[0],
-        "note": "shared 2-core CPU machine; teammates' jobs ran at the same time, so absolute figures "
-        "are noisy: compare the ratios measured side by side in one run",
-    }
-
-
-def random_llama(folder: Path, *, hidden: int, layers: int, inter: int, vocab: int, heads: int = 8, kv: int = 4):
-    """Save a random llama of this shape to ``folder`` and return it loaded (float32, eval)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
+    with torch.device(init_device()):
+        model = LlamaForCausalLM(llama_config(shape, shape.vocab or 8192))
     model.save_pretrained(folder)
-    return model
+    del model
 
 
-def load(folder: Path, **kw):
+def load(folder: Path, device: str = "cpu", dtype: str = "float32"):
+    """The model in ``folder`` on ``device`` in ``dtype``, in eval mode."""
+    import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
-    m = AutoModelForCausalLM.from_pretrained(folder, **kw).eval()
-    return m
+    logging.disable_progress_bar()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
 
 
 def random_loras(base_folder: Path, root: Path, n: int, *, rank: int, targets: list[str]) -> list[Path]:
-    """``n`` PEFT LoRA folders with random (non-zero) A and B."""
+    """``n`` PEFT LoRA folders with random (non-zero) A and B (seeds 100..100+n-1)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
+    base = load(base_folder, init_device())
     out = []
     for i in range(n):
         torch.manual_seed(100 + i)
-        pm = get_peft_model(load(base_folder), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+        pm = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
         with torch.no_grad():
             for name, p in pm.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
         pm.save_pretrained(root / f"lora{i}")
+        base = pm.unload()  # the plain base model again, for the next adapter
         out.append(root / f"lora{i}")
     return out
 
 
-def timed(fn, repeat: int = 1) -> tuple[float, object]:
-    """Best wall time of ``repeat`` calls, and the last result."""
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, result
+def sync_of(device: str):
+    """``torch.cuda.synchronize`` on CUDA (so a timer measures finished work), else None."""
+    import torch
 
-
-def write(name: str, data: dict, md: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(md)
-    print(md)
+    return torch.cuda.synchronize if device == "cuda" else None

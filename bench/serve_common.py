@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
-import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -28,12 +26,17 @@ QUERIES = {
 
 
 def machine() -> dict:
+    """The machine facts of :func:`bench.record.machine_info` plus ``date`` (now) and ``note``.
+
+    Prefer :class:`bench.record.RunRecord`, which also reads the load before *and* after a run.
+    """
+    from bench.record import machine_info
+
     return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
+        **machine_info(),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "note": "shared 2-core CPU development machine; other work ran at the same time",
+        "load_avg_now": [round(x, 2) for x in os.getloadavg()],
+        "note": "shared 2-core CPU development machine",
     }
 
 
@@ -71,13 +74,15 @@ def _random_lora(out: Path, seed: int, rank: int = 8) -> None:
 
 
 def write_results(name: str, data: dict, summary_md: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2))
-    (RESULTS / f"{name}.md").write_text(summary_md)
+    """``bench/results/<name>.{json,md}`` through :func:`bench.record.write_results`; prints the summary."""
+    from bench.record import write_results as write
+
+    write(name, data, summary_md)
     print(summary_md)
 
 
 def percentile(values: list[float], q: float) -> float:
-    import numpy as np
+    """See :func:`bench.stats.percentile`."""
+    from bench.stats import percentile as pct
 
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+    return pct(values, q)

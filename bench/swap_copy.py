@@ -20,7 +20,6 @@ otherwise a random llama of ``--preset`` shape.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -28,7 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.swap_common import PRESETS, machine, make_experts, quiet, tokenizer_source, write_results
+from bench.record import RunRecord, write_results
+from bench.stats import fmt, summary
+from bench.swap_common import PRESETS, make_experts, quiet, tokenizer_source
 
 
 def _sync(device: str) -> None:
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--name", default=None, help="results file stem (default swap_copy_<device>)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    rec = RunRecord.start()
     quiet()
     if args.threads:
         import torch
@@ -104,56 +106,54 @@ def main(argv: list[str] | None = None) -> dict:
     def load() -> None:
         AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
 
-    swap("a"), swap("b"), dst.copy_(src), per_tensor()  # warm-up (allocator, page cache)
+    swap("a"), swap("b"), dst.copy_(src), per_tensor(), load()  # warm-up (allocator, page cache)
     times = {"swap": [], "copy": [], "per_tensor": [], "from_pretrained": []}
-    for i in range(args.repeats):
+    for i in range(args.repeats):  # interleaved; from_pretrained (slow) in the first load_repeats rounds
         expert = "a" if i % 2 == 0 else "b"
         times["swap"].append(_timed(lambda e=expert: swap(e), device))
         times["copy"].append(_timed(lambda: dst.copy_(src, non_blocking=True), device))
         times["per_tensor"].append(_timed(per_tensor, device))
-    load()  # warm the page cache
-    for _ in range(args.load_repeats):
-        times["from_pretrained"].append(_timed(load, device))
+        if i < args.load_repeats:
+            times["from_pretrained"].append(_timed(load, device))
     assert pool.stats.swaps >= args.repeats, "every timed acquire must have been a swap"
 
-    med = {k: statistics.median(v) for k, v in times.items()}
+    st = {k: summary(v) for k, v in times.items()}
+    med = {k: v["median"] for k, v in st.items()}
     gbps = {k: nbytes / med[k] / 1e9 for k in ("swap", "copy", "per_tensor")}
-    result = {
+    swap_vs_copy = summary([c / s for s, c in zip(times["swap"], times["copy"])])  # bandwidth ratio per round
+    result = rec.finish({
         "benchmark": "swap_copy",
-        "machine": machine(),
         "device": device,
         "dtype": args.dtype,
         "model": source,
         "expert_bytes": nbytes,
         "tensors": len(pool.host["a"].layout.specs),
         "repeats": args.repeats,
-        "median_s": med,
+        "seconds": st,
         "all_s": times,
         "bandwidth_gbps": gbps,
-        "swap_vs_copy_bandwidth": gbps["swap"] / gbps["copy"],
+        "swap_vs_copy_bandwidth": swap_vs_copy,
         "from_pretrained_vs_swap_speedup": med["from_pretrained"] / med["swap"],
         "per_tensor_vs_swap_slowdown": med["per_tensor"] / med["swap"],
-    }
-    md = f"""# Swap vs copy limit vs from_pretrained ({device})
-
-{result['machine']['date']} · {result['machine']['platform']} · {result['machine']['cpu_count']} CPUs \
-(load average {result['machine']['load_average']}) · torch {result['machine']['torch']}\
-{' · ' + result['machine']['gpu'] if device == 'cuda' else ''}
-
+        "targets": {"swap_vs_copy_bandwidth": 0.80, "from_pretrained_vs_swap_speedup": 20.0},
+    })
+    m = result["run"]["machine"]
+    md = rec.markdown_header(f"Swap vs copy limit vs from_pretrained ({device})") + f"""\
 Model: {source}, {args.dtype}, {nbytes / 2**20:.1f} MiB in {result['tensors']} tensors. \
-Medians of {args.repeats} interleaved repeats ({args.load_repeats} for from_pretrained).
+{args.repeats} interleaved rounds ({args.load_repeats} of them with a from_pretrained) after a warm-up; \
+median [min–max].
 
-| operation | median | GB/s |
+| operation | median [min–max] | GB/s (median) |
 |---|---|---|
-| pool swap (one flat `copy_` into a slot) | {med['swap'] * 1e3:.2f} ms | {gbps['swap']:.2f} |
-| plain `copy_` of the same bytes | {med['copy'] * 1e3:.2f} ms | {gbps['copy']:.2f} |
-| per-tensor `copy_` (load_state_dict-style) | {med['per_tensor'] * 1e3:.2f} ms | {gbps['per_tensor']:.2f} |
-| `from_pretrained(...).to({device})`, warm cache | {med['from_pretrained'] * 1e3:.1f} ms | |
+| pool swap (one flat `copy_` into a slot) | {fmt(st['swap'], 1e3)} ms | {gbps['swap']:.2f} |
+| plain `copy_` of the same bytes | {fmt(st['copy'], 1e3)} ms | {gbps['copy']:.2f} |
+| per-tensor `copy_` (load_state_dict-style) | {fmt(st['per_tensor'], 1e3)} ms | {gbps['per_tensor']:.2f} |
+| `from_pretrained(...).to({device})`, warm cache | {fmt(st['from_pretrained'], 1e3, 1)} ms | |
 
-- swap bandwidth / plain copy bandwidth: **{result['swap_vs_copy_bandwidth']:.2f}** (target ≥ 0.80)
-- from_pretrained time / swap time: **{result['from_pretrained_vs_swap_speedup']:.1f}x** (target ≥ 10x)
+- swap bandwidth / plain copy bandwidth, per round: **{fmt(swap_vs_copy)}** (target ≥ 0.80)
+- from_pretrained time / swap time (medians): **{result['from_pretrained_vs_swap_speedup']:.1f}x** (target ≥ 20x on a GPU)
 - per-tensor copy time / swap time: {result['per_tensor_vs_swap_slowdown']:.2f}x \
-({result['machine']['torch_threads']} torch threads; on a loaded CPU every small copy pays the intra-op \
+({m.get('torch_threads')} torch threads; on a loaded CPU every small copy pays the intra-op \
 thread pool's start-up and barrier, which is what this ratio mostly shows there; on CUDA it is ~{result['tensors']} \
 small copies instead of one)
 """

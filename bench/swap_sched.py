@@ -25,7 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.swap_common import PRESETS, machine, make_experts, percentile, quiet, write_results
+from bench.record import RunRecord, write_results
+from bench.stats import fmt, paired_ratio, percentile, summary
+from bench.swap_common import PRESETS, make_experts, quiet
 
 QUESTIONS = [
     "What is the capital of France?", "Write a python function that adds two numbers.",
@@ -52,7 +54,8 @@ async def run_policy(policy: str, experts: dict[str, str], args, load) -> dict:
 
     engine = PoolEngine(
         experts,
-        PoolConfig(max_resident=args.resident, swap="always", policy=policy, max_wait_ms=args.max_wait_ms),
+        PoolConfig(max_resident=args.resident, swap="always", policy=policy,
+                   overdue_after_ms=args.max_wait_ms),
         EngineConfig(kind="hf", device=args.device, dtype=args.dtype, max_num_seqs=args.batch, max_model_len=512),
     )
     await engine.start()
@@ -73,6 +76,7 @@ async def run_policy(policy: str, experts: dict[str, str], args, load) -> dict:
     await asyncio.gather(*(one(i, at, e, q, t0) for i, (at, e, q) in enumerate(load)))
     makespan = time.perf_counter() - t0
     pool = engine.pool
+    expert_bytes = pool.host[next(iter(experts))].nbytes
     await engine.stop()
     tokens = sum(len(v) for v in outputs.values())
     sessions = engine.sessions
@@ -84,6 +88,7 @@ async def run_policy(policy: str, experts: dict[str, str], args, load) -> dict:
         "latency_p50_s": percentile(latencies, 50),
         "latency_p99_s": percentile(latencies, 99),
         "latency_max_s": max(latencies),
+        "expert_bytes": expert_bytes,
         "swaps": pool.stats.swaps,
         "swap_s": pool.stats.swap_s,
         "sessions": len(sessions),
@@ -105,11 +110,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16, help="max_num_seqs: largest batch of one session")
     parser.add_argument("--max-wait-ms", type=float, default=2000)
-    parser.add_argument("--policies", default="fcfs,largest_group")
+    parser.add_argument("--policies", default="fcfs,largest_group", help="the first is the baseline of the ratios")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved repeats of every policy (order rotated)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="results file stem (default swap_sched_<device>)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    rec = RunRecord.start()
     quiet()
     if args.threads:
         import torch
@@ -124,59 +131,73 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="swap-sched-") as tmp:
         experts = make_experts(Path(tmp), args.experts, shape, save_dtype)
         load = workload(args.requests, sorted(experts), args.zipf, args.rate, args.seed)
-        runs = [asyncio.run(run_policy(p, experts, args, load)) for p in args.policies.split(",")]
-    base = runs[0]
-    for run in runs[1:]:
-        same = sum(run["outputs"][i] == base["outputs"][i] for i in base["outputs"])
-        run["same_tokens_as_" + base["policy"]] = f"{same}/{len(base['outputs'])}"
-    for run in runs:
-        run.pop("outputs")
+        policies = args.policies.split(",")
+        by_policy: dict[str, list[dict]] = {p: [] for p in policies}
+        for r in range(args.rounds):  # interleaved rounds, order rotated: drift hits every policy alike
+            for p in policies[r % len(policies):] + policies[: r % len(policies)]:
+                by_policy[p].append(asyncio.run(run_policy(p, experts, args, load)))
+    base_p = policies[0]
+    first = by_policy[base_p][0]["outputs"]
+    for p in policies[1:]:
+        same = sum(by_policy[p][0]["outputs"][i] == first[i] for i in first)
+        by_policy[p][0]["same_tokens_as_" + base_p] = f"{same}/{len(first)}"
+    for runs in by_policy.values():
+        for run in runs:
+            run.pop("outputs")
     counts: dict[str, int] = {}
     for _, e, _ in load:
         counts[e] = counts.get(e, 0) + 1
-    result = {
+    keys = ("tokens_per_s", "latency_p50_s", "latency_p99_s", "swaps", "sessions", "mean_batch", "makespan_s")
+    summaries = {p: {k: summary([r[k] for r in runs]) for k in keys} for p, runs in by_policy.items()}
+    base_tps = [r["tokens_per_s"] for r in by_policy[base_p]]
+    ratios = {
+        p: {
+            "tokens_per_s": paired_ratio([r["tokens_per_s"] for r in by_policy[p]], base_tps),
+            "latency_p50": paired_ratio([r["latency_p50_s"] for r in by_policy[p]],
+                                        [r["latency_p50_s"] for r in by_policy[base_p]]),
+            "latency_p99": paired_ratio([r["latency_p99_s"] for r in by_policy[p]],
+                                        [r["latency_p99_s"] for r in by_policy[base_p]]),
+        }
+        for p in policies[1:]
+    }
+    result = rec.finish({
         "benchmark": "swap_sched",
-        "machine": machine(),
         "device": args.device,
         "dtype": save_dtype,
         "shape": shape.label(),
-        "args": {k: v for k, v in vars(args).items()},
+        "params": shape.params(),
+        "args": dict(vars(args)),
         "requests_per_expert": dict(sorted(counts.items())),
-        "runs": runs,
-        "ratios_vs_" + base["policy"]: {
-            r["policy"]: {
-                "tokens_per_s": r["tokens_per_s"] / base["tokens_per_s"],
-                "latency_p50": r["latency_p50_s"] / base["latency_p50_s"],
-                "latency_p99": r["latency_p99_s"] / base["latency_p99_s"],
-            }
-            for r in runs[1:]
-        },
-    }
-    m = result["machine"]
+        "runs": by_policy,
+        "summary": summaries,
+        "ratios_vs_" + base_p: ratios,
+        "swap_s_per_swap": {p: sum(r["swap_s"] for r in runs) / max(1, sum(r["swaps"] for r in runs))
+                            for p, runs in by_policy.items()},
+    })
     rows = "\n".join(
-        f"| {r['policy']} | {r['tokens_per_s']:.1f} | {r['latency_p50_s']:.2f} | {r['latency_p99_s']:.2f} | "
-        f"{r['swaps']} | {r['sessions']} | {r['mean_batch']:.1f} | {r['makespan_s']:.1f} |"
-        for r in runs
+        f"| {p} | {fmt(s['tokens_per_s'], digits=1)} | {fmt(s['latency_p50_s'])} | {fmt(s['latency_p99_s'])} | "
+        f"{s['swaps']['median']:.0f} | {s['sessions']['median']:.0f} | {s['mean_batch']['median']:.1f} | "
+        f"{s['makespan_s']['median']:.1f} |"
+        for p, s in summaries.items()
     )
-    ratios = "\n".join(
-        f"- {p} / {base['policy']}: tokens/s **{v['tokens_per_s']:.2f}x**, p50 latency {v['latency_p50']:.2f}x, "
-        f"p99 latency {v['latency_p99']:.2f}x (same greedy tokens: {next(r for r in runs if r['policy'] == p)['same_tokens_as_' + base['policy']]})"
-        for p, v in result["ratios_vs_" + base["policy"]].items()
+    lines = "\n".join(
+        f"- {p} / {base_p}: tokens/s **{fmt(v['tokens_per_s'])}x**, p50 latency {fmt(v['latency_p50'])}x, "
+        f"p99 latency {fmt(v['latency_p99'])}x (same greedy tokens: {by_policy[p][0]['same_tokens_as_' + base_p]})"
+        for p, v in ratios.items()
     )
-    md = f"""# Expert-grouped scheduling vs FCFS on one pool ({args.device})
-
-{m['date']} · {m['platform']} · {m['cpu_count']} CPUs (load average {m['load_average']}) · torch {m['torch']}\
-{' · ' + m['gpu'] if args.device == 'cuda' else ''}
-
-{args.experts} random experts ({shape.label()}, {save_dtype}), room for {args.resident} (`swap='always'`); \
-{args.requests} chat requests, Zipf({args.zipf}) expert popularity, Poisson arrivals at {args.rate}/s, \
-greedy, {args.max_tokens} new tokens, batch ≤ {args.batch}, max_wait_ms {args.max_wait_ms:g}.
+    per_swap = ", ".join(f"{p} {1000 * v:.1f} ms" for p, v in result["swap_s_per_swap"].items())
+    md = rec.markdown_header(f"Expert-grouped scheduling vs FCFS on one pool ({args.device})") + f"""\
+{args.experts} random experts ({shape.label()}, {save_dtype}, \
+{by_policy[base_p][0]['expert_bytes'] / 2**20:.0f} MiB each), room for {args.resident} (`swap='always'`); {args.requests} chat requests, Zipf({args.zipf}) \
+expert popularity, Poisson arrivals at {args.rate}/s, greedy, {args.max_tokens} new tokens, batch ≤ {args.batch}, \
+overdue after {args.max_wait_ms:g} ms; {args.rounds} interleaved round(s) per policy, median [min–max] over rounds. \
+Mean time per swap: {per_swap}.
 
 | policy | tokens/s | p50 latency (s) | p99 latency (s) | swaps | sessions | mean batch | makespan (s) |
 |---|---|---|---|---|---|---|---|
 {rows}
 
-{ratios}
+{lines}
 """
     stem = args.name or f"swap_sched_{args.device}"
     js, mdp = write_results(stem, result, md)
