@@ -1,17 +1,23 @@
-"""A small KV-cached decoding loop shared by the mixtures (X-LoRA, MoLE) and the mixture engine.
+"""The one sampler, and a small KV-cached decoding loop for the mixtures (X-LoRA, MoLE).
 
-A *stepper* owns the model call(s) and the cache(s); this module owns the loop, the
+:func:`sample` picks the next token from logits for every decoding path in coe: the serving
+engines (per row, with the row's own generator) and :func:`decode` (per batch).
+
+A *stepper* owns the model call(s) and the cache(s); :func:`decode` owns the loop, the
 positions of left-padded rows and sampling. ``stepper.forward(ids [B, T], mask [B, S]) ->
 logits [B, V]`` runs the next ``T`` tokens (``S`` = all tokens so far, padding included) and
 returns the last position's logits; ``stepper.reset()`` drops its caches.
+
+torch is imported inside the functions, so importing this module is cheap.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class Stepper(Protocol):
@@ -38,20 +44,27 @@ def call_model(model, ids, mask, cache, **kw):
     )
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """Next tokens ``[B]``: greedy when ``temperature == 0``, else temperature + nucleus sampling."""
+def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, generator=None) -> torch.Tensor:
+    """Next token ids from ``logits`` ``[V]`` (returns a 0-d tensor) or ``[B, V]`` (returns ``[B]``).
+
+    Greedy (argmax) when ``temperature == 0``; otherwise softmax at ``temperature``, restricted
+    to the smallest set of most likely tokens whose mass reaches ``top_p`` (the most likely token
+    always stays), drawn with ``generator`` (a ``torch.Generator`` on the logits' device, or None).
+    """
+    import torch
+
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [..., V]
     if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the top token
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        pick = torch.multinomial(sorted_p, 1, generator=generator)  # [..., 1]
+        return order.gather(-1, pick).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def decode(
     stepper: Stepper,
     ids: torch.Tensor,
@@ -67,7 +80,17 @@ def decode(
     """Yield ``(tokens [B], finished [B] bool)`` once per new token; stops when all rows finished.
 
     A row is finished after it emits one of ``eos_ids`` (that token is yielded, flagged);
-    finished rows keep being fed ``pad_id`` so the batch stays rectangular."""
+    finished rows keep being fed ``pad_id`` so the batch stays rectangular. Runs without
+    autograd (only while the generator runs, as ``torch.no_grad`` does for generators)."""
+    import torch
+
+    loop = torch.no_grad()(_decode_loop)
+    return loop(stepper, ids, mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, generator)
+
+
+def _decode_loop(stepper, ids, mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, generator):
+    import torch
+
     stepper.reset()
     done = torch.zeros(ids.shape[0], dtype=torch.bool)
     logits = stepper.forward(ids, mask)

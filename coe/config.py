@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from coe.errors import ConfigError
 
@@ -30,7 +30,12 @@ class Strict(BaseModel):
 class EngineConfig(Strict):
     """How a base model's engine runs (one engine per base model, hosting its LoRA experts)."""
 
-    kind: Literal["hf", "vllm"] = Field("vllm", description="Engine backend: transformers ('hf') or vLLM.")
+    kind: Literal["hf", "vllm"] = Field(
+        "vllm",
+        description="Engine backend of a `model` expert: transformers ('hf') or vLLM ('vllm'), the engine "
+        "registry's names. The registry's other engines are chosen by the expert's shape: 'mixture' for a "
+        "`mixture` expert, 'pool' for `pooled: true` model experts.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when present.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype; 'auto' is bfloat16 on CUDA, float32 for hf on CPU, bfloat16 for vLLM."
@@ -53,6 +58,25 @@ class EngineConfig(Strict):
         description="hf engine on CPU: torch intra-op threads (process-wide; None keeps torch's default, one "
         "per core). Fewer threads avoid OpenMP stalls when the cores are shared with other work.",
     )
+
+    @model_validator(mode="after")
+    def _fields_of_backend(self) -> EngineConfig:
+        other = "hf" if self.kind == "vllm" else "vllm"
+        wrong = [f for f in ENGINE_BACKEND_FIELDS[other] if f in self.model_fields_set and getattr(self, f) is not None]
+        if wrong:
+            raise ValueError(
+                f"engine.kind is {self.kind!r} but {', '.join(wrong)} only applies to the {other!r} engine: remove it "
+                f"or set engine.kind: {other} (fields for every engine: {', '.join(ENGINE_COMMON_FIELDS)})"
+            )
+        return self
+
+
+ENGINE_BACKEND_FIELDS: dict[str, tuple[str, ...]] = {
+    "hf": ("cpu_threads",),
+    "vllm": ("max_loras", "gpu_memory_utilization", "kv_cache_space_gib", "enforce_eager", "seed"),
+}
+"""EngineConfig fields that only one backend reads; setting one on the other backend is an error."""
+ENGINE_COMMON_FIELDS = ("device", "dtype", "max_model_len", "max_num_seqs", "max_lora_rank")
 
 
 class AutoscalingConfig(Strict):
@@ -84,13 +108,21 @@ class ResourcesConfig(Strict):
 class PoolConfig(Strict):
     """Expert swapping: whole-model experts kept in host memory, some resident on the accelerator."""
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
     max_resident: int = Field(4, ge=1, description="Most experts resident on the accelerator at once.")
     memory_budget_gib: float | None = Field(None, gt=0, description="Accelerator memory for resident experts.")
     pinned: list[str] = Field(default_factory=list, description="Expert ids kept resident (never evicted).")
     policy: Literal["largest_group", "fcfs", "oldest_first"] = Field(
         "largest_group", description="Which expert's queue is served next."
     )
-    max_wait_ms: float = Field(2000, gt=0, description="Bound on how long any request waits for its expert.")
+    overdue_after_ms: float = Field(
+        2000,
+        gt=0,
+        validation_alias=AliasChoices("overdue_after_ms", "max_wait_ms"),
+        description="A request queued this long is overdue: its expert is served next, whatever the policy "
+        "(bounds starvation). Old name: max_wait_ms.",
+    )
     swap: Literal["auto", "always", "never"] = Field(
         "auto",
         description="'auto': swap experts through device slots on CUDA, keep all resident on CPU; "
@@ -198,18 +230,26 @@ class RouterConfig(Strict):
         description="With a fitted router: an expert it has not seen wins a query when the query's cosine "
         "similarity to the expert's description/examples exceeds this.",
     )
-    resources: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.5))
 
 
 # --------------------------------------------------------------------------- serving
 
 
 class BatchingConfig(Strict):
-    """Expert-grouped batching: requests are collected, grouped by chosen expert, dispatched per expert."""
+    """The batching window of engines that run one batch at a time (the mixture engine): requests
+    are collected for ``window_ms``, grouped by expert, and each group is one batch. Engines that
+    batch continuously (hf, vllm) and the expert pool (which groups by expert itself) get every
+    request at once and ignore the window."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most requests of one expert in one batch.")
-    max_wait_ms: float = Field(
-        5.0, ge=0, le=10_000, description="How long the oldest request of a group waits for others to join it."
+    window_ms: float = Field(
+        5.0,
+        ge=0,
+        le=10_000,
+        validation_alias=AliasChoices("window_ms", "max_wait_ms"),
+        description="How long the oldest request of a group waits for others to join it. Old name: max_wait_ms.",
     )
     max_concurrent_batches: int | None = Field(
         None, ge=1, description="Batches in flight per expert server; none: no limit (the engine batches them)."

@@ -60,8 +60,8 @@ def _engine_config(args):
             dtype=args.dtype,
             max_model_len=args.max_model_len,
             max_num_seqs=4,
-            max_loras=1,
             max_lora_rank=args.max_lora_rank,
+            **({"max_loras": 1} if args.engine == "vllm" else {}),  # a vLLM-only field
         )
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, "engine options")) from None

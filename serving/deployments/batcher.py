@@ -1,12 +1,13 @@
-"""Expert-grouped batching: collect requests for a short window, group them by expert, and
+"""The batching window: collect requests for a short window, group them by expert, and
 dispatch one batch per expert.
 
-A request waits at most ``max_wait_ms`` after the oldest pending request of its group arrived
+Used only for engines that run one batch at a time (``Capabilities.batching == "window"``, the
+mixture engine); continuously batching engines and the expert pool get each request at once.
+A request waits at most ``window_ms`` after the oldest pending request of its group arrived
 (less when its group reaches ``max_batch_size``). When the window closes every group is handed
-to ``run_batch`` as one call, up to ``max_concurrent`` batches in flight: an engine that runs
-one batch at a time (transformers) gets ``max_concurrent=1``, so requests keep collecting while
-it works and the next batch of a group takes everything that arrived meanwhile; a continuously
-batching engine (vLLM) takes every group at once. Groups are served oldest first.
+to ``run_batch`` as one call, up to ``max_concurrent`` batches in flight (``max_concurrent=1``:
+requests keep collecting while a batch runs, and the next batch of a group takes everything
+that arrived meanwhile). Groups are served oldest first, full groups before others.
 
 Runs on one asyncio loop; ``submit`` may be awaited concurrently from many tasks.
 """
@@ -32,7 +33,8 @@ class _Group(Generic[Req, Out]):
 class ExpertGroupedBatcher(Generic[Req, Out]):
     """``await submit(key, request)`` → ``(output, batch_size)``.
 
-    ``run_batch(key, requests)`` must return one output per request, in order; an exception it
+    ``run_batch(key, requests)`` must return one entry per request, in order: its output, or an
+    Exception for a request that failed alone (given to that request only); an exception it
     raises is given to every request of that batch. A cancelled ``submit`` whose batch has not
     started is dropped from its group.
     """
@@ -42,12 +44,12 @@ class ExpertGroupedBatcher(Generic[Req, Out]):
         run_batch: Callable[[str, list[Req]], Awaitable[list[Out]]],
         *,
         max_batch_size: int,
-        max_wait_ms: float,
+        window_ms: float,
         max_concurrent: int | None = None,
     ) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_ms / 1000.0
+        self.window_s = window_ms / 1000.0
         self._slots = asyncio.Semaphore(max_concurrent) if max_concurrent else None
         self._groups: dict[str, _Group] = {}
         self._wake = asyncio.Event()
@@ -86,7 +88,7 @@ class ExpertGroupedBatcher(Generic[Req, Out]):
         for g in self._groups.values():
             if len(g.items) >= self.max_batch_size:
                 return 0.0
-            waits.append(g.first_at + self.max_wait_s - now)
+            waits.append(g.first_at + self.window_s - now)
         return min(waits)
 
     async def _loop(self) -> None:
@@ -113,7 +115,7 @@ class ExpertGroupedBatcher(Generic[Req, Out]):
             group = self._groups[key]
             take, group.items = group.items[: self.max_batch_size], group.items[self.max_batch_size :]
             if group.items:
-                group.first_at = time.monotonic() - self.max_wait_s  # the rest already waited: due now
+                group.first_at = time.monotonic() - self.window_s  # the rest already waited: due now
             else:
                 del self._groups[key]
             task = asyncio.create_task(self._dispatch(key, take))
@@ -126,7 +128,7 @@ class ExpertGroupedBatcher(Generic[Req, Out]):
         due = [
             (len(g.items) < self.max_batch_size, g.first_at, k)
             for k, g in self._groups.items()
-            if g.items and (len(g.items) >= self.max_batch_size or g.first_at + self.max_wait_s <= now)
+            if g.items and (len(g.items) >= self.max_batch_size or g.first_at + self.window_s <= now)
         ]
         return min(due)[2] if due else None
 
@@ -148,7 +150,11 @@ class ExpertGroupedBatcher(Generic[Req, Out]):
                     raise
                 return
             for (_, f), out in zip(items, outputs):
-                if not f.done():
+                if f.done():
+                    continue
+                if isinstance(out, Exception):
+                    f.set_exception(out)
+                else:
                     f.set_result((out, len(items)))
         finally:
             if self._slots is not None:

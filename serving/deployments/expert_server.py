@@ -1,11 +1,14 @@
-"""The expert server: one engine and every expert it hosts, behind expert-grouped batching.
+"""The expert server: one engine and every expert it hosts.
 
 A server runs one engine: a ``model`` expert's (together with all LoRA experts on that base,
-added at start or at runtime) or a ``mixture`` expert's. Requests name their expert in
-``GenerationRequest.expert`` (and the LoRA in ``.adapter``, which is the expert id), so one
-engine may host several experts, LoRA or whole models alike. Plain (non-streamed) requests go
-through :class:`ExpertGroupedBatcher`: one ``engine.generate_batch`` call per expert per window.
-Streamed requests go straight to ``engine.stream`` (the engine batches them continuously).
+added at start or at runtime), a ``mixture`` expert's, or the expert pool. Requests name their
+expert in ``GenerationRequest.expert`` (and the LoRA in ``.adapter``, which is the expert id),
+so one engine may host several experts, LoRA or whole models alike. The engine is built with
+``engine_cls.from_spec(spec.engine_spec())`` and its declared ``capabilities`` decide the path
+of plain (non-streamed) requests: an engine that runs one batch at a time (``batching ==
+"window"``) gets them through :class:`ExpertGroupedBatcher` (one ``generate_batch`` per expert
+per window); every other engine gets each request at once (it batches continuously, or groups
+by expert itself). Streamed requests always go straight to ``engine.stream``.
 
 This class is plain Python, usable in-process; ``coe.serving.deployments.ray_deployments`` wraps it
 as a Ray Serve deployment. Methods are coroutines on one asyncio loop.
@@ -19,10 +22,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from coe.config import MixtureExpert
 from coe.errors import CoEError, EngineError, ExpertNotFoundError, available
 from coe.serving.deployments.batcher import ExpertGroupedBatcher
-from coe.serving.deployments.spec import ServerSpec, resolve_model, resolve_path
+from coe.serving.deployments.spec import ServerSpec, resolve_path
 from coe.types import GenerationOutput, GenerationRequest, StreamDelta
 
 log = logging.getLogger("coe.serving")
@@ -57,9 +59,10 @@ class ExpertServer:
         self.batcher: ExpertGroupedBatcher[GenerationRequest, GenerationOutput] = ExpertGroupedBatcher(
             self._run_batch,
             max_batch_size=b.max_batch_size,
-            max_wait_ms=b.max_wait_ms,
+            window_ms=b.window_ms,
             max_concurrent=b.max_concurrent_batches,
         )
+        self._windowed = False  # set at start from the engine's declared capabilities
         self.tokens_generated = 0
         self.requests_served = 0
 
@@ -76,11 +79,7 @@ class ExpertServer:
                 from coe.serving.engines import get_engine_class
 
                 engine_cls = get_engine_class(spec.engine_kind)
-            model_path = resolve_model(spec.model_expert.model, spec.base_dir)
-            if hasattr(engine_cls, "from_spec"):  # engines that need more than a model (mixtures)
-                self.engine = engine_cls.from_spec(spec)
-            else:
-                self.engine = engine_cls(model_path, spec.model_expert.engine)
+            self.engine = engine_cls.from_spec(spec.engine_spec())
             await self.engine.start()
         except Exception as err:
             self.load_error = f"{type(err).__name__}: {err}"
@@ -88,10 +87,12 @@ class ExpertServer:
             for eid in spec.expert_ids():
                 self._failed[eid] = f"the engine of {spec.server_id} failed to load: {self.load_error}"
             return
+        caps = engine_cls.capabilities
+        self._windowed = caps.batching == "window"
         self._experts[host.id] = None
         for pooled in spec.pooled:
             self.host_expert(pooled.id)
-        if isinstance(host, MixtureExpert):
+        if not caps.runtime_adapters:
             return
         for lora in spec.loras:
             try:
@@ -120,7 +121,7 @@ class ExpertServer:
             "batches": self.batcher.batches_dispatched,
             "requests": self.requests_served,
             "tokens": self.tokens_generated,
-            "engine_running": self.engine.running() if hasattr(self.engine, "running") else None,
+            "engine_running": self.engine.running() if self.engine is not None else None,
         }
 
     def host_expert(self, expert_id: str) -> None:
@@ -161,23 +162,42 @@ class ExpertServer:
             await self.add_adapter(eid, adapter_path)  # a replica that missed a runtime registration
         request.adapter = eid if self._experts[eid] is not None else None
         prompt_tokens = self.engine.count_prompt_tokens(request)
-        from coe.serving.engines.chat import check_context
+        from coe.serving.engines.tokens import check_context
 
         check_context(prompt_tokens, request.sampling.max_tokens, self.engine.max_model_len)
         return request
 
     async def generate(self, request: GenerationRequest, adapter_path: str | None = None) -> Served:
-        """One whole answer, batched with the other requests for the same expert."""
+        """One whole answer: through the batching window for an engine that runs one batch at a
+        time (``batch_size`` is that batch's), else straight to the engine (``batch_size`` 1: the
+        engine batches it with the requests in flight)."""
         t0 = time.monotonic()
         request = await self._prepare(request, adapter_path)
-        output, batch_size = await self.batcher.submit(request.expert, request)
+        if self._windowed:
+            output, batch_size = await self.batcher.submit(request.expert, request)
+        else:
+            output, batch_size = await self._run_one(request), 1
         self.requests_served += 1
         self.tokens_generated += output.completion_tokens
         return Served(output, request.expert, batch_size, (time.monotonic() - t0) * 1000.0)
 
-    async def _run_batch(self, expert_id: str, requests: list[GenerationRequest]) -> list[GenerationOutput]:
+    async def _run_one(self, request: GenerationRequest) -> GenerationOutput:
         try:
-            return await self.engine.generate_batch(requests)
+            return await self.engine.generate(request)
+        except CoEError:
+            raise
+        except Exception as err:
+            log.exception("engine of %s failed on a request for %s", self.spec.server_id, request.expert)
+            raise EngineError(f"the engine of expert {request.expert!r} failed: {type(err).__name__}: {err}") from None
+
+    async def _run_batch(self, expert_id: str, requests: list[GenerationRequest]) -> list[GenerationOutput | Exception]:
+        try:
+            outputs = await self.engine.generate_batch(requests)
+            return [
+                EngineError(f"the engine of expert {expert_id!r} failed: {type(o).__name__}: {o}")
+                if isinstance(o, Exception) and not isinstance(o, CoEError) else o
+                for o in outputs
+            ]
         except CoEError:
             raise
         except Exception as err:

@@ -8,6 +8,7 @@ one per ``mixture`` expert. :func:`plan_servers` turns a list of experts into th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +21,9 @@ from coe.config import (
     PoolConfig,
     ResourcesConfig,
 )
+
+if TYPE_CHECKING:
+    from coe.serving.engines.spec import EngineSpec
 
 
 class ServerSpec(BaseModel):
@@ -51,6 +55,26 @@ class ServerSpec(BaseModel):
     @property
     def resources(self) -> ResourcesConfig:
         return self.host.resources
+
+    def engine_spec(self) -> EngineSpec:
+        """The neutral spec the server's engine is built from (``Engine.from_spec``), paths resolved."""
+        from coe.serving.engines.spec import EngineSpec, MixtureSpec
+
+        base, host = self.model_expert, self.host
+        model = resolve_model(base.model, self.base_dir)
+        if self.pooled:
+            models = {e.id: resolve_model(e.model, self.base_dir) for e in self.pooled}
+            return EngineSpec(model=model, config=self.pooled[0].engine, models=models, pool=self.pool)
+        if isinstance(host, MixtureExpert):
+            paths = {lora.id: str(resolve_path(lora.adapter, self.base_dir)) for lora in self.loras}
+            mixture = MixtureSpec(
+                method=host.method,
+                adapters=[(a, paths[a]) for a in host.adapters],
+                checkpoint=str(resolve_path(host.checkpoint, self.base_dir)) if host.checkpoint else None,
+                top_k=host.top_k,
+            )
+            return EngineSpec(model=model, config=base.engine, mixture=mixture)
+        return EngineSpec(model=model, config=base.engine)
 
     def expert_ids(self) -> list[str]:
         """Experts this server answers for."""

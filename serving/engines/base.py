@@ -1,23 +1,60 @@
-"""The engine protocol: a handful of async methods every backend implements.
+"""The engine protocol: construction, a handful of async methods, declared capabilities.
 
-An engine serves one base model and any number of LoRA adapters on it. All methods are
-coroutines meant to run on one asyncio loop (the expert server's); they are not thread-safe.
+An engine serves one base model (or, for the expert pool, several) and any number of LoRA
+adapters on it. It is built one way, ``Engine.from_spec(EngineSpec)``, and declares what it
+can do in ``capabilities`` instead of being probed. The coroutines are meant to run on one
+asyncio loop (the expert server's); they are not thread-safe.
+
+Engines register themselves in their own module with ``@register_engine("name")``; the
+registry refuses duplicates. :func:`get_engine_class` discovers the built-in engines by
+importing every module of :data:`ENGINE_PACKAGES` (this module imports no engine).
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
+import pkgutil
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from coe.config import EngineConfig
 from coe.types import GenerationOutput, GenerationRequest, StreamDelta
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from coe.serving.engines.spec import EngineSpec
+
+ENGINE_PACKAGES = ("coe.serving.engines", "coe.serving.pool")
 _ENGINES: dict[str, type[Engine]] = {}
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine declares about itself (read by the expert server).
+
+    ``batching``: how requests should reach it.
+
+    - ``"continuous"``: straight to the engine, which batches in-flight requests at every
+      decode step (transformers, vLLM): a window before dispatch only adds latency.
+    - ``"grouped"``: straight to the engine, which groups requests by expert itself because a
+      swap is paid per group (the expert pool).
+    - ``"window"``: the engine runs one batch at a time (the mixture), so the server collects
+      requests for a short window and hands each group to ``generate_batch``.
+
+    ``runtime_adapters``: LoRA adapters can be added and removed while serving.
+    ``multi_model``: one engine hosts several whole models, chosen by ``request.expert``.
+    """
+
+    batching: Literal["continuous", "grouped", "window"] = "continuous"
+    runtime_adapters: bool = False
+    multi_model: bool = False
+
+
 def register_engine(name: str) -> Callable[[type[Engine]], type[Engine]]:
-    """Class decorator: make an engine available under ``name`` (the config's ``engine.kind``)."""
+    """Class decorator: make an engine available under ``name`` (refuses a second class)."""
 
     def deco(cls: type[Engine]) -> type[Engine]:
         if name in _ENGINES and _ENGINES[name] is not cls:
@@ -29,11 +66,24 @@ def register_engine(name: str) -> Callable[[type[Engine]], type[Engine]]:
     return deco
 
 
-def get_engine_class(name: str) -> type[Engine]:
-    """The engine class registered under ``name`` (imports the built-in backends lazily)."""
-    from coe.serving.engines import hf, mixture, vllm_engine  # noqa: F401  (self-registering)
-    from coe.serving.pool import engine as _pool  # noqa: F401
+def _load_builtins() -> None:
+    """Import every module of the engine packages so their ``@register_engine`` calls run."""
+    for package in ENGINE_PACKAGES:
+        pkg = importlib.import_module(package)
+        for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+            importlib.import_module(f"{package}.{info.name}")
 
+
+def engine_names() -> list[str]:
+    """Every registered engine name (the built-in ones included), sorted."""
+    _load_builtins()
+    return sorted(_ENGINES)
+
+
+def get_engine_class(name: str) -> type[Engine]:
+    """The engine class registered under ``name``; raises ConfigError naming the known ones."""
+    if name not in _ENGINES:
+        _load_builtins()
     if name not in _ENGINES:
         from coe.errors import ConfigError, available
 
@@ -44,17 +94,25 @@ def get_engine_class(name: str) -> type[Engine]:
 class Engine(abc.ABC):
     """One model, its LoRA adapters, generation.
 
-    Lifecycle: ``await start()`` once, then ``generate``/``stream`` concurrently, then
-    ``await stop()``. ``stream`` yields :class:`StreamDelta` s; the last one carries the
-    finish reason and usage. Closing the stream early (the caller went away) cancels the
-    generation and frees its slot.
+    Lifecycle: ``Engine.from_spec(spec)``, ``await start()`` once, then ``generate``/``stream``
+    concurrently, then ``await stop()``. ``stream`` yields :class:`StreamDelta` s; the last one
+    carries the finish reason and usage. Closing the stream early (the caller went away)
+    cancels the generation and frees its slot.
     """
 
-    name: str = "engine"
+    name: ClassVar[str] = "engine"
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, model_path: str | Path, config: EngineConfig | None = None) -> None:
         self.model_path = str(model_path)
         self.config = config or EngineConfig()
+
+    @classmethod
+    def from_spec(cls, spec: EngineSpec) -> Engine:
+        """Build the engine from its spec (default: ``cls(spec.model, spec.config)``).
+
+        Raises ConfigError when the spec lacks what this engine needs."""
+        return cls(spec.model, spec.config)
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -80,11 +138,14 @@ class Engine(abc.ABC):
             token_ids=ids,
         )
 
-    async def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-        """Generate several requests as one batch (default: concurrent :meth:`generate`)."""
+    async def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationOutput | Exception]:
+        """Generate several requests as one batch: one entry per request, in order.
+
+        A request that fails gets its exception in its place; the others are unaffected
+        (default: concurrent :meth:`generate`)."""
         import asyncio
 
-        return list(await asyncio.gather(*(self.generate(r) for r in requests)))
+        return list(await asyncio.gather(*(self.generate(r) for r in requests), return_exceptions=True))
 
     async def add_adapter(self, name: str, path: str | Path) -> None:
         """Make a PEFT LoRA adapter available as ``request.adapter == name``.
@@ -111,6 +172,10 @@ class Engine(abc.ABC):
     @property
     def max_model_len(self) -> int:
         return self.config.max_model_len
+
+    def running(self) -> int | None:
+        """Requests admitted or waiting, for metrics (None: the engine does not count them)."""
+        return None
 
     async def stop(self) -> None:
         """Free the model (default: nothing)."""

@@ -1,49 +1,51 @@
 """The mixture engine: serves a ``kind: mixture`` expert (MoLE or X-LoRA over LoRA experts).
 
-The base model runs in-process with transformers; the layer-wise mixing is
-:mod:`coe.adapters.mole` / :mod:`coe.adapters.xlora` (KV-cached). Prompts go through the same chat
-template code as the other engines (``coe.serving.engines.chat``), tokens through the same
-sampling and incremental detokenisation (``coe.serving.engines.sampling``).
+The base model runs in-process with transformers, on the CPU; the layer-wise mixing is
+:mod:`coe.adapters.mole` / :mod:`coe.adapters.xlora` (KV-cached). Prompts go through the same
+chat template code as the other engines (:mod:`coe.serving.engines.tokens`); requests are the
+same :class:`~coe.serving.engines.rows.Row` s, sampled by the same sampler
+(:func:`~coe.serving.engines.decode_batch.sample_rows`) and streamed through the same
+:class:`~coe.serving.engines.rows.StreamBridge`.
 
 Batches: ``generate_batch`` decodes its requests as one left-padded batch; ``stream`` runs a
-batch of one. One batch runs at a time (the mixture keeps one KV cache); the work happens in a
-worker thread so the asyncio loop stays free. A stream closed early stops its batch row; a
-batch whose rows are all gone stops.
+batch of one. One batch runs at a time (the mixture keeps one KV cache), so the engine declares
+``batching="window"``: the expert server collects requests for a short window and hands them
+over together. The work happens in a worker thread so the asyncio loop stays free. A stream
+closed early stops its batch row; a batch whose rows are all gone stops. A request that fails
+(a bad seed, a context overflow) fails alone; the other requests of its batch are served.
+
+Device: the mixture runs on the CPU whatever ``engine.device`` says (its LoRA and gate tensors
+are not placed on an accelerator); a config asking for ``cuda`` gets a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from coe.errors import AdapterError, ConfigError, EngineError, NotReadyError
-from coe.serving.engines.base import Engine, register_engine
-from coe.serving.engines.chat import (
-    check_context,
-    encode_request,
-    load_tokenizer,
-    model_max_len,
-    resolve_dtype,
-    stop_ids,
-)
-from coe.serving.engines.sampling import TextStream, accept_token, make_generator, sample_token
+from coe.errors import AdapterError, ConfigError, NotReadyError
+from coe.serving.engines.base import Capabilities, Engine, register_engine
+from coe.serving.engines.decode_batch import row_error, sample_rows
+from coe.serving.engines.loading import model_max_len, resolve_dtype
+from coe.serving.engines.rows import Row, StreamBridge
+from coe.serving.engines.tokens import check_context, encode_request, load_tokenizer, stop_ids
 from coe.types import GenerationOutput, GenerationRequest, StreamDelta
 
+if TYPE_CHECKING:
+    from coe.serving.engines.spec import EngineSpec
 
-class _Row:
-    def __init__(self, prompt_ids, params, tokenizer, emit) -> None:
-        self.prompt_ids, self.params, self.emit = prompt_ids, params, emit
-        self.generator = make_generator(params.seed, "cpu")
-        self.text = TextStream(tokenizer, prompt_ids, params.stop)
-        self.generated: list[int] = []
-        self.done = False
-        self.cancelled = False
+log = logging.getLogger("coe.serving")
+DEVICE = "cpu"
 
 
 @register_engine("mixture")
 class MixtureEngine(Engine):
-    """One base model plus one MoLE / X-LoRA mixture over its LoRA experts (CPU or CUDA)."""
+    """One base model plus one MoLE / X-LoRA mixture over its LoRA experts (CPU)."""
+
+    capabilities = Capabilities(batching="window")
 
     def __init__(
         self,
@@ -62,6 +64,8 @@ class MixtureEngine(Engine):
             raise ConfigError("an xlora mixture needs a `checkpoint` (its trained scalings classifier)")
         if checkpoint is None and len(adapters or []) < 2:
             raise ConfigError("a mixture without a checkpoint needs at least 2 adapters")
+        if self.config.device == "cuda":
+            log.warning("the mixture engine for %s runs on the CPU; engine.device 'cuda' is not used", model_path)
         self.method, self.adapter_paths = method, list(adapters or [])
         self.checkpoint, self.top_k = checkpoint, top_k
         self.mixture = None
@@ -70,20 +74,13 @@ class MixtureEngine(Engine):
         self._max_len = self.config.max_model_len
 
     @classmethod
-    def from_spec(cls, spec) -> MixtureEngine:
-        """Build from a ``coe.serving.deployments.spec.ServerSpec`` whose host is a mixture expert."""
-        from coe.serving.deployments.spec import resolve_model, resolve_path
-
-        host, base = spec.host, spec.model_expert
-        paths = {lora.id: str(resolve_path(lora.adapter, spec.base_dir)) for lora in spec.loras}
-        return cls(
-            resolve_model(base.model, spec.base_dir),
-            base.engine,
-            method=host.method,
-            adapters=[(a, paths[a]) for a in host.adapters],
-            checkpoint=str(resolve_path(host.checkpoint, spec.base_dir)) if host.checkpoint else None,
-            top_k=host.top_k,
-        )
+    def from_spec(cls, spec: EngineSpec) -> MixtureEngine:
+        """Build from ``spec.model`` and ``spec.mixture`` (ConfigError when the mixture is missing)."""
+        if spec.mixture is None:
+            raise ConfigError("the mixture engine needs `mixture` in its spec (a `kind: mixture` expert)")
+        m = spec.mixture
+        return cls(spec.model, spec.config, method=m.method, adapters=list(m.adapters),
+                   checkpoint=m.checkpoint, top_k=m.top_k)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -100,7 +97,7 @@ class MixtureEngine(Engine):
 
         path = resolve(self.model_path)
         self._tokenizer = load_tokenizer(path)
-        dtype = resolve_dtype(self.config, "cpu", engine="hf")
+        dtype = resolve_dtype(self.config, DEVICE, engine="hf")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
         if self.checkpoint is not None:
             kind = read_mixture_meta(self.checkpoint).get("kind")
@@ -133,91 +130,77 @@ class MixtureEngine(Engine):
         return encode_request(self._tokenizer, request)
 
     # ------------------------------------------------------------------ generation
-    def _admit(self, request: GenerationRequest, emit) -> _Row:
+    def _admit(self, request: GenerationRequest, sink) -> Row:
         if self.mixture is None:
             raise NotReadyError(f"mixture engine for {self.model_path} is not started")
         if request.adapter is not None:
             raise AdapterError("a mixture expert mixes its own adapters; requests cannot name one")
         ids = self.encode_prompt(request)
         check_context(len(ids), request.sampling.max_tokens, self.max_model_len)
-        return _Row(ids, request.sampling, self._tokenizer, emit)
+        return Row.create(self._tokenizer, ids, request.sampling, device=DEVICE, sink=sink)
 
-    def _run(self, rows: list[_Row]) -> None:
-        """Decode ``rows`` as one batch (worker thread); each row's deltas go to its ``emit``."""
+    def _run(self, rows: list[Row]) -> None:
+        """Decode ``rows`` as one batch (worker thread); each row's output goes to its sink."""
         import torch
 
-        from coe.serving.engines.hf_batch import left_pad
+        from coe.serving.engines.kv_batch import left_pad
 
         with self._lock, torch.no_grad():
-            ids, mask, _ = left_pad([r.prompt_ids for r in rows], self._pad_id)
+            ids, mask, _ = left_pad([r.prompt_ids for r in rows], self._pad_id)  # [B, T]
             stepper = self.mixture
             stepper.reset()
             logits = stepper.forward(ids, mask)  # [B, V]
             while True:
-                tokens = []
-                for r, row_logits in zip(rows, logits):
-                    if r.done or r.cancelled:
-                        tokens.append(self._pad_id)
-                        continue
-                    tok = sample_token(row_logits, r.params, r.generator)
-                    tokens.append(tok)
-                    self._accept(r, tok)
-                if all(r.done or r.cancelled for r in rows):
+                sample_rows(rows, logits, self._eos)
+                if all(r.finished for r in rows):
                     return
-                live = torch.tensor([not (r.done or r.cancelled) for r in rows], dtype=mask.dtype)
-                mask = torch.cat([mask, live.unsqueeze(1)], dim=1)
+                tokens = [r.generated[-1] if not r.finished else self._pad_id for r in rows]
+                live = torch.tensor([not r.finished for r in rows], dtype=mask.dtype)
+                mask = torch.cat([mask, live.unsqueeze(1)], dim=1)  # [B, T+1]
                 logits = stepper.forward(torch.tensor(tokens).unsqueeze(1), mask)
 
-    def _accept(self, row: _Row, token: int) -> None:
-        row.emit(accept_token(row, token, self._eos))
+    def _run_safely(self, rows: list[Row]) -> None:
+        try:
+            self._run(rows)
+        except Exception as err:  # noqa: BLE001  (handed to every waiting caller)
+            for r in rows:
+                r.fail(row_error(err))
 
     async def stream(self, request: GenerationRequest):
         """Yield StreamDeltas (the last one has the finish reason and usage)."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-        def emit(item) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:
-                row.cancelled = True
-
-        row = self._admit(request, emit)
-        task = loop.run_in_executor(None, self._run_safely, [row])
+        bridge = StreamBridge()
+        row = self._admit(request, bridge.emit)
+        task = asyncio.get_running_loop().run_in_executor(None, self._run_safely, [row])
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            async for delta in bridge.deltas():
+                yield delta
         finally:
             row.cancelled = True
             await asyncio.shield(task)
 
-    def _run_safely(self, rows: list[_Row]) -> None:
-        try:
-            self._run(rows)
-        except Exception as err:  # noqa: BLE001  (handed to every waiting caller)
-            wrapped = err if isinstance(err, EngineError) else EngineError(f"mixture generation failed: {type(err).__name__}: {err}")
-            for r in rows:
-                if not r.done:
-                    r.done = True
-                    r.emit(wrapped)
-
-    async def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-        """All requests decoded together as one batch."""
+    async def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationOutput | Exception]:
+        """All requests decoded together as one batch; a request that fails gets its exception
+        in its place (the others are served)."""
         outs: list[list[StreamDelta | BaseException]] = [[] for _ in requests]
-        rows = [self._admit(req, outs[i].append) for i, req in enumerate(requests)]
-        await asyncio.to_thread(self._run_safely, rows)
-        results = []
-        for deltas in outs:
-            if deltas and isinstance(deltas[-1], BaseException):
-                raise deltas[-1]
+        results: list[GenerationOutput | Exception | None] = [None] * len(requests)
+        rows = []
+        for i, req in enumerate(requests):
+            try:
+                rows.append(self._admit(req, outs[i].append))
+            except Exception as err:  # noqa: BLE001  (this request only)
+                results[i] = row_error(err)
+        if rows:
+            await asyncio.to_thread(self._run_safely, rows)
+        for i, deltas in enumerate(outs):
+            if results[i] is not None:
+                continue
+            if not deltas or isinstance(deltas[-1], BaseException):
+                results[i] = row_error(deltas[-1]) if deltas else row_error(RuntimeError("no output"))
+                continue
             last = deltas[-1]
-            results.append(GenerationOutput(
+            results[i] = GenerationOutput(
                 text="".join(d.text for d in deltas), finish_reason=last.finish_reason or "stop",
                 prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
                 token_ids=[t for d in deltas for t in d.token_ids],
-            ))
+            )
         return results

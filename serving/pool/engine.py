@@ -1,57 +1,50 @@
 """The pool engine: several whole-model experts behind one Engine, served group by group.
 
-``PoolEngine(experts, pool_config, engine_config)`` is the integration surface: ``experts``
+``PoolEngine(experts, pool_config, engine_config)`` (or ``PoolEngine.from_spec``): ``experts``
 maps expert id → model reference (alias, folder or hub id), requests name their expert in
 ``GenerationRequest.expert``. One worker thread serves *sessions*: it asks the
 :class:`~coe.serving.pool.scheduler.GroupedQueue` for the next expert and its requests, leases the
 expert from the :class:`~coe.serving.pool.pool.ExpertPool` (swapping it in if needed), starts
-copying the expert scheduled after it (CUDA), and decodes the group as one batch with the
-transformers engine's continuous batching (``HFEngine``'s prefill/decode steps, reused as they
-are). At each step boundary more requests for the same expert join the running batch while
-the policy would still choose this expert (so a request overdue for another expert stops the
-admissions, and the session ends when its rows finish).
+copying the expert scheduled after it (CUDA), and decodes the group with the one decode core
+(:class:`~coe.serving.engines.decode_batch.DecodeBatch` over the leased model). At each step
+boundary more requests for the same expert join the running batch while the policy would
+still choose this expert (so a request overdue for another expert stops the admissions, and
+the session ends when its rows finish).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from coe.config import EngineConfig, PoolConfig
-from coe.errors import (
-    EngineError,
-    ExpertNotFoundError,
-    InvalidRequestError,
-    NotReadyError,
-    available,
-)
-from coe.serving.engines.base import Engine, register_engine
-from coe.serving.engines.chat import check_context, encode_request, model_max_len, stop_ids
-from coe.serving.engines.hf import HFEngine, _Row
-from coe.serving.engines.sampling import TextStream, make_generator
+from coe.errors import ExpertNotFoundError, InvalidRequestError, NotReadyError, available
+from coe.serving.engines.base import Capabilities, Engine, register_engine
+from coe.serving.engines.decode_batch import DecodeBatch, causal_lm_forward, row_error
+from coe.serving.engines.loading import model_max_len
+from coe.serving.engines.rows import Row, StreamBridge
+from coe.serving.engines.tokens import check_context, encode_request, stop_ids
 from coe.serving.pool.pool import ExpertPool
 from coe.serving.pool.scheduler import GroupedQueue
 from coe.types import GenerationRequest
 
 if TYPE_CHECKING:
     from coe.config import CoEConfig
+    from coe.serving.engines.spec import EngineSpec
 
 
-class _ExpertRunner(HFEngine):
-    """HFEngine's batch state and decode steps for one pool expert; never started itself.
+@dataclass(frozen=True)
+class PooledModel:
+    """What decoding one pool expert needs besides its weights (which the pool leases)."""
 
-    The pool engine sets ``_model`` to the leased slot's model for the length of a session and
-    drives ``_prefill`` / ``_decode`` / ``_drop_finished`` from its own worker thread.
-    """
-
-    def __init__(self, host, device: str, config: EngineConfig) -> None:
-        super().__init__(host.path, config)
-        self._tokenizer = host.tokenizer
-        self._device = device
-        self._eos, self._pad_id = stop_ids(list(host.eos_ids), host.tokenizer)
-        self._max_len = model_max_len(host.path, config.max_model_len)
+    tokenizer: object
+    eos: frozenset[int]
+    pad_id: int
+    max_model_len: int
 
 
 @register_engine("pool")
@@ -62,7 +55,12 @@ class PoolEngine(Engine):
     (:class:`~coe.config.PoolConfig`); ``config``: device, dtype, ``max_num_seqs`` (the batch
     size of one session) and ``max_model_len``. ``stream`` raises ExpertNotFoundError when
     ``request.expert`` is missing or unknown; the other contracts are :class:`Engine`'s.
+    ``sessions`` keeps the last :attr:`SESSION_LOG` sessions as ``(expert, rows served)``;
+    ``sessions_served`` counts them all.
     """
+
+    capabilities = Capabilities(batching="grouped", multi_model=True)
+    SESSION_LOG = 256
 
     def __init__(self, experts: dict[str, str], pool: PoolConfig | None = None,
                  config: EngineConfig | None = None) -> None:
@@ -72,12 +70,23 @@ class PoolEngine(Engine):
         self.experts = dict(experts)
         self.pool_config = pool or PoolConfig()
         self.pool: ExpertPool | None = None
-        self._runners: dict[str, _ExpertRunner] = {}
-        self._queue = GroupedQueue(self.pool_config.policy, self.pool_config.max_wait_ms, self.config.max_num_seqs)
+        self._models: dict[str, PooledModel] = {}
+        self._queue = GroupedQueue(self.pool_config.policy, self.pool_config.overdue_after_ms, self.config.max_num_seqs)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.sessions: list[tuple[str, int]] = []  # (expert, rows served), for metrics and tests
+        self._batch: DecodeBatch | None = None  # the running session's batch
+        self.sessions: collections.deque[tuple[str, int]] = collections.deque(maxlen=self.SESSION_LOG)
+        self.sessions_served = 0
+
+    @classmethod
+    def from_spec(cls, spec: EngineSpec) -> PoolEngine:
+        """The pool of ``spec.models`` with ``spec.pool`` (ConfigError when either is missing)."""
+        from coe.errors import ConfigError
+
+        if not spec.models or spec.pool is None:
+            raise ConfigError("the pool engine needs `models` and `pool` in its spec (serving.pool and pooled experts)")
+        return cls(spec.models, spec.pool, spec.config)
 
     @classmethod
     def from_config(cls, config: CoEConfig) -> PoolEngine:
@@ -95,14 +104,6 @@ class PoolEngine(Engine):
             raise ConfigError("serving.pool is set but no `model` expert has `pooled: true`")
         return cls({e.id: e.model for e in pooled}, config.serving.pool, pooled[0].engine)
 
-    @classmethod
-    def from_spec(cls, spec) -> PoolEngine:
-        """The pool of an expert server's spec (``coe.serving.deployments.spec.ServerSpec`` with ``pooled``)."""
-        from coe.serving.deployments.spec import resolve_model
-
-        experts = {e.id: resolve_model(e.model, spec.base_dir) for e in spec.pooled}
-        return cls(experts, spec.pool, spec.pooled[0].engine)
-
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
@@ -119,8 +120,13 @@ class PoolEngine(Engine):
 
         pool = ExpertPool({e: str(resolve(ref)) for e, ref in self.experts.items()}, self.pool_config, self.config)
         pool.load()
-        self._runners = {e: _ExpertRunner(pool.host[e], pool.device, self.config) for e in pool.experts()}
-        self.pool = pool
+        models = {}
+        for e in pool.experts():
+            host = pool.host_expert(e)
+            eos, pad_id = stop_ids(list(host.eos_ids), host.tokenizer)
+            models[e] = PooledModel(host.tokenizer, frozenset(eos), pad_id,
+                                    model_max_len(host.path, self.config.max_model_len))
+        self._models, self.pool = models, pool
 
     async def stop(self) -> None:
         with self._cond:
@@ -132,11 +138,16 @@ class PoolEngine(Engine):
         with self._cond:
             waiting = self._queue.take_all()
         for row in waiting:
-            row.emit(NotReadyError("the engine was stopped"))
-        self.pool, self._runners = None, {}
+            row.fail(NotReadyError("the engine was stopped"))
+        self.pool, self._models = None, {}
 
     async def healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def running(self) -> int:
+        """Requests decoding in the current session or queued (for tests and metrics)."""
+        with self._cond:
+            return len(self._queue) + (len(self._batch) if self._batch is not None else 0)
 
     def stats(self) -> dict:
         """A snapshot for metrics: residency (LRU first), swap counters, queue, sessions served."""
@@ -156,7 +167,7 @@ class PoolEngine(Engine):
             "evictions": st.evictions,
             "bytes_swapped": st.bytes_swapped,
             "queued": self.queued(),
-            "sessions": len(self.sessions),
+            "sessions": self.sessions_served,
         }
 
     def queued(self) -> dict[str, int]:
@@ -166,62 +177,42 @@ class PoolEngine(Engine):
 
     # ------------------------------------------------------------------ requests
 
-    def _runner(self, request: GenerationRequest) -> _ExpertRunner:
+    def _model_of(self, request: GenerationRequest) -> PooledModel:
         if self.pool is None:
             raise NotReadyError("the pool engine is not started")
-        if request.expert is None or request.expert not in self._runners:
+        if request.expert is None or request.expert not in self._models:
             raise ExpertNotFoundError(
                 f"request {request.request_id!r} names expert {request.expert!r}; this pool serves: "
-                f"{available(self._runners)}",
+                f"{available(self._models)}",
                 param="expert",
             )
-        return self._runners[request.expert]
+        return self._models[request.expert]
 
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
-        return encode_request(self._runner(request)._tokenizer, request)
-
-    def max_len_of(self, expert: str) -> int:
-        """Context window of one expert (the configured one, capped by the model's)."""
-        if expert not in self._runners:
-            raise ExpertNotFoundError(f"unknown expert {expert!r}; this pool serves: {available(self._runners)}")
-        return self._runners[expert].max_model_len
+        return encode_request(self._model_of(request).tokenizer, request)
 
     async def stream(self, request: GenerationRequest):
         """Yield StreamDeltas once the request's expert is scheduled; errors come before the first."""
-        runner = self._runner(request)
+        model = self._model_of(request)
         if self._thread is None:
             raise NotReadyError("the pool engine is not started")
-        prompt_ids = encode_request(runner._tokenizer, request)
+        prompt_ids = encode_request(model.tokenizer, request)
         params = request.sampling
-        check_context(len(prompt_ids), params.max_tokens, runner.max_model_len)
-        row = _Row(
-            prompt_ids=prompt_ids,
-            params=params,
-            adapter=None,
-            generator=make_generator(params.seed, self.pool.device),
-            text=TextStream(runner._tokenizer, prompt_ids, params.stop),
-            loop=asyncio.get_running_loop(),
-            queue=asyncio.Queue(),
-        )
+        check_context(len(prompt_ids), params.max_tokens, model.max_model_len)
+        bridge = StreamBridge()
+        row = Row.create(model.tokenizer, prompt_ids, params, device=self.pool.device, sink=bridge.emit)
         with self._cond:
             self._queue.put(request.expert, row)
             self._cond.notify()
         try:
-            while True:
-                item = await row.queue.get()
-                if isinstance(item, BaseException):
-                    if isinstance(item, EngineError):
-                        raise item
-                    raise EngineError(f"generation failed: {type(item).__name__}: {item}") from item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            async for delta in bridge.deltas():
+                yield delta
         finally:
             row.cancelled = True  # queued: dropped when taken; running: dropped at the next step
 
     # ------------------------------------------------------------------ worker thread
 
-    def _next(self) -> tuple[str, list[_Row]] | None:
+    def _next(self) -> tuple[str, list[Row]] | None:
         """Block until a group is ready; None when stopping. Cancelled rows are skipped."""
         with self._cond:
             while True:
@@ -232,7 +223,7 @@ class PoolEngine(Engine):
                     return self._queue.next_batch(time.monotonic(), self.pool.resident_experts())
                 self._cond.wait()
 
-    def _more(self, expert: str, room: int) -> list[_Row]:
+    def _more(self, expert: str, room: int) -> list[Row]:
         """Rows for ``expert`` that may join its running batch now (see the module docstring)."""
         with self._cond:
             self._queue.remove_if(lambda r: r.cancelled)
@@ -257,35 +248,35 @@ class PoolEngine(Engine):
             try:
                 self._session(expert, rows)
             except Exception as err:  # noqa: BLE001  (one failing session must not kill the engine)
-                runner = self._runners[expert]
-                for row in set(runner._rows) | set(rows):
-                    if not row.done:
-                        row.emit(err)
-                runner._rows, runner._batch = [], None
+                failed = self._batch.rows if self._batch is not None else []
+                for row in dict.fromkeys(failed + rows):
+                    row.fail(row_error(err))
+            finally:
+                with self._cond:
+                    self._batch = None
 
-    def _session(self, expert: str, rows: list[_Row]) -> None:
+    def _session(self, expert: str, rows: list[Row]) -> None:
         import torch
 
-        runner = self._runners[expert]
+        info = self._models[expert]
         served = len(rows)
         with self.pool.lease(expert) as model, torch.inference_mode():
-            runner._model = model
+            batch = DecodeBatch(causal_lm_forward(model, self.pool.device), eos=set(info.eos),
+                                pad_id=info.pad_id, device=self.pool.device)
+            with self._cond:
+                self._batch = batch
             self._prefetch_next(expert)
-            try:
-                runner._prefill(rows)
-                runner._drop_finished()
-                while runner._rows and not self._stopping:
-                    more = self._more(expert, self.config.max_num_seqs - len(runner._rows))
-                    if more:
-                        served += len(more)
-                        runner._prefill(more)
-                    else:
-                        runner._decode()
-                    runner._drop_finished()
-            finally:
-                runner._model = None
+            batch.admit(rows)
+            batch.drop_finished()
+            while batch.rows and not self._stopping:
+                more = self._more(expert, self.config.max_num_seqs - len(batch))
+                if more:
+                    served += len(more)
+                    batch.admit(more)
+                else:
+                    batch.step()
+                batch.drop_finished()
         if self._stopping:
-            for row in runner._rows:
-                row.emit(NotReadyError("the engine was stopped"))
-            runner._rows, runner._batch = [], None
+            batch.fail(NotReadyError("the engine was stopped"))
         self.sessions.append((expert, served))
+        self.sessions_served += 1

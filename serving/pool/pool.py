@@ -112,7 +112,7 @@ class ExpertPool:
         """
         import torch
 
-        from coe.serving.engines.chat import resolve_device, resolve_dtype
+        from coe.serving.engines.loading import resolve_device, resolve_dtype
         from coe.serving.pool.store import load_host_expert
 
         self.device = resolve_device(self.engine_config)

@@ -12,10 +12,10 @@ requests in arrival order and a policy picks the next expert:
 - ``fcfs``: strict arrival order; a batch is the run of consecutive requests at the head that
   are routed to the same expert (the baseline the benchmark compares against).
 
-The wait bound: whatever the policy, once a request has waited ``max_wait_ms`` its expert is
-served next (the oldest overdue request first). A request therefore waits at most about
-``max_wait_ms`` plus the batch in progress plus the other overdue groups ahead of it; the
-bound keeps ``largest_group`` from starving a rarely-routed expert.
+The wait bound: whatever the policy, once a request has waited ``overdue_after_ms`` it is
+overdue and its expert is served next (the oldest overdue request first). A request therefore
+waits at most about ``overdue_after_ms`` plus the batch in progress plus the other overdue
+groups ahead of it; the bound keeps ``largest_group`` from starving a rarely-routed expert.
 
 Pure Python, no torch; not thread-safe (the engine guards it with its condition lock).
 """
@@ -45,13 +45,13 @@ class Queued:
 class GroupedQueue:
     """Routed requests waiting for their experts, served group by group."""
 
-    def __init__(self, policy: Policy = "largest_group", max_wait_ms: float = 2000, max_batch: int = 16) -> None:
+    def __init__(self, policy: Policy = "largest_group", overdue_after_ms: float = 2000, max_batch: int = 16) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown pool policy {policy!r}; allowed: {', '.join(POLICIES)}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.policy = policy
-        self.max_wait_s = max_wait_ms / 1000
+        self.overdue_after_s = overdue_after_ms / 1000
         self.max_batch = max_batch
         self._items: list[Queued] = []  # arrival order
         self._seq = itertools.count()
@@ -70,17 +70,13 @@ class GroupedQueue:
             out[q.expert] = out.get(q.expert, 0) + 1
         return out
 
-    def oldest_wait_s(self, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        return now - self._items[0].arrived if self._items else 0.0
-
     def choose(self, now: float | None = None, resident: Collection[str] = ()) -> str | None:
         """The expert the policy serves next (None when the queue is empty)."""
         if not self._items:
             return None
         now = time.monotonic() if now is None else now
         head = self._items[0]
-        if now - head.arrived >= self.max_wait_s or self.policy in ("fcfs", "oldest_first"):
+        if now - head.arrived >= self.overdue_after_s or self.policy in ("fcfs", "oldest_first"):
             return head.expert  # overdue requests first, oldest of them first
         first_seen: dict[str, int] = {}
         for q in self._items:

@@ -82,7 +82,7 @@ def load_host_expert(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from coe.serving.engines.chat import load_tokenizer
+    from coe.serving.engines.tokens import load_tokenizer
     from coe.serving.pool.layout import layout_of, shape_key
 
     try:

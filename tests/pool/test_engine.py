@@ -213,13 +213,13 @@ def test_cuda_pool_engine_swaps_and_prefetches(tiny_experts):
     assert pool.stats.prefetches >= 1  # the next group's expert was copied in during compute
 
 
-@pytest.mark.parametrize(("max_wait_ms", "first"), [(60_000, "e1"), (1, "e0")])
-def test_wait_bound_serves_an_overdue_rare_expert_first(tiny_experts, max_wait_ms, first):
+@pytest.mark.parametrize(("overdue_after_ms", "first"), [(60_000, "e1"), (1, "e0")])
+def test_wait_bound_serves_an_overdue_rare_expert_first(tiny_experts, overdue_after_ms, first):
     experts = {"e0": tiny_experts["e0"], "e1": tiny_experts["e1"]}
     order = ["e0"] + ["e1"] * 4  # the rare expert's request is the oldest
 
     async def main():
-        engine = _engine(experts, max_resident=1, swap="always", max_wait_ms=max_wait_ms)
+        engine = _engine(experts, max_resident=1, swap="always", overdue_after_ms=overdue_after_ms)
         await engine.start()
         await _burst(engine, [_req(i, e) for i, e in enumerate(order)])
         await engine.stop()
@@ -241,7 +241,7 @@ def test_same_expert_requests_join_the_running_session(tiny_experts):
             pass
         stats = engine.stats()
         await engine.stop()
-        return engine.sessions, late, stats
+        return list(engine.sessions), late, stats
 
     sessions, late, stats = asyncio.run(main())
     assert late.completion_tokens > 0
@@ -256,10 +256,10 @@ def test_stop_fails_queued_and_running_requests_cleanly(tiny_experts):
     long = SamplingParams(max_tokens=100, temperature=0)
 
     async def main():
-        engine = _engine(experts, max_resident=1, swap="always", max_wait_ms=60_000)
+        engine = _engine(experts, max_resident=1, swap="always", overdue_after_ms=60_000)
         await engine.start()
         tasks = [asyncio.create_task(engine.generate(_req(i, e, sampling=long))) for i, e in enumerate(["e0", "e1"])]
-        while not engine.sessions and not any(r._rows for r in engine._runners.values()):
+        while engine.running() <= sum(engine.queued().values()):
             await asyncio.sleep(0.01)  # wait until the first session is decoding
         await engine.stop()
         return await asyncio.gather(*tasks, return_exceptions=True)

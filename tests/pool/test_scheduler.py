@@ -7,8 +7,8 @@ import pytest
 from coe.serving.pool.scheduler import GroupedQueue
 
 
-def _queue(policy, experts, max_wait_ms=1000, max_batch=16, t0=0.0):
-    q = GroupedQueue(policy, max_wait_ms=max_wait_ms, max_batch=max_batch)
+def _queue(policy, experts, overdue_after_ms=1000, max_batch=16, t0=0.0):
+    q = GroupedQueue(policy, overdue_after_ms=overdue_after_ms, max_batch=max_batch)
     for i, e in enumerate(experts):
         q.put(e, f"{e}{i}", now=t0 + i * 0.001)
     return q
@@ -39,7 +39,7 @@ def test_oldest_first_groups_the_oldest_requests_expert():
 
 
 def test_overdue_request_jumps_the_largest_group():
-    q = _queue("largest_group", ["rare"] + ["hot"] * 5, max_wait_ms=50)
+    q = _queue("largest_group", ["rare"] + ["hot"] * 5, overdue_after_ms=50)
     assert q.choose(now=0.01) == "hot"
     assert q.choose(now=0.06) == "rare"  # waited 60 ms > 50 ms
     assert q.next_batch(now=0.06) == ("rare", ["rare0"])

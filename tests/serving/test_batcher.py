@@ -39,7 +39,7 @@ def test_groups_by_expert_within_the_window():
     rec = Recorder()
 
     async def go():
-        b = ExpertGroupedBatcher(rec, max_batch_size=16, max_wait_ms=20)
+        b = ExpertGroupedBatcher(rec, max_batch_size=16, window_ms=20)
         keys = ["a", "b", "c"] * 4
         outs = await asyncio.gather(*(b.submit(k, i) for i, k in enumerate(keys)))
         await b.close()
@@ -55,7 +55,7 @@ def test_full_group_goes_without_waiting_and_splits_at_max_batch_size():
     rec = Recorder()
 
     async def go():
-        b = ExpertGroupedBatcher(rec, max_batch_size=4, max_wait_ms=5000)
+        b = ExpertGroupedBatcher(rec, max_batch_size=4, window_ms=5000)
         t0 = time.monotonic()
         outs = await asyncio.gather(*(b.submit("a", i) for i in range(8)))
         await b.close()
@@ -71,7 +71,7 @@ def test_window_bounds_the_wait_of_a_lone_request():
     rec = Recorder()
 
     async def go():
-        b = ExpertGroupedBatcher(rec, max_batch_size=16, max_wait_ms=30)
+        b = ExpertGroupedBatcher(rec, max_batch_size=16, window_ms=30)
         t0 = time.monotonic()
         out = await b.submit("a", 1)
         await b.close()
@@ -86,7 +86,7 @@ def test_one_batch_in_flight_collects_the_next_batch_meanwhile():
     rec = Recorder(delay=0.5)
 
     async def go():
-        b = ExpertGroupedBatcher(rec, max_batch_size=16, max_wait_ms=1, max_concurrent=1)
+        b = ExpertGroupedBatcher(rec, max_batch_size=16, window_ms=1, max_concurrent=1)
         first = asyncio.create_task(b.submit("a", 0))
         while not rec.calls:  # wait until batch 1 is running
             await asyncio.sleep(0.005)
@@ -103,7 +103,7 @@ def test_a_failing_batch_fails_only_its_expert():
     rec = Recorder(fail_on="bad")
 
     async def go():
-        b = ExpertGroupedBatcher(rec, max_batch_size=8, max_wait_ms=5)
+        b = ExpertGroupedBatcher(rec, max_batch_size=8, window_ms=5)
         res = await asyncio.gather(b.submit("bad", 1), b.submit("good", 2), b.submit("bad", 3),
                                    return_exceptions=True)
         await b.close()
@@ -118,7 +118,7 @@ def test_cancelled_request_leaves_its_group():
     rec = Recorder()
 
     async def go():
-        b = ExpertGroupedBatcher(rec, max_batch_size=8, max_wait_ms=500)
+        b = ExpertGroupedBatcher(rec, max_batch_size=8, window_ms=500)
         t = asyncio.create_task(b.submit("a", 1))
         keep = asyncio.create_task(b.submit("a", 2))
         await asyncio.sleep(0.01)

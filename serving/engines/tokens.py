@@ -1,16 +1,13 @@
-"""Prompt preparation shared by both engines: tokenizer, chat template, context check, dtype.
+"""Tokens: the tokenizer, prompt encoding through the chat template, the context check, stop ids.
 
-Both engines turn a :class:`GenerationRequest` into prompt token ids with the same code here
+Every engine turns a :class:`GenerationRequest` into prompt token ids with the same code here
 (``encode_request``), so the transformers and vLLM engines see identical prompt tokens.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from coe.config import EngineConfig
-from coe.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError
+from coe.errors import ContextLengthError, InvalidRequestError
+from coe.serving.engines.loading import model_load_error
 from coe.types import GenerationRequest
 
 
@@ -22,14 +19,6 @@ def load_tokenizer(model_ref: str):
         return AutoTokenizer.from_pretrained(model_ref)
     except (OSError, ValueError) as err:
         raise model_load_error(model_ref, err) from None
-
-
-def model_load_error(model_ref: str, err: Exception) -> ModelNotFoundError:
-    from coe.models import hub_error
-
-    if Path(model_ref).exists():
-        return ModelNotFoundError(f"model folder {model_ref} cannot be loaded: {type(err).__name__}: {str(err)[:300]}")
-    return hub_error(model_ref, err)
 
 
 def chat_template_of(tokenizer) -> str:
@@ -72,36 +61,6 @@ def check_context(prompt_tokens: int, max_tokens: int, max_model_len: int) -> No
             f"max_tokens is {max_tokens} ({prompt_tokens + max_tokens} in all): shorten the prompt or lower max_tokens",
             param="max_tokens",
         )
-
-
-def model_max_len(model_dir: str, configured: int) -> int:
-    """The context window: ``configured``, capped by the model's own position limit when known."""
-    cfg_file = Path(model_dir) / "config.json"
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, ValueError):
-        return configured
-    cfg = cfg.get("text_config", cfg)
-    limit = cfg.get("max_position_embeddings")
-    return min(configured, int(limit)) if isinstance(limit, int) and limit > 0 else configured
-
-
-def resolve_device(config: EngineConfig) -> str:
-    """'cpu' or 'cuda' ('auto' picks CUDA when torch sees one)."""
-    if config.device != "auto":
-        return config.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(config: EngineConfig, device: str, *, engine: str):
-    """The torch dtype name: 'auto' is bfloat16 on CUDA, float32 for hf on CPU, bfloat16 for vLLM."""
-    if config.dtype != "auto":
-        return config.dtype
-    if device == "cuda" or engine == "vllm":
-        return "bfloat16"
-    return "float32"
 
 
 def stop_ids(generation_eos, tokenizer) -> tuple[set[int], int]:

@@ -1,4 +1,4 @@
-"""The running batch of the transformers engine: one left-padded KV cache shared by all rows.
+"""The KV cache of a running batch: one left-padded cache shared by all rows (hf and pool engines).
 
 Design (continuous batching at step granularity):
 
