@@ -1,4 +1,4 @@
-"""``coe experts list|add|remove``: the admin endpoints of a running service."""
+"""``coe experts list|add|remove|profile``: the admin endpoints of a running service, and profiling."""
 
 from __future__ import annotations
 
@@ -28,6 +28,18 @@ def register(sub) -> None:
     rm = cmds.add_parser("remove", help="remove a registered expert")
     rm.add_argument("id")
     rm.set_defaults(func=_remove)
+    prof = cmds.add_parser(
+        "profile",
+        help="run experts on a probe set through the service, score the answers, write routing outcomes (JSONL)",
+    )
+    prof.add_argument("probes", help="probe file (JSONL, see coe.eval.probes)")
+    prof.add_argument("--expert", action="append", default=[], help="expert id to profile (repeatable; default: all)")
+    prof.add_argument("--out", required=True, help="outcome JSONL to write (appended; a re-run resumes)")
+    prof.add_argument("--concurrency", type=int, default=4)
+    prof.add_argument("--max-tokens", type=int, default=256)
+    prof.add_argument("--limit", type=int, default=None, help="only the first N probes")
+    prof.add_argument("--no-progress", action="store_true")
+    prof.set_defaults(func=_profile)
 
 
 def _client(args):
@@ -97,4 +109,25 @@ def _add(args) -> int:
 def _remove(args) -> int:
     _call(args, "DELETE", f"/v1/experts/{args.id}")
     print(f"removed {args.id}")
+    return 0
+
+
+def _profile(args) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from coe.errors import InvalidRequestError
+    from coe.profiling import check_probe_file, expert_costs, profile_experts, profile_summary
+
+    if args.concurrency < 1 or args.max_tokens < 1:
+        raise InvalidRequestError("--concurrency and --max-tokens must be at least 1")
+    probes = check_probe_file(args.probes)[: args.limit]
+    experts = expert_costs(lambda path: _call(args, "GET", path), args.expert)
+    with _client(args) as client:
+        url, headers = str(client.base_url), dict(client.headers)
+    auth = {k: v for k, v in headers.items() if k.lower() == "authorization"}
+    run = asyncio.run(profile_experts(
+        url, probes, experts, Path(args.out), concurrency=args.concurrency, max_tokens=args.max_tokens,
+        headers=auth, progress=not args.no_progress))
+    print(profile_summary(run, Path(args.out)))
     return 0

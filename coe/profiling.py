@@ -1,0 +1,212 @@
+"""Profile experts through a running service: the outcome data a fitted router learns from.
+
+Every probe (:mod:`coe.eval.probes`) is sent to every named expert, pinned with
+``model: <expert id>``, greedy, through ``POST /v1/chat/completions``; each answer is scored
+by the probe's scorer (:mod:`coe.eval`) in this process (``code_tests`` runs the code in its own
+sandboxed subprocess, never in the service). The result is the native routing JSONL that
+``coe router fit`` reads, one line per probe::
+
+    {"id": "mbpp/11", "query": "...", "category": "code",
+     "outcomes": {"smollm2": 0.0, "smollm2-code": 1.0},
+     "costs": {"smollm2": 212.0, "smollm2-code": 198.0},
+     "detail": {"smollm2": {"tokens": 212, "reason": "AssertionError ..."}, ...}}
+
+``costs`` are the measured tokens (prompt + completion) times the expert's configured ``cost``.
+
+The run is resumable: a line is appended (and flushed) only when a probe has an outcome for
+every expert, and a re-run skips the probe ids already in the output. Requests run
+concurrently (``concurrency``), scoring runs in worker threads. A failed request (HTTP error,
+timeout) is recorded as a failed outcome with its reason and the run goes on; a scorer that
+crashes does the same. Scorers that need likelihoods (``choice``, ``reference_nll``) are refused
+up front: the service does not expose prompt log-probabilities yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coe.errors import CoEError, ExpertNotFoundError, InvalidRequestError
+
+GENERATION_SCORERS = ("exact_number", "code_tests")
+
+
+@dataclass
+class ProfileRun:
+    """What one :func:`profile_experts` call did."""
+
+    probes: int
+    skipped: int
+    written: int
+    failures: dict[str, int] = field(default_factory=dict)  # expert -> failed requests/scorers
+    mean_outcome: dict[str, float] = field(default_factory=dict)
+
+
+def done_ids(out: Path) -> set[str]:
+    """Probe ids already written to ``out`` (a torn last line from a killed run is ignored)."""
+    if not out.exists():
+        return set()
+    ids = set()
+    for line in out.read_text(encoding="utf-8").splitlines():
+        try:
+            ids.add(str(json.loads(line)["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return ids
+
+
+def _repair_tail(out: Path) -> None:
+    """Cut a torn last line (no newline) left by a killed run, so appends start clean."""
+    if out.exists():
+        data = out.read_bytes()
+        if data and not data.endswith(b"\n"):
+            out.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+async def _ask(client, expert: str, query: str, max_tokens: int) -> tuple[str | None, int, str | None]:
+    """(answer, tokens, error) for one pinned, greedy chat request."""
+    import httpx
+
+    body = {
+        "model": expert,
+        "messages": [{"role": "user", "content": query}],
+        "temperature": 0.0,
+        "max_tokens": max_tokens,
+    }
+    try:
+        r = await client.post("/v1/chat/completions", json=body)
+    except httpx.HTTPError as err:
+        return None, 0, f"request failed: {type(err).__name__}"
+    if r.status_code != 200:
+        try:
+            msg = r.json()["error"]["message"]
+        except Exception:  # noqa: BLE001 - any non-JSON error body
+            msg = r.text[:200]
+        return None, 0, f"HTTP {r.status_code}: {msg}"
+    data = r.json()
+    usage = data.get("usage") or {}
+    tokens = int(usage.get("total_tokens") or 0)
+    return data["choices"][0]["message"].get("content") or "", tokens, None
+
+
+def expert_costs(client_get: Callable[[str], Any], experts: list[str] | None) -> dict[str, float]:
+    """``{expert id: configured cost}`` of the service's experts (all, or the ``experts`` named).
+
+    Raises ExpertNotFoundError naming an unknown expert and the known ones."""
+    listed = client_get("/v1/experts")
+    known = {e["id"]: float((e.get("config") or {}).get("cost", 1.0)) for e in listed}
+    if not experts:
+        return known
+    unknown = [e for e in experts if e not in known]
+    if unknown:
+        raise ExpertNotFoundError(f"unknown expert(s) {', '.join(unknown)}; the service has: {', '.join(sorted(known))}")
+    return {e: known[e] for e in experts}
+
+
+async def profile_experts(
+    url: str,
+    probes: list,
+    experts: dict[str, float],
+    out: Path,
+    *,
+    concurrency: int = 4,
+    max_tokens: int = 256,
+    timeout_s: float = 300.0,
+    headers: dict[str, str] | None = None,
+    progress: bool = True,
+    transport=None,
+    keep_answers: bool = False,
+) -> ProfileRun:
+    """Profile ``experts`` (``{id: cost}``) on ``probes`` through the service at ``url``; append
+    to ``out`` (see the module docstring). Raises InvalidRequestError for a likelihood-only probe.
+    ``transport`` is an optional httpx transport (an in-process ASGI app, in tests);
+    ``keep_answers`` also stores each answer's text in ``detail``."""
+    import httpx
+    from tqdm import tqdm
+
+    from coe.eval.base import get_scorer, score
+
+    if not experts:
+        raise InvalidRequestError("no experts to profile")
+    bad = sorted({p.scorer for p in probes if p.scorer not in GENERATION_SCORERS})
+    if bad:
+        raise InvalidRequestError(
+            f"scorer(s) {', '.join(bad)} need likelihoods, which profiling through the service does not support yet; "
+            f"allowed: {', '.join(GENERATION_SCORERS)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _repair_tail(out)
+    seen = done_ids(out)
+    todo = [p for p in probes if p.id not in seen]
+    scorers = {name: get_scorer(name) for name in {p.scorer for p in todo}}
+    run = ProfileRun(probes=len(probes), skipped=len(probes) - len(todo), written=0)
+    totals: dict[str, list[float]] = {e: [] for e in experts}
+    gate = asyncio.Semaphore(max(1, concurrency))
+    write_lock = asyncio.Lock()
+    bar = tqdm(total=len(todo) * len(experts), desc="profile", unit="answer", disable=not progress)
+
+    async def one(client, probe, expert) -> tuple[float, float, dict]:
+        async with gate:
+            answer, tokens, error = await _ask(client, expert, probe.query, max_tokens)
+        if error is not None:
+            outcome_score, reason = 0.0, error
+            run.failures[expert] = run.failures.get(expert, 0) + 1
+        else:
+            result = await asyncio.to_thread(score, scorers[probe.scorer], probe, answer)
+            outcome_score, reason = float(result.score), result.reason
+        bar.update(1)
+        detail = {"tokens": tokens, "reason": reason}
+        if keep_answers:
+            detail["answer"] = answer
+        return outcome_score, tokens * experts[expert], detail
+
+    async def probe_line(client, probe) -> None:
+        results = await asyncio.gather(*(one(client, probe, e) for e in experts))
+        rec = {
+            "id": probe.id,
+            "query": probe.query,
+            "category": probe.category,
+            "outcomes": {e: r[0] for e, r in zip(experts, results)},
+            "costs": {e: r[1] for e, r in zip(experts, results)},
+            "detail": {e: r[2] for e, r in zip(experts, results)},
+        }
+        async with write_lock:
+            with out.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            run.written += 1
+            for e, r in zip(experts, results):
+                totals[e].append(r[0])
+
+    limits = httpx.Limits(max_connections=max(1, concurrency) * 2)
+    try:
+        async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers or {}, timeout=timeout_s,
+                                     limits=limits, transport=transport) as client:
+            # probes go in waves so that at most ~concurrency probes are half-done at any time
+            wave = max(1, concurrency)
+            for i in range(0, len(todo), wave):
+                await asyncio.gather(*(probe_line(client, p) for p in todo[i:i + wave]))
+    finally:
+        bar.close()
+    run.mean_outcome = {e: (sum(v) / len(v) if v else float("nan")) for e, v in totals.items()}
+    return run
+
+
+def profile_summary(run: ProfileRun, out: Path) -> str:
+    lines = [f"{run.written} probe(s) written to {out} ({run.skipped} already there, {run.probes} in the set)"]
+    for e, m in run.mean_outcome.items():
+        fails = run.failures.get(e, 0)
+        lines.append(f"  {e:24} mean outcome {m:.3f}" + (f"  ({fails} failed request(s))" if fails else ""))
+    return "\n".join(lines)
+
+
+def check_probe_file(path: str | Path) -> list:
+    """Load a probe file (raises DatasetError naming the line); refuse an empty one."""
+    from coe.eval.probes import load_probes
+
+    probes = load_probes(path)
+    if not probes:
+        raise CoEError(f"{path}: no probes")
+    return probes

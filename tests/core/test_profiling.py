@@ -1,0 +1,86 @@
+"""``coe experts profile``'s core (coe.profiling) against an in-process OpenAI-shaped endpoint
+(httpx.MockTransport, a unit-test double): outcomes, costs, failures, resumption. The real
+service path is exercised by bench/composition.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from coe.eval.probes import Probe
+from coe.profiling import done_ids, expert_costs, profile_experts
+
+ANSWERS = {"good": "so the answer is 42", "bad": "I think 7"}
+
+
+def _probes(n: int = 3) -> list[Probe]:
+    return [Probe(id=f"p{i}", query=f"question {i}", scorer="exact_number", category="math", answer="42")
+            for i in range(n)]
+
+
+def _transport(calls: list, fail_for: str | None = None):
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        calls.append((body["model"], body["messages"][0]["content"]))
+        assert body["temperature"] == 0.0
+        if body["model"] == fail_for:
+            return httpx.Response(503, json={"error": {"message": "expert down", "type": "engine_unavailable"}})
+        text = ANSWERS[body["model"]]
+        return httpx.Response(200, json={
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        })
+
+    return httpx.MockTransport(handle)
+
+
+def test_profile_writes_outcomes_and_costs(tmp_path):
+    out = tmp_path / "profile.jsonl"
+    calls: list = []
+    run = asyncio.run(profile_experts("http://coe", _probes(), {"good": 2.0, "bad": 1.0}, out,
+                                      concurrency=2, progress=False, transport=_transport(calls)))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["p0", "p1", "p2"]
+    assert all(r["outcomes"] == {"good": 1.0, "bad": 0.0} for r in rows)
+    assert all(r["costs"] == {"good": 30.0, "bad": 15.0} for r in rows)
+    assert rows[0]["category"] == "math" and rows[0]["detail"]["bad"]["reason"]
+    assert run.written == 3 and run.mean_outcome == {"good": 1.0, "bad": 0.0}
+    assert len(calls) == 6
+    # the native routing loader reads what profiling writes
+    from coe.routers.datasets import load_routing_data
+
+    data = load_routing_data(out)
+    assert list(data.models) == ["good", "bad"] and len(data) == 3
+
+
+def test_profile_resumes_and_records_failures(tmp_path):
+    out = tmp_path / "profile.jsonl"
+    calls: list = []
+    asyncio.run(profile_experts("http://coe", _probes(2), {"good": 1.0}, out, progress=False,
+                                transport=_transport(calls)))
+    with out.open("a") as fh:
+        fh.write('{"id": "p9", "outc')  # a torn line from a killed run
+    calls.clear()
+    run = asyncio.run(profile_experts("http://coe", _probes(4), {"good": 1.0, "bad": 1.0}, out,
+                                      progress=False, transport=_transport(calls, fail_for="bad")))
+    assert run.skipped == 2 and run.written == 2
+    assert {q for _, q in calls} == {"question 2", "question 3"}
+    assert done_ids(out) == {"p0", "p1", "p2", "p3"}
+    last = json.loads(out.read_text().splitlines()[-1])
+    assert last["outcomes"]["bad"] == 0.0 and "HTTP 503" in last["detail"]["bad"]["reason"]
+    assert run.failures == {"bad": 2}
+
+
+def test_profile_refuses_likelihood_probes_and_unknown_experts(tmp_path):
+    from coe.errors import ExpertNotFoundError, InvalidRequestError
+
+    nll = [Probe(id="r", query="q", scorer="reference_nll", reference="text")]
+    with pytest.raises(InvalidRequestError, match="reference_nll"):
+        asyncio.run(profile_experts("http://coe", nll, {"good": 1.0}, tmp_path / "o.jsonl", progress=False))
+    listed = [{"id": "good", "config": {"cost": 2}}, {"id": "bad", "config": {}}]
+    assert expert_costs(lambda _: listed, []) == {"good": 2.0, "bad": 1.0}
+    with pytest.raises(ExpertNotFoundError, match="nope"):
+        expert_costs(lambda _: listed, ["nope"])
