@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from coe.errors import ConfigError
 
@@ -301,6 +301,41 @@ class ServingConfig(Strict):
     admin_key_env: str = Field("COE_ADMIN_KEY", description="Environment variable read when admin_key is unset.")
     api_key: str | None = Field(None, description="Bearer key for chat; none means chat is open.")
     registry_path: str | None = Field(None, description="SQLite expert registry; default $COE_HOME/registry.sqlite.")
+    registry_url: str | None = Field(
+        None,
+        description="PostgreSQL expert registry for clusters (several ingress replicas, several nodes): "
+        "postgresql://USER@HOST:PORT/DB, without the password (it comes from registry_password_env). "
+        "Unset: the embedded SQLite registry at registry_path.",
+    )
+    registry_password_env: str = Field(
+        "COE_REGISTRY_PASSWORD", description="Environment variable holding the registry_url database password."
+    )
+
+    @field_validator("registry_url")
+    @classmethod
+    def _registry_url(cls, url: str | None, info: ValidationInfo) -> str | None:
+        if url is None:
+            return None
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(url)
+            _ = parts.port  # raises ValueError on a bad port
+        except ValueError as err:
+            raise ValueError(f"serving.registry_url is not a URL ({err})") from None
+        if parts.scheme not in ("postgresql", "postgresql+psycopg") or not parts.hostname or len(parts.path) < 2:
+            raise ValueError(
+                "serving.registry_url must be postgresql://USER@HOST[:PORT]/DATABASE (or postgresql+psycopg://); "
+                "the embedded SQLite registry is set with serving.registry_path"
+            )
+        if parts.password is not None:
+            raise ValueError(
+                "serving.registry_url contains a password; remove it and put the password in the environment "
+                "variable named by serving.registry_password_env (default COE_REGISTRY_PASSWORD)"
+            )
+        if info.data.get("registry_path") is not None:
+            raise ValueError("set serving.registry_url or serving.registry_path, not both")
+        return url
     adapter_roots: list[str] = Field(
         default_factory=list, description="Folders runtime-registered adapters must live under."
     )
@@ -379,6 +414,10 @@ class CoEConfig(Strict):
         raise ExpertNotFoundError(f"unknown expert {expert_id!r}; available: {available(e.id for e in self.experts)}")
 
 
+SECRET_FIELDS = frozenset({"admin_key", "api_key", "registry_url"})
+"""Fields whose given value an error message never repeats (keys; a URL that may hold a password)."""
+
+
 def format_validation_error(err: ValidationError, source: str = "config") -> str:
     """One line per problem: the field path, the value given, and what is allowed."""
     lines = [f"{source} is invalid:"]
@@ -386,6 +425,8 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
         loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
         given = item.get("input")
         shown = repr(given) if not isinstance(given, dict) else "{...}"
+        if loc.rsplit(".", 1)[-1] in SECRET_FIELDS:
+            shown = "value not shown"
         if len(shown) > 80:
             shown = shown[:77] + "..."
         lines.append(f"  {loc}: {item['msg']} (got {shown})")

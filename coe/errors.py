@@ -98,6 +98,17 @@ class NotReadyError(EngineError):
     """An engine has not finished loading yet."""
 
 
+class RegistryUnavailableError(CoEError):
+    """The expert registry's database cannot be reached (at start-up, or an outage while serving).
+
+    While serving, the current expert set keeps serving; registrations and removals are refused
+    until the database is back. The message names the database without its password.
+    """
+
+    status_code = 503
+    code = "registry_unavailable"
+
+
 class OverloadedError(CoEError):
     """An expert's queue at the ingress is full, or a request waited too long in it (retry later).
 

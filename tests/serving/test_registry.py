@@ -86,3 +86,49 @@ def test_registered_models_get_their_own_server_at_build_time(tmp_path):
     assert list(specs) == ["expert-base", "expert-m2"]
     assert specs["expert-base"].expert_ids() == ["base", "l1"]
     assert specs["expert-m2"].expert_ids() == ["m2", "l2"] and specs["expert-m2"].resources.num_cpus == 0.5
+
+
+def test_legacy_file_is_migrated_and_newer_schema_refused(tmp_path):
+    """A registry file written before versioned migrations keeps its experts; a file from a
+    newer coe is refused instead of being misread."""
+    import sqlite3
+
+    legacy = tmp_path / "old.sqlite"
+    body = '{"id": "l", "kind": "lora", "base": "base", "adapter": "/x"}'
+    with sqlite3.connect(legacy) as db:
+        db.execute("CREATE TABLE experts (id TEXT PRIMARY KEY, kind TEXT NOT NULL, body TEXT NOT NULL, "
+                   "created_at REAL NOT NULL)")
+        db.execute("INSERT INTO experts VALUES ('l', 'lora', ?, 1.0)", (body,))
+    reg = ExpertRegistry(legacy)
+    assert reg.ids() == ["l"] and reg.revision() == 0
+    reg.add(LoraExpert(id="l2", base="base", adapter="/y"))
+    assert reg.revision() == 1
+    with sqlite3.connect(legacy) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        db.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(ConfigError, match="schema version 99, newer than this coe knows"):
+        ExpertRegistry(legacy)
+
+
+def test_rows_keep_what_was_set_and_a_row_that_no_longer_validates_is_named(tmp_path):
+    import sqlite3
+
+    reg = ExpertRegistry(tmp_path / "r.sqlite")
+    reg.add(ModelExpert(id="h", model="x", engine={"kind": "hf", "max_model_len": 256}))
+    with sqlite3.connect(tmp_path / "r.sqlite") as db:
+        (body,) = db.execute("SELECT body FROM experts").fetchone()
+        assert '"max_model_len": 256' in body and "gpu_memory_utilization" not in body  # only what was set
+        db.execute("UPDATE experts SET body = replace(body, '256', '-1')")
+    with pytest.raises(ConfigError, match=r"(?s)registered expert .h. in .*r.sqlite is invalid.*max_model_len"):
+        reg.list()
+
+
+def test_registry_url_is_validated_and_never_echoed():
+    with pytest.raises(ConfigError, match="contains a password") as err:
+        _config(registry_url="postgresql://coe:hunter2@db:5432/coe")
+    assert "hunter2" not in str(err.value)
+    with pytest.raises(ConfigError, match="must be postgresql://USER@HOST"):
+        _config(registry_url="mysql://coe@db/coe")
+    with pytest.raises(ConfigError, match="not both"):
+        _config(registry_path="r.sqlite", registry_url="postgresql://coe@db/coe")
+    assert _config(registry_url="postgresql://coe@db:5432/coe").serving.registry_password_env == "COE_REGISTRY_PASSWORD"
