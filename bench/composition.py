@@ -275,10 +275,10 @@ def run(args) -> int:
 
 
 def reference_nll_table(probes: list, config: str | None, experts: list[str]) -> dict:
-    """``{probe id: {expert: mean per-token NLL of the probe's reference}}``, in process."""
-    from coe.eval.reference_nll import expert_nll_table
+    """``{probe id: {expert: mean per-token reference NLL}}`` (coe.profiling.likelihood_table)."""
+    from coe.profiling import likelihood_table
 
-    return expert_nll_table(probes, config, experts)
+    return likelihood_table(probes, config, experts)[0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -202,6 +202,82 @@ def profile_summary(run: ProfileRun, out: Path) -> str:
     return "\n".join(lines)
 
 
+def likelihood_table(probes: list, config: str | None, experts: list[str]) -> tuple[dict, dict]:
+    """``({probe id: {expert: mean per-token NLL of the probe's reference}}, {probe id: reference
+    tokens})``, in this process.
+
+    One transformers model per ``model`` expert of the config, its LoRA experts as rows of one
+    MultiLoRA (the same weights the service loads); nan where a probe has no reference."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from coe.adapters.multilora import MultiLoRA
+    from coe.config import load_config
+    from coe.eval.likelihood import HFLikelihood
+    from coe.eval.reference_nll import ReferenceNLL
+    from coe.models import resolve
+
+    cfg = load_config(config)
+    table: dict = {p.id: {} for p in probes}
+    tokens: dict = {}
+    scorer = ReferenceNLL()
+    for host in [e for e in cfg.experts if e.kind == "model"]:
+        loras = [e for e in cfg.experts if e.kind == "lora" and e.base == host.id and e.id in experts]
+        if host.id not in experts and not loras:
+            continue
+        model_dir = resolve(host.model)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        lora = MultiLoRA(model) if loras else None
+        for e in loras:
+            lora.add(e.id, e.adapter)
+        like = HFLikelihood(model, tok, lora=lora, batch_size=8, max_len=1024)
+        for eid, adapter in [(host.id, None), *[(e.id, e.id) for e in loras]]:
+            if eid not in experts:
+                continue
+            for p, o in zip(probes, scorer.score_batch(probes, likelihood=like, adapter=adapter)):
+                table[p.id][eid] = o.score if o.passed else float("nan")
+                if o.passed:
+                    tokens[p.id] = o.detail["tokens"]
+        del model, lora, like
+    return table, tokens
+
+
+def profile_likelihood(probes: list, config: str | None, experts: dict[str, float], out: Path) -> ProfileRun:
+    """Profile by likelihood, in this process (the service exposes no prompt log-probabilities
+    yet): each outcome is the reference answer's per-token likelihood ``exp(-NLL)`` in (0, 1]
+    (higher is better) under the expert, each cost the reference's tokens times the expert's
+    configured cost. Probes without a reference are skipped. Overwrites ``out``."""
+    import math
+
+    probes = [p for p in probes if (p.reference or "").strip()]
+    if not probes:
+        raise InvalidRequestError("no probe has a reference answer: likelihood profiling needs 'reference'")
+    table, tokens = likelihood_table(probes, config, list(experts))
+    missing = [e for e in experts if not any(e in row for row in table.values())]
+    if missing:
+        raise ExpertNotFoundError(f"expert(s) {', '.join(missing)} are not model or LoRA experts of the config")
+    run = ProfileRun(probes=len(probes), skipped=0, written=0)
+    totals: dict[str, list[float]] = {e: [] for e in experts}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as fh:
+        for p in probes:
+            nll = table[p.id]
+            if any(math.isnan(nll[e]) for e in experts):
+                continue
+            n_tok = tokens[p.id]
+            rec = {"id": p.id, "query": p.query, "category": p.category,
+                   "outcomes": {e: round(math.exp(-nll[e]), 6) for e in experts},
+                   "costs": {e: n_tok * experts[e] for e in experts},
+                   "detail": {e: {"nll": round(nll[e], 6)} for e in experts}}
+            fh.write(json.dumps(rec) + "\n")
+            run.written += 1
+            for e in experts:
+                totals[e].append(rec["outcomes"][e])
+    run.mean_outcome = {e: (sum(v) / len(v) if v else float("nan")) for e, v in totals.items()}
+    return run
+
+
 def check_probe_file(path: str | Path) -> list:
     """Load a probe file (raises DatasetError naming the line); refuse an empty one."""
     from coe.eval.probes import load_probes

@@ -39,6 +39,11 @@ def register(sub) -> None:
     prof.add_argument("--max-tokens", type=int, default=256)
     prof.add_argument("--limit", type=int, default=None, help="only the first N probes")
     prof.add_argument("--no-progress", action="store_true")
+    prof.add_argument(
+        "--likelihood", action="store_true",
+        help="score by the reference answer's likelihood, in this process with the config's models "
+             "(--config), instead of generating through the service",
+    )
     prof.set_defaults(func=_profile)
 
 
@@ -122,6 +127,16 @@ def _profile(args) -> int:
     if args.concurrency < 1 or args.max_tokens < 1:
         raise InvalidRequestError("--concurrency and --max-tokens must be at least 1")
     probes = check_probe_file(args.probes)[: args.limit]
+    if args.likelihood:
+        from coe.config import load_config
+        from coe.profiling import profile_likelihood
+
+        config = load_config(args.config)
+        costs = {e.id: float(e.cost) for e in config.experts if e.kind in ("model", "lora")}
+        run = profile_likelihood(probes, args.config, expert_costs(lambda _: [
+            {"id": i, "config": {"cost": c}} for i, c in costs.items()], args.expert), Path(args.out))
+        print(profile_summary(run, Path(args.out)))
+        return 0
     experts = expert_costs(lambda path: _call(args, "GET", path), args.expert)
     with _client(args) as client:
         url, headers = str(client.base_url), dict(client.headers)

@@ -84,3 +84,31 @@ def test_profile_refuses_likelihood_probes_and_unknown_experts(tmp_path):
     assert expert_costs(lambda _: listed, []) == {"good": 2.0, "bad": 1.0}
     with pytest.raises(ExpertNotFoundError, match="nope"):
         expert_costs(lambda _: listed, ["nope"])
+
+
+def test_likelihood_profile_on_the_tiny_model(tmp_path, tiny_llama_dir, tiny_loras):
+    """Real path: the tiny llama and two tiny peft LoRAs, outcomes exp(-NLL) per expert."""
+    import math
+
+    import yaml
+
+    from coe.profiling import likelihood_table, profile_likelihood
+    from tests.serving.serving_helpers import tiny_config_dict
+
+    cfg = tiny_config_dict(tiny_llama_dir, tiny_loras, tmp_path, flaky=False)
+    path = tmp_path / "coe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    probes = [Probe(id="a", query="what is the capital of france", scorer="exact_number", answer="1",
+                    reference="paris is the capital"),
+              Probe(id="b", query="hello world", scorer="exact_number", answer="2", reference="hello")]
+    out = tmp_path / "lik.jsonl"
+    run = profile_likelihood(probes, str(path), {"tiny": 1.0, "tiny-a": 2.0}, out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert run.written == 2 and [r["id"] for r in rows] == ["a", "b"]
+    table, tokens = likelihood_table(probes, str(path), ["tiny", "tiny-a"])
+    for r in rows:
+        for e in ("tiny", "tiny-a"):
+            assert r["outcomes"][e] == pytest.approx(math.exp(-table[r["id"]][e]), rel=1e-4)
+        assert r["costs"]["tiny-a"] == 2 * r["costs"]["tiny"] == 2 * tokens[r["id"]]
+    # the LoRA changes the likelihood (its B weights are non-zero)
+    assert table["a"]["tiny"] != table["a"]["tiny-a"]
