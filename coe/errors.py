@@ -98,6 +98,11 @@ class NotReadyError(EngineError):
     """An engine has not finished loading yet."""
 
 
+class CapacityError(EngineError):
+    """A deployment (plan) needs more CPUs/GPUs/memory than the cluster has free; the message names
+    the demand per deployment, the free supply and what is missing. Nothing was deployed."""
+
+
 class RegistryUnavailableError(CoEError):
     """The expert registry's database cannot be reached (at start-up, or an outage while serving).
 

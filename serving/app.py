@@ -15,6 +15,8 @@ from coe.config import CoEConfig
 if TYPE_CHECKING:  # pragma: no cover
     from ray.serve import Application
 
+    from coe.serving.deployments.spec import ServerSpec
+
 APP_NAME = "coe"
 
 
@@ -23,18 +25,26 @@ def build_app(config: CoEConfig, *, base_dir: Path | None = None) -> Application
     mixture) expert of the config plus the experts registered at runtime (the registry).
 
     ``base_dir`` is the folder relative config paths resolve against (the config file's)."""
-    from coe.registry import ExpertRegistry, live_experts, registry_path
     from coe.serving.deployments.ingress import CoEIngress
     from coe.serving.deployments.ray_deployments import bind_server, serve_options
+
+    base_dir = Path(base_dir).resolve() if base_dir is not None else None
+    specs = plan(config, base_dir=base_dir)
+    servers = {sid: bind_server(spec) for sid, spec in specs.items()}
+    ingress = CoEIngress.options(**serve_options("coe-ingress", config.serving.ingress))
+    return ingress.bind(config.model_dump_json(exclude_unset=True), str(base_dir) if base_dir else None, servers)
+
+
+def plan(config: CoEConfig, *, base_dir: Path | None = None) -> dict[str, ServerSpec]:
+    """The expert servers :func:`build_app` deploys: one per model/mixture expert of the config
+    and of the registry (runtime registrations persist), keyed by deployment name. Imports no Ray;
+    ``coe serve`` checks it against the cluster's resources before deploying."""
+    from coe.registry import ExpertRegistry, live_experts, registry_path
     from coe.serving.deployments.spec import plan_servers
 
     base_dir = Path(base_dir).resolve() if base_dir is not None else None
-    registry = ExpertRegistry(registry_path(config, base_dir))
-    experts = live_experts(config, registry)
-    specs = plan_servers(experts, base_dir=base_dir, batching=config.serving.batching, pool=config.serving.pool)
-    servers = {sid: bind_server(spec) for sid, spec in specs.items()}
-    ingress = CoEIngress.options(**serve_options("coe-ingress", config.serving.ingress))
-    return ingress.bind(config.model_dump_json(), str(base_dir) if base_dir else None, servers)
+    experts = live_experts(config, ExpertRegistry(registry_path(config, base_dir)))
+    return plan_servers(experts, base_dir=base_dir, batching=config.serving.batching, pool=config.serving.pool)
 
 
 def load_app_config(args: dict) -> tuple[CoEConfig, Path | None]:

@@ -14,6 +14,7 @@ from ray import serve
 
 from coe.config import ResourcesConfig
 from coe.errors import CoEError, EngineError, OverloadedError, ServerDownError, available
+from coe.serving.deployments.capacity import check_capacity
 from coe.serving.deployments.expert_server import ExpertServer
 from coe.serving.deployments.spec import ServerSpec
 
@@ -170,6 +171,7 @@ class ServeBackend:
     async def add_server(self, spec: ServerSpec) -> None:
         """Deploy ``spec`` as its own Serve application and wait for its engine."""
         app_name = RUNTIME_APP_PREFIX + spec.host.id
+        await asyncio.to_thread(check_capacity, [spec])  # a model that cannot be placed: 503 naming what is missing
         # deploy without waiting inside Serve: the wait below has a deadline (a replica that
         # never fits the cluster's free resources must not hang the admin call)
         await asyncio.to_thread(serve._run, bind_server(spec), name=app_name, route_prefix=None, _blocking=False)

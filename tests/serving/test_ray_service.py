@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -42,12 +43,13 @@ def svc(tiny_llama_dir, tiny_loras, serving_root, minilm_dir, tmp_path_factory):
     (root / "adapters").symlink_to(serving_root / "adapters")
     config = parse_config(tiny_config_dict(tiny_llama_dir, tiny_loras, root, flaky=False))
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         _deploy(config, root)
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        yield {"client": client, "config": config, "root": root, "llama": tiny_llama_dir}
+        yield {"client": client, "config": config, "root": root, "llama": tiny_llama_dir,
+               "session": Path(ctx.address_info["session_dir"])}
         client.close()
     finally:
         serve.shutdown()
@@ -122,3 +124,30 @@ def test_runtime_lora_and_model_registration(svc):
     assert c.delete("/v1/experts/physics", headers=AUTH).status_code == 200
     assert c.delete("/v1/experts/tiny2", headers=AUTH).status_code == 200
     assert "tiny2" not in [m["id"] for m in c.get("/v1/models").json()["data"]]
+
+
+def test_model_that_cannot_be_placed_is_refused_with_503(svc):
+    c = svc["client"]
+    before = [m["id"] for m in c.get("/v1/models").json()["data"]]
+    model = {"id": "huge", "kind": "model", "model": str(svc["llama"]), "description": "does not fit",
+             "engine": {"kind": "hf", "max_model_len": 128}, "resources": {"num_cpus": 64, "num_gpus": 1}}
+    t0 = time.time()
+    r = c.post("/v1/experts", json=model, headers=AUTH)
+    assert r.status_code == 503, r.text
+    msg = r.json()["error"]["message"]
+    assert "expert-huge" in msg and "CPU 64" in msg and "GPU 1" in msg and "missing" in msg, msg
+    assert time.time() - t0 < 30
+    assert [m["id"] for m in c.get("/v1/models").json()["data"]] == before
+    assert "huge" not in [e["id"] for e in c.get("/v1/experts", headers=AUTH).json()]
+    r = c.post("/v1/experts", json={**model, "resources": {"num_cpus": 0.25}}, headers=AUTH)
+    assert r.status_code == 201, r.text  # nothing half-registered blocks the id
+    assert c.delete("/v1/experts/huge", headers=AUTH).status_code == 200
+
+
+def test_inline_admin_key_is_not_written_under_the_ray_session(svc):
+    """The tiny config sets serving.admin_key inline: it travels to the ingress as an argument,
+    never through a runtime env or a log."""
+    files = [f for f in svc["session"].rglob("*") if f.is_file() and not f.is_symlink()]
+    assert files
+    leaks = [str(f) for f in files if ADMIN.encode() in f.read_bytes()]
+    assert not leaks, f"the admin key is written to {leaks}"
