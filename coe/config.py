@@ -209,6 +209,15 @@ class PolicyConfig(Strict):
     )
     lam: float = Field(0.0, ge=0, description="Cost weight for 'tradeoff'.")
     tau: float = Field(0.5, description="Quality threshold for 'threshold'.")
+    fallback_expert: str | None = Field(
+        None, description="Expert that gets the queries the router is unsure about (routers that report "
+        "uncertainty: irt, knn, learned); needs max_uncertainty.",
+    )
+    max_uncertainty: float | None = Field(
+        None, ge=0, description="With fallback_expert: a query whose chosen expert's predicted-quality standard "
+        "error exceeds this goes to fallback_expert (`coe router fit --fallback-expert E --target-fallback-share S` "
+        "calibrates it).",
+    )
 
 
 class RouterConfig(Strict):
@@ -230,6 +239,27 @@ class RouterConfig(Strict):
         description="With a fitted router: an expert it has not seen wins a query when the query's cosine "
         "similarity to the expert's description/examples exceeds this.",
     )
+    batch_max_queries: int = Field(
+        64, ge=1, le=4096,
+        description="Ingress micro-batching: most concurrent queries embedded together in one routing batch.",
+    )
+    batch_wait_ms: float = Field(
+        1.0, ge=0, le=100,
+        description="Ingress micro-batching: how long the first query of a routing batch waits for others "
+        "(0: route at once; queries arriving while a batch is being routed always join the next one).",
+    )
+
+    @model_validator(mode="after")
+    def _params_fit_the_router(self) -> RouterConfig:
+        """``params`` must be valid for the router ``name`` (checked against its own parameter class)."""
+        from coe.errors import CoEError
+        from coe.routers.base import router_class
+
+        try:
+            router_class(self.name).validate_params(self.params)
+        except CoEError as err:
+            raise ValueError(str(err)) from None
+        return self
 
 
 # --------------------------------------------------------------------------- serving

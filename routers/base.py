@@ -51,11 +51,17 @@ class QueryBatch:
 
 @dataclass
 class Scores:
-    """Predicted quality ``[B, M]`` per expert (columns in ``experts`` order) and cost ``[M]`` or ``[B, M]``."""
+    """Predicted quality ``[B, M]`` per expert (columns in ``experts`` order) and cost ``[M]`` or ``[B, M]``.
+
+    ``uncertainty`` (optional, ``[B, M]``, same scale as ``quality``): the standard error of each
+    predicted quality, set only by routers that declare ``gives_uncertainty``. The shared policy
+    can send queries whose chosen expert is too uncertain to a designated fallback expert.
+    """
 
     experts: list[str]
     quality: np.ndarray
     cost: np.ndarray | None = None
+    uncertainty: np.ndarray | None = None
 
 
 @dataclass
@@ -89,6 +95,7 @@ class Router:
     needs_outcomes: ClassVar[bool] = True   # False: usable from descriptions alone (centroid)
     needs_embeddings: ClassVar[bool] = True
     needs_labels: ClassVar[bool] = False    # True only for the oracle (reads the true outcomes)
+    gives_uncertainty: ClassVar[bool] = False   # True: score() fills Scores.uncertainty
     # Hyperparameter grid searched by cross-validation on the train split (`coe router fit/eval`).
     cv_grid: ClassVar[dict[str, list[Any]]] = {}
 
@@ -128,8 +135,8 @@ class Router:
         self.experts = list(data.models)
         self.costs = data.mean_costs()
 
-    def _scores(self, quality: np.ndarray) -> Scores:
-        return Scores(experts=list(self.experts), quality=quality, cost=self.costs)
+    def _scores(self, quality: np.ndarray, uncertainty: np.ndarray | None = None) -> Scores:
+        return Scores(experts=list(self.experts), quality=quality, cost=self.costs, uncertainty=uncertainty)
 
 
 # --------------------------------------------------------------------------- registry

@@ -16,6 +16,11 @@ Formats read by :func:`load_routing_data` (``fmt="auto"`` picks by extension and
 
   ``outcomes`` are qualities (any scale; 0..1 for correctness); ``costs`` and ``category``
   (a label the ``category`` router can learn) are optional.
+- ``mtbench`` — MT-Bench judgements JSONL (RouteLLM's ``judgements.jsonl``: ``question_id``,
+  ``model``, ``turn``, ``score`` 1–10) with the questions file beside it
+  (``mt_bench_questions.jsonl`` or ``question.jsonl``: ``question_id``, ``category``, ``turns``).
+  One row per (question, turn): the query is the user turns up to that turn, the quality the
+  judge's score (1–10), the category MT-Bench's.
 
 A row with a missing or non-numeric outcome for any model, or an empty query, is skipped and
 counted (``RoutingData.skipped``). A file that cannot be parsed at all raises
@@ -39,7 +44,7 @@ import numpy as np
 
 from coe.errors import DatasetError
 
-FORMATS = ("auto", "routerbench", "routellm", "scores", "native")
+FORMATS = ("auto", "routerbench", "routellm", "scores", "native", "mtbench")
 _META_COLUMNS = {"", "sample_id", "prompt", "eval_name", "oracle_model_to_route_to", "question", "id"}
 _TRUE = {"true", "yes"}
 _FALSE = {"false", "no"}
@@ -56,6 +61,9 @@ class RoutingData:
     source: str = ""
     skipped: Counter = field(default_factory=Counter)
     categories: list[str] | None = None    # per query (RouterBench eval_name, native "category")
+    # [N, M] bool: which outcomes were measured (None: all). Loaders keep only complete rows; a
+    # profile of a new expert on a few queries is partial, and the ``irt`` router fits on the mask.
+    observed: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -79,6 +87,7 @@ class RoutingData:
             source=self.source,
             skipped=Counter(),
             categories=None if self.categories is None else [self.categories[i] for i in idx],
+            observed=None if self.observed is None else self.observed[idx],
         )
 
     def with_cost_table(self, table: dict[str, float]) -> RoutingData:
@@ -88,7 +97,7 @@ class RoutingData:
         row = np.array([float(table[m]) for m in self.models])
         return RoutingData(
             self.queries, self.models, self.quality, np.tile(row, (len(self), 1)), self.source, self.skipped,
-            self.categories,
+            self.categories, self.observed,
         )
 
     def reordered(self, models: list[str]) -> RoutingData:
@@ -98,6 +107,7 @@ class RoutingData:
         return RoutingData(
             self.queries, list(models), self.quality[:, idx],
             None if self.cost is None else self.cost[:, idx], self.source, self.skipped, self.categories,
+            None if self.observed is None else self.observed[:, idx],
         )
 
 
@@ -268,7 +278,10 @@ def _read_json(path: Path, fmt: str) -> RoutingData:
     if not isinstance(first, dict):
         raise DatasetError(f"{path}, line {first_line}: each record must be a JSON object")
     if fmt == "auto":
-        fmt = "scores" if "scores" in first else "native"
+        fmt = "mtbench" if {"question_id", "model", "score", "turn"} <= set(first) else (
+            "scores" if "scores" in first else "native")
+    if fmt == "mtbench":
+        return _read_mtbench(path, records)
     qkey, okey = ("question", "scores") if fmt == "scores" else ("query", "outcomes")
     models: list[str] = []
     for lineno, rec in records:
@@ -282,6 +295,36 @@ def _read_json(path: Path, fmt: str) -> RoutingData:
     for _, rec in records:
         costs = rec.get("costs") if has_cost else None
         b.add(rec.get(qkey), rec[okey], costs if isinstance(costs, dict) or not has_cost else {}, rec.get("category"))
+    return b.build()
+
+
+_MT_QUESTIONS = ("mt_bench_questions.jsonl", "question.jsonl")
+
+
+def _read_mtbench(path: Path, records: list) -> RoutingData:
+    qfile = next((path.parent / n for n in _MT_QUESTIONS if (path.parent / n).is_file()), None)
+    if qfile is None:
+        raise DatasetError(f"{path}: MT-Bench judgements need the questions file beside them ({' or '.join(_MT_QUESTIONS)})")
+    questions = {}
+    for lineno, rec in _json_records(qfile):
+        if not isinstance(rec, dict) or not isinstance(rec.get("turns"), list) or "question_id" not in rec:
+            raise DatasetError(f"{qfile}, line {lineno}: expected an object with 'question_id' and a 'turns' list")
+        questions[rec["question_id"]] = rec
+    rows: dict[tuple, dict] = {}
+    models: list[str] = []
+    for lineno, rec in records:
+        if not isinstance(rec, dict) or not {"question_id", "model", "turn", "score"} <= set(rec):
+            raise DatasetError(f"{path}, line {lineno}: expected an object with question_id, model, turn and score")
+        if str(rec["model"]) not in models:
+            models.append(str(rec["model"]))
+        rows.setdefault((rec["question_id"], int(rec["turn"])), {})[str(rec["model"])] = rec["score"]
+    b = _Builder(str(path), models)
+    for (qid, turn), outcomes in sorted(rows.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        q = questions.get(qid)
+        if q is None or turn < 1 or turn > len(q["turns"]):
+            b.skipped["no such question turn"] += 1
+            continue
+        b.add("\n\n".join(str(t) for t in q["turns"][:turn]), outcomes, None, q.get("category"))
     return b.build()
 
 

@@ -4,6 +4,11 @@ For each λ of :func:`coe.routers.policy.lambda_sweep` the shared policy (``trad
 expert per test query from the router's predicted quality and cost; the point is the *realised*
 mean cost and mean quality of those picks on the test outcomes. AIQ, APGR and CPT come from
 :mod:`coe.routers.metrics` over those points.
+
+:func:`paired_bootstrap` resamples the test queries (the same resample for every router and the
+zero router) to give 95% confidence intervals on AIQ *differences*, so no router is declared
+better than a baseline on noise. :func:`calibration` gives the Brier score and reliability curve
+of a router's predicted qualities.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 
 from coe.routers.base import QueryBatch, Router
 from coe.routers.metrics import Anchors, aiq, apgr, cpt, nondecreasing_hull
-from coe.routers.policy import SelectionPolicy, lambda_sweep
+from coe.routers.policy import SelectionPolicy, calibrate_fallback, lambda_sweep
 
 
 @dataclass
@@ -68,6 +73,8 @@ class RouterResult:
     max_quality: float
     decisions_per_s: float
     params: dict = field(default_factory=dict)
+    picks: np.ndarray | None = None     # [L, N] column picked per λ and test query (for the bootstrap)
+    calibration: dict | None = None
 
     def summary(self) -> dict:
         return {
@@ -79,34 +86,60 @@ class RouterResult:
             "decisions_per_s": self.decisions_per_s,
             "shares": self.shares,
             "params": self.params,
+            "calibration": self.calibration,
             "curve": [{"lam": l, "cost": c, "quality": q} for l, c, q in zip(self.lams, self.costs, self.qualities)],
         }
 
 
-def sweep_points(router: Router, data, embeddings, lams=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(λs, realised costs, realised qualities, picks at λ=0) of ``router`` on ``data``."""
+@dataclass
+class Fallback:
+    """Uncertainty fallback in the sweep: at each λ, ``share`` of the calibration queries (scored
+    in ``calib``, the training queries) fall back to ``expert``; the threshold found there applies."""
+
+    expert: str
+    share: float
+    calib: object       # Scores of the router on the calibration queries
+
+
+def sweep_picks(router: Router, data, embeddings, lams=None, *, fallback: Fallback | None = None):
+    """(λs ``[L]``, picks ``[L, N]``): the expert column the shared policy picks per λ and query."""
     batch = QueryBatch(list(data.queries), embeddings, outcomes=data.quality if router.needs_labels else None)
     scores = router.score(batch)
     cost_pred = scores.cost if scores.cost is not None else np.ones(len(scores.experts))
     lams = lambda_sweep(data.mean_costs()) if lams is None else np.asarray(lams)
-    c_all, rows = data.costs_or_ones(), np.arange(len(data))
-    costs, quals, first = [], [], None
+    picks = []
     for lam in lams:
-        pick = SelectionPolicy("tradeoff", lam=float(lam)).select(scores.quality, cost_pred)
-        if first is None:
-            first = pick
-        costs.append(float(c_all[rows, pick].mean()))
-        quals.append(float(data.quality[rows, pick].mean()))
-    return lams, np.asarray(costs), np.asarray(quals), first
+        policy = SelectionPolicy("tradeoff", lam=float(lam))
+        if fallback is not None:
+            cal = fallback.calib
+            policy = calibrate_fallback(policy, cal.quality, cost_pred, cal.uncertainty, scores.experts,
+                                        fallback_expert=fallback.expert, target_share=fallback.share)
+        picks.append(policy.select(scores.quality, cost_pred, uncertainty=scores.uncertainty, experts=scores.experts))
+    return lams, np.asarray(picks)
 
 
-def evaluate_router(router: Router, data, embeddings, ref: Reference, *, params: dict | None = None) -> RouterResult:
+def sweep_points(router: Router, data, embeddings, lams=None, *, fallback: Fallback | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(λs, realised costs, realised qualities, picks at λ=0) of ``router`` on ``data``."""
+    lams, picks = sweep_picks(router, data, embeddings, lams, fallback=fallback)
+    c_all, rows = data.costs_or_ones(), np.arange(len(data))
+    costs = c_all[rows[None, :], picks].mean(axis=1)
+    quals = data.quality[rows[None, :], picks].mean(axis=1)
+    return lams, costs, quals, picks[0]
+
+
+def evaluate_router(router: Router, data, embeddings, ref: Reference, *, params: dict | None = None,
+                    fallback: Fallback | None = None, name: str | None = None) -> RouterResult:
     """Sweep λ on ``data`` (the test set, columns in ``router.experts`` order) and compute the metrics."""
-    lams, costs, quals, first = sweep_points(router, data, embeddings)
+    lams, picks = sweep_picks(router, data, embeddings, fallback=fallback)
+    c_all, rows = data.costs_or_ones(), np.arange(len(data))
+    costs = c_all[rows[None, :], picks].mean(axis=1)
+    quals = data.quality[rows[None, :], picks].mean(axis=1)
+    first = picks[0]
     speed = decisions_per_second(router, data, embeddings)
     counts = np.bincount(first, minlength=len(router.experts)) / max(len(data), 1)
     return RouterResult(
-        name=router.name,
+        name=name or router.name,
         lams=[float(x) for x in lams],
         costs=[float(x) for x in costs],
         qualities=[float(x) for x in quals],
@@ -118,6 +151,9 @@ def evaluate_router(router: Router, data, embeddings, ref: Reference, *, params:
         max_quality=float(quals.max()),
         decisions_per_s=speed,
         params=params or {},
+        picks=picks,
+        calibration=calibration(router.score(QueryBatch(list(data.queries), embeddings,
+                                outcomes=data.quality if router.needs_labels else None)).quality, data.quality),
     )
 
 
@@ -137,3 +173,69 @@ def decisions_per_second(router: Router, data, embeddings, *, min_time: float = 
 
 def zero_router_hull(ref: Reference) -> np.ndarray:
     return nondecreasing_hull(ref.costs, ref.qualities)
+
+
+def calibration(pred: np.ndarray, outcomes: np.ndarray, bins: int = 10) -> dict:
+    """Brier score and reliability curve of predicted qualities against outcomes, over all
+    (query, expert) cells, on the 0..1 scale (outcomes outside 0..1, e.g. 1–10 scores, are
+    rescaled by their range, and the score is then a mean squared error, ``binary`` false)."""
+    y = np.asarray(outcomes, dtype=np.float64).ravel()
+    p = np.asarray(pred, dtype=np.float64).ravel()
+    lo, hi = float(y.min()), float(y.max())
+    binary = bool(np.isin(y, (0.0, 1.0)).all())
+    if lo < 0 or hi > 1:
+        span = hi - lo if hi > lo else 1.0
+        y, p = (y - lo) / span, (p - lo) / span
+    p = np.clip(np.where(np.isfinite(p), p, 0.0), 0, 1)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    curve = []
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            curve.append({"bin": [float(edges[b]), float(edges[b + 1])], "predicted": float(p[sel].mean()),
+                          "observed": float(y[sel].mean()), "count": int(sel.sum())})
+    return {"brier": float(np.mean((p - y) ** 2)), "binary": binary, "reliability": curve}
+
+
+def paired_bootstrap(picks: dict[str, np.ndarray], data, baselines: list[str], *, n_boot: int = 1000,
+                     seed: int = 0) -> dict[str, dict]:
+    """95% paired-bootstrap CIs of AIQ differences on ``data`` (the test set).
+
+    ``picks``: router name → ``[L, N]`` columns picked over the λ sweep. Each replicate resamples
+    the N test queries with replacement, once for all routers; AIQ is recomputed on it for every
+    router and for the zero router (the single models' hull, with the replicate's cost range).
+    Returns, per router, ``{"vs_zero": {...}, "vs_<baseline>": {...}}`` for each name in
+    ``baselines`` (router names in ``picks``), each ``{"diff", "lo", "hi", "includes_zero"}``:
+    the observed difference and the 2.5/97.5 percentiles of the replicated differences.
+    """
+    c_all, q_all = data.costs_or_ones(), np.asarray(data.quality, dtype=np.float64)
+    n = len(data)
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)])   # [B, N]
+    counts = np.vstack([np.ones(n, dtype=np.int64), counts]) / n      # row 0: the observed test set
+    single_c, single_q = counts @ c_all, counts @ q_all                # [B+1, M]
+    rows = np.arange(n)[None, :]
+    curves = {name: (counts @ c_all[rows, p].T, counts @ q_all[rows, p].T) for name, p in picks.items()}  # [B+1, L]
+    aiqs: dict[str, np.ndarray] = {"zero": np.empty(n_boot + 1)}
+    for name in picks:
+        aiqs[name] = np.empty(n_boot + 1)
+    for b in range(n_boot + 1):
+        lo, hi = float(single_c[b].min()), float(single_c[b].max())
+        aiqs["zero"][b] = aiq(single_c[b], single_q[b], lo, hi)
+        for name, (cc, qq) in curves.items():
+            aiqs[name][b] = aiq(cc[b], qq[b], lo, hi)
+
+    def interval(a: np.ndarray, z: np.ndarray) -> dict:
+        d = a - z
+        lo, hi = np.percentile(d[1:], [2.5, 97.5])
+        return {"diff": float(d[0]), "lo": float(lo), "hi": float(hi), "includes_zero": bool(lo <= 0 <= hi)}
+
+    out = {}
+    for name in picks:
+        res = {"vs_zero": interval(aiqs[name], aiqs["zero"])}
+        for base in baselines:
+            if base != name and base in aiqs:
+                res[f"vs_{base}"] = interval(aiqs[name], aiqs[base])
+        out[name] = res
+    return out

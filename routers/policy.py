@@ -9,6 +9,12 @@ Modes (``coe.config.PolicyConfig``):
 Ties go to the cheaper expert, then to the earlier column. :func:`calibrate` picks λ or τ so
 that, over a sample of queries, the average predicted cost or the share of calls to the most
 expensive expert meets a target (as RouteLLM calibrates its threshold).
+
+Uncertainty fallback (optional, on top of any mode): when the router reports how sure it is
+(``Scores.uncertainty``) and the policy names a ``fallback_expert``, a query whose chosen
+expert's predicted quality has a standard error above ``max_uncertainty`` goes to the fallback
+expert instead (SambaNova's CoE falls back to a strong model when unsure).
+:func:`calibrate_fallback` sets ``max_uncertainty`` so that a target share of queries falls back.
 """
 
 from __future__ import annotations
@@ -28,13 +34,31 @@ class SelectionPolicy:
     mode: Mode = "max_quality"
     lam: float = 0.0
     tau: float = 0.5
+    fallback_expert: str | None = None
+    max_uncertainty: float | None = None
 
     @classmethod
     def from_config(cls, cfg) -> SelectionPolicy:
-        return cls(mode=cfg.mode, lam=cfg.lam, tau=cfg.tau)
+        return cls(mode=cfg.mode, lam=cfg.lam, tau=cfg.tau, fallback_expert=getattr(cfg, "fallback_expert", None),
+                   max_uncertainty=getattr(cfg, "max_uncertainty", None))
 
-    def select(self, quality: np.ndarray, cost: np.ndarray | None = None) -> np.ndarray:
-        """Column index chosen for each row of ``quality`` ``[B, M]``; ``cost`` is ``[M]`` or ``[B, M]``."""
+    def select(self, quality: np.ndarray, cost: np.ndarray | None = None, *,
+               uncertainty: np.ndarray | None = None, experts: list[str] | None = None) -> np.ndarray:
+        """Column index chosen for each row of ``quality`` ``[B, M]``; ``cost`` is ``[M]`` or ``[B, M]``.
+
+        With ``uncertainty`` ``[B, M]`` and ``experts`` (column names) given, and the policy's
+        ``fallback_expert`` among them, rows whose chosen column's uncertainty exceeds
+        ``max_uncertainty`` get the fallback column instead; otherwise both are ignored.
+        """
+        pick = self._select(quality, cost)
+        if (uncertainty is None or experts is None or self.fallback_expert is None
+                or self.max_uncertainty is None or self.fallback_expert not in experts):
+            return pick
+        u = np.asarray(uncertainty, dtype=np.float64)
+        chosen_u = u[np.arange(len(pick)), pick]
+        return np.where(chosen_u > self.max_uncertainty, experts.index(self.fallback_expert), pick)
+
+    def _select(self, quality: np.ndarray, cost: np.ndarray | None) -> np.ndarray:
         quality = np.asarray(quality, dtype=np.float64)
         if quality.ndim != 2:
             raise ValueError(f"quality must be [B, M], got shape {quality.shape}")
@@ -118,3 +142,36 @@ def calibrate(
         else:
             lo = mid
     return make(hi)
+
+
+def calibrate_fallback(
+    policy: SelectionPolicy,
+    quality: np.ndarray,
+    cost: np.ndarray | None,
+    uncertainty: np.ndarray,
+    experts: list[str],
+    *,
+    fallback_expert: str,
+    target_share: float,
+) -> SelectionPolicy:
+    """``policy`` with ``fallback_expert`` and the ``max_uncertainty`` that sends at most
+    ``target_share`` (0..1) of these queries to it, because their chosen expert is too uncertain.
+
+    Like λ/τ it is calibrated on predicted scores only (no outcomes): the threshold is the
+    ``1 − target_share`` quantile of the chosen experts' uncertainties. Raises
+    :class:`ConfigError` for an unknown expert or a share outside [0, 1].
+    """
+    if fallback_expert not in experts:
+        raise ConfigError(f"fallback expert {fallback_expert!r} is not one of the router's experts: {', '.join(experts)}")
+    if not 0 <= target_share <= 1:
+        raise ConfigError(f"target fallback share must be between 0 and 1, got {target_share}")
+    pick = policy.select(quality, cost)
+    u = np.asarray(uncertainty, dtype=np.float64)[np.arange(len(pick)), pick]
+    if target_share <= 0 or len(u) == 0:
+        thr = float("inf") if len(u) == 0 else float(u.max())
+    else:
+        # the largest threshold whose exceedance share is <= target: a quantile of the sorted values
+        srt = np.sort(u)
+        k = int(np.floor(target_share * len(u)))          # queries allowed to fall back
+        thr = float(srt[len(u) - k - 1]) if k < len(u) else float(srt[0]) - 1.0
+    return SelectionPolicy(policy.mode, policy.lam, policy.tau, fallback_expert=fallback_expert, max_uncertainty=thr)

@@ -46,37 +46,94 @@ def machine() -> str:
     return f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
 
 
+BASELINE = "knn-plain"                       # RouterBench's plain kNN: always evaluated, never tuned
+BASELINE_PARAMS = {"k": 20, "shrink": 0.0}
+STACKABLE = ("knn", "learned", "irt", "centroid", "category", "skill")
+TARGETS = {"vs_zero": 0.015, f"vs_{BASELINE}": 0.01}   # issue #15
+
+
 def run_eval(inputs: EvalInputs, names: list[str], *, folds: int = 5, cv: bool = True, seed: int = 0,
-             progress: bool = True) -> dict:
-    """Cross-validate on train, fit, evaluate on test, for each router; returns the report dict."""
+             progress: bool = True, n_boot: int = 1000, fallback_share: float = 0.1) -> dict:
+    """Cross-validate on train, fit, evaluate on test, for each router; returns the report dict.
+
+    Every router that does not read the true outcomes gets a CV AIQ on train (its grid searched);
+    the one with the best CV AIQ is ``selected_by_cv`` (what a user would deploy; the test split
+    plays no part). The plain kNN baseline (k=20, no shrinkage) is always added. ``stacked`` (when
+    named) blends the best three stackable routers with their CV-chosen params and is eligible
+    only when its CV AIQ beats each of theirs. Routers that report uncertainty are also evaluated
+    with the uncertainty fallback to the best single training model (``fallback_share`` of the
+    test queries, calibrated on their predicted scores only). Paired-bootstrap 95% CIs of every
+    router's test AIQ difference to the zero router and to the plain kNN come with each result.
+    """
     from tqdm.auto import tqdm
 
-    from coe.routers.tuning import cross_validate, grid_size
+    from coe.routers.base import QueryBatch
+    from coe.routers.builtin.stacked import member_spec
+    from coe.routers.evaluate import Fallback, paired_bootstrap
+    from coe.routers.tuning import cross_validate
 
-    ref = Reference.from_data(inputs.test)
+    train, test = inputs.train, inputs.test
+    ref = Reference.from_data(test)
     ctx = FitContext(seed=seed, embed=inputs.embed)
     results: dict[str, RouterResult] = {}
     cv_info: dict[str, dict] = {}
-    for name in names:
+    fitted = {}
+
+    def run(label: str, name: str, params: dict | None = None, grid: dict | None = None) -> None:
         cls = router_class(name)
-        total = grid_size(name) if cv else 1
-        with tqdm(total=total, desc=f"cv {name}", disable=not progress or total <= 1, file=sys.stderr) as bar:
-            if cv and total > 1:
-                res = cross_validate(name, inputs.train, inputs.train_emb, folds=folds, seed=seed, ctx=ctx, progress=bar)
-                params = res.params
-                cv_info[name] = {"folds": res.folds, "cv_aiq": res.score, "grid": [
-                    {"params": p, "cv_aiq": s} for p, s in res.table]}
-            else:
-                params = {}
-        router = cls(params).fit(inputs.train, inputs.train_emb, ctx)
-        results[name] = evaluate_router(router, inputs.test, inputs.test_emb, ref, params=router.params.model_dump())
+        params = dict(params or {})
+        if cv and not cls.needs_labels:
+            grid = cls.cv_grid if grid is None else grid
+            total = int(np.prod([len(v) for v in grid.values()])) if grid else 1
+            with tqdm(total=total, desc=f"cv {label}", disable=not progress, file=sys.stderr) as bar:
+                res = cross_validate(name, train, inputs.train_emb, grid=grid, base_params=params, folds=folds,
+                                     seed=seed, ctx=ctx, progress=bar)
+            params = res.params
+            if res.folds:
+                cv_info[label] = {"folds": res.folds, "cv_aiq": res.score, "fold_aiq": res.fold_scores,
+                                  "grid": [{"params": p, "cv_aiq": s} for p, s in res.table]}
+        router = cls(params).fit(train, inputs.train_emb, ctx)
+        fitted[label] = router
+        results[label] = evaluate_router(router, test, inputs.test_emb, ref, params=router.params.model_dump(),
+                                         name=label)
+
+    for name in names:
+        if name != "stacked":
+            run(name, name)
+    run(BASELINE, "knn", BASELINE_PARAMS, grid={})
+    stacked = None
+    if "stacked" in names:
+        parts = sorted((n for n in STACKABLE if n in cv_info), key=lambda n: -cv_info[n]["cv_aiq"])[:3]
+        if len(parts) < 2:
+            parts = [n for n in STACKABLE if n in results][:3]
+        specs = [member_spec(n, {k: v for k, v in results[n].params.items() if k != "seed"}) for n in parts]
+        run("stacked", "stacked", {"members": specs, "seed": seed}, grid={})
+        best_part = max(parts, key=lambda n: cv_info.get(n, {}).get("cv_aiq", -np.inf)) if parts else None
+        s_cv = cv_info.get("stacked", {}).get("cv_aiq")
+        b_cv = cv_info.get(best_part, {}).get("cv_aiq") if best_part else None
+        stacked = {"members": specs, "weights": fitted["stacked"].notes.get("weights"), "cv_aiq": s_cv,
+                   "best_member": best_part, "best_member_cv_aiq": b_cv,
+                   "beats_parts": bool(s_cv is not None and b_cv is not None and s_cv > b_cv)}
+    strong = int(np.lexsort((train.mean_costs(), -train.quality.mean(axis=0)))[0])
+    for label in [n for n in results if n != BASELINE]:
+        router = fitted[label]
+        if router.gives_uncertainty and fallback_share > 0:
+            calib = router.score(QueryBatch(list(test.queries), inputs.test_emb))   # predicted scores, no outcomes
+            fb = Fallback(train.models[strong], fallback_share, calib)
+            results[f"{label}+fallback"] = evaluate_router(router, test, inputs.test_emb, ref, name=f"{label}+fallback",
+                                                           params={**router.params.model_dump(), "fallback": fb.expert,
+                                                                   "fallback_share": fallback_share}, fallback=fb)
+    cis = paired_bootstrap({n: r.picks for n, r in results.items()}, test, [BASELINE], n_boot=n_boot, seed=seed)
+    eligible = {n: c["cv_aiq"] for n, c in cv_info.items()
+                if n != BASELINE and np.isfinite(c["cv_aiq"]) and (n != "stacked" or (stacked or {}).get("beats_parts"))}
+    selected = max(eligible, key=eligible.get) if eligible else None
     best = int(np.lexsort((ref.costs, -ref.qualities))[0])
-    return {
+    report = {
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "embedder": inputs.embedder,
-        "train": {"source": inputs.train.source, "rows": len(inputs.train), "skipped": dict(inputs.train.skipped)},
-        "test": {"source": inputs.test.source, "rows": len(inputs.test), "skipped": dict(inputs.test.skipped)},
+        "train": {"source": train.source, "rows": len(train), "skipped": dict(train.skipped)},
+        "test": {"source": test.source, "rows": len(test), "skipped": dict(test.skipped)},
         "models": ref.models,
         "single_models": {
             m: {"quality": float(q), "cost": float(c)} for m, q, c in zip(ref.models, ref.qualities, ref.costs)
@@ -85,19 +142,37 @@ def run_eval(inputs: EvalInputs, names: list[str], *, folds: int = 5, cv: bool =
         "zero_router_aiq": ref.zero_router_aiq,
         "best_single": {"model": ref.models[best], "quality": float(ref.qualities[best]), "cost": float(ref.costs[best])},
         "oracle": {"quality": ref.oracle_quality, "cost": ref.oracle_cost},
-        "routers": {n: {**r.summary(), **({"cv": cv_info[n]} if n in cv_info else {})} for n, r in results.items()},
+        "baseline": {"name": BASELINE, "router": "knn", "params": BASELINE_PARAMS},
+        "bootstrap": {"replicates": n_boot, "seed": seed, "level": 0.95, "paired": True},
+        "routers": {n: {**r.summary(), "ci": cis[n], **({"cv": cv_info[n]} if n in cv_info else {})}
+                    for n, r in results.items()},
+        "stacked": stacked,
         # the router an honest user would deploy: best held-out AIQ in cross-validation on train
-        "selected_by_cv": max(cv_info, key=lambda n: cv_info[n]["cv_aiq"]) if cv_info else None,
+        "selected_by_cv": selected,
     }
+    if selected is not None:
+        ci = cis[selected]
+        meets = all(ci[k]["diff"] >= t and ci[k]["lo"] > 0 for k, t in TARGETS.items() if k in ci)
+        report["selected"] = {"name": selected, "test_aiq": results[selected].aiq, "cv_aiq": eligible[selected],
+                              **{k: ci[k] for k in TARGETS if k in ci}, "targets": TARGETS, "meets_targets": meets}
+    return report
 
 
 def _fmt(v, spec=".4f") -> str:
     return "—" if v is None else format(v, spec)
 
 
+def _ci(c: dict | None) -> str:
+    if not c:
+        return "—"
+    mark = " *" if c["includes_zero"] else ""
+    return f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]{mark}"
+
+
 def write_markdown(report: dict, path: Path) -> None:
     zero = report["zero_router_aiq"]
     bs, orc = report["best_single"], report["oracle"]
+    base = report.get("baseline", {}).get("name", BASELINE)
     lines = [
         "# Router evaluation",
         "",
@@ -108,23 +183,55 @@ def write_markdown(report: dict, path: Path) -> None:
         f"- oracle: quality {orc['quality']:.4f} at cost {orc['cost']:.4g}",
         f"- zero router AIQ: **{zero:.4f}**",
         f"- router selected by cross-validation on train (best held-out AIQ): **{report.get('selected_by_cv')}**",
+    ]
+    sel = report.get("selected")
+    if sel:
+        verdict = "meets" if sel["meets_targets"] else "does **not** meet"
+        lines.append(
+            f"- selected router's test AIQ {sel['test_aiq']:.4f}: vs zero {_ci(sel.get('vs_zero'))}, vs plain kNN "
+            f"{_ci(sel.get(f'vs_{base}'))}; it {verdict} the targets (≥ +0.015 vs zero and ≥ +0.01 vs plain kNN, "
+            "each 95% CI above 0)")
+    st = report.get("stacked")
+    if st:
+        keep = "beats" if st["beats_parts"] else "does **not** beat"
+        lines.append(f"- stacked ({', '.join(st['members'])}; weights {st['weights']}): CV AIQ {_fmt(st['cv_aiq'])} "
+                     f"{keep} its best part {st['best_member']} ({_fmt(st['best_member_cv_aiq'])})")
+    lines += [
         "",
-        "| router | AIQ | AIQ − zero | CV AIQ (train) | APGR | CPT(50%) | CPT(80%) | max quality | decisions/s | params |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"Differences are paired-bootstrap estimates over the test queries ({report.get('bootstrap', {}).get('replicates', '?')}"
+        " replicates): observed difference [95% CI]; `*` marks a CI that includes zero. "
+        f"`{base}` is RouterBench's plain kNN (k = 20, no shrinkage). Brier: mean squared error of predicted "
+        "quality vs outcome over all (query, expert) cells, on the 0..1 scale.",
+        "",
+        "| router | AIQ | Δ vs zero [95% CI] | Δ vs plain kNN [95% CI] | CV AIQ (train) | Brier | APGR | CPT(50%) | "
+        "max quality | decisions/s | params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in sorted(report["routers"].items(), key=lambda kv: -kv[1]["aiq"]):
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items() if v not in (None, [], ""))
         cv_aiq = _fmt(r["cv"]["cv_aiq"]) if "cv" in r else "—"
+        ci = r.get("ci", {})
+        brier = _fmt((r.get("calibration") or {}).get("brier"))
         lines.append(
-            f"| {name} | {r['aiq']:.4f} | {r['aiq'] - zero:+.4f} | {cv_aiq} | {r['apgr']:.3f} | {_fmt(r['cpt50'], '.3f')} | "
-            f"{_fmt(r['cpt80'], '.3f')} | {r['max_quality']:.4f} | {r['decisions_per_s']:.0f} | {params} |"
+            f"| {name} | {r['aiq']:.4f} | {_ci(ci.get('vs_zero'))} | {_ci(ci.get(f'vs_{base}'))} | {cv_aiq} | {brier} | "
+            f"{r['apgr']:.3f} | {_fmt(r['cpt50'], '.3f')} | {r['max_quality']:.4f} | {r['decisions_per_s']:.0f} | {params} |"
         )
     lines += [
         "",
         "AIQ: area under the non-decreasing convex hull of (cost, quality) over the single models' cost "
         "range, divided by the range (RouterBench). APGR/CPT: RouteLLM's metrics with the cheapest model as "
         "weak and the best single model as strong; CPT is the normalised cost (0 = weak, 1 = strong) needed "
-        "to recover 50%/80% of the quality gap. decisions/s: the router's own work, batched, embeddings given.",
+        "to recover 50% of the quality gap. decisions/s: the router's own work, batched, embeddings given. "
+        "`+fallback`: the same router with the uncertainty fallback to the best single training model.",
+    ]
+    for name in ("irt", sel["name"] if sel else None):
+        r = report["routers"].get(name) if name else None
+        if r and r.get("calibration") and name not in [ln.split("`")[1] for ln in lines if ln.startswith("## Reliability")]:
+            lines += ["", f"## Reliability of `{name}` on test (predicted vs observed quality per bin)", "",
+                      "| bin | predicted | observed | cells |", "|---|---|---|---|"]
+            for b in r["calibration"]["reliability"]:
+                lines.append(f"| {b['bin'][0]:.1f}–{b['bin'][1]:.1f} | {b['predicted']:.3f} | {b['observed']:.3f} | {b['count']} |")
+    lines += [
         "",
         "## Share of test queries per expert at λ = 0 (max quality)",
         "",

@@ -21,6 +21,7 @@ class CVResult:
     score: float                           # mean held-out AIQ of the chosen params
     table: list[tuple[dict, float]]        # every combination tried, with its mean AIQ
     folds: int
+    fold_scores: list[float] | None = None  # the chosen params' held-out AIQ per fold
 
 
 def kfold(n: int, folds: int, seed: int) -> list[np.ndarray]:
@@ -40,7 +41,11 @@ def cross_validate(
     ctx: FitContext | None = None,
     progress=None,
 ) -> CVResult:
-    """Best params for router ``name`` by mean held-out AIQ over ``folds`` folds of ``data``."""
+    """Best params for router ``name`` by mean held-out AIQ over ``folds`` folds of ``data``.
+
+    A grid of one combination is still scored (its CV AIQ is what model selection compares);
+    with fewer than ``2 × folds`` rows nothing is scored (``score`` is NaN, ``folds`` 0).
+    """
     from coe.routers.evaluate import Reference, sweep_points
     from coe.routers.metrics import aiq
 
@@ -49,7 +54,7 @@ def cross_validate(
     base = dict(base_params or {})
     keys = sorted(grid)
     combos = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] or [{}]
-    if len(combos) == 1 or len(data) < 2 * folds:
+    if len(data) < 2 * folds:
         params = {**base, **combos[0]}
         return CVResult(params, float("nan"), [(params, float("nan"))], 0)
     parts = kfold(len(data), folds, seed)
@@ -57,7 +62,7 @@ def cross_validate(
     for i in range(folds):
         held = parts[i]
         refs.append(Reference.from_data(data.subset(held)))
-    table = []
+    table, per_fold = [], []
     for combo in combos:
         params = {**base, **combo}
         scores = []
@@ -69,10 +74,11 @@ def cross_validate(
             _, costs, quals, _ = sweep_points(router, sub, embeddings[held])
             scores.append(aiq(costs, quals, refs[i].c_min, refs[i].c_max))
         table.append((params, float(np.mean(scores))))
+        per_fold.append(scores)
         if progress is not None:
             progress.update(1)
-    best = max(table, key=lambda t: t[1])
-    return CVResult(best[0], best[1], table, folds)
+    best = max(range(len(table)), key=lambda i: table[i][1])
+    return CVResult(table[best][0], table[best][1], table, folds, [float(s) for s in per_fold[best]])
 
 
 def grid_size(name: str) -> int:

@@ -26,6 +26,10 @@ def register(sub) -> None:
                      help="calibrate λ/τ so at most this share (0..1) of queries go to the most expensive expert")
     fit.add_argument("--policy-mode", choices=["tradeoff", "threshold"], default="tradeoff",
                      help="which knob the calibration sets (default tradeoff: λ)")
+    fit.add_argument("--fallback-expert", help="expert for queries the router is unsure about (irt, knn, learned)")
+    fit.add_argument("--target-fallback-share", type=float,
+                     help="with --fallback-expert: calibrate router.policy.max_uncertainty so this share (0..1) "
+                     "of the training queries falls back")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     fit.set_defaults(func=_fit)
 
@@ -42,6 +46,9 @@ def register(sub) -> None:
     ev.add_argument("--folds", type=int, default=5, help="cross-validation folds on train (default 5)")
     ev.add_argument("--no-cv", action="store_true", help="default hyperparameters, no cross-validation")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--bootstrap", type=int, default=1000, help="paired-bootstrap replicates for the CIs (default 1000)")
+    ev.add_argument("--fallback-share", type=float, default=0.1,
+                    help="share of test queries the uncertainty fallback variants send to the strong model (0: none)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=_eval)
 
@@ -69,6 +76,7 @@ def _embed_all(embedder, train, test):
 
 def _fit(args) -> int:
     from coe.config import load_config
+    from coe.errors import ConfigError
     from coe.routers.base import FitContext, router_class, save_router
     from coe.routers.datasets import load_routing_data
     from coe.routers.embedding import Embedder
@@ -78,8 +86,6 @@ def _fit(args) -> int:
     name = args.router or cfg.router.name
     cls = router_class(name)
     if cls.needs_labels:
-        from coe.errors import ConfigError
-
         raise ConfigError(f"router {name!r} reads the true outcomes and cannot be fitted for serving")
     data = load_routing_data(args.data, args.format, args.costs)
     embedder = Embedder(cfg.router.embedder, disk_cache=True, progress=not args.quiet)
@@ -100,15 +106,11 @@ def _fit(args) -> int:
         params = base
     router = cls(params).fit(data, x, ctx)
     policy = None
-    if args.target_cost is not None or args.target_top_share is not None:
-        from coe.routers.base import QueryBatch
-        from coe.routers.policy import calibrate
-
-        # Calibrated on the training queries' predicted scores (no outcomes are used), as RouteLLM does.
-        scores = router.score(QueryBatch(list(data.queries), x))
-        cal = calibrate(scores.quality, scores.cost, mode=args.policy_mode,
-                        target_cost=args.target_cost, target_top_share=args.target_top_share)
-        policy = {"mode": cal.mode, "lam": cal.lam, "tau": cal.tau}
+    if args.fallback_expert is not None and args.target_fallback_share is None:
+        raise ConfigError("--fallback-expert needs --target-fallback-share (the share of queries that may fall back)")
+    if (args.target_cost is not None or args.target_top_share is not None
+            or args.target_fallback_share is not None):
+        policy = _calibrate(args, cfg, router, data, x)
     extra = {
         "calibrated_policy": policy,
         "data": str(Path(args.data).resolve()),
@@ -123,9 +125,42 @@ def _fit(args) -> int:
           f"{router.params.model_dump()}" + (f"; cv AIQ {cv.score:.4f}" if cv else ""))
     if policy is not None:
         knob = f"lam: {policy['lam']:.6g}" if policy["mode"] == "tradeoff" else f"tau: {policy['tau']:.6g}"
+        if policy.get("fallback_expert"):
+            knob += f", fallback_expert: {policy['fallback_expert']}, max_uncertainty: {policy['max_uncertainty']:.6g}"
         print(f"calibrated policy (put it in the config): router.policy: {{mode: {policy['mode']}, {knob}}}")
+        print(f"  costs used: {policy['costs_from']}")
     print(f"saved to {out}")
     return 0
+
+
+def _calibrate(args, cfg, router, data, x) -> dict:
+    """λ/τ (and the fallback threshold) on the training queries' predicted scores, as RouteLLM does
+    (no outcomes are used). Costs are the experts' configured ``cost`` when the config lists every
+    fitted expert (that is what the service trades off), else the data's mean costs."""
+    from coe.errors import ConfigError
+    from coe.routers.base import QueryBatch
+    from coe.routers.policy import SelectionPolicy, calibrate, calibrate_fallback
+
+    scores = router.score(QueryBatch(list(data.queries), x))
+    configured = {e.id: float(e.cost) for e in cfg.experts}
+    if all(e in configured for e in router.experts):
+        cost, source = [configured[e] for e in router.experts], "the config's expert cost fields"
+    else:
+        cost, source = scores.cost, "the data's mean cost per expert (the config does not list every fitted expert)"
+    if args.target_cost is not None or args.target_top_share is not None:
+        cal = calibrate(scores.quality, cost, mode=args.policy_mode,
+                        target_cost=args.target_cost, target_top_share=args.target_top_share)
+    else:
+        cal = SelectionPolicy.from_config(cfg.router.policy)
+    if args.target_fallback_share is not None:
+        if not router.gives_uncertainty:
+            raise ConfigError(f"router {router.name!r} does not report uncertainty; the fallback needs irt, knn or learned")
+        if args.fallback_expert is None:
+            raise ConfigError("--target-fallback-share needs --fallback-expert (one of the fitted experts)")
+        cal = calibrate_fallback(cal, scores.quality, cost, scores.uncertainty, scores.experts,
+                                 fallback_expert=args.fallback_expert, target_share=args.target_fallback_share)
+    return {"mode": cal.mode, "lam": cal.lam, "tau": cal.tau, "fallback_expert": cal.fallback_expert,
+            "max_uncertainty": cal.max_uncertainty, "costs_from": source}
 
 
 def _eval(args) -> int:
@@ -154,13 +189,24 @@ def _eval(args) -> int:
         print(f"embedding {len(train) + len(test)} queries (cached under {embedder.disk_path})", file=sys.stderr)
     xtr, xte, _ = _embed_all(embedder, train, test)
     inputs = EvalInputs(train, test, xtr, xte, args.embedder, embedder.encode)
-    report = run_eval(inputs, names, folds=args.folds, cv=not args.no_cv, seed=args.seed, progress=not args.quiet)
+    if args.bootstrap < 10:
+        raise DatasetError(f"--bootstrap must be at least 10 replicates, got {args.bootstrap}")
+    if not 0 <= args.fallback_share < 1:
+        raise DatasetError(f"--fallback-share must be in [0, 1), got {args.fallback_share}")
+    report = run_eval(inputs, names, folds=args.folds, cv=not args.no_cv, seed=args.seed, progress=not args.quiet,
+                      n_boot=args.bootstrap, fallback_share=args.fallback_share)
     out = write_report(report, args.out)
     zero = report["zero_router_aiq"]
     print(f"zero router AIQ {zero:.4f}; best single {report['best_single']['model']} "
           f"({report['best_single']['quality']:.4f})")
     for name, r in sorted(report["routers"].items(), key=lambda kv: -kv[1]["aiq"]):
-        print(f"  {name:12} AIQ {r['aiq']:.4f} ({r['aiq'] - zero:+.4f})  APGR {r['apgr']:.3f}  "
+        c = r["ci"]["vs_zero"]
+        print(f"  {name:18} AIQ {r['aiq']:.4f} ({c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}]"
+              f"{' includes 0' if c['includes_zero'] else ''})  APGR {r['apgr']:.3f}  "
               f"max quality {r['max_quality']:.4f}  {r['decisions_per_s']:.0f} decisions/s")
+    sel = report.get("selected")
+    if sel:
+        print(f"selected by CV: {sel['name']} (test AIQ {sel['test_aiq']:.4f}); targets "
+              f"{'met' if sel['meets_targets'] else 'NOT met'}")
     print(f"report: {out / 'report.md'}")
     return 0

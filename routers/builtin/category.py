@@ -2,7 +2,11 @@
 
 1. A classifier on the embedding maps a query to a category (multinomial logistic regression,
    scikit-learn). Categories come from the data's ``categories`` (e.g. RouterBench's
-   ``eval_name``) when they vary, else from k-means clusters of the training embeddings (faiss).
+   ``eval_name``, a profile's ``category``) when they vary; else from the experts' configured
+   ``category`` fields (``FitContext.categories``, at least two distinct): each training query is
+   labelled with the category whose experts beat the average expert on it by the most (ties: the
+   category name closest to the query in embedding space); else from k-means clusters of the
+   training embeddings (faiss).
 2. A category → expert table picks the expert: learned from outcomes (each expert's mean
    quality in the category, shrunk toward its overall mean by ``shrink`` pseudo-queries), or
    given in ``params.table`` as ``"category=expert"`` entries (that expert then scores 1 in the
@@ -46,11 +50,14 @@ class CategoryRouter(Router):
         self.prior = np.zeros(0)           # [M]
         self.categories: list[str] = []
 
-    def _labels(self, data, x: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    def _labels(self, data, x: np.ndarray, ctx) -> tuple[np.ndarray, list[str]]:
         cats = getattr(data, "categories", None)
         if cats is not None and len(set(cats)) > 1:
             names = sorted(set(cats))
             return np.array([names.index(c) for c in cats]), names
+        configured = {e: c for e, c in (ctx.categories if ctx else {}).items() if c and e in self.experts}
+        if len(set(configured.values())) > 1:
+            return self._labels_from_experts(data, x, configured, ctx)
         import faiss
 
         k = min(self.params.n_categories, len(x))
@@ -59,13 +66,24 @@ class CategoryRouter(Router):
         _, lab = km.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
         return lab[:, 0], [f"cluster-{i}" for i in range(k)]
 
+    def _labels_from_experts(self, data, x, configured: dict[str, str], ctx) -> tuple[np.ndarray, list[str]]:
+        """Label queries by the configured category whose experts do best on them, relative to average."""
+        names = sorted(set(configured.values()))
+        adv = data.quality - data.quality.mean(axis=1, keepdims=True)            # [N, M]
+        gain = np.stack([adv[:, [self.experts.index(e) for e, c in configured.items() if c == name]].mean(axis=1)
+                         for name in names], axis=1)                              # [N, C]
+        if ctx is not None and ctx.embed is not None:
+            # a vanishing tie-break toward the category whose name the query is closest to
+            gain = gain + 1e-6 * (x @ np.asarray(ctx.embed(names), dtype=np.float64).T)
+        return np.argmax(gain, axis=1), names
+
     def fit(self, data, embeddings, ctx=None) -> CategoryRouter:
         from sklearn.linear_model import LogisticRegression
 
         self._set_experts(data)
         x = np.asarray(embeddings, dtype=np.float64)
         y = data.quality
-        labels, names = self._labels(data, x)
+        labels, names = self._labels(data, x, ctx)
         present = sorted(set(labels.tolist()))
         self.categories = [names[i] for i in present]
         labels = np.array([present.index(v) for v in labels])

@@ -4,6 +4,10 @@ An expert's predicted quality is the similarity-weighted mean outcome of the ``k
 training queries, shrunk toward the expert's mean quality by ``shrink`` pseudo-neighbours:
 ``q̂ = (Σ w_i y_i + shrink·prior) / (Σ w_i + shrink)`` with ``w_i = max(sim_i, 0)``. With
 ``shrink = 0`` it is the plain kNN of RouterBench.
+
+Uncertainty (neighbour agreement): the standard error of that weighted mean,
+``sqrt(Σ p_i (y_i − q̂)² / (n_eff + shrink))`` with ``p_i = w_i / Σ w`` and Kish's effective
+number of neighbours ``n_eff = (Σ w)² / Σ w²``: neighbours that disagree make it large.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class KnnParams(RouterParams):
 @register_router("knn")
 class KnnRouter(Router):
     Params = KnnParams
+    gives_uncertainty = True
     cv_grid = {"k": [10, 20, 50, 100], "shrink": [0.0, 2.0, 8.0, 32.0]}
 
     def __init__(self, params=None) -> None:
@@ -59,8 +64,12 @@ class KnnRouter(Router):
         w = np.clip(sims, 0, None).astype(np.float64) + 1e-6 * (idx >= 0)   # [B, k]
         y = self.values[np.clip(idx, 0, None)]                               # [B, k, M]
         s = self.params.shrink
-        quality = (np.einsum("bk,bkm->bm", w, y) + s * self.prior) / (w.sum(axis=1, keepdims=True) + s)
-        return self._scores(quality)
+        wsum = w.sum(axis=1, keepdims=True)                                  # [B, 1]
+        quality = (np.einsum("bk,bkm->bm", w, y) + s * self.prior) / (wsum + s)
+        p = w / wsum                                                         # [B, k]
+        spread = np.einsum("bk,bkm->bm", p, (y - quality[:, None, :]) ** 2)  # [B, M]
+        n_eff = wsum ** 2 / (w ** 2).sum(axis=1, keepdims=True)             # [B, 1]
+        return self._scores(quality, np.sqrt(spread / (n_eff + s)))
 
     def state(self):
         return {"keys": self.keys, "values": self.values, "prior": self.prior}

@@ -5,8 +5,11 @@
    plus every expert's configured ``skills``. Another extractor (e.g. an LLM that names skills)
    plugs in with :func:`register_skill_extractor` and ``params.extractor``.
 2. Expert profiles from outcomes: per skill, each expert's weighted mean quality on the
-   training queries showing that skill, shrunk toward the expert's overall strength (its mean
-   quality) by ``shrink`` pseudo-queries: strong experts stay strong where evidence is thin.
+   training queries showing that skill, shrunk toward a prior by ``shrink`` pseudo-queries.
+   The prior is the expert's overall strength (its mean quality): strong experts stay strong
+   where evidence is thin; on the skills an expert *declares* (its configured ``skills``,
+   ``FitContext.skills``) the prior is the strongest expert's strength, so the declaration
+   decides where data is thin and the outcomes decide where it is not.
 3. Expert score = Σ over the query's skills of weight × profile. With ``top_k > 0`` only the
    top-k experts keep their scores (the recruited set); the rest score −inf.
 """
@@ -95,8 +98,13 @@ class SkillRouter(Router):
         w = self.skill_weights(list(data.queries), embeddings)        # [N, K]
         y = data.quality                                              # [N, M]
         self.strength = y.mean(axis=0)
+        prior = np.tile(self.strength, (len(self.vocab), 1))          # [K, M]
+        for expert, skills in ctx.skills.items():
+            if expert in self.experts:
+                rows = [self.vocab.index(sk) for sk in skills if sk in self.vocab]
+                prior[rows, self.experts.index(expert)] = self.strength.max()
         s = self.params.shrink
-        self.profile = (w.T @ y + s * self.strength) / (w.sum(axis=0)[:, None] + s)   # [K, M]
+        self.profile = (w.T @ y + s * prior) / (w.sum(axis=0)[:, None] + s)   # [K, M]
         return self
 
     def score(self, batch: QueryBatch) -> Scores:

@@ -29,6 +29,8 @@ CASES: dict[str, tuple[dict, bool]] = {
     "random": ({}, False),
     "best-single": ({}, False),
     "oracle": ({}, True),
+    "irt": ({"dim": 2, "l2": 1.0}, True),
+    "stacked": ({"members": ["knn:k=5", "learned:l2=1.0"]}, True),
 }
 NAMES = router_names()
 
