@@ -1,109 +1,173 @@
-"""Held-out evaluation of the LoRA experts against the base model (CPU).
+"""Held-out evaluation of the LoRA experts against the base model, with paired bootstrap CIs.
 
-    .venv/bin/python -m coe.adapters.experts.evaluate --math-n 60 --code-n 40
+    flock /tmp/coe-heavy.lock .venv/bin/python -m coe.adapters.experts.evaluate --nll-n 200 --gen-n 60
 
-* math: GSM8K exact final-answer accuracy on the first ``--math-n`` of the held-out lines
-  (the last 300 of gsm8k_train.jsonl, never trained on), greedy decoding, up to
-  ``--max-new`` tokens; the answer is the number after ``####``, else the last number. Also
-  the mean per-token NLL of the reference answers (teacher-forced).
-* code: MBPP has no test asserts in this data set, so the measure is a proxy: the mean
-  per-token NLL of a correct answer (gpt-4's when correct) on held-out ``mbpp_test.csv`` tasks.
+For each expert, on held-out items of its own domain (:mod:`coe.adapters.experts.data`):
+
+* reference NLL (scorer ``reference_nll``): mean per-token NLL of the reference answer,
+  teacher-forced, base vs expert. math: the last ``--holdout`` GSM8K train items (never
+  trained on; GSM8K's own solutions); code: MBPP ``test`` split (reference code, fenced).
+* task accuracy, greedy decoding up to ``--max-new`` tokens: math: GSM8K *test* questions,
+  scorer ``exact_number``; code: MBPP ``test`` split, scorer ``code_tests`` (pass@1 by running
+  the generated code and the task's asserts in the sandbox).
 
 Base and expert rows run in the same batch through :class:`coe.adapters.multilora.MultiLoRA`
-(rows with no adapter are the base model). Writes ``bench/results/lora_experts_eval.{json,md}``.
+(rows without an adapter are the base model). Every item's outcome is appended to
+``<out>_items.jsonl`` as it is scored, and a re-run skips what is there, so a long
+evaluation runs in slices (``--budget-s``). The report (``<out>.json``, ``<out>.md``) gives
+per-model means with 95% bootstrap CIs and the paired-bootstrap CI of expert − base.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shlex
+import sys
 import time
-from datetime import date
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+EXPERTS = {"math": "smollm2-math", "code": "smollm2-code"}
 
 
-def answer_nll(model, lora, tok, pairs, adapter: str, batch_size: int, max_len: int) -> dict:
-    """Mean per-token NLL of the answers, base rows vs ``adapter`` rows (same batch)."""
+def held_out(domain: str, kind: str, holdout: int):
+    from coe.adapters.experts.data import code_heldout, math_heldout, math_test
+
+    if domain == "code":
+        return code_heldout()
+    return math_heldout(holdout) if kind == "nll" else math_test()
+
+
+def _done(items_file: Path) -> dict[tuple[str, str, str, str], dict]:
+    done = {}
+    if items_file.is_file():
+        for line in items_file.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done[(r["metric"], r["domain"], r["id"], r["model"])] = r
+    return done
+
+
+def _append(items_file: Path, rows: list[dict]) -> None:
+    with items_file.open("a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def run_nll(like, domain, probes, done, items_file):
+    from coe.eval import get_scorer
+
+    scorer = get_scorer("reference_nll")
+    todo = [p for p in probes if ("nll", domain, p.id, "base") not in done or ("nll", domain, p.id, "expert") not in done]
+    for s in range(0, len(todo), 16):
+        chunk = todo[s : s + 16]
+        rows = []
+        for model, adapter in (("base", None), ("expert", domain)):
+            for p, o in zip(chunk, scorer.score_batch(chunk, likelihood=like, adapter=adapter), strict=True):
+                rows.append({"metric": "nll", "domain": domain, "id": p.id, "model": model, "score": o.score,
+                             "passed": o.passed, "reason": o.reason, "tokens": (o.detail or {}).get("tokens")})
+        _append(items_file, rows)
+        print(f"nll {domain} {s + len(chunk)}/{len(todo)}", flush=True)
+
+
+def run_generation(model, lora, tok, domain, probes, done, items_file, *, batch_size, max_new, deadline):
     import torch
 
-    from coe.adapters.experts.data import encode_example
-    from coe.adapters.experts.train import _collate
-
-    examples = [e for e in (encode_example(tok, q, a, max_len) for q, a in pairs) if e is not None]
-    sums = {"base": 0.0, adapter: 0.0}
-    count = 0
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        ids, mask, labels, keep = _collate(chunk + chunk, tok.pad_token_id)
-        with torch.no_grad(), lora.batch([None] * len(chunk) + [adapter] * len(chunk)):
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), labels[:, -keep + 1 :], ignore_index=-100, reduction="none"
-        ).sum(-1)  # [2b]
-        n = len(chunk)
-        sums["base"] += nll[:n].sum().item()
-        sums[adapter] += nll[n:].sum().item()
-        count += int((labels[:n] != -100).sum())
-    return {"examples": len(examples), "answer_tokens": count, **{k: round(v / count, 4) for k, v in sums.items()}}
-
-
-def gsm8k_accuracy(model, lora, tok, pairs, batch_size: int, max_new: int) -> dict:
-    """Greedy exact-answer accuracy, base vs math (each chunk: base rows then math rows)."""
-
     from coe.adapters.decode import decode
-    from coe.adapters.experts.data import gsm8k_final
+    from coe.adapters.experts.data import chat_prompt
     from coe.adapters.multilora import LoRAStepper
+    from coe.eval import get_scorer, score
 
-    correct = {"base": 0, "math": 0}
-    samples = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i : i + batch_size]
-        prompts = [
-            tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-            for q, _ in chunk
-        ]
+    scorer = get_scorer("exact_number" if domain == "math" else "code_tests")
+    todo = [p for p in probes if ("task", domain, p.id, "expert") not in done]
+    for s in range(0, len(todo), batch_size):
+        if time.time() > deadline:
+            print(f"budget spent: {len(todo) - s} {domain} items left for the next run", flush=True)
+            return False
+        chunk = todo[s : s + batch_size]
+        prompts = [chat_prompt(tok, p.query) for p in chunk]
         enc = tok(prompts + prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        rows = [None] * len(chunk) + ["math"] * len(chunk)
-        out = [[] for _ in rows]
-        for toks, _ in decode(
-            LoRAStepper(lora, rows), enc["input_ids"], enc["attention_mask"], max_new,
-            eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id,
-        ):
-            for r, t in enumerate(toks.tolist()):
-                out[r].append(t)
+        rows = [None] * len(chunk) + [domain] * len(chunk)
+        out: list[list[int]] = [[] for _ in rows]
+        with torch.no_grad():
+            for toks, _ in decode(LoRAStepper(lora, rows), enc["input_ids"], enc["attention_mask"], max_new,
+                                  eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id):
+                for r, t in enumerate(toks.tolist()):
+                    out[r].append(t)
+        recs = []
         for r, ids in enumerate(out):
+            if tok.eos_token_id in ids:
+                ids = ids[: ids.index(tok.eos_token_id)]
             text = tok.decode(ids, skip_special_tokens=True)
-            q, gold = chunk[r % len(chunk)]
-            pred = gsm8k_final(text)
-            key = "base" if rows[r] is None else "math"
-            correct[key] += int(pred is not None and pred == gold)
-            if len(samples) < 6 and r % len(chunk) == 0:
-                samples.append({"model": key, "gold": gold, "pred": pred, "text": text[:400]})
-        print(f"gsm8k {i + len(chunk)}/{len(pairs)} {correct}", flush=True)
-    n = len(pairs)
-    return {"questions": n, "correct": correct, "accuracy": {k: round(v / n, 4) for k, v in correct.items()}, "samples": samples}
+            p = chunk[r % len(chunk)]
+            o = score(scorer, p, text)
+            recs.append({"metric": "task", "domain": domain, "id": p.id, "model": "base" if rows[r] is None else "expert",
+                         "score": o.score, "passed": o.passed, "reason": o.reason, "tokens": len(ids), "answer": text})
+        _append(items_file, recs)
+        print(f"task {domain} {s + len(chunk)}/{len(todo)}", flush=True)
+    return True
+
+
+def summarize(items_file: Path, domains: list[str]) -> dict:
+    """Per domain and metric: base/expert means with bootstrap CIs, paired CI of expert − base."""
+    from coe.eval.bootstrap import bootstrap_mean, paired_difference
+
+    recs = _done(items_file)
+    out: dict = {}
+    for domain in domains:
+        for metric in ("nll", "task"):
+            ids = sorted({k[2] for k in recs if k[0] == metric and k[1] == domain
+                          and (metric, domain, k[2], "base") in recs and (metric, domain, k[2], "expert") in recs})
+            if not ids:
+                continue
+            base = [recs[(metric, domain, i, "base")]["score"] for i in ids]
+            expert = [recs[(metric, domain, i, "expert")]["score"] for i in ids]
+            res = {"n": len(ids), "base": bootstrap_mean(base).as_dict(), "expert": bootstrap_mean(expert).as_dict(),
+                   "expert_minus_base": paired_difference(expert, base).as_dict()}
+            if metric == "task":
+                res["reasons_expert"] = _top_reasons([recs[(metric, domain, i, "expert")] for i in ids])
+                res["reasons_base"] = _top_reasons([recs[(metric, domain, i, "base")] for i in ids])
+            else:
+                toks = [recs[(metric, domain, i, "base")]["tokens"] or 0 for i in ids]
+                res["answer_tokens"] = sum(toks)
+            out[f"{domain}_{metric}"] = res
+    return out
+
+
+def _top_reasons(rows: list[dict], k: int = 4) -> dict:
+    from collections import Counter
+
+    c = Counter((r["reason"] or "passed").split(":")[0][:60] for r in rows)
+    return dict(c.most_common(k))
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--math-n", type=int, default=60)
-    p.add_argument("--code-n", type=int, default=40)
-    p.add_argument("--holdout", type=int, default=300)
-    p.add_argument("--max-new", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--domains", default="math,code")
+    p.add_argument("--nll-n", type=int, default=200, help="held-out items per domain for reference NLL")
+    p.add_argument("--gen-n", type=int, default=60, help="held-out items per domain for task accuracy")
+    p.add_argument("--holdout", type=int, default=500)
+    p.add_argument("--max-new", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8, help="items per generation batch (x2 rows: base + expert)")
+    p.add_argument("--budget-s", type=float, default=280, help="start no new generation batch after this")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--skip", choices=["math", "code"], action="append", default=[])
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora_experts_eval")
+    p.add_argument("--skip-nll", action="store_true")
+    p.add_argument("--skip-task", action="store_true")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "experts_eval")
     args = p.parse_args(argv)
+    t0 = time.time()
+    deadline = t0 + args.budget_s
+    domains = args.domains.split(",")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from coe.adapters.experts.data import code_heldout, math_heldout
     from coe.adapters.multilora import MultiLoRA
+    from coe.eval.likelihood import HFLikelihood
     from coe.models import resolve
 
     torch.set_num_threads(args.threads)
@@ -111,57 +175,73 @@ def main(argv: list[str] | None = None) -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     lora = MultiLoRA(model)
-    for name in ("math", "code"):
-        if name not in args.skip:
-            lora.add(name, ROOT / "adapters" / "experts" / name)
-    t0 = time.time()
-    result: dict = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
-                    f"{torch.get_num_threads()} threads, shared 2-core CPU", "args": {k: str(v) for k, v in vars(args).items()}}
-    if "code" not in args.skip:
-        pairs = code_heldout()[: args.code_n]
-        result["code_heldout_nll"] = answer_nll(model, lora, tok, pairs, "code", 4, 384)
-        print("code", result["code_heldout_nll"], flush=True)
-        _write(args.out, result)
-    if "math" not in args.skip:
-        from coe.adapters.experts.data import GSM8K, clean_gsm8k_answer
-
-        lines = [json.loads(x) for x in GSM8K.read_text().splitlines() if x.strip()][-args.holdout :][: args.math_n]
-        nll_pairs = [(r["question"], clean_gsm8k_answer(r["answer"])) for r in lines]
-        result["math_heldout_nll"] = answer_nll(model, lora, tok, nll_pairs, "math", 6, 384)
-        print("math nll", result["math_heldout_nll"], flush=True)
-        _write(args.out, result)  # the accuracy pass is slow on a CPU: keep what is measured
-        result["gsm8k_accuracy"] = gsm8k_accuracy(
-            model, lora, tok, math_heldout(args.holdout)[: args.math_n], args.batch_size, args.max_new
-        )
-    result["wall_s"] = round(time.time() - t0, 1)
-    _write(args.out, result)
+    for d in domains:
+        lora.add(d, ROOT / "adapters" / "experts" / d)
+    like = HFLikelihood(model, tok, lora=lora, batch_size=8, max_len=1024)
+    items_file = args.out.with_name(args.out.name + "_items.jsonl")
+    items_file.parent.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    for d in domains:
+        done = _done(items_file)
+        if not args.skip_nll:
+            run_nll(like, d, held_out(d, "nll", args.holdout)[: args.nll_n], done, items_file)
+        if not args.skip_task and time.time() < deadline:
+            run_generation(model, lora, tok, d, held_out(d, "task", args.holdout)[: args.gen_n], done, items_file,
+                           batch_size=args.batch_size, max_new=args.max_new, deadline=deadline)
+    result = _write_report(args, items_file, domains, t0, load_before)
     print(report(result))
 
 
-def _write(out: Path, result: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(report(result))
+def _write_report(args, items_file, domains, t0, load_before) -> dict:
+    prev = json.loads(args.out.with_suffix(".json").read_text()) if args.out.with_suffix(".json").is_file() else {}
+    runs = prev.get("runs", []) + [{
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m coe.adapters.experts.evaluate " + shlex.join(sys.argv[1:]),
+        "wall_s": round(time.time() - t0, 1), "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+    }]
+    adapters = {}
+    for d in domains:
+        ta = ROOT / "adapters" / "experts" / d / "training_args.json"
+        if ta.is_file():
+            a = json.loads(ta.read_text())
+            adapters[EXPERTS[d]] = {k: a.get(k) for k in ("steps_done", "batch_size", "lr", "rank", "top_layers", "seed")}
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared by the team (2-core dev machine), torch threads {args.threads}",
+        "model": "smollm2-135m-instruct (fp32)", "adapters": adapters,
+        "settings": {"nll_n": args.nll_n, "gen_n": args.gen_n, "max_new": args.max_new, "holdout": args.holdout,
+                     "decoding": "greedy", "ci": "95% percentile bootstrap, 10000 resamples, paired for differences"},
+        "runs": runs, "items_file": str(items_file.relative_to(ROOT)) if items_file.is_relative_to(ROOT) else str(items_file),
+        "results": summarize(items_file, domains),
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(report(result))
+    return result
+
+
+def _ci(d: dict, pct: bool = False) -> str:
+    f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.3f}")
+    return f"{f(d['mean'])} [{f(d['lo'])}, {f(d['hi'])}]"
 
 
 def report(r: dict) -> str:
-    lines = [f"# LoRA experts vs base SmolLM2-135M-Instruct, held-out ({r['date']}, {r['machine']})", ""]
-    if "gsm8k_accuracy" in r:
-        a = r["gsm8k_accuracy"]
-        lines.append(
-            f"- GSM8K exact final answer, {a['questions']} held-out questions, greedy: "
-            f"base {a['correct']['base']}/{a['questions']} ({a['accuracy']['base']:.1%}), "
-            f"math expert {a['correct']['math']}/{a['questions']} ({a['accuracy']['math']:.1%})"
-        )
-    if "math_heldout_nll" in r:
-        m = r["math_heldout_nll"]
-        lines.append(f"- GSM8K reference-answer NLL/token ({m['examples']} held-out): base {m['base']}, math expert {m['math']}")
-    if "code_heldout_nll" in r:
-        c = r["code_heldout_nll"]
-        lines.append(
-            f"- MBPP held-out correct-answer NLL/token ({c['examples']} mbpp_test tasks, proxy: no asserts in the data): "
-            f"base {c['base']}, code expert {c['code']}"
-        )
+    lines = ["# LoRA experts vs base SmolLM2-135M-Instruct on held-out items of their own domain", "",
+             f"Machine: {r['machine']}. Model: {r['model']}. Adapters: {json.dumps(r['adapters'])}.",
+             f"Settings: {json.dumps(r['settings'])}. Per-item outcomes: `{r['items_file']}`.", "",
+             "| expert | measure | items | base | expert | expert − base (paired 95% CI) |", "|---|---|---|---|---|---|"]
+    names = {"math_nll": "GSM8K reference NLL/token (held-out train tail)", "math_task": "GSM8K test exact final number",
+             "code_nll": "MBPP test reference NLL/token", "code_task": "MBPP test pass@1 (asserts run in the sandbox)"}
+    for key, res in r["results"].items():
+        domain, metric = key.split("_")
+        pct = metric == "task"
+        lines.append(f"| {EXPERTS[domain]} | {names[key]} | {res['n']} | {_ci(res['base'], pct)} | {_ci(res['expert'], pct)} "
+                     f"| {_ci(res['expert_minus_base'], pct)} |")
+    lines += ["", "NLL: lower is better (a negative difference is a gain). Runs (the evaluation is resumable, "
+              "run in slices under the heavy lock):", ""]
+    lines += [f"- {x['date']}: `{x['command']}`, {x['wall_s']} s, load {x['load_before']} -> {x['load_after']}" for x in r["runs"]]
+    for key, res in r["results"].items():
+        if "reasons_expert" in res:
+            lines.append(f"- {key} outcomes: base {res['reasons_base']}; expert {res['reasons_expert']}")
     return "\n".join(lines) + "\n"
 
 
