@@ -137,6 +137,42 @@ class ProcessJanitor:
         except psutil.Error:
             return []
 
+    @staticmethod
+    def children() -> set[int]:
+        """Pids of this process's direct children."""
+        import psutil
+
+        try:
+            return {p.pid for p in psutil.Process().children()}
+        except psutil.Error:
+            return set()
+
+    def end_orphans(self, known: set[int], *, term_s: float = 5.0) -> list[int]:
+        """End direct children not in ``known`` (the processes started on purpose, e.g. Ray's
+        GCS and raylet): with the subreaper set, such a child is an orphan whose parent died
+        (an engine process of a killed replica) and would hold its memory until the stop.
+        Returns their pids."""
+        import psutil
+
+        if not self.subreaper:
+            return []
+        strays = []
+        for p in psutil.Process().children():
+            if p.pid not in known:
+                try:
+                    strays.append(p)
+                    p.terminate()
+                except psutil.Error:
+                    pass
+        _, alive = psutil.wait_procs(strays, timeout=term_s)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=term_s)
+        return [p.pid for p in strays]
+
     def stop(self, *, grace_s: float = 10.0, term_s: float = 5.0) -> list[int]:
         """End every descendant still running: wait ``grace_s`` for them to exit, SIGTERM the
         rest, wait ``term_s``, SIGKILL what is left. Returns the pids that had to be signalled."""

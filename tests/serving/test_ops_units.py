@@ -170,3 +170,24 @@ def test_replica_grpc_server_is_bound_to_loopback(monkeypatch):
     assert bound == ["127.0.0.1:0", "10.0.0.5:7000"]
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
     loopback_worker()  # a cluster that is not loopback-only: nothing is patched
+
+
+def test_janitor_ends_orphans_but_not_the_known_children():
+    code = (
+        "import subprocess, sys, time\n"
+        "from coe.ray_local import ProcessJanitor\n"
+        "j = ProcessJanitor(); assert j.start()\n"
+        "keep = subprocess.Popen(['sleep', '300'])\n"
+        "known = j.children()\n"
+        "mid = subprocess.Popen([sys.executable, '-c', "
+        "'import subprocess,sys; p=subprocess.Popen([\"sleep\",\"301\"]); print(p.pid, flush=True)'],"
+        " stdout=subprocess.PIPE, text=True)\n"
+        "orphan = int(mid.stdout.readline()); mid.wait()\n"
+        "time.sleep(0.2)\n"
+        "ended = j.end_orphans(known, term_s=2)\n"
+        "print(orphan in ended, keep.pid in ended, keep.poll() is None, flush=True)\n"
+        "keep.kill(); keep.wait()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False", "True"]

@@ -1,0 +1,274 @@
+"""Memory of an expert replica under sustained traffic (issue #16 item 9), and the pieces the
+reliability benchmark shares: the service under test and a recording HTTP client.
+
+    python -m bench.soak [--requests 1000] [--clients 16]
+
+Starts ``coe serve`` on the default config, warms it up, reads the RSS of the
+``expert-smollm2`` replica process and of its whole process tree (the engine's helper processes
+included), sends N requests that land on that replica (the base model and its two LoRAs,
+varied prompt lengths) and reads the RSS again every ``--every`` requests. Reports RSS after
+warm-up, after N, and the growth per 1,000 requests (the slope over the second half of the
+samples, so a cache that fills once and stays is not counted as a leak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ADMIN_KEY = "bench-admin-" + os.urandom(6).hex()
+SMOLLM2 = ("smollm2", "smollm2-math", "smollm2-code")
+PROMPTS = [
+    "What is the capital of France?", "Write a short poem about the sea.",
+    "A train travels 60 miles per hour for 3 hours. How far does it go?",
+    "Write a python function to check whether a number is prime.",
+    "Give me three tips for a job interview.", "If 3 apples cost 1.50 dollars, how much do 7 apples cost?",
+    "Continue the story. Once upon a time, in a small village by the river,",
+    "Complete the sentence. The most important invention of the twentieth century was",
+]
+
+
+class Service:
+    """``coe serve`` in a subprocess (own session, fresh COE_HOME with the prepared models)."""
+
+    def __init__(self, port: int, config: str | None = None, startup_s: float = 900) -> None:
+        from coe.paths import models_dir
+
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.lines: list[str] = []
+        home = Path(os.environ.get("TMPDIR", "/tmp")) / f"coe-bench-home-{os.getpid()}"
+        home.mkdir(exist_ok=True)
+        if not (home / "models").exists():
+            (home / "models").symlink_to(models_dir())
+        env = {**os.environ, "COE_HOME": str(home), "COE_ADMIN_KEY": ADMIN_KEY, "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "coe.cli", "serve", "--port", str(port)] + (["--config", config] if config else [])
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        self._up = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._up.wait(startup_s) or self.proc.poll() is not None:
+            self.stop()
+            raise RuntimeError("coe serve did not come up:\n" + "\n".join(self.lines[-30:]))
+        self.startup_s = time.monotonic() - self.t0
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            if "serving at http://" in line:
+                self._up.set()
+        self._up.set()
+
+    def stop(self, timeout: float = 120) -> dict:
+        """SIGINT, wait; returns the exit code and the seconds the stop took."""
+        t0 = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+        return {"exit_code": self.proc.returncode, "stop_s": round(time.monotonic() - t0, 1)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def replica_pids(deployment: str = "expert-smollm2") -> list[int]:
+    """Pids of the Serve replica processes of ``deployment`` (by their Ray process title)."""
+    import psutil
+
+    tag = f"ServeReplica:coe:{deployment}"
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if tag in " ".join(p.info["cmdline"] or []):
+                out.append(p.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def rss_mib(deployment: str = "expert-smollm2") -> dict:
+    """RSS of the deployment's replica process and of its process tree, MiB (0 when not found)."""
+    import psutil
+
+    replica = tree = 0
+    for pid in replica_pids(deployment):
+        try:
+            p = psutil.Process(pid)
+            replica += p.memory_info().rss
+            tree += p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
+        except psutil.Error:
+            pass
+    return {"replica_mib": round(replica / 2**20, 1), "tree_mib": round(tree / 2**20, 1)}
+
+
+@dataclass
+class Call:
+    sent: float
+    done: float
+    status: int | None  # None: no answer (client timeout or connection error)
+    expert: str | None = None
+    retry_after: str | None = None
+    error: str | None = None
+
+    @property
+    def latency(self) -> float:
+        return self.done - self.sent
+
+
+@dataclass
+class Recorder:
+    """Sends chat requests and records every one of them (monotonic clock)."""
+
+    url: str
+    timeout_s: float = 60.0
+    calls: list[Call] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        import httpx
+
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=self.timeout_s,
+                                        limits=httpx.Limits(max_connections=512, max_keepalive_connections=512))
+
+    async def chat(self, model: str = "coe", prompt: str | None = None, max_tokens: int = 32) -> Call:
+        import httpx
+
+        prompt = prompt or random.choice(PROMPTS)
+        body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
+                "messages": [{"role": "user", "content": prompt}]}
+        t0 = time.monotonic()
+        try:
+            r = await self.client.post("/v1/chat/completions", json=body)
+            call = Call(t0, time.monotonic(), r.status_code, r.headers.get("x-coe-expert"),
+                        r.headers.get("retry-after"))
+        except httpx.TimeoutException:
+            call = Call(t0, time.monotonic(), None, error="timeout")
+        except httpx.HTTPError as err:
+            call = Call(t0, time.monotonic(), None, error=type(err).__name__)
+        self.calls.append(call)
+        return call
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+async def clients(n: int, until: float, send) -> None:
+    """``n`` closed-loop clients calling ``send()`` until the monotonic time ``until``."""
+
+    async def one():
+        while time.monotonic() < until:
+            await send()
+
+    await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def soak(url: str, *, requests: int, concurrency: int = 16, every: int = 100, timeout_s: float = 60) -> dict:
+    """RSS of the expert-smollm2 replica after warm-up and every ``every`` requests to it."""
+    rec = Recorder(url, timeout_s)
+    models = list(SMOLLM2)
+    for i in range(2 * concurrency):  # warm-up: every adapter, every prompt shape
+        await rec.chat(models[i % 3], PROMPTS[i % len(PROMPTS)] * (1 + i % 4), max_tokens=32)
+    samples = [{"requests": 0, **rss_mib()}]
+    sent = 0
+    lock = asyncio.Lock()
+
+    async def one():
+        nonlocal sent
+        while True:
+            async with lock:
+                if sent >= requests:
+                    return
+                sent += 1
+                i = sent
+            await rec.chat(models[i % 3], random.choice(PROMPTS) * (1 + i % 4), max_tokens=8 + (i % 4) * 8)
+            if i % every == 0:
+                samples.append({"requests": i, **rss_mib()})
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(one() for _ in range(concurrency)))
+    if samples[-1]["requests"] != requests:
+        samples.append({"requests": requests, **rss_mib()})
+    await rec.close()
+    ok = sum(1 for c in rec.calls if c.status == 200)
+    return {"requests": requests, "answered_200": ok, "seconds": round(time.monotonic() - t0, 1),
+            "samples": sorted(samples, key=lambda s: s["requests"]), **growth(samples)}
+
+
+def growth(samples: list[dict]) -> dict:
+    """RSS after warm-up and at the end, and the growth per 1,000 requests: over the whole run and
+    over its second half (a least-squares slope)."""
+    samples = sorted(samples, key=lambda s: s["requests"])
+    first, last = samples[0], samples[-1]
+    n = last["requests"] - first["requests"]
+
+    def slope(points, key):
+        if len(points) < 2:
+            return None
+        xs = [p["requests"] for p in points]
+        ys = [p[key] for p in points]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        den = sum((x - mx) ** 2 for x in xs)
+        return round(1000 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den, 1) if den else None
+
+    half = samples[len(samples) // 2:]
+    return {
+        "rss_after_warmup_mib": first, "rss_after_n_mib": last,
+        "growth_per_1000_mib": {k: round(1000 * (last[k] - first[k]) / n, 1) if n else None
+                                for k in ("replica_mib", "tree_mib")},
+        "growth_per_1000_second_half_mib": {k: slope(half, k) for k in ("replica_mib", "tree_mib")},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.record import RunRecord, write_results
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--config", default=None)
+    args = ap.parse_args(argv)
+    rec = RunRecord.start(note="coe serve on the default config; RSS of the expert-smollm2 replica (vLLM).")
+    svc = Service(free_port(), args.config)
+    try:
+        out = asyncio.run(soak(svc.url, requests=args.requests, concurrency=args.clients, every=args.every))
+    finally:
+        stop = svc.stop()
+    data = rec.finish({"soak": out, "startup_s": round(svc.startup_s, 1), "stop": stop})
+    md = rec.markdown_header("Soak: memory of the expert-smollm2 replica") + soak_markdown(out)
+    write_results("soak", data, md)
+    print(md)
+    return 0
+
+
+def soak_markdown(out: dict) -> str:
+    a, b = out["rss_after_warmup_mib"], out["rss_after_n_mib"]
+    g, h = out["growth_per_1000_mib"], out["growth_per_1000_second_half_mib"]
+    rows = "\n".join(f"| {s['requests']} | {s['replica_mib']} | {s['tree_mib']} |" for s in out["samples"])
+    return (f"{out['requests']} requests ({out['answered_200']} answered 200) in {out['seconds']} s.\n\n"
+            f"RSS after warm-up {a['replica_mib']} MiB (replica) / {a['tree_mib']} MiB (tree); after "
+            f"{b['requests']} requests {b['replica_mib']} / {b['tree_mib']} MiB. Growth per 1,000 requests: "
+            f"{g['replica_mib']} / {g['tree_mib']} MiB over the run, {h['replica_mib']} / {h['tree_mib']} MiB over "
+            f"its second half.\n\n| requests | replica MiB | tree MiB |\n|---|---|---|\n{rows}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
