@@ -27,7 +27,7 @@ import platform
 import shlex
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
 def _write_report(args, items_file, domains, t0, load_before) -> dict:
     prev = json.loads(args.out.with_suffix(".json").read_text()) if args.out.with_suffix(".json").is_file() else {}
     runs = prev.get("runs", []) + [{
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python -m coe.adapters.experts.evaluate " + shlex.join(sys.argv[1:]),
         "wall_s": round(time.time() - t0, 1), "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],
@@ -236,8 +236,8 @@ def report(r: dict) -> str:
         pct = metric == "task"
         lines.append(f"| {EXPERTS[domain]} | {names[key]} | {res['n']} | {_ci(res['base'], pct)} | {_ci(res['expert'], pct)} "
                      f"| {_ci(res['expert_minus_base'], pct)} |")
-    lines += ["", "NLL: lower is better (a negative difference is a gain). Runs (the evaluation is resumable, "
-              "run in slices under the heavy lock):", ""]
+    lines += ["", ("NLL: lower is better (a negative difference is a gain). Runs (the evaluation is resumable, "
+                   "run in slices under the heavy lock):"), ""]
     lines += [f"- {x['date']}: `{x['command']}`, {x['wall_s']} s, load {x['load_before']} -> {x['load_after']}" for x in r["runs"]]
     for key, res in r["results"].items():
         if "reasons_expert" in res:

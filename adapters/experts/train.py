@@ -25,7 +25,9 @@ import random
 import time
 from pathlib import Path
 
-from coe.eval.likelihood import collate  # the one left-padded answer batching (training and scoring)
+from coe.eval.likelihood import (
+    collate,  # the one left-padded answer batching (training and scoring)
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"

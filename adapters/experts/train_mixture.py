@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             ids, mask, _, _ = collate([(e, 1) for e in enc], tok.pad_token_id)
             mole(ids, mask, logits_to_keep=1)
             m = mask.unsqueeze(-1).float()  # mean over real (not padding) prompt tokens
-            weights = {l: ((w * m).sum((0, 1)) / m.sum()).tolist() for l, w in mole._weights.items()}
+            weights = {l: ((w * m).sum((0, 1)) / m.sum()).tolist() for l, w in mole.last_weights.items()}
             report[domain] = {
                 "mean_weight_math_expert": round(sum(w[0] for w in weights.values()) / len(weights), 4),
                 "per_layer": weights,

@@ -3,8 +3,8 @@
 A scorer checks one answer to one :class:`~coe.eval.probes.Probe` and returns an
 :class:`Outcome`. Scorers register themselves in their own module with
 ``@register_scorer("name")``; the registry refuses duplicates and loads the built-in modules
-of this package on first use. :func:`score` is the one safe entry point: a scorer that raises
-gives a failed outcome with the reason, so a run over many probes goes on.
+of this package on first use. :func:`score` is the one safe entry point: a scorer that raises or
+times out gives a failed outcome with the reason, so a run over many probes goes on.
 """
 
 from __future__ import annotations
@@ -85,8 +85,28 @@ def get_scorer(name: str, **options: Any) -> Scorer:
     return _REGISTRY[name](**options)
 
 
-def score(scorer: Scorer, probe: Probe, answer: str | None, **context: Any) -> Outcome:
-    """Run ``scorer``; an exception becomes a failed Outcome naming the error (the run goes on)."""
+def score(scorer: Scorer, probe: Probe, answer: str | None, *, timeout_s: float | None = None, **context: Any) -> Outcome:
+    """Run ``scorer``; never raises for what the scorer does, so a run over many probes goes on.
+
+    An exception becomes a failed Outcome naming the error. With ``timeout_s``, the scorer runs
+    in a worker thread and a scorer still running after ``timeout_s`` gives a failed Outcome
+    ("timed out"); its thread is left to finish on its own (threads cannot be killed: scorers
+    that run untrusted code, like ``code_tests``, enforce their own limits in a subprocess)."""
+    if timeout_s is None:
+        return _guarded(scorer, probe, answer, context)
+    import threading
+
+    box: list[Outcome] = []
+    worker = threading.Thread(target=lambda: box.append(_guarded(scorer, probe, answer, context)), daemon=True,
+                              name=f"scorer-{scorer.name}")
+    worker.start()
+    worker.join(timeout_s)
+    if not box:
+        return Outcome.failed(f"scorer {scorer.name!r} timed out after {timeout_s:g} s")
+    return box[0]
+
+
+def _guarded(scorer: Scorer, probe: Probe, answer: str | None, context: dict) -> Outcome:
     try:
         return scorer(probe, answer, **context)
     except Exception as exc:  # noqa: BLE001 - a broken scorer must not stop a whole run

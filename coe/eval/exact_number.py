@@ -6,6 +6,7 @@ and trailing zeros of decimals are ignored (``1,000.50`` == ``1000.5``)."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -23,7 +24,7 @@ def normalize_number(text: str) -> str | None:
         value = float(s)
     except ValueError:
         return None
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         return None
     return str(int(value)) if value == int(value) else repr(value)
 

@@ -114,8 +114,7 @@ def load_probes(path: str | Path) -> list[Probe]:
 def write_probes(probes: list[Probe], path: str | Path) -> None:
     """Write probes in the native format (fields left at their default are omitted)."""
     with Path(path).open("w") as f:
-        for p in probes:
-            f.write(json.dumps(p.model_dump(exclude_defaults=True)) + "\n")
+        f.writelines(json.dumps(p.model_dump(exclude_defaults=True)) + "\n" for p in probes)
 
 
 # -- converters from the raw data sets -----------------------------------------------------

@@ -52,6 +52,27 @@ def test_crashing_scorer_is_a_recorded_failure():
     assert out == Outcome(0.0, False, "scorer 'boom' crashed: RuntimeError: kaput", None)
 
 
+def test_hanging_scorer_times_out_as_a_recorded_failure():
+    import threading
+
+    release = threading.Event()
+
+    class Hang:
+        name, higher_is_better = "hang", True
+
+        def __call__(self, probe, answer, **ctx):
+            release.wait(30)
+            return Outcome(1.0, True)
+
+    p = Probe(id="x", query="q", scorer="exact_number", answer="1")
+    t0 = time.monotonic()
+    out = score(Hang(), p, "1", timeout_s=0.3)
+    release.set()
+    assert out.reason == "scorer 'hang' timed out after 0.3 s" and not out.passed
+    assert time.monotonic() - t0 < 5
+    assert score(get_scorer("exact_number"), p, "1", timeout_s=5).passed
+
+
 def test_extract_code():
     assert extract_code("Here:\n```python\ndef f():\n    return 1\n```\nDone") == "def f():\n    return 1\n"
     assert extract_code("```\nprint(1)\n```\n```python\ndef g(): pass\n```") == "def g(): pass\n"
