@@ -46,6 +46,7 @@ from bench.soak import (
     replica_pids,
     soak,
     soak_markdown,
+    stop_on_sigterm,
 )
 
 PHASES = ("load", "burst", "soak", "fuzz", "kill")
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown phases {sorted(unknown)}; allowed: {', '.join(PHASES)}")
     rec = RunRecord.start(note=f"coe serve, default config; phases {','.join(args.phases)}; load {args.load_s:.0f} s "
                                f"(shorter than the issue's 3 min to fit the shared machine).")
+    stop_on_sigterm()
     svc = Service(free_port(), args.config)
     try:
         results = asyncio.run(run_phases(svc, args))

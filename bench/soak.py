@@ -84,6 +84,15 @@ class Service:
         return {"exit_code": self.proc.returncode, "stop_s": round(time.monotonic() - t0, 1)}
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (e.g. from ``timeout``) unwinds like Ctrl-C, so the service is stopped, not orphaned."""
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -186,6 +195,7 @@ async def soak(url: str, *, requests: int, concurrency: int = 16, every: int = 1
     models = list(SMOLLM2)
     for i in range(2 * concurrency):  # warm-up: every adapter, every prompt shape
         await rec.chat(models[i % 3], PROMPTS[i % len(PROMPTS)] * (1 + i % 4), max_tokens=32)
+    warm = len(rec.calls)
     samples = [{"requests": 0, **rss_mib()}]
     sent = 0
     lock = asyncio.Lock()
@@ -207,7 +217,7 @@ async def soak(url: str, *, requests: int, concurrency: int = 16, every: int = 1
     if samples[-1]["requests"] != requests:
         samples.append({"requests": requests, **rss_mib()})
     await rec.close()
-    ok = sum(1 for c in rec.calls if c.status == 200)
+    ok = sum(1 for c in rec.calls[warm:] if c.status == 200)
     return {"requests": requests, "answered_200": ok, "seconds": round(time.monotonic() - t0, 1),
             "samples": sorted(samples, key=lambda s: s["requests"]), **growth(samples)}
 
@@ -247,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=None)
     args = ap.parse_args(argv)
     rec = RunRecord.start(note="coe serve on the default config; RSS of the expert-smollm2 replica (vLLM).")
+    stop_on_sigterm()
     svc = Service(free_port(), args.config)
     try:
         out = asyncio.run(soak(svc.url, requests=args.requests, concurrency=args.clients, every=args.every))

@@ -88,6 +88,7 @@ def _serve(args) -> int:
              "own environment")
     try:
         ctx = ray.init(**init)
+        ray_processes = janitor.children()  # Ray's GCS, raylet, ...: everything else reparented here is an orphan
         install_stop_handlers()  # ray.init replaces the SIGTERM handler
         session = ctx.address_info.get("session_dir") if hasattr(ctx, "address_info") else None
         if session:
@@ -96,8 +97,7 @@ def _serve(args) -> int:
         _deploy(config, path.parent, serve, args)
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         print(f"coe: serving at http://{shown}:{port}/v1  (OpenAI base_url; Ctrl-C stops)", flush=True)
-        while True:
-            time.sleep(1)
+        _watch(janitor, ray_processes)
     except KeyboardInterrupt as stop:
         _say(f"shutting down ({stop.args[0] if stop.args else 'SIGINT'})")
     finally:
@@ -111,6 +111,15 @@ def _serve(args) -> int:
                 if left:
                     _say(f"ended {len(left)} process(es) left after Ray's shutdown")
     return 0
+
+
+def _watch(janitor, known: set[int], period_s: float = 5.0) -> None:
+    """Serve until a stop signal; meanwhile end the orphans of dead replicas (local Ray only)."""
+    while True:
+        time.sleep(period_s)
+        ended = janitor.end_orphans(known)
+        if ended:
+            _say(f"ended {len(ended)} orphaned process(es) of a replica that died: {ended}")
 
 
 def _deploy(config, base_dir, serve, args) -> None:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from tests.serving.serving_helpers import make_lora
+from tests.serving.test_ops_service import beyond_loopback, listening, process_tree, still_running
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -126,9 +128,15 @@ def test_default_config_openai_client_register_restart(env, lora_dir):
             model="coe", max_tokens=8, messages=[{"role": "user", "content": "How many moons does Saturn have?"}]
         )
         assert routed.model == "astronomy", routed.model_extra["coe"]
+        # vLLM, the transformers engine, Ray and Serve: every socket on loopback only
+        procs = process_tree(service.proc.pid)
+        sockets = listening(procs)
+        assert "raylet" in " ".join(sockets) and not beyond_loopback(sockets), sockets
     finally:
         rc = service.stop()
     assert rc == 0, "\n".join(service.lines[-30:])
+    time.sleep(1)
+    assert not still_running(procs), still_running(procs)  # no Ray, Serve or vLLM process left
 
     service = Service(environ, port)  # restart: the registration is persisted
     try:

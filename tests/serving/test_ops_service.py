@@ -76,13 +76,23 @@ def _wait_for(pattern: str, log: Path, proc_alive, timeout: float) -> re.Match:
     pytest.fail(f"no {pattern!r} in the output of coe serve:\n" + text[-4000:])
 
 
-def _tree(pid: int) -> dict[int, float]:
+def listening(procs) -> list[str]:
+    """``address process`` of every TCP listening socket of the given pids (``ss -ltnp``)."""
+    lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    return [ln.split()[3] + " " + ln.split()[-1] for ln in lines if any(f"pid={p}," in ln for p in procs)]
+
+
+def beyond_loopback(sockets: list[str]) -> list[str]:
+    return [x for x in sockets if not x.startswith(LOOPBACK)]
+
+
+def process_tree(pid: int) -> dict[int, float]:
     """pid -> create_time of the process and its descendants."""
     top = psutil.Process(pid)
     return {p.pid: p.create_time() for p in [top, *top.children(recursive=True)]}
 
 
-def _alive(procs: dict[int, float]) -> list[str]:
+def still_running(procs: dict[int, float]) -> list[str]:
     out = []
     for pid, created in procs.items():
         try:
@@ -114,7 +124,7 @@ def background_service(tmp_path_factory, tiny_llama_dir, tiny_loras, serving_roo
         yield {"pid": pid, "key": key, "port": port, "log": log, "session": session, "alive": alive}
     finally:
         if alive():  # the test failed before stopping it: end the whole tree
-            procs = [psutil.Process(p) for p in _tree(pid)]
+            procs = [psutil.Process(p) for p in process_tree(pid)]
             for p in procs:
                 try:
                     p.kill()
@@ -137,13 +147,11 @@ def test_background_service_binds_loopback_keeps_the_key_and_stops_on_sigint(bac
         assert key not in c.get("/metrics").text
 
     # every port the service's processes listen on is on loopback
-    procs = _tree(svc["pid"])
-    listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
-    ours = [ln.split()[3] + " " + ln.split()[-1] for ln in listening if any(f"pid={p}," in ln for p in procs)]
+    procs = process_tree(svc["pid"])
+    ours = listening(procs)
     names = " ".join(ours)
     assert "gcs_server" in names and "raylet" in names, ours  # not vacuous: Ray's servers were seen
-    exposed = [x for x in ours if not x.startswith(LOOPBACK)]
-    assert not exposed, f"listening beyond loopback: {exposed}"
+    assert not beyond_loopback(ours), f"listening beyond loopback: {beyond_loopback(ours)}"
 
     # the key is in no file of Ray's session folder (logs, runtime-env agent log, sockets aside)
     assert svc["session"].is_dir()
@@ -167,7 +175,7 @@ def test_background_service_binds_loopback_keeps_the_key_and_stops_on_sigint(bac
     assert "shutting down (SIGINT)" in out
     assert key not in out
     time.sleep(1)
-    left = _alive(procs)
+    left = still_running(procs)
     assert not left, "processes left running after the stop:\n" + "\n".join(left)
 
 
