@@ -6,8 +6,8 @@ the KubeRay operator, exactly the application ``coe serve`` runs: a ``RayService
 ``PersistentVolumeClaim`` that holds the expert registry and runtime-registered adapters.
 
 Modules: ``cluster_config`` (config → the config as the cluster sees it), ``sizing`` (Serve
-replicas → worker-group pods), ``manifests`` (the objects), ``kustomize`` (a small kustomize
-build for ``k8s/``), ``validate`` (schema checks), ``tree`` (regenerates ``k8s/``).
+replicas → worker-group pods), ``manifests`` (the objects), ``kustomize`` (``kubectl
+kustomize`` builds, overlay patches), ``validate`` (schema checks), ``tree`` (regenerates ``k8s/``).
 Nothing here imports ray, torch or vllm.
 """
 

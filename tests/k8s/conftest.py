@@ -21,3 +21,18 @@ def crd_dir(shared_data) -> Path:
 def default_config() -> Path:
     return default_config_path()
 
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    """kubectl with Kustomize v5: the kustomize that builds k8s/ (as `kubectl apply -k` would)."""
+    import shutil
+    import subprocess
+
+    path = shutil.which("kubectl")
+    if path is None:
+        pytest.skip("kubectl is not installed: the kustomize checks run the real `kubectl kustomize`")
+    out = subprocess.run([path, "version", "--client"], capture_output=True, text=True, check=False, timeout=60)
+    if "Kustomize Version: v5" not in out.stdout:
+        pytest.skip(f"kubectl at {path} has no Kustomize v5 ({out.stdout.strip()!r})")
+    return path

@@ -12,7 +12,7 @@ import yaml
 from coe.config import load_config
 from coe.errors import ConfigError
 from coe.k8s import render
-from coe.k8s.kustomize import apply_json6902, build, diff_json6902
+from coe.k8s.kustomize import build, diff_json6902
 from coe.k8s.sizing import Unit, size_groups, units
 from coe.k8s.validate import ManifestError, validate_objects
 from coe.paths import REPO_ROOT
@@ -182,41 +182,28 @@ def test_unit_fit_counts_every_resource():
     assert PodShape(cpus=64, gpus=0, memory_gib=10).fits(u) == 2  # 8 usable GiB / 4 GiB default
 
 
-def test_json6902_round_trip_and_errors():
-    old = {"a": {"b": [1, 2, 3], "c": "x"}, "d": 1}
-    new = {"a": {"b": [1, 5], "e/f": True}, "d": 1}
-    assert apply_json6902(old, diff_json6902(old, new)) == new
-    with pytest.raises(ConfigError, match="does not exist"):
-        apply_json6902(old, [{"op": "replace", "path": "/a/zz", "value": 1}])
-    with pytest.raises(ConfigError, match="allowed: add, remove, replace, test"):
-        apply_json6902(old, [{"op": "move", "from": "/a", "path": "/b"}])
-    with pytest.raises(ConfigError, match="test failed"):
-        apply_json6902(old, [{"op": "test", "path": "/d", "value": 2}])
+def test_overlay_patches_round_trip_through_real_kustomize(tmp_path, kubectl):
+    """What diff_json6902 writes, `kubectl kustomize` applies back: removals, replacements,
+    additions, list growth and shrinkage, and keys that need JSON-pointer escaping."""
+    old = {"apiVersion": "example.com/v1", "kind": "Thing", "metadata": {"name": "a"},
+           "spec": {"b": [1, 2, 3], "c": "x", "g": [{"k": 1}], "d": 1}}
+    new = {"apiVersion": "example.com/v1", "kind": "Thing", "metadata": {"name": "a"},
+           "spec": {"b": [1, 5], "e/f~": True, "g": [{"k": 1}, {"k": 2}], "d": 1}}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(old))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(diff_json6902(old, new)))
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": ["a.yaml"],
+        "patches": [{"path": "p.yaml", "target": {"group": "example.com", "version": "v1", "kind": "Thing", "name": "a"}}],
+    }))
+    assert build(tmp_path) == [new]
 
 
-def test_kustomize_build_refuses_what_it_does_not_implement(tmp_path):
-    (tmp_path / "kustomization.yaml").write_text(
-        "resources: [a.yaml]\nimages: [{name: x, newTag: y}]\n"
-    )
-    with pytest.raises(ConfigError, match="unsupported key.*images"):
+def test_kustomize_failures_are_config_errors(tmp_path, kubectl, monkeypatch):
+    (tmp_path / "kustomization.yaml").write_text("resources: [missing.yaml]\n")
+    with pytest.raises(ConfigError, match=r"kubectl kustomize .* failed: .*missing.yaml"):
         build(tmp_path)
-    (tmp_path / "a.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n")
-    (tmp_path / "kustomization.yaml").write_text(
-        "resources: [a.yaml]\nnamespace: ns\npatches:\n- target: {kind: ConfigMap, name: a}\n"
-        "  patch: '[{op: add, path: /data, value: {k: v}}]'\n"
-    )
-    assert build(tmp_path) == [
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "a", "namespace": "ns"},
-            "data": {"k": "v"},
-        }
-    ]
-    (tmp_path / "kustomization.yaml").write_text(
-        "resources: [a.yaml]\npatches:\n- target: {kind: Secret}\n  patch: '[{op: add, path: /data, value: {}}]'\n"
-    )
-    with pytest.raises(ConfigError, match="matches no resource"):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ConfigError, match="kubectl is not on PATH"):
         build(tmp_path)
 
 

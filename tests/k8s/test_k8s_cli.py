@@ -15,7 +15,7 @@ def test_render_to_stdout_is_the_render(capsys, default_config):
     assert "registry_path" in err  # the notes say what was rewritten for the cluster
 
 
-def test_render_out_then_validate(tmp_path, capsys, crd_dir, default_config):
+def test_render_out_then_validate(tmp_path, capsys, crd_dir, default_config, kubectl):
     out = tmp_path / "deploy"
     args = [
         "k8s",

@@ -30,7 +30,7 @@ def _app(rs: dict) -> dict:
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
-def test_k8s_tree_validates(target, crd_dir):
+def test_k8s_tree_validates(target, crd_dir, kubectl):
     objects = build(K8S / target)
     assert {o["kind"] for o in objects} == {"PersistentVolumeClaim", "RayService"}
     validate_objects(objects, crd_dir)
@@ -42,7 +42,7 @@ def test_rendered_default_validates(gpu, crd_dir, default_config):
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
-def test_overlays_are_the_renders_of_the_default_config(target, default_config):
+def test_overlays_are_the_renders_of_the_default_config(target, default_config, kubectl):
     """kubectl apply -k k8s/overlays/X applies exactly what `coe k8s render [--gpu]` writes."""
     assert build(K8S / target) == render(default_config, gpu=TARGETS[target])
 
