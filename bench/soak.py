@@ -119,14 +119,19 @@ def rss_mib(deployment: str = "expert-smollm2") -> dict:
     import psutil
 
     replica = tree = 0
+    parts: dict[str, float] = {}
     for pid in replica_pids(deployment):
         try:
             p = psutil.Process(pid)
             replica += p.memory_info().rss
-            tree += p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
+            for q in [p, *p.children(recursive=True)]:
+                rss = q.memory_info().rss
+                tree += rss
+                name = (q.cmdline() or [q.name()])[0].rsplit("/", 1)[-1][:40]
+                parts[name] = round(parts.get(name, 0.0) + rss / 2**20, 1)
         except psutil.Error:
             pass
-    return {"replica_mib": round(replica / 2**20, 1), "tree_mib": round(tree / 2**20, 1)}
+    return {"replica_mib": round(replica / 2**20, 1), "tree_mib": round(tree / 2**20, 1), "by_process_mib": parts}
 
 
 @dataclass
@@ -208,7 +213,7 @@ async def soak(url: str, *, requests: int, concurrency: int = 16, every: int = 1
                     return
                 sent += 1
                 i = sent
-            await rec.chat(models[i % 3], random.choice(PROMPTS) * (1 + i % 4), max_tokens=8 + (i % 4) * 8)
+            await rec.chat(models[i % 3], prompt_of(i), max_tokens=8 + (i % 4) * 8)
             if i % every == 0:
                 samples.append({"requests": i, **rss_mib()})
 
@@ -220,6 +225,13 @@ async def soak(url: str, *, requests: int, concurrency: int = 16, every: int = 1
     ok = sum(1 for c in rec.calls[warm:] if c.status == 200)
     return {"requests": requests, "answered_200": ok, "seconds": round(time.monotonic() - t0, 1),
             "samples": sorted(samples, key=lambda s: s["requests"]), **growth(samples)}
+
+
+def prompt_of(i: int) -> str:
+    """Varied lengths, from one sentence to ~400 tokens (every 4th), so the engine's KV cache
+    blocks are cycled through as in real traffic."""
+    base = random.choice(PROMPTS)
+    return base if i % 4 else (base + " Explain your answer in detail, step by step. ") * 20
 
 
 def growth(samples: list[dict]) -> dict:
@@ -278,7 +290,8 @@ def soak_markdown(out: dict) -> str:
             f"RSS after warm-up {a['replica_mib']} MiB (replica) / {a['tree_mib']} MiB (tree); after "
             f"{b['requests']} requests {b['replica_mib']} / {b['tree_mib']} MiB. Growth per 1,000 requests: "
             f"{g['replica_mib']} / {g['tree_mib']} MiB over the run, {h['replica_mib']} / {h['tree_mib']} MiB over "
-            f"its second half.\n\n| requests | replica MiB | tree MiB |\n|---|---|---|\n{rows}\n")
+            f"its second half. By process (MiB) after warm-up {a.get('by_process_mib')}, at the end "
+            f"{b.get('by_process_mib')}.\n\n| requests | replica MiB | tree MiB |\n|---|---|---|\n{rows}\n")
 
 
 if __name__ == "__main__":
