@@ -43,6 +43,7 @@ from bench.soak import (
     Service,
     clients,
     free_port,
+    growth,
     replica_pids,
     soak,
     soak_markdown,
@@ -189,19 +190,29 @@ async def run_phases(svc: Service, args) -> dict:
     await asyncio.gather(*(warm.chat(m) for m in ("coe", "smollm2", "gemma3", "smollm2-math") for _ in range(2)))
     await warm.close()
     out["warmup_statuses"] = statuses(warm.calls)
-    out["rss_after_warmup"] = rss_mib()
+    memory = []  # RSS of the expert-smollm2 replica after each phase, against the requests it answered
+
+    def sample(phase: str) -> None:
+        memory.append({"phase": phase, "requests": sum(Recorder.served[e] for e in SMOLLM2), **rss_mib()})
+
+    sample("warm-up")
     if "load" in args.phases:
         out["load"] = await load_phase(svc.url, args.load_clients, args.load_s, args.client_timeout_s)
         print("load", out["load"], flush=True)
+        sample("load")
     if "burst" in args.phases:
         out["burst"] = await burst_phase(svc.url, args.burst, args.burst_deadline_s)
         print("burst", out["burst"], flush=True)
+        sample("burst")
     if "soak" in args.phases:
         out["soak"] = await soak(svc.url, requests=args.soak_requests, every=max(1, args.soak_requests // 5))
         print("soak", {k: v for k, v in out["soak"].items() if k != "samples"}, flush=True)
+        sample("soak")
     if "fuzz" in args.phases:
         out["fuzz"] = await asyncio.to_thread(fuzz_phase, svc.url, args.fuzz_examples, args.fuzz_max_s)
         print("fuzz", {k: v for k, v in out["fuzz"].items() if k != "summary_tail"}, flush=True)
+        sample("fuzz")
+    out["memory"] = {"samples": memory, **growth(memory)}
     if "kill" in args.phases:
         out["kill"] = await kill_phase(svc.url, args.kill_clients, args.kill_max_s, args.client_timeout_s)
         print("kill", out["kill"], flush=True)
@@ -223,6 +234,13 @@ def markdown(r: dict) -> str:
                      f"{x['max_latency_s']} s; no answer {x['no_answer']}.")
     if "soak" in r:
         lines.append("\n## Memory (expert-smollm2 replica)\n\n" + soak_markdown(r["soak"]))
+    if "memory" in r:
+        x = r["memory"]
+        rows = "\n".join(f"| {s['phase']} | {s['requests']} | {s['replica_mib']} | {s['tree_mib']} |" for s in x["samples"])
+        lines.append(f"\n## Memory across the phases (expert-smollm2 replica)\n\nGrowth per 1,000 requests answered by "
+                     f"smollm2 and its LoRAs: {x['growth_per_1000_mib']} MiB (second half of the run: "
+                     f"{x['growth_per_1000_second_half_mib']}).\n\n| after | smollm2 requests | replica MiB | "
+                     f"tree MiB |\n|---|---|---|---|\n{rows}")
     if "fuzz" in r:
         x = r["fuzz"]
         lines.append("\n## Fuzzing (schemathesis)\n\n" + (x.get("skipped") or

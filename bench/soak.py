@@ -23,8 +23,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "bench-admin-" + os.urandom(6).hex()
@@ -155,6 +157,7 @@ class Recorder:
     url: str
     timeout_s: float = 60.0
     calls: list[Call] = field(default_factory=list)
+    served: ClassVar[Counter] = Counter()  # answers (200) per expert, over every Recorder of the run
 
     def __post_init__(self) -> None:
         import httpx
@@ -173,6 +176,8 @@ class Recorder:
             r = await self.client.post("/v1/chat/completions", json=body)
             call = Call(t0, time.monotonic(), r.status_code, r.headers.get("x-coe-expert"),
                         r.headers.get("retry-after"))
+            if r.status_code == 200:
+                Recorder.served[call.expert] += 1
         except httpx.TimeoutException:
             call = Call(t0, time.monotonic(), None, error="timeout")
         except httpx.HTTPError as err:
