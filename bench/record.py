@@ -69,7 +69,8 @@ def command_line(argv: list[str] | None = None) -> str:
     if argv and argv[0] == "-m":  # pragma: no cover - python -m keeps "-m" in argv[0] briefly
         argv = argv[1:]
     exe = os.path.relpath(sys.executable, os.getcwd()) if sys.executable.startswith(os.getcwd()) else sys.executable
-    return shlex.join([exe, *argv])
+    flags = [f for f, on in (("-S", sys.flags.no_site), ("-I", sys.flags.isolated)) if on]
+    return shlex.join([exe, *flags, *argv])
 
 
 def git_state() -> dict:

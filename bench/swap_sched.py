@@ -79,7 +79,7 @@ async def run_policy(policy: str, experts: dict[str, str], args, load) -> dict:
     expert_bytes = pool.host[next(iter(experts))].nbytes
     await engine.stop()
     tokens = sum(len(v) for v in outputs.values())
-    sessions = engine.sessions
+    sessions = engine.sessions_served  # engine.sessions keeps only the most recent ones
     return {
         "policy": policy,
         "makespan_s": makespan,
@@ -91,8 +91,8 @@ async def run_policy(policy: str, experts: dict[str, str], args, load) -> dict:
         "expert_bytes": expert_bytes,
         "swaps": pool.stats.swaps,
         "swap_s": pool.stats.swap_s,
-        "sessions": len(sessions),
-        "mean_batch": sum(n for _, n in sessions) / max(1, len(sessions)),
+        "sessions": sessions,
+        "mean_batch": len(outputs) / max(1, sessions),
         "outputs": outputs,
     }
 
