@@ -1,7 +1,8 @@
-"""Sentence embeddings for routing: sentence-transformers, batched, cached in memory and on disk.
+"""Sentence embeddings for routing: batched, cached in memory and on disk, any backend.
 
-The model comes from :func:`coe.models.resolve` (built-in alias ``minilm-l6`` by default).
-Embeddings are unit-norm ``float32`` rows, so a dot product is the cosine similarity. The
+The model comes from :func:`coe.models.resolve` (built-in alias ``minilm-l6`` by default); the
+folder says which :mod:`coe.routers.embedders` backend runs it (PyTorch sentence-transformers,
+ONNX Runtime int8, or a model2vec static embedder). Embeddings are unit-norm ``float32`` rows, so a dot product is the cosine similarity. The
 caches are keyed by the model folder and the SHA-256 of the text: an in-process LRU, and an
 SQLite file under ``$COE_HOME/embeddings/`` so that re-running an evaluation does not embed
 the same texts again.
@@ -26,9 +27,10 @@ class Embedder:
     """Thread-safe sentence embedder.
 
     ``encode(texts)`` returns ``[len(texts), dim]`` float32, unit-norm. Texts already seen are
-    served from the caches; the rest are embedded in batches of ``batch_size``. ``disk_cache``
-    persists them (off by default for the online path, where a write per query costs more than
-    it saves).
+    served from the caches (``memory_items=0`` turns the memory cache off); the rest are embedded
+    in batches of ``batch_size``. ``disk_cache`` persists them (off by default for the online
+    path, where a write per query costs more than it saves). ``threads`` caps the backend's
+    intra-op threads (default: the library's own choice).
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class Embedder:
         disk_cache: bool = False,
         memory_items: int = 50_000,
         progress: bool = False,
+        threads: int | None = None,
     ) -> None:
         from coe.models import resolve
 
@@ -48,7 +51,8 @@ class Embedder:
         self.batch_size = batch_size
         self.max_seq_length = max_seq_length
         self.progress = progress
-        self._model = None
+        self.threads = threads
+        self._backend = None
         self._lock = threading.RLock()
         self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
         self._memory_items = memory_items
@@ -60,20 +64,23 @@ class Embedder:
 
     # -- model ------------------------------------------------------------------------------
     def _load(self):
-        if self._model is None:
-            from sentence_transformers import SentenceTransformer
+        with self._lock:
+            if self._backend is None:
+                from coe.routers.embedders import load_backend
 
-            model = SentenceTransformer(self.path, device="cpu")
-            if self.max_seq_length is not None:
-                model.max_seq_length = self.max_seq_length
-            self._model = model
-        return self._model
+                self._backend = load_backend(self.path, max_seq_length=self.max_seq_length, threads=self.threads)
+            return self._backend
+
+    @property
+    def backend(self) -> str:
+        """The backend name the model folder declares (``onnx``, ``model2vec``, ``sentence-transformers``)."""
+        from coe.routers.embedders import folder_spec
+
+        return str(folder_spec(self.path)["backend"])
 
     @property
     def dim(self) -> int:
-        model = self._load()
-        get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-        return int(get())
+        return int(self._load().dim)
 
     # -- caches -----------------------------------------------------------------------------
     def _open_disk_cache(self) -> None:
@@ -87,6 +94,8 @@ class Embedder:
         self._db.commit()
 
     def _remember(self, key: str, vec: np.ndarray) -> None:
+        if self._memory_items <= 0:
+            return
         self._memory[key] = vec
         self._memory.move_to_end(key)
         while len(self._memory) > self._memory_items:
@@ -115,8 +124,13 @@ class Embedder:
     # -- API --------------------------------------------------------------------------------
     def encode(self, texts: list[str]) -> np.ndarray:
         """Unit-norm embeddings ``[len(texts), dim]`` (float32), in input order."""
+        return self.encode_tracked(texts)[0]
+
+    def encode_tracked(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(embeddings [N, D], cached [N] bool)``: ``cached[i]`` is True when text ``i`` came from
+        a cache (or repeats an earlier text of this call) rather than from the model."""
         if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return np.zeros((0, self.dim), dtype=np.float32), np.zeros(0, dtype=bool)
         keys = [text_key(t) for t in texts]
         with self._lock:
             out: dict[str, np.ndarray] = {}
@@ -129,6 +143,7 @@ class Embedder:
                 out[k] = v
                 self._remember(k, v)
             todo = [k for k in missing if k not in out]
+            fresh_keys = set(todo)
             if todo:
                 first = {k: t for k, t in zip(keys, texts)}
                 vecs = self._embed([first[k] for k in todo])
@@ -137,22 +152,29 @@ class Embedder:
                     out[k] = v
                     self._remember(k, v)
                 self._to_disk(fresh)
-            return np.stack([out[k] for k in keys]).astype(np.float32, copy=False)
+            cached = np.ones(len(keys), dtype=bool)
+            for i, k in enumerate(keys):
+                if k in fresh_keys:
+                    cached[i] = False
+                    fresh_keys.discard(k)   # a repeat within the call is served from the first
+            return np.stack([out[k] for k in keys]).astype(np.float32, copy=False), cached
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        model = self._load()
+        backend = self._load()
         if self.max_seq_length is not None:
             # The question comes last in few-shot prompts: keep the tail, not the head, of text
             # that cannot fit the window (about 4 characters per token).
             budget = 4 * self.max_seq_length
             texts = [t[-budget:] if len(t) > budget else t for t in texts]
-        vecs = model.encode(
-            texts,
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=self.progress and len(texts) > self.batch_size,
-        )
+        if self.progress and len(texts) > self.batch_size:
+            from tqdm.auto import tqdm
+
+            parts = []
+            for start in tqdm(range(0, len(texts), self.batch_size), desc="embedding", unit="batch", leave=False):
+                parts.append(backend.encode(texts[start : start + self.batch_size], self.batch_size))
+            vecs = np.concatenate(parts)
+        else:
+            vecs = backend.encode(texts, self.batch_size)
         self.embedded += len(texts)
         return np.asarray(vecs, dtype=np.float32)
 

@@ -13,6 +13,11 @@ it wins a query exactly when the query is closer to its description than
 falls short. Without a fitted router all experts are scored by raw cosine similarity; when the
 best similarity is below ``router.unsure_similarity`` (or the query is empty), the query goes
 to ``router.default_expert``. Costs are the experts' configured ``cost`` (one scale for all).
+
+``router.params`` are honoured: with ``router.name: centroid`` they configure the description
+router; with ``router.fitted`` the fitted router keeps the params it was fitted with, and
+``router.params`` that contradict them are refused at start-up (refit instead). Concurrent
+requests share embedding batches through :mod:`coe.routers.microbatch`.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class RoutingDecision:
     scores: dict[str, float]         # predicted quality per expert id (what the policy saw)
     router: str                      # router name
     costs: dict[str, float] | None = None
+    cached: bool = False             # the query's embedding came from a cache (no model work)
 
 
 @dataclass
@@ -59,7 +65,7 @@ class OnlineRouter:
         self.name = fitted.name if fitted is not None else "centroid"
         self.policy = SelectionPolicy.from_config(cfg.policy)
         self.embedder = embedder if embedder is not None else get_embedder(cfg.embedder)
-        self._centroid = CentroidRouter()
+        self._centroid = CentroidRouter(cfg.params if cfg.name == CentroidRouter.name else None)
         self._lock = threading.RLock()
         self._experts: dict[str, _ExpertInfo] = {}
         for e in experts:
@@ -91,6 +97,12 @@ class OnlineRouter:
         with self._lock:
             return list(self._experts)
 
+    @property
+    def params(self) -> dict:
+        """The parameters of the router in use: the fitted router's, else the centroid's (``router.params``)."""
+        used = self.fitted if self.fitted is not None else self._centroid
+        return used.params.model_dump()
+
     # -- routing ----------------------------------------------------------------------------
     def route(self, queries: list[str]) -> list[RoutingDecision]:
         """One decision per query, in order; the non-empty queries are embedded once, together."""
@@ -106,14 +118,15 @@ class OnlineRouter:
         live = [k for k, q in enumerate(queries) if q and q.strip()]
         decisions: list[RoutingDecision | None] = [None] * len(queries)
         if live:
-            batch = QueryBatch([queries[k] for k in live], self.embedder.encode([queries[k] for k in live]))
+            emb, cached = self.embedder.encode_tracked([queries[k] for k in live])   # [B, D], [B]
+            batch = QueryBatch([queries[k] for k in live], emb)
             quality, unsure = self._quality(batch, ids, infos)       # [B, E], [B]
             picks = self.policy.select(quality, costs)
             for row, k in enumerate(live):
                 choice = ids[picks[row]]
                 if (unsure[row] or not np.isfinite(quality[row, picks[row]])) and default is not None:
                     choice = default
-                decisions[k] = self._decision(choice, ids, quality[row], costs)
+                decisions[k] = self._decision(choice, ids, quality[row], costs, cached=bool(cached[row]))
         for k, d in enumerate(decisions):
             if d is None:   # empty query
                 decisions[k] = self._decision(default or ids[0], ids, np.full(len(ids), np.nan), costs)
@@ -143,10 +156,12 @@ class OnlineRouter:
             quality[:, unseen] = best_known + (cos[:, unseen] - self.cfg.new_expert_similarity)
         return quality, ~np.isfinite(quality).any(axis=1)
 
-    def _decision(self, choice: str, ids: list[str], row: np.ndarray, costs: np.ndarray) -> RoutingDecision:
+    def _decision(self, choice: str, ids: list[str], row: np.ndarray, costs: np.ndarray, *,
+                  cached: bool = False) -> RoutingDecision:
         scores = {eid: float(v) for eid, v in zip(ids, row) if np.isfinite(v)}
         return RoutingDecision(
-            expert=choice, scores=scores, router=self.name, costs={eid: float(c) for eid, c in zip(ids, costs)}
+            expert=choice, scores=scores, router=self.name, costs={eid: float(c) for eid, c in zip(ids, costs)},
+            cached=cached,
         )
 
 
@@ -154,7 +169,8 @@ def build_online_router(cfg, experts: list, base_dir: Path | None = None, *, emb
     """The service's router for ``cfg`` (a ``coe.config.RouterConfig``) over ``experts``.
 
     Loads ``cfg.fitted`` (relative to ``base_dir``) when set; otherwise ``cfg.name`` must be a
-    router that needs no outcome data (``centroid``). Raises :class:`ConfigError` otherwise.
+    router that needs no outcome data (``centroid``). Raises :class:`ConfigError` otherwise, and
+    when ``cfg.params`` contradict the params the fitted router was fitted with.
     """
     from coe.routers.base import load_router, router_class
 
@@ -171,6 +187,7 @@ def build_online_router(cfg, experts: list, base_dir: Path | None = None, *, emb
                 f"router.fitted {folder} was fitted with embedder {meta['embedder']!r} but router.embedder is "
                 f"{cfg.embedder!r}; use the same embedder"
             )
+        _check_fitted_params(cfg, fitted, folder)
     else:
         cls = router_class(cfg.name)
         if cls.needs_outcomes:
@@ -179,3 +196,21 @@ def build_online_router(cfg, experts: list, base_dir: Path | None = None, *, emb
                 f"or use router.name: centroid"
             )
     return OnlineRouter(cfg, experts, fitted=fitted, embedder=embedder)
+
+
+def _check_fitted_params(cfg, fitted, folder: Path) -> None:
+    """``router.params`` given next to ``router.fitted`` must match what the router was fitted with."""
+    if not cfg.params:
+        return
+    if cfg.name != fitted.name:
+        raise ConfigError(
+            f"router.fitted {folder} holds a {fitted.name!r} router but router.name is {cfg.name!r}; "
+            f"router.params apply to router.name: set router.name: {fitted.name} or refit"
+        )
+    wanted = type(fitted).validate_params(cfg.params).model_dump(include=set(cfg.params))
+    have = fitted.params.model_dump(include=set(cfg.params))
+    if wanted != have:
+        raise ConfigError(
+            f"router.params {wanted} differ from the params router.fitted {folder} was fitted with {have}; "
+            f"refit with `coe router fit`, or remove them from router.params"
+        )

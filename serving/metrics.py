@@ -2,7 +2,7 @@
 
 Series (all prefixed ``coe_``):
 ``requests_total{expert,endpoint}``, ``request_errors_total{expert,code}``,
-``routing_latency_seconds`` (histogram), ``queue_depth{expert}`` (requests in flight at the
+``routing_latency_seconds`` (histogram, new queries), ``routing_cache_hits_total``, ``queue_depth{expert}`` (requests in flight at the
 ingress per expert), ``batch_size{expert}`` (histogram of the grouped batch each request was
 served in), ``generated_tokens_total{expert}`` (its rate is tokens/s), ``tokens_per_second{expert}``
 (over the last ``window_s`` seconds), ``request_latency_seconds{expert}``,
@@ -37,7 +37,8 @@ class ServiceMetrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("coe_requests_total", "Requests per expert and endpoint", ["expert", "endpoint"], registry=r)
         self.errors = Counter("coe_request_errors_total", "Failed requests per expert and error code", ["expert", "code"], registry=r)
-        self.routing = Histogram("coe_routing_latency_seconds", "Time to route one query", buckets=_LATENCY, registry=r)
+        self.routing = Histogram("coe_routing_latency_seconds", "Time to route one new query (embedded by the model; cache hits are in routing_cache_hits_total)", buckets=_LATENCY, registry=r)
+        self.routing_cache_hits = Counter("coe_routing_cache_hits_total", "Routed queries whose embedding came from the cache", registry=r)
         self.queue = Gauge("coe_queue_depth", "Requests in flight per expert", ["expert"], registry=r)
         self.batch = Histogram("coe_batch_size", "Size of the grouped batch a request was served in", ["expert"], buckets=_BATCH, registry=r)
         self.tokens = Counter("coe_generated_tokens_total", "Completion tokens generated", ["expert"], registry=r)
@@ -51,6 +52,13 @@ class ServiceMetrics:
         self._window_s = window_s
         self._recent: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self._lock = threading.Lock()
+
+    def observe_routing(self, seconds: float, *, cached: bool) -> None:
+        """One routed query: new queries go to the latency histogram, cache hits to their counter."""
+        if cached:
+            self.routing_cache_hits.inc()
+        else:
+            self.routing.observe(seconds)
 
     def add_tokens(self, expert: str, n: int) -> None:
         self.tokens.labels(expert).inc(n)

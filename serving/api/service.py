@@ -125,9 +125,11 @@ class CoEService:
             return RoutingInfo(expert=model, router="pinned", pinned=True)
         text = query_text(messages) if messages else ""
         t0 = time.perf_counter()
-        decision = (await asyncio.to_thread(self.router.route, [text]))[0]
+        from coe.routers.microbatch import batcher_for  # concurrent queries share one embedding batch
+
+        decision = await batcher_for(self.router, self.config.router).route(text)
         elapsed = time.perf_counter() - t0
-        self.metrics.routing.observe(elapsed)
+        self.metrics.observe_routing(elapsed, cached=getattr(decision, "cached", False))
         info = RoutingInfo(expert=decision.expert, router=decision.router, scores=dict(decision.scores),
                            routing_ms=elapsed * 1000.0)
         default = self.config.router.default_expert

@@ -87,5 +87,189 @@ def test_import_is_light():
     import subprocess
     import sys
 
-    code = "import sys, routers, coe.config; print([m for m in ('torch', 'faiss', 'sentence_transformers') if m in sys.modules])"
+    code = ("import sys, coe.routers, coe.routers.microbatch, coe.routers.embedders, coe.config; "
+            "coe.config.load_config(); print([m for m in ('torch', 'faiss', 'sentence_transformers', 'onnxruntime', "
+            "'model2vec') if m in sys.modules])")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- router.params (#10)
+
+
+def test_router_params_are_validated_at_config_load():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"router 'knn' params are invalid: kk.*allowed: k, shrink"):
+        RouterConfig(name="knn", params={"kk": 3})
+    with pytest.raises(ValidationError, match="calibrate"):
+        RouterConfig(name="centroid", params={"calibrate": "sometimes"})
+    with pytest.raises(ValidationError, match="unknown router 'nope'; available: .*centroid"):
+        RouterConfig(name="nope")
+    assert RouterConfig(name="knn", params={"k": 7}).params == {"k": 7}
+
+
+def test_centroid_params_reach_the_serving_router(default_cfg, embedder):
+    cfg = default_cfg.router.model_copy(update={"params": {"calibrate": False}})
+    router = build_online_router(cfg, default_cfg.experts, embedder=embedder)
+    assert router.params == {"calibrate": False}
+    assert build_online_router(default_cfg.router, default_cfg.experts, embedder=embedder).params == {"calibrate": True}
+
+
+def test_params_contradicting_the_fitted_router_are_refused(tmp_path, synthetic, embedder):
+    from coe.routers import create_router, save_router
+
+    train, xtr, *_ = synthetic
+    save_router(create_router("knn", {"k": 5}).fit(train, xtr), tmp_path / "fitted", embedder="minilm-l6")
+    experts = [ModelExpert(id="general", model="smollm2-135m-instruct")]
+    same = RouterConfig(name="knn", fitted="fitted", params={"k": 5})
+    assert build_online_router(same, experts, base_dir=tmp_path, embedder=embedder).params["k"] == 5
+    with pytest.raises(ConfigError, match=r"router.params \{'k': 9\} differ .* fitted with \{'k': 5\}"):
+        build_online_router(RouterConfig(name="knn", fitted="fitted", params={"k": 9}), experts,
+                            base_dir=tmp_path, embedder=embedder)
+    with pytest.raises(ConfigError, match="holds a 'knn' router but router.name is 'centroid'"):
+        build_online_router(RouterConfig(name="centroid", fitted="fitted", params={"calibrate": False}), experts,
+                            base_dir=tmp_path, embedder=embedder)
+
+
+# --------------------------------------------------------------------------- cache hits and micro-batching
+
+
+def test_decisions_say_whether_the_embedding_was_cached(default_cfg, minilm_dir):
+    from coe.routers.embedding import Embedder
+
+    router = build_online_router(default_cfg.router, default_cfg.experts, embedder=Embedder(str(minilm_dir)))
+    query = "How many legs do three spiders have in total?"
+    first, again = router.route([query, query])
+    assert not first.cached and again.cached   # a repeat within one batch is embedded once
+    assert router.route([query])[0].cached
+    fresh = build_online_router(default_cfg.router, default_cfg.experts,
+                                embedder=Embedder(str(minilm_dir), memory_items=0))
+    assert not any(d.cached for d in fresh.route([query]) + fresh.route([query]))
+
+
+def test_service_metrics_count_cache_hits_apart():
+    from coe.serving.metrics import ServiceMetrics
+
+    m = ServiceMetrics()
+    m.observe_routing(0.004, cached=False)
+    m.observe_routing(0.0001, cached=True)
+    m.observe_routing(0.0001, cached=True)
+    text = m.render().decode()
+    assert "coe_routing_latency_seconds_count 1.0" in text
+    assert "coe_routing_cache_hits_total 2.0" in text
+
+
+class _CountingRouter:
+    """Batch router that records the batches it was given (thread-safe enough: one batch at a time)."""
+
+    def __init__(self, delay_s: float = 0.0, fail_on: str | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+
+    def route(self, queries):
+        import time
+
+        self.batches.append(list(queries))
+        time.sleep(self.delay_s)
+        if self.fail_on in queries:
+            raise ExpertNotFoundError("no experts are registered; nothing to route to")
+        return [f"decision:{q}" for q in queries]
+
+
+def test_microbatcher_coalesces_concurrent_queries_in_order():
+    import asyncio
+
+    from coe.routers.microbatch import MicroBatcher
+
+    inner = _CountingRouter(delay_s=0.02)
+    batcher = MicroBatcher(inner.route, max_batch=8, max_wait_ms=5)
+
+    async def main():
+        return await asyncio.gather(*(batcher.route(f"q{i}") for i in range(20)))
+
+    out = asyncio.run(main())
+    assert out == [f"decision:q{i}" for i in range(20)]
+    assert [len(b) for b in inner.batches] == [8, 8, 4]          # bounded by max_batch, nothing lost
+    assert sum(inner.batches, []) == [f"q{i}" for i in range(20)]
+
+
+def test_microbatcher_queues_behind_a_batch_in_flight_and_bounds_the_wait():
+    import asyncio
+    import time
+
+    from coe.routers.microbatch import MicroBatcher
+
+    inner = _CountingRouter(delay_s=0.05)
+    batcher = MicroBatcher(inner.route, max_batch=64, max_wait_ms=0)
+
+    async def main():
+        t0 = time.perf_counter()
+        first = asyncio.create_task(batcher.route("alone"))
+        await asyncio.sleep(0.01)                       # "alone" is being routed now
+        rest = await asyncio.gather(*(batcher.route(f"q{i}") for i in range(5)))
+        return await first, rest, time.perf_counter() - t0
+
+    first, rest, took = asyncio.run(main())
+    assert first == "decision:alone" and rest == [f"decision:q{i}" for i in range(5)]
+    assert inner.batches == [["alone"], [f"q{i}" for i in range(5)]]   # the five waited together
+    assert took < 0.5
+
+    waited = MicroBatcher(_CountingRouter().route, max_batch=64, max_wait_ms=30)
+
+    async def lone():
+        t0 = time.perf_counter()
+        await waited.route("x")
+        return time.perf_counter() - t0
+
+    assert 0.025 <= asyncio.run(lone()) < 0.5   # a lone query waits max_wait_ms, no longer
+
+
+def test_microbatcher_passes_router_errors_to_every_waiter_and_recovers():
+    import asyncio
+
+    from coe.routers.microbatch import MicroBatcher
+
+    inner = _CountingRouter(fail_on="bad")
+    batcher = MicroBatcher(inner.route, max_batch=4, max_wait_ms=5)
+
+    async def main():
+        res = await asyncio.gather(batcher.route("bad"), batcher.route("ok"), return_exceptions=True)
+        return res, await batcher.route("later")
+
+    res, later = asyncio.run(main())
+    assert all(isinstance(r, ExpertNotFoundError) for r in res)
+    assert later == "decision:later"
+    with pytest.raises(ValueError, match="max_batch"):
+        MicroBatcher(inner.route, max_batch=0)
+
+
+def test_batcher_for_reuses_one_batcher_per_router(default_cfg):
+    from coe.routers.microbatch import batcher_for
+
+    a, b = _CountingRouter(), _CountingRouter()
+    cfg = default_cfg.router.model_copy(update={"batch_max_queries": 3, "batch_wait_ms": 0.5})
+    assert batcher_for(a, cfg) is batcher_for(a, cfg) and batcher_for(a, cfg) is not batcher_for(b, cfg)
+    assert batcher_for(a, cfg).max_batch == 3
+
+
+def test_online_router_under_concurrent_requests_embeds_in_batches(default_cfg, minilm_dir):
+    """The real router behind the batcher: 24 concurrent distinct queries, far fewer model calls."""
+    import asyncio
+
+    from coe.routers.embedding import Embedder
+    from coe.routers.microbatch import batcher_for
+
+    emb = Embedder(str(minilm_dir), memory_items=0)
+    router = build_online_router(default_cfg.router, default_cfg.experts, embedder=emb)
+    batcher = batcher_for(router, default_cfg.router)
+    queries = [f"Write a python function that returns {i} squared." for i in range(12)] + [
+        f"A farmer has {i} cows and buys 3 more. How many cows?" for i in range(12)]
+
+    async def main():
+        return await asyncio.gather(*(batcher.route(q) for q in queries))
+
+    out = asyncio.run(main())
+    assert [d.expert for d in out] == ["smollm2-code"] * 12 + ["smollm2-math"] * 12
+    assert batcher.batches <= 4 and batcher.largest_batch >= 8
+    assert not any(d.cached for d in out)
