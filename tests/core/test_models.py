@@ -92,3 +92,33 @@ def test_prepared_builtins_load(smollm2_dir, gemma3_dir, minilm_dir):
 
     emb = SentenceTransformer(str(minilm_dir), device="cpu").encode(["hello world"])
     assert emb.shape == (1, 384)
+
+
+def test_fast_embedders_are_builtin_aliases():
+    for alias in ("minilm-l6-int8", "minilm-l6-onnx", "minilm-l6-m2v", "minilm-l6-bf16"):
+        assert models.BUILTIN[alias].kind == "embedder"
+
+
+def test_int8_embedder_is_built_offline_checksummed_and_atomic(coe_home, monkeypatch):
+    """Built from the local MiniLM (prepared first), checksummed; an interrupted build leaves nothing."""
+    import onnxruntime.quantization as q
+
+    real = q.quantize_dynamic
+
+    def interrupted(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(q, "quantize_dynamic", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        models.prepare("minilm-l6-int8", quiet=True)
+    assert sorted(p.name for p in models.models_dir().iterdir()) == ["minilm-l6"]   # no half-built int8
+    monkeypatch.setattr(q, "quantize_dynamic", real)
+
+    path = models.prepare("minilm-l6-int8", quiet=True)
+    manifest = json.loads((path / models.READY).read_text())
+    assert manifest["files"]["model_int8.onnx"] == models.sha256_file(path / "model_int8.onnx")
+    assert manifest["from_sha256"] == models.sha256_file(models.models_dir() / "minilm-l6" / "model.safetensors")
+    assert json.loads((path / "coe_embedder.json").read_text())["backend"] == "onnx"
+    assert (path / "model_int8.onnx").stat().st_size < 30e6   # int8: about a quarter of the float32 graph
+    assert models.verify_prepared("minilm-l6-int8")
