@@ -34,6 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.serve_common import thread_env  # the one place that knows both engines' threads
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a Python function that returns the square of a number.",
@@ -51,14 +53,6 @@ def workloads(n_prompts: int, batch: int = 16) -> dict[str, list[str]]:
     """The prompts of batch 1 (each once) and of batch ``batch`` (the same ones, cycled)."""
     prompts = PROMPTS[:n_prompts]
     return {"batch1": list(prompts), f"batch{batch}": [prompts[i % len(prompts)] for i in range(batch)]}
-
-
-def thread_env(threads: int, device: str) -> dict[str, str]:
-    """Environment giving both engines ``threads`` compute threads (set before torch/vLLM load)."""
-    env = {"OMP_NUM_THREADS": str(threads)}
-    if device == "cpu":
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "0" if threads == 1 else f"0-{threads - 1}"
-    return env
 
 
 def requests(prompts: list[str], max_tokens: int, adapter: str | None, tag: str):
@@ -166,8 +160,8 @@ def summary_md(rec, data: dict, args) -> str:
         lines.append(f"| {n} | {r['startup_s']:.1f} | {fmt(r['batch1'], digits=1)} | {fmt(r['batch16'], digits=1)} |")
     if "vllm_vs_hf" in res:
         v = res["vllm_vs_hf"]
-        lines += ["", f"vllm / hf per round: batch 1 **{fmt(v['batch1'])}**, batch 16 **{fmt(v['batch16'])}**; "
-                      f"identical greedy answers at batch 1: {res['identical_batch1_answers']}."]
+        lines += ["", (f"vllm / hf per round: batch 1 **{fmt(v['batch1'])}**, batch 16 **{fmt(v['batch16'])}**; "
+                       f"identical greedy answers at batch 1: {res['identical_batch1_answers']}.")]
     return "\n".join(lines) + "\n"
 
 

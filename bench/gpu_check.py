@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.record import REPO, RunRecord, write_results  # noqa: E402
+from bench.record import REPO, RunRecord, write_results
 
 # the steps run with this interpreter and its isolation flags (-S / -I: no site, so no installed coe)
 RUNNER = [sys.executable, *(["-S"] if sys.flags.no_site else []), *(["-I"] if sys.flags.isolated else []),
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
             if step.name in wanted:
                 steps[step.name] = run_step(step, args.dry_run, out, Path(scratch), budget_end, log)
                 print(f"{step.name}: {steps[step.name]['status']} ({steps[step.name].get('seconds', 0)} s)", flush=True)
-    import torch  # noqa: F401  (so the header reports torch and the GPU)
+    import torch  # the header reports torch and the GPU when torch is imported
 
     data = rec.finish({"dry_run": args.dry_run, "steps": steps})
     data["targets"] = targets(steps)

@@ -40,6 +40,19 @@ def machine() -> dict:
     }
 
 
+def thread_env(threads: int, device: str = "cpu") -> dict[str, str]:
+    """Environment that gives the hf and the vLLM engine the same ``threads`` compute threads.
+
+    ``OMP_NUM_THREADS`` for torch (the hf engine also gets ``cpu_threads``); on the CPU, vLLM's
+    worker binds its OpenMP threads to cores 0..threads-1 (left on ``auto`` it binds one core
+    fewer than the machine has). Set it before torch or vLLM is imported; Ray workers inherit it.
+    """
+    env = {"OMP_NUM_THREADS": str(threads)}
+    if device == "cpu":
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "0" if threads == 1 else f"0-{threads - 1}"
+    return env
+
+
 def expert_loras(work: Path) -> dict[str, Path]:
     """LoRA folders for smollm2-math and smollm2-code: the trained ones when present under
     adapters/experts, else random rank-8 LoRAs made with peft (same shapes and cost)."""

@@ -5,9 +5,17 @@ config). The requests are routed once up front with the real online router; the 
 gets them with those assignments (in process, no HTTP, no Ray), and the service (``build_app``
 on Ray Serve, over HTTP, ``model: "coe"`` so it routes each one itself) gets the same requests.
 
-- throughput: completion tokens/s with ``--clients`` concurrent clients (target: service >= 90%
-  of bare);
-- time to first token, p50, one request at a time, streamed (target: added <= 20 ms).
+Both are up at the same time (the bare engine in this process, the service on Ray Serve with
+its own engine); requests never overlap between them, so they do not compete for the cores.
+
+- throughput: completion tokens/s with ``--clients`` concurrent clients over the whole workload,
+  ``--rounds`` rounds alternating bare / service (order rotated), the ratio taken per round
+  (target: service >= 90% of bare);
+- time to first token: ``--ttft-pairs`` pairs, each the same query streamed once to the bare
+  engine and once to the service (which goes first alternates), ``max_tokens`` 1; the added
+  TTFT is the median of the paired differences with a 95% bootstrap interval (target: added
+  <= 20 ms: *met* when the interval's upper end is <= 20 ms, *missed* when its lower end is
+  above, else *not resolved* — then more pairs are needed).
 
 Both phases run with the same thread settings: ``OMP_NUM_THREADS`` (``--threads``, default 1, what
 Ray Serve gives a 1-CPU replica) is set before torch is imported, so this process, its vLLM
@@ -15,14 +23,14 @@ workers and the Ray replicas (Ray keeps a value that is already set) all see it,
 engine gets ``cpu_threads`` = ``--threads``. vLLM's CPU workers bind their own OpenMP threads to
 the cores they may use, the same way in both phases.
 
-Usage: ``python bench/serve_overhead.py [--engine vllm|hf] [--clients 8] [--repeat 4] [--max-tokens 32] [--threads 1]``
+Usage: ``python bench/serve_overhead.py [--engine vllm|hf] [--clients 8] [--repeat 1] [--rounds 2]
+[--ttft-pairs 60] [--max-tokens 32] [--threads 1]``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import sys
@@ -32,18 +40,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.serve_common import QUERIES, expert_loras, machine, percentile, write_results
+from bench.record import RunRecord, write_results
+from bench.serve_common import QUERIES, expert_loras, thread_env
+from bench.stats import fmt, paired_ratio, summary
 
 
 def build_config(engine: str, loras: dict, root: Path, threads: int):
     import yaml
 
-    from coe.config import parse_config
+    from coe.config import ENGINE_BACKEND_FIELDS, parse_config
     from coe.paths import default_config_path
 
     default = yaml.safe_load(default_config_path().read_text())
     by_id = {e["id"]: e for e in default["experts"]}
-    engine_cfg = dict(by_id["smollm2"]["engine"], kind=engine, cpu_threads=threads)
+    other = "vllm" if engine == "hf" else "hf"
+    engine_cfg = {k: v for k, v in by_id["smollm2"]["engine"].items() if k not in ENGINE_BACKEND_FIELDS[other]}
+    engine_cfg["kind"] = engine
+    if engine == "hf":  # vLLM's threads come from VLLM_CPU_OMP_THREADS_BIND (serve_common.thread_env)
+        engine_cfg["cpu_threads"] = threads
     base = dict(by_id["smollm2"], engine=engine_cfg, resources={"num_cpus": 1})
     experts = [base] + [dict(by_id[eid], adapter=str(path)) for eid, path in loras.items()]
     return parse_config({
@@ -63,93 +77,122 @@ def workload(config, repeat: int) -> list[tuple[str, str]]:
     return [(d.expert, q) for d, q in zip(router.route(queries), queries)]
 
 
-async def bare(config, work, args) -> dict:
-    from coe.serving.deployments.spec import resolve_model
-    from coe.serving.engines import get_engine_class
-    from coe.types import ChatMessage, GenerationRequest, SamplingParams
+TTFT_TARGET_MS = 20.0
 
-    host = config.experts[0]
-    engine = get_engine_class(host.engine.kind)(resolve_model(host.model, None), host.engine)
-    await engine.start()
-    for e in config.experts[1:]:
-        await engine.add_adapter(e.id, e.adapter)
-    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0)
 
-    def req(i, expert, q):
-        return GenerationRequest(request_id=str(i), messages=[ChatMessage(role="user", content=q)], sampling=sampling,
-                                 adapter=None if expert == host.id else expert, expert=expert)
+class Bare:
+    """The bare engine in this process, with the experts' adapters; requests as pre-assigned."""
 
-    await engine.generate(req(0, *work[0]))  # warm-up
-    ttft = []
-    for i, (expert, q) in enumerate(work[: args.ttft_requests]):
+    def __init__(self, config, args) -> None:
+        self.config, self.args = config, args
+        self.host = config.experts[0]
+        self.engine = None
+
+    async def start(self) -> None:
+        from coe.serving.deployments.spec import resolve_model
+        from coe.serving.engines import get_engine_class
+
+        self.engine = get_engine_class(self.host.engine.kind)(resolve_model(self.host.model, None), self.host.engine)
+        await self.engine.start()
+        for e in self.config.experts[1:]:
+            await self.engine.add_adapter(e.id, e.adapter)
+
+    def request(self, i, expert, q, max_tokens):
+        from coe.types import ChatMessage, GenerationRequest, SamplingParams
+
+        return GenerationRequest(request_id=f"b{i}", messages=[ChatMessage(role="user", content=q)],
+                                 sampling=SamplingParams(max_tokens=max_tokens, temperature=0),
+                                 adapter=None if expert == self.host.id else expert, expert=expert)
+
+    async def ttft_ms(self, i, expert, q) -> float:
         t0 = time.perf_counter()
-        agen = engine.stream(req(i, expert, q))
+        agen = self.engine.stream(self.request(i, expert, q, 1))
         await agen.__anext__()
-        ttft.append((time.perf_counter() - t0) * 1000)
+        ms = (time.perf_counter() - t0) * 1000
         async for _ in agen:
             pass
+        return ms
+
+    async def answer(self, i, expert, q) -> tuple[int, str, str]:
+        out = await self.engine.generate(self.request(i, expert, q, self.args.max_tokens))
+        return out.completion_tokens, out.text, expert
+
+
+class Service:
+    """The whole service over HTTP (``model: "coe"``: it routes every request itself)."""
+
+    def __init__(self, client, args) -> None:
+        self.c, self.args = client, args
+
+    def body(self, q, max_tokens, stream=False):
+        return {"model": "coe", "messages": [{"role": "user", "content": q}], "max_tokens": max_tokens,
+                "temperature": 0, "stream": stream}
+
+    async def ttft_ms(self, i, expert, q) -> float:
+        t0, ms = time.perf_counter(), None
+        async with self.c.stream("POST", "/v1/chat/completions", json=self.body(q, 1, True)) as s:
+            s.raise_for_status()
+            async for line in s.aiter_lines():
+                if ms is None and line.startswith("data:"):
+                    ms = (time.perf_counter() - t0) * 1000
+        return ms
+
+    async def answer(self, i, expert, q) -> tuple[int, str, str]:
+        r = await self.c.post("/v1/chat/completions", json=self.body(q, self.args.max_tokens))
+        r.raise_for_status()
+        data = r.json()
+        return data["usage"]["completion_tokens"], data["choices"][0]["message"]["content"], data["model"]
+
+
+async def throughput(side, work, clients: int) -> dict:
+    """Every request of ``work`` through ``clients`` concurrent clients; tokens/s over the wall."""
     queue = list(enumerate(work))
     counts: dict[int, int] = {}
     texts: dict[int, str] = {}
+    agree = 0
 
     async def client():
-        # Await first, then record: ``total += await ...`` reads the total before the await and
-        # concurrent clients overwrite each other's updates (the bug that made the first run
-        # count 96 tokens for 24 answers of ~28).
+        nonlocal agree
         while queue:
             i, (expert, q) = queue.pop(0)
-            out = await engine.generate(req(i, expert, q))
-            counts[i], texts[i] = out.completion_tokens, out.text
+            # await first, then record (``total += await ...`` loses updates across clients)
+            tokens, text, served_by = await side.answer(i, expert, q)
+            counts[i], texts[i] = tokens, text
+            agree += served_by == expert
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(args.clients)))
+    await asyncio.gather(*(client() for _ in range(clients)))
     wall = time.perf_counter() - t0
-    await engine.stop()
     tokens = sum(counts.values())
     return {"tokens": tokens, "requests": len(counts), "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ttft_ms": ttft, "texts": [texts[i] for i in sorted(texts)]}
+            "expert_agreement": agree / len(work), "texts": [texts[i] for i in sorted(texts)]}
 
 
-async def service(url: str, work, args) -> dict:
+async def measure(config, url: str, work, args) -> dict:
     import httpx
 
-    def body(q, stream=False):
-        return {"model": "coe", "messages": [{"role": "user", "content": q}], "max_tokens": args.max_tokens,
-                "temperature": 0, "stream": stream}
-
-    async with httpx.AsyncClient(base_url=url, timeout=600) as c:
-        r = await c.post("/v1/chat/completions", json=body(work[0][1]))  # warm-up
-        r.raise_for_status()
-        ttft = []
-        for _, q in work[: args.ttft_requests]:
-            t0 = time.perf_counter()
-            async with c.stream("POST", "/v1/chat/completions", json=body(q, True)) as s:
-                first = True
-                async for line in s.aiter_lines():
-                    if first and line.startswith("data:"):
-                        ttft.append((time.perf_counter() - t0) * 1000)
-                        first = False
-        queue = list(enumerate(work))
-        counts: dict[int, int] = {}
-        texts: dict[int, str] = {}
-        agree = 0
-
-        async def client():
-            nonlocal agree
-            while queue:
-                i, (expert, q) = queue.pop(0)
-                r = await c.post("/v1/chat/completions", json=body(q))
-                r.raise_for_status()
-                data = r.json()
-                counts[i], texts[i] = data["usage"]["completion_tokens"], data["choices"][0]["message"]["content"]
-                agree += data["model"] == expert
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(args.clients)))
-        wall = time.perf_counter() - t0
-    tokens = sum(counts.values())
-    return {"tokens": tokens, "requests": len(counts), "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ttft_ms": ttft, "routing_agreement": agree / len(work), "texts": [texts[i] for i in sorted(texts)]}
+    bare = Bare(config, args)
+    await bare.start()
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+            service = Service(c, args)
+            sides = {"bare": bare, "service": service}
+            for side in sides.values():  # warm-up
+                await side.answer(0, *work[0])
+                await side.ttft_ms(0, *work[0])
+            rounds: dict[str, list[dict]] = {"bare": [], "service": []}
+            for r in range(args.rounds):
+                for name in (["bare", "service"] if r % 2 == 0 else ["service", "bare"]):
+                    rounds[name].append(await throughput(sides[name], work, args.clients))
+                    print(name, {k: v for k, v in rounds[name][-1].items() if k != "texts"}, flush=True)
+            ttft: dict[str, list[float]] = {"bare": [], "service": []}
+            for i in range(args.ttft_pairs):
+                expert, q = work[i % len(work)]
+                for name in (["bare", "service"] if i % 2 == 0 else ["service", "bare"]):
+                    ttft[name].append(await sides[name].ttft_ms(i, expert, q))
+    finally:
+        await bare.engine.stop()
+    return {"rounds": rounds, "ttft_ms": ttft}
 
 
 def run_service(config, root: Path, work, args) -> dict:
@@ -165,61 +208,72 @@ def run_service(config, root: Path, work, args) -> dict:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config, base_dir=root), name="coe", route_prefix="/", blocking=False)
-        return asyncio.run(service(f"http://127.0.0.1:{port}", work, args))
+        return asyncio.run(measure(config, f"http://127.0.0.1:{port}", work, args))
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def main() -> None:
+def verdict(ci: list[float], target: float) -> str:
+    if ci[1] <= target:
+        return "met"
+    if ci[0] > target:
+        return "missed"
+    return "not resolved"
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=1, help="every query this many times per throughput round")
+    parser.add_argument("--rounds", type=int, default=2, help="throughput rounds, alternating bare / service")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--ttft-requests", type=int, default=12)
+    parser.add_argument("--ttft-pairs", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1,
-                        help="OMP_NUM_THREADS for both phases (Ray gives a 1-CPU replica 1) and the hf engine's cpu_threads")
-    parser.add_argument("--note", default="2-core CPU development machine; no other benchmark ran at the same time")
-    args = parser.parse_args()
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch is imported; Ray replicas inherit it
-    load_before = os.getloadavg()
+                        help="compute threads for both phases' engine (Ray gives a 1-CPU replica 1)")
+    parser.add_argument("--note", default="2-core CPU development machine")
+    args = parser.parse_args(argv)
+    rec = RunRecord.start(note=args.note)
+    os.environ.update(thread_env(args.threads))  # before torch / vLLM are imported; Ray replicas inherit it
 
     root = Path(tempfile.mkdtemp(prefix="coe-bench-"))
     config = build_config(args.engine, expert_loras(root), root, args.threads)
     work = workload(config, args.repeat)
-    b = asyncio.run(bare(config, work, args))
-    print("bare", {k: v for k, v in b.items() if k not in ("ttft_ms", "texts")}, flush=True)
-    s = run_service(config, root, work, args)
-    print("service", {k: v for k, v in s.items() if k not in ("ttft_ms", "texts")}, flush=True)
-    same = sum(x == y for x, y in zip(b["texts"], s["texts"]))
-    ratio = s["tokens_per_s"] / b["tokens_per_s"]
-    ttft_b, ttft_s = percentile(b["ttft_ms"], 50), percentile(s["ttft_ms"], 50)
-    m = machine()
-    m["note"] = args.note
-    m["loadavg_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
-    md = "\n".join([
-        f"# Service overhead ({args.engine} engine)",
-        "",
+    m = run_service(config, root, work, args)
+    rounds, ttft = m["rounds"], m["ttft_ms"]
+    tps = {k: summary([r["tokens_per_s"] for r in v]) for k, v in rounds.items()}
+    ratio = paired_ratio([r["tokens_per_s"] for r in rounds["service"]], [r["tokens_per_s"] for r in rounds["bare"]])
+    added = summary([s - b for s, b in zip(ttft["service"], ttft["bare"])])
+    ttft_s = {k: summary(v) for k, v in ttft.items()}
+    same = sum(x == y for x, y in zip(rounds["bare"][0]["texts"], rounds["service"][0]["texts"]))
+    status = verdict(added["ci"], TTFT_TARGET_MS)
+    data = rec.finish({
+        "benchmark": "serve_overhead", "args": vars(args), "work": work, "rounds": rounds, "ttft_ms": ttft,
+        "tokens_per_s": tps, "throughput_ratio": ratio, "ttft": ttft_s, "ttft_added_ms": added,
+        "ttft_target": {"added_ms_max": TTFT_TARGET_MS, "status": status}, "identical_answers": same,
+        "routing_agreement": rounds["service"][0]["expert_agreement"],
+    })
+    md = rec.markdown_header(f"Service overhead ({args.engine} engine)") + "\n".join([
         (f"{len(work)} requests over 3 experts (SmolLM2-135M-Instruct + 2 LoRA experts, one {args.engine} engine), "
-         f"greedy, max_tokens {args.max_tokens}, {args.clients} concurrent clients; TTFT: {args.ttft_requests} "
-         f"streamed requests one at a time. OMP_NUM_THREADS={args.threads} in both phases. Machine: {m['cpus']} CPUs, "
-         f"{m['date']}; {m['note']}; 1-min load average {m['loadavg_1m_before_after'][0]} before, "
-         f"{m['loadavg_1m_before_after'][1]} after."),
+         f"greedy, max_tokens {args.max_tokens}, {args.clients} concurrent clients, {args.rounds} throughput rounds "
+         f"alternating bare / service; TTFT: {args.ttft_pairs} pairs (same query to both, one at a time, streamed, "
+         f"max_tokens 1, order alternating). {args.threads} compute thread(s) in both. Median [min–max]; the added "
+         f"TTFT's interval is a 95% bootstrap CI of the median paired difference."),
         "",
         "| | bare engine | service (HTTP, Ray Serve, routing) | ratio / added |",
         "|---|---|---|---|",
-        f"| completion tokens (requests) | {b['tokens']} ({b['requests']}) | {s['tokens']} ({s['requests']}) | |",
-        f"| completion tokens/s | {b['tokens_per_s']:.1f} | {s['tokens_per_s']:.1f} | {ratio:.1%} |",
-        f"| TTFT p50 (ms) | {ttft_b:.1f} | {ttft_s:.1f} | +{ttft_s - ttft_b:.1f} ms |",
-        f"| routed as pre-assigned | | {s['routing_agreement']:.0%} | |",
-        f"| identical answers (greedy) | | {same}/{len(work)} | |",
+        (f"| completion tokens/s | {fmt(tps['bare'], digits=1)} | {fmt(tps['service'], digits=1)} | "
+         f"{fmt(ratio)} (target ≥ 0.90) |"),
+        (f"| TTFT (ms) | {fmt(ttft_s['bare'], digits=1)} | {fmt(ttft_s['service'], digits=1)} | "
+         f"+{added['median']:.1f} ms, 95% CI [{added['ci'][0]:.1f}, {added['ci'][1]:.1f}] — {status} (target ≤ 20 ms) |"),
+        f"| routed as pre-assigned | | {data['routing_agreement']:.0%} | |",
+        f"| identical answers (greedy, round 1) | | {same}/{len(work)} | |",
         "",
     ])
-    write_results(f"serve_overhead_{args.engine}", {"machine": m, "args": vars(args), "bare": b, "service": s,
-                                                    "throughput_ratio": ratio, "ttft_p50_added_ms": ttft_s - ttft_b,
-                                                    "identical_answers": same}, md)
-    print(json.dumps({"throughput_ratio": ratio, "ttft_added_ms": ttft_s - ttft_b}))
+    write_results(f"serve_overhead_{args.engine}", data, md)
+    print(md)
+    return data
 
 
 if __name__ == "__main__":

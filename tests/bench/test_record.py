@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-import bench.record as record
+from bench import record
 from bench.record import RunRecord, command_line, write_results
 
 
