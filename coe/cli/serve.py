@@ -128,7 +128,9 @@ def _deploy(config, base_dir, serve, args) -> None:
     from coe.serving.deployments.capacity import check_capacity, plan_demand
 
     specs = plan(config, base_dir=base_dir)
-    if not args.no_capacity_check:
+    if APP_NAME in serve.status().applications:  # an update on a shared cluster: the old version holds resources
+        _say("updating the running application; its resources are not checked against the free ones")
+    elif not args.no_capacity_check:
         check_capacity(plan_demand(config, specs.values()))
     _say(f"deploying {len(config.experts)} experts in {len(specs)} expert servers from {base_dir} "
          "(engines load first; this takes a while)")
