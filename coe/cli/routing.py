@@ -170,6 +170,10 @@ def _eval(args) -> int:
     from coe.routers.embedding import Embedder
     from coe.routers.report import EvalInputs, run_eval, split_data, write_report
 
+    if args.bootstrap < 10:
+        raise DatasetError(f"--bootstrap must be at least 10 replicates, got {args.bootstrap}")
+    if not 0 <= args.fallback_share < 1:
+        raise DatasetError(f"--fallback-share must be in [0, 1), got {args.fallback_share}")
     names = args.routers or router_names()
     for n in names:
         router_class(n)   # unknown names fail before any work, listing the available ones
@@ -189,10 +193,6 @@ def _eval(args) -> int:
         print(f"embedding {len(train) + len(test)} queries (cached under {embedder.disk_path})", file=sys.stderr)
     xtr, xte, _ = _embed_all(embedder, train, test)
     inputs = EvalInputs(train, test, xtr, xte, args.embedder, embedder.encode)
-    if args.bootstrap < 10:
-        raise DatasetError(f"--bootstrap must be at least 10 replicates, got {args.bootstrap}")
-    if not 0 <= args.fallback_share < 1:
-        raise DatasetError(f"--fallback-share must be in [0, 1), got {args.fallback_share}")
     report = run_eval(inputs, names, folds=args.folds, cv=not args.no_cv, seed=args.seed, progress=not args.quiet,
                       n_boot=args.bootstrap, fallback_share=args.fallback_share)
     out = write_report(report, args.out)

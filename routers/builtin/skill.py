@@ -8,8 +8,8 @@
    training queries showing that skill, shrunk toward a prior by ``shrink`` pseudo-queries.
    The prior is the expert's overall strength (its mean quality): strong experts stay strong
    where evidence is thin; on the skills an expert *declares* (its configured ``skills``,
-   ``FitContext.skills``) the prior is the strongest expert's strength, so the declaration
-   decides where data is thin and the outcomes decide where it is not.
+   ``FitContext.skills``) the prior is the strongest expert's strength plus ``declared_bonus``,
+   so the declaration decides where data is thin and the outcomes decide where it is not.
 3. Expert score = Σ over the query's skills of weight × profile. With ``top_k > 0`` only the
    top-k experts keep their scores (the recruited set); the rest score −inf.
 """
@@ -56,6 +56,8 @@ class SkillParams(RouterParams):
     shrink: float = Field(10.0, ge=0, description="Pseudo-queries at the expert's overall strength per skill.")
     top_k: int = Field(0, ge=0, description="Recruit only the top-k experts (0: score all).")
     extractor: str = Field("embedding", description="Skill extractor: 'embedding' or a registered one.")
+    declared_bonus: float = Field(
+        0.05, ge=0, description="Prior of an expert on a skill it declares: the strongest expert's strength plus this.")
 
 
 @register_router("skill")
@@ -102,7 +104,7 @@ class SkillRouter(Router):
         for expert, skills in ctx.skills.items():
             if expert in self.experts:
                 rows = [self.vocab.index(sk) for sk in skills if sk in self.vocab]
-                prior[rows, self.experts.index(expert)] = self.strength.max()
+                prior[rows, self.experts.index(expert)] = self.strength.max() + self.params.declared_bonus
         s = self.params.shrink
         self.profile = (w.T @ y + s * prior) / (w.sum(axis=0)[:, None] + s)   # [K, M]
         return self

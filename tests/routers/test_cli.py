@@ -78,3 +78,49 @@ def test_router_fit_saves_a_loadable_router(mbpp_slice, tmp_path, capsys):
     assert meta["calibrated_policy"]["mode"] == "tradeoff" and meta["calibrated_policy"]["lam"] >= 0
     out = capsys.readouterr().out
     assert "saved to" in out and "router.policy: {mode: tradeoff, lam:" in out
+
+
+def test_eval_selects_by_cv_and_reports_paired_cis(mbpp_slice, tmp_path, capsys):
+    train, test = mbpp_slice
+    args = ["eval", "--train", str(train), "--test", str(test), "--out", str(tmp_path / "r"), "--quiet", "--folds", "3",
+            "--bootstrap", "50"]
+    for name in ("knn", "learned", "irt", "stacked", "oracle"):
+        args += ["--router", name]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    routers = report["routers"]
+    # the plain kNN baseline is always there, untuned
+    assert report["baseline"] == {"name": "knn-plain", "router": "knn", "params": {"k": 20, "shrink": 0.0}}
+    assert routers["knn-plain"]["params"]["k"] == 20 and routers["knn-plain"]["params"]["shrink"] == 0
+    for name, r in routers.items():
+        ci = r["ci"]["vs_zero"]
+        assert ci["lo"] <= ci["diff"] <= ci["hi"] and ci["includes_zero"] == (ci["lo"] <= 0 <= ci["hi"]), name
+        if name != "knn-plain":
+            assert "vs_knn-plain" in r["ci"], name
+        assert 0 <= r["calibration"]["brier"] <= 1
+    # selection uses CV on train only; the oracle (reads outcomes) is never a candidate
+    assert "cv" not in routers["oracle"]
+    cv = {n: r["cv"]["cv_aiq"] for n, r in routers.items() if "cv" in r and n != "knn-plain"}
+    if not report["stacked"]["beats_parts"]:
+        cv.pop("stacked")
+    assert report["selected_by_cv"] == max(cv, key=cv.get)
+    sel = report["selected"]
+    assert sel["name"] == report["selected_by_cv"] and sel["test_aiq"] == routers[sel["name"]]["aiq"]
+    assert sel["meets_targets"] == (sel["vs_zero"]["diff"] >= 0.015 and sel["vs_zero"]["lo"] > 0
+                                    and sel["vs_knn-plain"]["diff"] >= 0.01 and sel["vs_knn-plain"]["lo"] > 0)
+    assert len(report["stacked"]["members"]) >= 2 and report["stacked"]["best_member"] in ("knn", "learned", "irt")
+    # routers that report uncertainty are also evaluated with the fallback to the strong model
+    assert {"irt+fallback", "knn+fallback", "learned+fallback"} <= set(routers)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "Δ vs plain kNN [95% CI]" in md and "## Reliability of `irt`" in md and "selected router's test AIQ" in md
+    assert "selected by CV:" in capsys.readouterr().out
+
+
+def test_eval_refuses_bad_bootstrap_and_fallback_share(mbpp_slice, tmp_path, capsys):
+    train, test = mbpp_slice
+    base = ["eval", "--train", str(train), "--test", str(test), "--out", str(tmp_path / "x"), "--quiet",
+            "--router", "best-single"]
+    assert main([*base, "--bootstrap", "3"]) == 2
+    assert "--bootstrap must be at least 10" in capsys.readouterr().err
+    assert main([*base, "--fallback-share", "1.5"]) == 2
+    assert "--fallback-share must be in [0, 1)" in capsys.readouterr().err

@@ -102,3 +102,37 @@ def test_shared_routerbench_files(shared_data):
     assert all(len(t) < 600 for t in texts) and "_" in texts[0]
     assert shared_prefix(["a", "b"]) == ""
     assert np.isclose(data.quality.mean(axis=0).max(), 0.855, atol=1e-3)
+
+
+def test_mtbench_judgements_with_questions_beside(tmp_path):
+    q = [{"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Now shorter."]},
+         {"question_id": 82, "category": "math", "turns": ["What is 2+2?", "And 3+3?"]}]
+    _write(tmp_path, "mt_bench_questions.jsonl", "\n".join(json.dumps(r) for r in q))
+    judged = [{"question_id": qid, "model": m, "turn": t, "score": s, "judgment": "..."}
+              for qid, m, t, s in [(81, "a", 1, 9), (81, "b", 1, 4), (81, "a", 2, 8), (81, "b", 2, 7),
+                                   (82, "a", 1, 10), (82, "b", 1, 2), (82, "a", 2, 10)]]   # (82, b, 2) missing
+    data = load_routing_data(_write(tmp_path, "judgements.jsonl", "\n".join(json.dumps(r) for r in judged)))
+    assert data.models == ["a", "b"] and len(data) == 3 and data.skipped["missing outcome"] == 1
+    assert data.queries[1] == "Write a poem.\n\nNow shorter."
+    assert data.quality.tolist() == [[9, 4], [8, 7], [10, 2]]
+    assert data.categories == ["writing", "writing", "math"]
+    (tmp_path / "mt_bench_questions.jsonl").unlink()
+    with pytest.raises(DatasetError, match="questions file beside them"):
+        load_routing_data(tmp_path / "judgements.jsonl")
+
+
+def test_observed_mask_follows_subset_and_reorder(tmp_path):
+    from coe.routers.datasets import RoutingData
+
+    obs = np.array([[True, False], [True, True], [False, True]])
+    data = RoutingData(["a", "b", "c"], ["m1", "m2"], np.zeros((3, 2)), None, observed=obs)
+    assert data.subset([2, 0]).observed.tolist() == [[False, True], [True, False]]
+    assert data.reordered(["m2", "m1"]).observed.tolist() == [[False, True], [True, True], [True, False]]
+    assert data.with_cost_table({"m1": 1, "m2": 2}).observed is obs
+
+
+def test_shared_mtbench_and_gsm8k(shared_data):
+    mt = load_routing_data(shared_data / "routing" / "mt_bench_judgements.jsonl")
+    assert len(mt) == 160 and len(mt.models) == 2 and 1 <= mt.quality.min() and mt.quality.max() <= 10
+    gsm = load_routing_data(shared_data / "routing" / "routellm_gsm8k_responses.csv")
+    assert len(gsm) == 1319 and set(np.unique(gsm.quality)) <= {0.0, 1.0}
