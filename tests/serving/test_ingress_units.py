@@ -1,0 +1,135 @@
+"""Units of the ingress without engines: the admission queue, the catalog's health and ranking,
+and the mapping of Ray's errors (by type, without Ray's internals in the message)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from coe.config import AdmissionConfig, ModelExpert
+from coe.errors import DeadlineExceededError, InvalidRequestError, OverloadedError
+from coe.serving.api.admission import Admission, Deadline
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_admission_is_fifo_bounded_and_hands_slots_on():
+    async def go():
+        adm = Admission(AdmissionConfig(max_running_per_expert=1, max_queued_per_expert=2, max_queue_wait_s=5))
+        dl = Deadline(10)
+        await adm.acquire("e", dl)
+        order = []
+
+        async def wait(tag):
+            await adm.acquire("e", dl)
+            order.append(tag)
+
+        waiters = [asyncio.ensure_future(wait(k)) for k in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(OverloadedError) as full:
+            await adm.acquire("e", dl)
+        assert full.value.retry_after_s == adm.config.retry_after_s
+        assert await_nothing(adm) == (1, 2)
+        adm.release("e")
+        await asyncio.sleep(0)
+        adm.release("e")
+        await asyncio.gather(*waiters)
+        adm.release("e")
+        assert order == [0, 1] and await_nothing(adm) == (0, 0)
+        assert await adm.acquire("other", dl) is None  # experts do not share slots
+
+    _run(go())
+
+
+def await_nothing(adm):
+    return adm.running("e"), adm.waiting("e")
+
+
+def test_admission_wait_timeout_deadline_and_cancellation_leak_nothing():
+    async def go():
+        adm = Admission(AdmissionConfig(max_running_per_expert=1, max_queued_per_expert=4, max_queue_wait_s=0.02))
+        await adm.acquire("e", Deadline(10))
+        with pytest.raises(OverloadedError):
+            await adm.acquire("e", Deadline(10))
+        with pytest.raises(DeadlineExceededError):
+            await adm.acquire("e", Deadline(0.005))
+        task = asyncio.ensure_future(adm.acquire("e", Deadline(10)))
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert adm.waiting("e") == 0
+        adm.release("e")
+        assert adm.running("e") == 0
+
+    _run(go())
+
+
+def test_catalog_ranks_serving_experts_by_score_and_skips_down_ones():
+    from coe.serving.api.catalog import ExpertCatalog
+
+    class Router:
+        def add_expert(self, e): ...
+        def remove_expert(self, eid): ...
+
+    experts = [ModelExpert(id=i, model="m", description="d") for i in ("a", "b", "c", "d")]
+    cat = ExpertCatalog(experts, config_ids=["a"], router=Router())
+    scores = {"a": 0.1, "b": 0.9, "c": math.nan}
+    assert cat.ranked(scores, default="d") == ["b", "a", "d", "c"]
+    cat.health.mark_down(["b"], "test")
+    assert cat.ranked(scores, default="d", exclude={"a"}) == ["d", "c"]
+    assert cat.health.retry_after("b") > 0 and not cat.serving("b")
+    cat.health.mark_up(["b"])
+    assert cat.serving("b")
+    snap = cat.snapshot()
+    cat.remove("b")
+    assert "b" in snap and "b" not in cat and cat.ids() == ["a", "c", "d"]
+
+
+def test_text_checks_name_the_field():
+    from coe.serving.api.validation import check_text
+
+    check_text({"a": ["ok", {"b": "fine\x00"}]})
+    with pytest.raises(InvalidRequestError) as err:
+        check_text({"a": ["ok", {"b": "bad\ud800"}]})
+    assert err.value.param == "a[1].b"
+    with pytest.raises(InvalidRequestError) as err:
+        check_text({"adapter": "/x\x00y"}, allow_nul=False)
+    assert err.value.param == "adapter" and "NUL" in err.value.message
+
+
+def test_ray_errors_are_mapped_by_type_without_internals():
+    ray_exc = pytest.importorskip("ray.exceptions")
+    from ray.serve.exceptions import BackPressureError
+
+    from coe.errors import EngineError, ServerDownError
+    from coe.serving.deployments.ray_deployments import map_ray_error
+
+    wrapped = ray_exc.RayTaskError("generate", "Traceback ... pid=4242 ip=10.1.2.3",
+                                   InvalidRequestError("bad stop", param="stop"), pid=4242, ip="10.1.2.3")
+    for err in (wrapped, wrapped.as_instanceof_cause()):
+        mapped = map_ray_error(err, "expert-x")
+        assert type(mapped) is InvalidRequestError and mapped.param == "stop"
+    died = map_ray_error(ray_exc.ActorDiedError(), "expert-x")
+    assert isinstance(died, ServerDownError) and died.retry_after_s > 0
+    gone = map_ray_error(ray_exc.ActorUnavailableError("node 10.1.2.3 unreachable", b"\x01" * 16), "expert-x")
+    assert isinstance(gone, ServerDownError) and "10.1.2.3" not in gone.message
+    crash = map_ray_error(ray_exc.RayTaskError("generate", "pid=4242 ip=10.1.2.3", RuntimeError("boom"),
+                                               pid=4242, ip="10.1.2.3"), "expert-x")
+    assert type(crash) is EngineError and "4242" not in crash.message and "10.1.2.3" not in crash.message
+    assert isinstance(map_ray_error(BackPressureError(num_queued_requests=9, max_queued_requests=8), "x"),
+                      OverloadedError)
+    plain = ValueError("not Ray's")
+    assert map_ray_error(plain, "x") is plain
+
+
+def test_no_error_is_mapped_by_its_class_name():
+    from coe.serving.api.errors import as_coe_error
+
+    class RayLookalikeError(Exception):
+        pass
+
+    assert as_coe_error(RayLookalikeError("x")) is None
