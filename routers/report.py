@@ -198,13 +198,13 @@ def write_markdown(report: dict, path: Path) -> None:
                      f"{keep} its best part {st['best_member']} ({_fmt(st['best_member_cv_aiq'])})")
     lines += [
         "",
-        f"Differences are paired-bootstrap estimates over the test queries ({report.get('bootstrap', {}).get('replicates', '?')}"
-        " replicates): observed difference [95% CI]; `*` marks a CI that includes zero. "
-        f"`{base}` is RouterBench's plain kNN (k = 20, no shrinkage). Brier: mean squared error of predicted "
-        "quality vs outcome over all (query, expert) cells, on the 0..1 scale.",
+        (f"Differences are paired-bootstrap estimates over the test queries "
+         f"({report.get('bootstrap', {}).get('replicates', '?')} replicates): observed difference [95% CI]; "
+         f"`*` marks a CI that includes zero. `{base}` is RouterBench's plain kNN (k = 20, no shrinkage). "
+         "Brier: mean squared error of predicted quality vs outcome over all (query, expert) cells, on the 0..1 scale."),
         "",
-        "| router | AIQ | Δ vs zero [95% CI] | Δ vs plain kNN [95% CI] | CV AIQ (train) | Brier | APGR | CPT(50%) | "
-        "max quality | decisions/s | params |",
+        ("| router | AIQ | Δ vs zero [95% CI] | Δ vs plain kNN [95% CI] | CV AIQ (train) | Brier | APGR | CPT(50%) | "
+         "max quality | decisions/s | params |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in sorted(report["routers"].items(), key=lambda kv: -kv[1]["aiq"]):
@@ -218,11 +218,11 @@ def write_markdown(report: dict, path: Path) -> None:
         )
     lines += [
         "",
-        "AIQ: area under the non-decreasing convex hull of (cost, quality) over the single models' cost "
-        "range, divided by the range (RouterBench). APGR/CPT: RouteLLM's metrics with the cheapest model as "
-        "weak and the best single model as strong; CPT is the normalised cost (0 = weak, 1 = strong) needed "
-        "to recover 50% of the quality gap. decisions/s: the router's own work, batched, embeddings given. "
-        "`+fallback`: the same router with the uncertainty fallback to the best single training model.",
+        ("AIQ: area under the non-decreasing convex hull of (cost, quality) over the single models' cost "
+         "range, divided by the range (RouterBench). APGR/CPT: RouteLLM's metrics with the cheapest model as "
+         "weak and the best single model as strong; CPT is the normalised cost (0 = weak, 1 = strong) needed "
+         "to recover 50% of the quality gap. decisions/s: the router's own work, batched, embeddings given. "
+         "`+fallback`: the same router with the uncertainty fallback to the best single training model."),
     ]
     for name in ("irt", sel["name"] if sel else None):
         r = report["routers"].get(name) if name else None

@@ -114,7 +114,7 @@ class IrtRouter(Router):
         ]
         res = minimize(loss_grad, np.concatenate(init), jac=True, method="L-BFGS-B",
                        options={"maxiter": self.params.max_iter})
-        a_, a0, w, c, th, de, mth, mde = unpack(res.x)
+        a_, a0, w, c, th, de, _mth, _mde = unpack(res.x)
         self.A, self.a0, self.w, self.c = a_, a0, w, c.copy()
         self.theta, self.delta = th, de
         # Laplace approximation around the optimum (difficulty head and δ; discrimination fixed)

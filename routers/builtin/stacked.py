@@ -16,7 +16,14 @@ import json
 import numpy as np
 from pydantic import Field, field_validator
 
-from coe.routers.base import QueryBatch, Router, RouterParams, create_router, register_router, router_class
+from coe.routers.base import (
+    QueryBatch,
+    Router,
+    RouterParams,
+    create_router,
+    register_router,
+    router_class,
+)
 
 
 def parse_member(spec: str) -> tuple[str, dict]:

@@ -28,7 +28,7 @@ def _irt_data(n=400, d=16, m=4, seed=0):
 def test_irt_recovers_the_true_probabilities_and_is_calibrated():
     from coe.routers.evaluate import calibration
 
-    data, x, p = _irt_data()
+    data, x, _ = _irt_data()
     test, xt, pt = _irt_data(seed=1)
     router = create_router("irt", {"dim": 1, "l2": 1.0}).fit(data, x)
     q = router.score(QueryBatch(list(test.queries), xt)).quality

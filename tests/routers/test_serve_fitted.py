@@ -73,7 +73,7 @@ def test_fit_then_serve(name, workspace, embedder, capsys):
 def test_category_learns_the_configured_categories(synthetic, embedder):
     from coe.routers.datasets import RoutingData
 
-    train, xtr, test, xte, kinds = synthetic
+    train, xtr, _, xte, kinds = synthetic
     unlabelled = RoutingData(train.queries, train.models, train.quality, train.cost)
     ctx = FitContext(categories={e["id"]: e["category"] for e in EXPERTS}, embed=embedder.encode)
     router = create_router("category").fit(unlabelled, xtr, ctx)

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from coe.errors import ConfigError
-from coe.routers import FitContext, QueryBatch, SelectionPolicy, create_router, load_router, router_names, save_router
+from coe.routers import (
+    FitContext,
+    QueryBatch,
+    SelectionPolicy,
+    create_router,
+    load_router,
+    router_names,
+    save_router,
+)
 from coe.routers.base import router_class
 from coe.routers.policy import calibrate_fallback
 
