@@ -201,7 +201,7 @@ def _write_report(args, items_file, domains, t0, load_before) -> dict:
         "load_after": [round(x, 2) for x in os.getloadavg()],
     }]
     adapters = {}
-    for d in domains:
+    for d in EXPERTS:
         ta = ROOT / "adapters" / "experts" / d / "training_args.json"
         if ta.is_file():
             a = json.loads(ta.read_text())
@@ -212,7 +212,7 @@ def _write_report(args, items_file, domains, t0, load_before) -> dict:
         "settings": {"nll_n": args.nll_n, "gen_n": args.gen_n, "max_new": args.max_new, "holdout": args.holdout,
                      "decoding": "greedy", "ci": "95% percentile bootstrap, 10000 resamples, paired for differences"},
         "runs": runs, "items_file": str(items_file.relative_to(ROOT)) if items_file.is_relative_to(ROOT) else str(items_file),
-        "results": summarize(items_file, domains),
+        "results": summarize(items_file, list(EXPERTS)),
     }
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(report(result))
