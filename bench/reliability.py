@@ -182,10 +182,9 @@ async def kill_phase(url: str, n: int, max_s: float, timeout_s: float, before_s:
     }
 
 
-async def run_phases(svc: Service, args) -> dict:
+async def run_phases(svc: Service, args, out: dict) -> dict:
+    """Run the phases, filling ``out`` as each one ends (so an interrupted run keeps them)."""
     from bench.soak import rss_mib
-
-    out: dict = {}
     warm = Recorder(svc.url, 120)
     await asyncio.gather(*(warm.chat(m) for m in ("coe", "smollm2", "gemma3", "smollm2-math") for _ in range(2)))
     await warm.close()
@@ -194,6 +193,7 @@ async def run_phases(svc: Service, args) -> dict:
 
     def sample(phase: str) -> None:
         memory.append({"phase": phase, "requests": sum(Recorder.served[e] for e in SMOLLM2), **rss_mib()})
+        out["memory"] = {"samples": memory, **growth(memory)}
 
     sample("warm-up")
     if "load" in args.phases:
@@ -205,14 +205,14 @@ async def run_phases(svc: Service, args) -> dict:
         print("burst", out["burst"], flush=True)
         sample("burst")
     if "soak" in args.phases:
-        out["soak"] = await soak(svc.url, requests=args.soak_requests, every=max(1, args.soak_requests // 5))
+        out["soak"] = await soak(svc.url, requests=args.soak_requests, every=max(1, args.soak_requests // 5),
+                                 max_s=args.soak_max_s)
         print("soak", {k: v for k, v in out["soak"].items() if k != "samples"}, flush=True)
         sample("soak")
     if "fuzz" in args.phases:
         out["fuzz"] = await asyncio.to_thread(fuzz_phase, svc.url, args.fuzz_examples, args.fuzz_max_s)
         print("fuzz", {k: v for k, v in out["fuzz"].items() if k != "summary_tail"}, flush=True)
         sample("fuzz")
-    out["memory"] = {"samples": memory, **growth(memory)}
     if "kill" in args.phases:
         out["kill"] = await kill_phase(svc.url, args.kill_clients, args.kill_max_s, args.client_timeout_s)
         print("kill", out["kill"], flush=True)
@@ -220,7 +220,8 @@ async def run_phases(svc: Service, args) -> dict:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Service start {r['startup_s']} s; stop {r['stop']}."]
+    lines = [f"Service start {r['startup_s']} s; stop {r['stop']}."
+             + (" **Interrupted**: only the phases below finished." if r.get("interrupted") else "")]
     if "load" in r:
         x = r["load"]
         lines.append(f"\n## Load: {x['clients']} clients for {x['seconds']} s\n\n{x['requests']} requests, "
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burst", type=int, default=128)
     ap.add_argument("--burst-deadline-s", type=float, default=60)
     ap.add_argument("--soak-requests", type=int, default=500)
+    ap.add_argument("--soak-max-s", type=float, default=90, help="stop the soak's requests after this long")
     ap.add_argument("--fuzz-examples", type=int, default=20)
     ap.add_argument("--fuzz-max-s", type=float, default=90)
     ap.add_argument("--kill-clients", type=int, default=16)
@@ -283,8 +285,11 @@ def main(argv: list[str] | None = None) -> int:
                                f"(shorter than the issue's 3 min to fit the shared machine).")
     stop_on_sigterm()
     svc = Service(free_port(), args.config)
+    results: dict = {}
     try:
-        results = asyncio.run(run_phases(svc, args))
+        asyncio.run(run_phases(svc, args, results))
+    except KeyboardInterrupt:
+        results["interrupted"] = True  # keep the phases that finished
     finally:
         stop = svc.stop()
     results.update(startup_s=round(svc.startup_s, 1), stop=stop,

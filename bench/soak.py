@@ -199,13 +199,16 @@ async def clients(n: int, until: float, send) -> None:
     await asyncio.gather(*(one() for _ in range(n)))
 
 
-async def soak(url: str, *, requests: int, concurrency: int = 16, every: int = 100, timeout_s: float = 60) -> dict:
-    """RSS of the expert-smollm2 replica after warm-up and every ``every`` requests to it."""
+async def soak(url: str, *, requests: int, concurrency: int = 16, every: int = 100, timeout_s: float = 60,
+               max_s: float | None = None) -> dict:
+    """RSS of the expert-smollm2 replica after warm-up and every ``every`` requests to it; stops
+    sending after ``max_s`` seconds (then ``requests`` is what was sent)."""
     rec = Recorder(url, timeout_s)
     models = list(SMOLLM2)
-    for i in range(2 * concurrency):  # warm-up: every adapter, every prompt shape
-        await rec.chat(models[i % 3], PROMPTS[i % len(PROMPTS)] * (1 + i % 4), max_tokens=32)
+    # warm-up: every adapter, a short and a long prompt
+    await asyncio.gather(*(rec.chat(models[i % 3], prompt_of(i % 2 * 4 + 1 - i % 2), max_tokens=16) for i in range(6)))
     warm = len(rec.calls)
+    until = time.monotonic() + max_s if max_s else float("inf")
     samples = [{"requests": 0, **rss_mib()}]
     sent = 0
     lock = asyncio.Lock()
@@ -214,16 +217,19 @@ async def soak(url: str, *, requests: int, concurrency: int = 16, every: int = 1
         nonlocal sent
         while True:
             async with lock:
-                if sent >= requests:
+                if sent >= requests or time.monotonic() > until:
                     return
                 sent += 1
                 i = sent
             await rec.chat(models[i % 3], prompt_of(i), max_tokens=8 + (i % 4) * 8)
             if i % every == 0:
                 samples.append({"requests": i, **rss_mib()})
+                print(f"soak: {i} requests, RSS {samples[-1]['replica_mib']} / {samples[-1]['tree_mib']} MiB",
+                      flush=True)
 
     t0 = time.monotonic()
     await asyncio.gather(*(one() for _ in range(concurrency)))
+    requests = sent
     if samples[-1]["requests"] != requests:
         samples.append({"requests": requests, **rss_mib()})
     await rec.close()
@@ -271,13 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--max-s", type=float, default=None, help="stop sending after this many seconds")
     ap.add_argument("--config", default=None)
     args = ap.parse_args(argv)
     rec = RunRecord.start(note="coe serve on the default config; RSS of the expert-smollm2 replica (vLLM).")
     stop_on_sigterm()
     svc = Service(free_port(), args.config)
     try:
-        out = asyncio.run(soak(svc.url, requests=args.requests, concurrency=args.clients, every=args.every))
+        out = asyncio.run(soak(svc.url, requests=args.requests, concurrency=args.clients, every=args.every,
+                               max_s=args.max_s))
     finally:
         stop = svc.stop()
     data = rec.finish({"soak": out, "startup_s": round(svc.startup_s, 1), "stop": stop})
