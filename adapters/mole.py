@@ -115,9 +115,11 @@ class MoLE:
             losses.append(flat.shape[-1] * (f * flat.mean(0)).sum())
         return torch.stack(losses).mean()
 
-    def mean_weights(self) -> dict[int, list[float]]:
-        """Mean expert weights per gated layer in the last forward (for reports)."""
-        return {l: [round(x, 4) for x in w.reshape(-1, w.shape[-1]).mean(0).tolist()] for l, w in self._weights.items()}
+    @property
+    def last_weights(self) -> dict[int, torch.Tensor]:
+        """The expert weights of the last forward, per gated decoder layer: ``[B, T, n]`` (after
+        top-k), for gate reports. Empty before the first forward."""
+        return dict(self._weights)
 
     # -- forward / stepper -----------------------------------------------------------------
     def __call__(self, ids, mask=None, cache=None, **kw):

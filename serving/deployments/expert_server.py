@@ -44,13 +44,15 @@ class ExpertServer:
     """Hosts one engine for the experts of a :class:`ServerSpec`.
 
     ``engine_cls`` is injected (``coe.serving.engines.get_engine_class(spec.engine_kind)`` when
-    None). Engine failures surface as :class:`EngineError` (HTTP 503); request errors
+    None). ``window`` overrides the engine's declared batching (True: every plain request goes
+    through the batching window; False: none does); None, the default, follows the engine. Engine failures surface as :class:`EngineError` (HTTP 503); request errors
     (context too long, bad adapter) keep their own :class:`CoEError` type.
     """
 
-    def __init__(self, spec: ServerSpec, *, engine_cls=None) -> None:
+    def __init__(self, spec: ServerSpec, *, engine_cls=None, window: bool | None = None) -> None:
         self.spec = spec
         self._engine_cls = engine_cls
+        self._window_override = window
         self.engine = None
         self._experts: dict[str, str | None] = {}  # expert id -> adapter path (None: the engine's own model)
         self._failed: dict[str, str] = {}  # expert id -> why it cannot serve
@@ -88,7 +90,7 @@ class ExpertServer:
                 self._failed[eid] = f"the engine of {spec.server_id} failed to load: {self.load_error}"
             return
         caps = engine_cls.capabilities
-        self._windowed = caps.batching == "window"
+        self._windowed = caps.batching == "window" if self._window_override is None else self._window_override
         self._experts[host.id] = None
         for pooled in spec.pooled:
             self.host_expert(pooled.id)

@@ -84,3 +84,53 @@ def test_uniform_mixture_without_checkpoint_and_config_errors(tiny_llama_dir, ti
 async def _start_and_generate(engine):
     await engine.start()
     return await engine.generate(_req("hello"))
+
+
+def _unseedable(text: str) -> GenerationRequest:
+    """A request whose seed torch cannot use, built past the API's validation."""
+    params = SamplingParams.model_construct(max_tokens=5, temperature=0.7, top_p=1.0, stop=[], seed=2**64)
+    return GenerationRequest(request_id="bad", messages=[ChatMessage(role="user", content=text)], sampling=params)
+
+
+def test_one_bad_request_does_not_fail_its_batch(tiny_llama_dir, saved_mole):
+    from coe.errors import InvalidRequestError
+    from coe.types import GenerationOutput
+
+    engine = get_engine_class("mixture")(tiny_llama_dir, EngineConfig(kind="hf"), method="mole", checkpoint=saved_mole)
+    prompts = ["hello world", "what is 2 + 2 ?", "paris", "def f", "math", "the sea", "a b c"]
+
+    async def run():
+        await engine.start()
+        batch = await engine.generate_batch([_req(p) for p in prompts[:2]] + [_unseedable("x")] + [_req(p) for p in prompts[2:]])
+        alone = [await engine.generate(_req(p)) for p in prompts]
+        return batch, alone
+
+    batch, alone = asyncio.run(run())
+    assert isinstance(batch[2], InvalidRequestError) and batch[2].param == "seed"
+    good = batch[:2] + batch[3:]
+    assert all(isinstance(o, GenerationOutput) for o in good)
+    assert [o.token_ids for o in good] == [o.token_ids for o in alone]
+
+
+def test_the_expert_server_collects_a_window_for_the_mixture(tiny_llama_dir, tiny_loras, saved_mole):
+    from coe.config import BatchingConfig, LoraExpert, MixtureExpert, ModelExpert
+    from coe.serving.deployments.expert_server import ExpertServer
+    from coe.serving.deployments.spec import ServerSpec
+
+    base = ModelExpert(id="tiny", model=str(tiny_llama_dir), engine=EngineConfig(kind="hf", device="cpu"))
+    loras = [LoraExpert(id=n, base="tiny", adapter=str(p)) for n, p in zip("ab", tiny_loras)]
+    mix = MixtureExpert(id="mix", base="tiny", adapters=["a", "b"], checkpoint=str(saved_mole))
+    spec = ServerSpec(server_id="expert-mix", host=mix, base=base, loras=loras,
+                      batching=BatchingConfig(max_batch_size=8, window_ms=200))
+
+    async def run():
+        server = ExpertServer(spec)
+        await server.start()
+        served = await asyncio.gather(*(server.generate(_req(p)) for p in ["hello", "paris", "math"]))
+        await server.stop()
+        return server, served
+
+    server, served = asyncio.run(run())
+    assert server.ready() == {"mix": None}
+    assert [s.batch_size for s in served] == [3, 3, 3] and server.batcher.batches_dispatched == 1
+    assert all(s.output.completion_tokens >= 1 and s.expert == "mix" for s in served)

@@ -48,7 +48,8 @@ def test_cached_decoding_equals_full_forward(tiny_llama_dir, tiny_loras):
     full = torch.cat([IDS, toks], 1)
     logits = mole(full).logits  # no cache
     assert torch.equal(logits[:, IDS.shape[1] - 1 : -1].argmax(-1), toks)
-    w = mole._weights[0]
+    w = mole.last_weights[0]  # [B, T, n] of the last forward, after top-k
+    assert w.shape[:2] == full.shape and w.shape[-1] == len(tiny_loras)
     assert ((w > 0).sum(-1) == 2).all() and torch.allclose(w.sum(-1), torch.ones_like(w[..., 0]))
 
 

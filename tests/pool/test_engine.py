@@ -112,10 +112,41 @@ def test_errors_and_cancellation(tiny_experts):
 
 
 def test_registered_as_pool_engine():
-    from coe.serving.engines.base import _ENGINES
+    from coe.serving.engines.base import get_engine_class
     from coe.serving.pool.engine import PoolEngine
 
-    assert _ENGINES["pool"] is PoolEngine
+    assert get_engine_class("pool") is PoolEngine
+
+
+def test_one_bad_request_does_not_fail_its_batch_and_sessions_are_bounded(tiny_experts, monkeypatch):
+    from coe.errors import InvalidRequestError
+    from coe.serving.pool.engine import PoolEngine
+    from coe.types import GenerationOutput
+
+    monkeypatch.setattr(PoolEngine, "SESSION_LOG", 2)
+    experts = {"e0": tiny_experts["e0"], "e1": tiny_experts["e1"]}
+    bad = GenerationRequest("bad", messages=[ChatMessage(role="user", content="x")], expert="e0",
+                            sampling=SamplingParams.model_construct(max_tokens=6, temperature=0.7, top_p=1.0,
+                                                                    stop=[], seed=2**64))  # past the API's checks
+    reqs = [_req(i, "e0") for i in range(7)]
+
+    async def main():
+        engine = _engine(experts)
+        await engine.start()
+        outs = await engine.generate_batch(reqs[:4] + [bad] + reqs[4:])
+        alone = [await engine.generate(r) for r in reqs]
+        for i in range(3):
+            await engine.generate(_req(i, "e1"))
+        await engine.stop()
+        return engine, outs, alone
+
+    engine, outs, alone = asyncio.run(main())
+    assert isinstance(outs[4], InvalidRequestError) and outs[4].param == "seed"
+    good = outs[:4] + outs[5:]
+    assert all(isinstance(o, GenerationOutput) for o in good)
+    assert [o.token_ids for o in good] == [o.token_ids for o in alone]
+    assert len(engine.sessions) == 2 and engine.sessions[-1] == ("e1", 1)  # only the last SESSION_LOG kept
+    assert engine.sessions_served >= 4
 
 
 def test_from_config_takes_pooled_model_experts(tiny_experts):
