@@ -107,7 +107,8 @@ def run_eval(inputs: EvalInputs, names: list[str], *, folds: int = 5, cv: bool =
         if len(parts) < 2:
             parts = [n for n in STACKABLE if n in results][:3]
         specs = [member_spec(n, {k: v for k, v in results[n].params.items() if k != "seed"}) for n in parts]
-        run("stacked", "stacked", {"members": specs, "seed": seed}, grid={})
+        run("stacked", "stacked", {"members": specs, "seed": seed} if specs else {"seed": seed}, grid={})
+        specs = list(fitted["stacked"].params.members)
         best_part = max(parts, key=lambda n: cv_info.get(n, {}).get("cv_aiq", -np.inf)) if parts else None
         s_cv = cv_info.get("stacked", {}).get("cv_aiq")
         b_cv = cv_info.get(best_part, {}).get("cv_aiq") if best_part else None

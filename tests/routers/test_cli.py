@@ -124,3 +124,13 @@ def test_eval_refuses_bad_bootstrap_and_fallback_share(mbpp_slice, tmp_path, cap
     assert "--bootstrap must be at least 10" in capsys.readouterr().err
     assert main([*base, "--fallback-share", "1.5"]) == 2
     assert "--fallback-share must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_eval_stacked_alone_uses_its_default_members(mbpp_slice, tmp_path):
+    train, test = mbpp_slice
+    assert main(["eval", "--train", str(train), "--test", str(test), "--out", str(tmp_path / "s"), "--quiet",
+                 "--no-cv", "--bootstrap", "20", "--router", "stacked"]) == 0
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["stacked"]["members"] == ["knn:k=50:shrink=8", "learned", "irt"]
+    assert report["selected_by_cv"] is None and "selected" not in report   # no CV, no selection
+    assert set(report["routers"]) == {"stacked", "knn-plain"}
