@@ -9,6 +9,10 @@ to ``run_batch`` as one call, up to ``max_concurrent`` batches in flight (``max_
 requests keep collecting while a batch runs, and the next batch of a group takes everything
 that arrived meanwhile). Groups are served oldest first, full groups before others.
 
+The waiting requests live in the one grouped queue of the project,
+:class:`~coe.serving.pool.scheduler.GroupedQueue` (the expert pool's), with the window as its
+overdue bound: this module adds only the asyncio side (futures, waking, dispatch).
+
 Runs on one asyncio loop; ``submit`` may be awaited concurrently from many tasks.
 """
 
@@ -17,17 +21,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+from coe.serving.pool.scheduler import GroupedQueue
 
 Req = TypeVar("Req")
 Out = TypeVar("Out")
-
-
-@dataclass
-class _Group(Generic[Req, Out]):
-    first_at: float
-    items: list[tuple[Req, asyncio.Future]] = field(default_factory=list)
 
 
 class ExpertGroupedBatcher(Generic[Req, Out]):
@@ -51,7 +50,8 @@ class ExpertGroupedBatcher(Generic[Req, Out]):
         self.max_batch_size = max_batch_size
         self.window_s = window_ms / 1000.0
         self._slots = asyncio.Semaphore(max_concurrent) if max_concurrent else None
-        self._groups: dict[str, _Group] = {}
+        # items are (request, future); "oldest_first" never skips a group within take()
+        self._queue = GroupedQueue("oldest_first", window_ms, max_batch_size)
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
@@ -59,41 +59,23 @@ class ExpertGroupedBatcher(Generic[Req, Out]):
 
     def queue_depth(self) -> int:
         """Requests waiting for a batch (not yet dispatched)."""
-        return sum(len(g.items) for g in self._groups.values())
+        return len(self._queue)
 
     async def submit(self, key: str, request: Req) -> tuple[Out, int]:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._loop())
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        group = self._groups.get(key)
-        if group is None:
-            group = self._groups[key] = _Group(first_at=time.monotonic())
-        group.items.append((request, fut))
+        self._queue.put(key, (request, fut))
         self._wake.set()
         try:
             return await fut
         except asyncio.CancelledError:
-            group = self._groups.get(key)
-            if group is not None:
-                group.items = [(r, f) for r, f in group.items if f is not fut]
-                if not group.items:
-                    self._groups.pop(key, None)
+            self._queue.remove_if(lambda item: item[1] is fut)
             raise
-
-    def _due(self, now: float) -> float | None:
-        """Seconds until the next group is due (<= 0: one is due now); None when idle."""
-        if not self._groups:
-            return None
-        waits = []
-        for g in self._groups.values():
-            if len(g.items) >= self.max_batch_size:
-                return 0.0
-            waits.append(g.first_at + self.window_s - now)
-        return min(waits)
 
     async def _loop(self) -> None:
         while True:
-            due = self._due(time.monotonic())
+            due = self._queue.next_due_in(time.monotonic())
             if due is None:
                 self._wake.clear()
                 await self._wake.wait()
@@ -107,30 +89,16 @@ class ExpertGroupedBatcher(Generic[Req, Out]):
                 continue
             if self._slots is not None:
                 await self._slots.acquire()
-            key = self._pick()
-            if key is None:
+            ready = self._queue.due(time.monotonic())
+            if not ready:  # cancelled while waiting for a slot
                 if self._slots is not None:
                     self._slots.release()
                 continue
-            group = self._groups[key]
-            take, group.items = group.items[: self.max_batch_size], group.items[self.max_batch_size :]
-            if group.items:
-                group.first_at = time.monotonic() - self.window_s  # the rest already waited: due now
-            else:
-                del self._groups[key]
+            key = ready[0]
+            take = self._queue.take(key, self.max_batch_size)
             task = asyncio.create_task(self._dispatch(key, take))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
-
-    def _pick(self) -> str | None:
-        """The oldest group that is due (full groups first)."""
-        now = time.monotonic()
-        due = [
-            (len(g.items) < self.max_batch_size, g.first_at, k)
-            for k, g in self._groups.items()
-            if g.items and (len(g.items) >= self.max_batch_size or g.first_at + self.window_s <= now)
-        ]
-        return min(due)[2] if due else None
 
     async def _dispatch(self, key: str, items: list[tuple[Req, asyncio.Future]]) -> None:
         items = [(r, f) for r, f in items if not f.done()]

@@ -17,6 +17,9 @@ overdue and its expert is served next (the oldest overdue request first). A requ
 waits at most about ``overdue_after_ms`` plus the batch in progress plus the other overdue
 groups ahead of it; the bound keeps ``largest_group`` from starving a rarely-routed expert.
 
+The same queue is the deployment layer's batching window (``due``/``next_due_in``: a group goes
+when it is full or its oldest request has waited the window).
+
 Pure Python, no torch; not thread-safe (the engine guards it with its condition lock).
 """
 
@@ -69,6 +72,27 @@ class GroupedQueue:
         for q in self._items:
             out[q.expert] = out.get(q.expert, 0) + 1
         return out
+
+    def due(self, now: float | None = None) -> list[str]:
+        """Experts whose group should go now: full groups (``max_batch`` requests) first, then
+        those whose oldest request is overdue, oldest first. (The batching window of the
+        deployment layer is this queue with ``overdue_after_ms`` = the window.)"""
+        now = time.monotonic() if now is None else now
+        oldest: dict[str, float] = {}
+        for q in self._items:
+            oldest.setdefault(q.expert, q.arrived)
+        sizes = self.groups()
+        ready = [e for e in oldest if sizes[e] >= self.max_batch or now - oldest[e] >= self.overdue_after_s]
+        return sorted(ready, key=lambda e: (sizes[e] < self.max_batch, oldest[e]))
+
+    def next_due_in(self, now: float | None = None) -> float | None:
+        """Seconds until some group is due (<= 0: one is due now); None when the queue is empty."""
+        if not self._items:
+            return None
+        now = time.monotonic() if now is None else now
+        if self.due(now):
+            return 0.0
+        return self._items[0].arrived + self.overdue_after_s - now
 
     def choose(self, now: float | None = None, resident: Collection[str] = ()) -> str | None:
         """The expert the policy serves next (None when the queue is empty)."""

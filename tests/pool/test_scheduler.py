@@ -68,3 +68,17 @@ def test_bad_arguments_are_refused():
         GroupedQueue("random")
     with pytest.raises(ValueError, match="max_batch"):
         GroupedQueue("fcfs", max_batch=0)
+
+
+def test_due_groups_for_the_batching_window():
+    """The window batcher's view of the queue: a group is due when full or its oldest request
+    has waited the bound; full groups go first, then the oldest."""
+    q = _queue("oldest_first", ["a", "b", "b", "b"], overdue_after_ms=10, max_batch=3)  # arrivals 0..3 ms
+    assert q.due(now=0.004) == ["b"]  # full, though nobody waited 10 ms
+    assert q.next_due_in(now=0.004) == 0.0
+    q.take("b")
+    assert q.due(now=0.004) == [] and q.next_due_in(now=0.004) == pytest.approx(0.006)
+    q.put("c", "c9", now=0.005)
+    assert q.due(now=0.0151) == ["a", "c"]  # both overdue, oldest first
+    q.take_all()
+    assert q.next_due_in(now=1.0) is None and q.due(now=1.0) == []
