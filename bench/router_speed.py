@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--wait-ms", type=float, default=1.0, help="micro-batcher wait (router.batch_wait_ms)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-quality", action="store_true", help="skip the AIQ part")
+    ap.add_argument("--no-speed", action="store_true", help="only the AIQ part (deterministic: no quiet machine needed)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -141,13 +142,13 @@ def main() -> None:
     singles = short[args.batch * 4 : args.batch * 4 + args.singles]
     cfg = load_config()
     routers = {}
-    for n in names:
+    for n in [] if args.no_speed else names:
         emb = Embedder(n, memory_items=0, threads=args.threads)      # no memory cache, no disk cache
         routers[n] = build_online_router(cfg.router, cfg.experts, embedder=emb)
         routers[n].route(["warm up the model"] * 8)
         routers[n].route(["warm up"])
     runs: dict[str, list[dict]] = {n: [] for n in names}
-    for _ in range(args.repeats):
+    for _ in range(0 if args.no_speed else args.repeats):
         for n in names:   # interleaved: each repeat visits every embedder once
             runs[n].append(speed_once(routers[n], MicroBatcher, batched, singles, args))
 
@@ -157,9 +158,10 @@ def main() -> None:
 
     table = {}
     for n in names:
-        emb = routers[n].embedder
+        emb = routers[n].embedder if n in routers else Embedder(n)
         table[n] = {"backend": emb.backend, "dim": emb.dim,
-                    **{k: agg(n, k) for k in runs[n][0]}, "quality": quality_rows.get(n), "runs": runs[n]}
+                    **({k: agg(n, k) for k in runs[n][0]} if runs[n] else {}), "quality": quality_rows.get(n),
+                    "runs": runs[n]}
     result = {
         "date": started.isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
@@ -202,7 +204,9 @@ def render(result: dict, names: list[str]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def f(cell: dict, digits: int) -> str:
+    def f(cell: dict | None, digits: int) -> str:
+        if cell is None:
+            return "—"
         return f"{cell['median']:.{digits}f} [{cell['min']:.{digits}f}–{cell['max']:.{digits}f}]"
 
     def aiq(q: dict | None, split: str) -> str:
@@ -218,9 +222,9 @@ def render(result: dict, names: list[str]) -> str:
     for n in names:
         r = t[n]
         lines.append(
-            f"| {n} | {r['backend']} | {r['dim']} | {f(r['batched_dps'], 0)} | {f(r['single_p50_ms'], 2)} | "
-            f"{f(r['single_p99_ms'], 2)} | {f(r['clients_p50_ms'], 2)} | {f(r['clients_p99_ms'], 2)} | "
-            f"{f(r['clients_dps'], 0)} | {aiq(r['quality'], 'winograde')} | {aiq(r['quality'], 'mbpp')} |"
+            f"| {n} | {r['backend']} | {r['dim']} | {f(r.get('batched_dps'), 0)} | {f(r.get('single_p50_ms'), 2)} | "
+            f"{f(r.get('single_p99_ms'), 2)} | {f(r.get('clients_p50_ms'), 2)} | {f(r.get('clients_p99_ms'), 2)} | "
+            f"{f(r.get('clients_dps'), 0)} | {aiq(r['quality'], 'winograde')} | {aiq(r['quality'], 'mbpp')} |"
         )
     if base:
         lines += ["", f"Zero router AIQ: winogrande {base['winograde']['zero_router']:.4f}, "
