@@ -195,12 +195,12 @@ def render(result: dict, names: list[str]) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
-        f"A decision: {result['decision']}. Median of {result['queries']['repeats']} interleaved repeats "
-        "(min–max in brackets).",
+        (f"A decision: {result['decision']}. Median of {result['queries']['repeats']} interleaved repeats "
+         "(min–max in brackets)."),
         "",
-        "| embedder | backend | dim | decisions/s batched | one query p50 ms | p99 ms | "
-        f"{result['queries']['clients']} clients p50 ms | p99 ms | decisions/s | "
-        "AIQ winogrande (learned / kNN / centroid) | AIQ mbpp (learned / kNN / centroid) |",
+        ("| embedder | backend | dim | decisions/s batched | one query p50 ms | p99 ms | "
+         f"{result['queries']['clients']} clients p50 ms | p99 ms | decisions/s | "
+         "AIQ winogrande (learned / kNN / centroid) | AIQ mbpp (learned / kNN / centroid) |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -227,9 +227,9 @@ def render(result: dict, names: list[str]) -> str:
             f"{f(r.get('clients_dps'), 0)} | {aiq(r['quality'], 'winograde')} | {aiq(r['quality'], 'mbpp')} |"
         )
     if base:
-        lines += ["", f"Zero router AIQ: winogrande {base['winograde']['zero_router']:.4f}, "
-                      f"mbpp {base['mbpp']['zero_router']:.4f}. The learned router's difference to MiniLM in "
-                      "PyTorch (minilm-l6) is in brackets; the quality target is ≥ −0.005."]
+        lines += ["", (f"Zero router AIQ: winogrande {base['winograde']['zero_router']:.4f}, "
+                       f"mbpp {base['mbpp']['zero_router']:.4f}. The learned router's difference to MiniLM in "
+                       "PyTorch (minilm-l6) is in brackets; the quality target is ≥ −0.005.")]
     return "\n".join(lines) + "\n"
 
 

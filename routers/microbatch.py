@@ -76,7 +76,7 @@ class MicroBatcher:
             self.largest_batch = max(self.largest_batch, len(batch))
             try:
                 decisions = await asyncio.to_thread(self.route_batch, [t for t, _ in batch])
-            except Exception as err:  # every waiter of this batch gets the router's error
+            except Exception as err:  # noqa: BLE001  (any router error belongs to every waiter of the batch)
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(err)

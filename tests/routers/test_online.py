@@ -191,7 +191,7 @@ def test_microbatcher_coalesces_concurrent_queries_in_order():
     out = asyncio.run(main())
     assert out == [f"decision:q{i}" for i in range(20)]
     assert [len(b) for b in inner.batches] == [8, 8, 4]          # bounded by max_batch, nothing lost
-    assert sum(inner.batches, []) == [f"q{i}" for i in range(20)]
+    assert [q for b in inner.batches for q in b] == [f"q{i}" for i in range(20)]
 
 
 def test_microbatcher_queues_behind_a_batch_in_flight_and_bounds_the_wait():
