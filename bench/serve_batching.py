@@ -107,9 +107,10 @@ def main() -> None:
     md = "\n".join([
         "# The batching window vs straight dispatch (transformers engine)",
         "",
-        f"{args.clients} concurrent clients over 3 experts (SmolLM2-135M-Instruct + 2 LoRA experts), "
-        f"{args.requests_per_client} requests each, greedy, max_tokens {args.max_tokens}; one ExpertServer + HFEngine "
-        f"in process, {args.threads} torch thread(s). Machine: {machine()['cpus']} CPUs, {machine()['date']}; {machine()['note']}.",
+        (f"{args.clients} concurrent clients over 3 experts (SmolLM2-135M-Instruct + 2 LoRA experts), "
+         f"{args.requests_per_client} requests each, greedy, max_tokens {args.max_tokens}; one ExpertServer + HFEngine "
+         f"in process, {args.threads} torch thread(s). Machine: {machine()['cpus']} CPUs, {machine()['date']}; "
+         f"{machine()['note']}."),
         "",
         "| dispatch | tokens/s | mean batch | wall s | vs per_request |",
         "|---|---|---|---|---|",

@@ -23,8 +23,13 @@ import threading
 from coe.errors import AdapterError, NotReadyError
 from coe.serving.engines.adapter_check import LoraInfo, validate_lora_adapter
 from coe.serving.engines.base import Capabilities, Engine, register_engine
-from coe.serving.engines.decode_batch import DecodeBatch
-from coe.serving.engines.loading import model_load_error, model_max_len, resolve_device, resolve_dtype
+from coe.serving.engines.decode_batch import DecodeBatch, row_error
+from coe.serving.engines.loading import (
+    model_load_error,
+    model_max_len,
+    resolve_device,
+    resolve_dtype,
+)
 from coe.serving.engines.rows import Row, StreamBridge
 from coe.serving.engines.tokens import check_context, encode_request, load_tokenizer, stop_ids
 from coe.types import GenerationRequest
@@ -225,8 +230,6 @@ class HFEngine(Engine):
                         batch.step()
                     batch.drop_finished()
             except Exception as err:  # noqa: BLE001  (a failing shared step must not kill the engine)
-                from coe.serving.engines.decode_batch import row_error
-
                 batch.fail(row_error(err), new)
 
     def _check_adapters(self, new: list[Row]) -> list[Row]:

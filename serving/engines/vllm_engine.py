@@ -19,7 +19,12 @@ import uuid
 from coe.errors import AdapterError, EngineError, NotReadyError
 from coe.serving.engines.adapter_check import LoraInfo, validate_lora_adapter
 from coe.serving.engines.base import Capabilities, Engine, register_engine
-from coe.serving.engines.loading import model_load_error, model_max_len, resolve_device, resolve_dtype
+from coe.serving.engines.loading import (
+    model_load_error,
+    model_max_len,
+    resolve_device,
+    resolve_dtype,
+)
 from coe.serving.engines.tokens import check_context, encode_request, load_tokenizer
 from coe.types import GenerationRequest, StreamDelta
 

@@ -8,8 +8,8 @@ import pytest
 
 from coe.errors import AdapterError, ContextLengthError
 from coe.serving.engines.adapter_check import validate_lora_adapter
-from coe.serving.engines.tokens import check_context, encode_request
 from coe.serving.engines.text import TextStream
+from coe.serving.engines.tokens import check_context, encode_request
 from coe.serving.engines.vllm_engine import vllm_lora_rank
 
 TEXT = "Café naïve — 日本語のテキスト 🙂 done."
