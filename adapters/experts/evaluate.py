@@ -157,11 +157,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-nll", action="store_true")
     p.add_argument("--skip-task", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the items file (no model)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "experts_eval")
     args = p.parse_args(argv)
     t0 = time.time()
     deadline = t0 + args.budget_s
     domains = args.domains.split(",")
+    items_file = args.out.with_name(args.out.name + "_items.jsonl")
+    if args.report_only:
+        print(report(_write_report(args, items_file, domains, t0, os.getloadavg(), record_run=False)))
+        return
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -178,7 +183,6 @@ def main(argv: list[str] | None = None) -> None:
     for d in domains:
         lora.add(d, ROOT / "adapters" / "experts" / d)
     like = HFLikelihood(model, tok, lora=lora, batch_size=8, max_len=1024)
-    items_file = args.out.with_name(args.out.name + "_items.jsonl")
     items_file.parent.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     for d in domains:
@@ -192,14 +196,14 @@ def main(argv: list[str] | None = None) -> None:
     print(report(result))
 
 
-def _write_report(args, items_file, domains, t0, load_before) -> dict:
+def _write_report(args, items_file, domains, t0, load_before, record_run: bool = True) -> dict:
     prev = json.loads(args.out.with_suffix(".json").read_text()) if args.out.with_suffix(".json").is_file() else {}
     runs = prev.get("runs", []) + [{
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python -m coe.adapters.experts.evaluate " + shlex.join(sys.argv[1:]),
         "wall_s": round(time.time() - t0, 1), "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],
-    }]
+    }][: None if record_run else 0]
     adapters = {}
     for d in EXPERTS:
         ta = ROOT / "adapters" / "experts" / d / "training_args.json"
