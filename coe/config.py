@@ -239,6 +239,12 @@ class RouterConfig(Strict):
         description="With a fitted router: an expert it has not seen wins a query when the query's cosine "
         "similarity to the expert's description/examples exceeds this.",
     )
+    min_profile_similarity: float | None = Field(
+        None, ge=-1, le=1,
+        description="With a fitted router that keeps its training queries (knn): a query whose cosine "
+        "similarity to the nearest profiled query is below this is routed by the experts' descriptions, as "
+        "without a fitted router (the outcome data says nothing about it). None: always the fitted router.",
+    )
     batch_max_queries: int = Field(
         64, ge=1, le=4096,
         description="Ingress micro-batching: most concurrent queries embedded together in one routing batch.",
@@ -366,6 +372,13 @@ class ServingConfig(Strict):
         if info.data.get("registry_path") is not None:
             raise ValueError("set serving.registry_url or serving.registry_path, not both")
         return url
+
+    registered_model_resources: ResourcesConfig | None = Field(
+        None,
+        description="Resources of a `model` expert registered at runtime (POST /v1/experts) that gives none; "
+        "unset: the ResourcesConfig defaults (CPU). `coe k8s render --gpu` sets num_gpus: 1, so such a model "
+        "lands on the GPU worker group.",
+    )
     adapter_roots: list[str] = Field(
         default_factory=list, description="Folders runtime-registered adapters must live under."
     )

@@ -123,6 +123,12 @@ class Router:
     def score(self, batch: QueryBatch) -> Scores:
         raise NotImplementedError
 
+    def coverage(self, batch: QueryBatch) -> np.ndarray | None:
+        """``[B]`` cosine similarity of each query to its nearest training query, or None when
+        the router keeps no training queries. The online router routes a query the training data
+        does not cover (``router.min_profile_similarity``) by the experts' descriptions."""
+        return None
+
     def state(self) -> dict[str, np.ndarray]:
         """Arrays that, with params/experts/costs, rebuild the fitted router."""
         return {}

@@ -154,7 +154,14 @@ class OnlineRouter:
         unseen = [j for j, x in enumerate(ids) if x not in fit.experts]
         if unseen:
             quality[:, unseen] = best_known + (cos[:, unseen] - self.cfg.new_expert_similarity)
-        return quality, ~np.isfinite(quality).any(axis=1)
+        unsure = ~np.isfinite(quality).any(axis=1)
+        floor = self.cfg.min_profile_similarity
+        coverage = self.fitted.coverage(batch) if floor is not None else None   # [B] | None
+        if coverage is not None:
+            outside = coverage < floor          # the profiles say nothing about these queries
+            quality[outside] = cos[outside]
+            unsure[outside] = cos[outside].max(axis=1) < self.cfg.unsure_similarity
+        return quality, unsure
 
     def _decision(self, choice: str, ids: list[str], row: np.ndarray, costs: np.ndarray, *,
                   cached: bool = False) -> RoutingDecision:

@@ -71,6 +71,10 @@ class KnnRouter(Router):
         n_eff = wsum ** 2 / (w ** 2).sum(axis=1, keepdims=True)             # [B, 1]
         return self._scores(quality, np.sqrt(spread / (n_eff + s)))
 
+    def coverage(self, batch: QueryBatch) -> np.ndarray:
+        sims, _ = self._get_index().search(np.ascontiguousarray(batch.embeddings, dtype=np.float32), 1)  # [B, 1]
+        return sims[:, 0]
+
     def state(self):
         return {"keys": self.keys, "values": self.values, "prior": self.prior}
 

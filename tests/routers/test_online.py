@@ -11,7 +11,11 @@ from coe.routers import build_online_router
 
 @pytest.fixture(scope="module")
 def default_cfg():
-    return load_config()
+    """The default config's experts, routed by their descriptions (centroid, no fitted router);
+    the shipped fitted router is tested in test_default_router.py."""
+    cfg = load_config()
+    router = cfg.router.model_copy(update={"name": "centroid", "fitted": None, "min_profile_similarity": None})
+    return cfg.model_copy(update={"router": router})
 
 
 @pytest.fixture()

@@ -1,0 +1,56 @@
+"""The router the default config ships: kNN fitted on the experts' measured reference likelihood
+(configs/fitted/default, from configs/profiles/default_likelihood.jsonl), with queries unlike
+every profiled one routed by the experts' descriptions (router.min_profile_similarity)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from coe.config import load_config
+from coe.paths import default_config_path
+from coe.routers import build_online_router
+from coe.routers.base import QueryBatch
+
+
+@pytest.fixture(scope="module")
+def shipped(minilm_dir):
+    from coe.models import is_prepared
+
+    cfg = load_config()
+    if not is_prepared(cfg.router.embedder):
+        pytest.skip(f"embedder {cfg.router.embedder} is not prepared: run `coe models prepare`")
+    return cfg, build_online_router(cfg.router, cfg.experts)
+
+
+def test_default_config_ships_a_fitted_router(shipped):
+    cfg, router = shipped
+    assert cfg.router.name == "knn" and cfg.router.fitted and router.name == "knn"
+    assert cfg.router.min_profile_similarity is not None
+    profile = default_config_path().parent / "profiles" / "default_likelihood.jsonl"
+    rows = [json.loads(line) for line in profile.read_text().splitlines()]
+    assert {e.id for e in cfg.experts} == set(rows[0]["outcomes"])
+
+
+def test_profiled_domains_go_to_their_measured_experts(shipped):
+    _, router = shipped
+    out = router.route([
+        "A baker made 24 muffins and sold 3/4 of them. How many are left?",
+        "Write a python function to remove duplicates from a list.\nYour code should pass this test:\n"
+        "assert remove_dups([1, 1, 2]) == [1, 2]",
+    ])
+    assert [d.expert for d in out] == ["smollm2-math", "smollm2-code"]
+
+
+def test_queries_outside_the_profiles_are_routed_by_description(shipped):
+    cfg, router = shipped
+    queries = ["What is the capital of France?",
+               "Continue the story. Once upon a time, in a small village by the river,"]
+    assert [d.expert for d in router.route(queries)] == ["smollm2", "gemma3"]
+    # without the floor, the fitted router alone sends them to a profiled specialist
+    bare = build_online_router(cfg.router.model_copy(update={"min_profile_similarity": None}), cfg.experts)
+    assert {d.expert for d in bare.route(queries)} <= {"smollm2-math", "smollm2-code", "smollm2", "gemma3"}
+    cov = bare.fitted.coverage(QueryBatch(queries, bare.embedder.encode(queries)))
+    assert np.all(cov < cfg.router.min_profile_similarity)
