@@ -232,3 +232,19 @@ def test_readiness_marks_experts_down_and_up(h):
         h.backend.servers["expert-other"] = server
     assert h.lt.run(h.service.readiness())[0]
     assert h.chat("hello", model="other").status_code == 200
+
+
+def test_stream_closed_before_its_first_byte_frees_generation_and_slot(h):
+    from coe.serving.api.models import ChatCompletionRequest
+
+    engine = h.backend.servers["expert-tiny"].engine
+    req = ChatCompletionRequest(**_body(stream=True))
+
+    async def go():
+        _, events = await h.service.chat_stream(req)
+        assert h.service.admission.running("tiny") == 1 and engine.running() == 1
+        await events.aclose()  # the client left before the response started: never iterated
+
+    h.lt.run(go())
+    assert h.service.admission.running("tiny") == 0
+    assert _eventually(h, lambda: engine.running() == 0)
