@@ -246,9 +246,11 @@ def run(args) -> int:
         if service:
             service.wait_ready()
         url = args.url or service.url
-        import httpx
+        from coe.config import load_config
 
-        experts = expert_costs(lambda p: httpx.get(url + p, timeout=60).json(), args.expert)
+        # the config's experts and costs (GET /v1/experts needs the admin key, which a default run has none of)
+        listed = [{"id": e.id, "config": {"cost": e.cost}} for e in load_config(args.config).experts]
+        experts = expert_costs(lambda _: listed, args.expert)
         work = REPO / "bench/results/tmp-composition"
         work.mkdir(parents=True, exist_ok=True)
         out = work / f"pinned-{args.name}.jsonl"
