@@ -106,14 +106,15 @@ def replica_pids(deployment: str = "expert-smollm2") -> list[int]:
     import psutil
 
     tag = f"ServeReplica:coe:{deployment}"
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
+    found = {}
+    for p in psutil.process_iter(["cmdline", "ppid"]):
         try:
             if tag in " ".join(p.info["cmdline"] or []):
-                out.append(p.pid)
+                found[p.pid] = p.info["ppid"]
         except psutil.Error:
             pass
-    return out
+    # a child that inherited the replica's process title is part of its tree, not another replica
+    return [pid for pid, ppid in found.items() if ppid not in found]
 
 
 def rss_mib(deployment: str = "expert-smollm2") -> dict:
