@@ -92,9 +92,11 @@ def _decode_loop(stepper, ids, mask, max_new_tokens, eos_ids, pad_id, temperatur
     import torch
 
     stepper.reset()
-    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    dev = ids.device  # flags and EOS ids live with the batch (CPU or CUDA)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
     logits = stepper.forward(ids, mask)
-    eos = torch.tensor(sorted(eos_ids)) if eos_ids else torch.empty(0, dtype=torch.long)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=dev) if eos_ids else torch.empty(
+        0, dtype=torch.long, device=dev)
     for _ in range(max_new_tokens):
         tok = sample(logits, temperature, top_p, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
