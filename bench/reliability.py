@@ -118,7 +118,8 @@ def fuzz_phase(url: str, examples: int, max_s: float) -> dict:
             "stopped_at_time_limit": timed_out, "examples_per_operation": examples, "summary_tail": tail[-600:]}
 
 
-async def kill_phase(url: str, n: int, max_s: float, timeout_s: float, before_s: float = 10) -> dict:
+async def kill_phase(url: str, n: int, max_s: float, timeout_s: float, before_s: float = 10,
+                     under: int | None = None) -> dict:
     import httpx
 
     rec = Recorder(url, timeout_s)
@@ -139,7 +140,7 @@ async def kill_phase(url: str, n: int, max_s: float, timeout_s: float, before_s:
 
     async def killer():
         await asyncio.sleep(before_s)
-        pids = replica_pids("expert-smollm2")
+        pids = replica_pids("expert-smollm2", under)
         state["kill"] = time.monotonic()
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
@@ -192,7 +193,7 @@ async def run_phases(svc: Service, args, out: dict) -> dict:
     memory = []  # RSS of the expert-smollm2 replica after each phase, against the requests it answered
 
     def sample(phase: str) -> None:
-        memory.append({"phase": phase, "requests": sum(Recorder.served[e] for e in SMOLLM2), **rss_mib()})
+        memory.append({"phase": phase, "requests": sum(Recorder.served[e] for e in SMOLLM2), **rss_mib(under=svc.proc.pid)})
         out["memory"] = {"samples": memory, **growth(memory)}
 
     sample("warm-up")
@@ -206,7 +207,7 @@ async def run_phases(svc: Service, args, out: dict) -> dict:
         sample("burst")
     if "soak" in args.phases:
         out["soak"] = await soak(svc.url, requests=args.soak_requests, every=max(1, args.soak_requests // 5),
-                                 max_s=args.soak_max_s)
+                                 max_s=args.soak_max_s, under=svc.proc.pid)
         print("soak", {k: v for k, v in out["soak"].items() if k != "samples"}, flush=True)
         sample("soak")
     if "fuzz" in args.phases:
@@ -214,7 +215,8 @@ async def run_phases(svc: Service, args, out: dict) -> dict:
         print("fuzz", {k: v for k, v in out["fuzz"].items() if k != "summary_tail"}, flush=True)
         sample("fuzz")
     if "kill" in args.phases:
-        out["kill"] = await kill_phase(svc.url, args.kill_clients, args.kill_max_s, args.client_timeout_s)
+        out["kill"] = await kill_phase(svc.url, args.kill_clients, args.kill_max_s, args.client_timeout_s,
+                                        under=svc.proc.pid)
         print("kill", out["kill"], flush=True)
     return out
 
@@ -291,9 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         results["interrupted"] = True  # keep the phases that finished
     finally:
+        tree = svc.tree()
         stop = svc.stop()
     results.update(startup_s=round(svc.startup_s, 1), stop=stop,
-                   replicas_left_after_stop=len(replica_pids("expert-")))
+                   processes_left_after_stop=svc.left_running(tree))
     data = rec.finish(results)
     md = rec.markdown_header("Reliability: load, burst, memory, fuzzing, a killed replica") + markdown(results)
     write_results(args.name, data, md)

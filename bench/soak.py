@@ -73,6 +73,29 @@ class Service:
                 self._up.set()
         self._up.set()
 
+    def tree(self) -> dict[int, float]:
+        """pid -> create time of every process under ``coe serve`` now."""
+        import psutil
+
+        try:
+            return {p.pid: p.create_time() for p in psutil.Process(self.proc.pid).children(recursive=True)}
+        except psutil.Error:
+            return {}
+
+    @staticmethod
+    def left_running(tree: dict[int, float]) -> int:
+        """How many processes of ``tree`` still run (same pid and create time, not a zombie)."""
+        import psutil
+
+        left = 0
+        for pid, created in tree.items():
+            try:
+                p = psutil.Process(pid)
+                left += p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                pass
+        return left
+
     def stop(self, timeout: float = 120) -> dict:
         """SIGINT, wait; returns the exit code and the seconds the stop took."""
         t0 = time.monotonic()
@@ -101,9 +124,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def replica_pids(deployment: str = "expert-smollm2") -> list[int]:
-    """Pids of the Serve replica processes of ``deployment`` (by their Ray process title)."""
+def replica_pids(deployment: str = "expert-smollm2", under: int | None = None) -> list[int]:
+    """Pids of the Serve replica processes of ``deployment`` (by their Ray process title), only
+    those descending from ``under`` (our ``coe serve``) when given: another service may run."""
     import psutil
+
+    if under is not None:
+        try:
+            ours = {p.pid for p in psutil.Process(under).children(recursive=True)}
+        except psutil.Error:
+            ours = set()
+        return [pid for pid in replica_pids(deployment) if pid in ours]
 
     tag = f"ServeReplica:coe:{deployment}"
     found = {}
@@ -117,13 +148,13 @@ def replica_pids(deployment: str = "expert-smollm2") -> list[int]:
     return [pid for pid, ppid in found.items() if ppid not in found]
 
 
-def rss_mib(deployment: str = "expert-smollm2") -> dict:
+def rss_mib(deployment: str = "expert-smollm2", under: int | None = None) -> dict:
     """RSS of the deployment's replica process and of its process tree, MiB (0 when not found)."""
     import psutil
 
     replica = tree = 0
     parts: dict[str, float] = {}
-    for pid in replica_pids(deployment):
+    for pid in replica_pids(deployment, under):
         try:
             p = psutil.Process(pid)
             replica += p.memory_info().rss
@@ -201,7 +232,7 @@ async def clients(n: int, until: float, send) -> None:
 
 
 async def soak(url: str, *, requests: int, concurrency: int = 16, every: int = 100, timeout_s: float = 60,
-               max_s: float | None = None) -> dict:
+               max_s: float | None = None, under: int | None = None) -> dict:
     """RSS of the expert-smollm2 replica after warm-up and every ``every`` requests to it; stops
     sending after ``max_s`` seconds (then ``requests`` is what was sent)."""
     rec = Recorder(url, timeout_s)
@@ -210,7 +241,7 @@ async def soak(url: str, *, requests: int, concurrency: int = 16, every: int = 1
     await asyncio.gather(*(rec.chat(models[i % 3], prompt_of(i % 2 * 4 + 1 - i % 2), max_tokens=16) for i in range(6)))
     warm = len(rec.calls)
     until = time.monotonic() + max_s if max_s else float("inf")
-    samples = [{"requests": 0, **rss_mib()}]
+    samples = [{"requests": 0, **rss_mib(under=under)}]
     sent = 0
     lock = asyncio.Lock()
 
@@ -224,7 +255,7 @@ async def soak(url: str, *, requests: int, concurrency: int = 16, every: int = 1
                 i = sent
             await rec.chat(models[i % 3], prompt_of(i), max_tokens=8 + (i % 4) * 8)
             if i % every == 0:
-                samples.append({"requests": i, **rss_mib()})
+                samples.append({"requests": i, **rss_mib(under=under)})
                 print(f"soak: {i} requests, RSS {samples[-1]['replica_mib']} / {samples[-1]['tree_mib']} MiB",
                       flush=True)
 
@@ -232,7 +263,7 @@ async def soak(url: str, *, requests: int, concurrency: int = 16, every: int = 1
     await asyncio.gather(*(one() for _ in range(concurrency)))
     requests = sent
     if samples[-1]["requests"] != requests:
-        samples.append({"requests": requests, **rss_mib()})
+        samples.append({"requests": requests, **rss_mib(under=under)})
     await rec.close()
     ok = sum(1 for c in rec.calls[warm:] if c.status == 200)
     return {"requests": requests, "answered_200": ok, "seconds": round(time.monotonic() - t0, 1),
@@ -286,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     svc = Service(free_port(), args.config)
     try:
         out = asyncio.run(soak(svc.url, requests=args.requests, concurrency=args.clients, every=args.every,
-                               max_s=args.max_s))
+                               max_s=args.max_s, under=svc.proc.pid))
     finally:
         stop = svc.stop()
     data = rec.finish({"soak": out, "startup_s": round(svc.startup_s, 1), "stop": stop})
