@@ -192,6 +192,16 @@ def _bump(conn: Connection) -> None:
     conn.execute(update(_revision).where(_revision.c.id == 1).values(revision=_revision.c.revision + 1))
 
 
+def with_registration_defaults(expert: Expert, config: CoEConfig) -> Expert:
+    """``expert`` as it is registered at runtime: a ``model`` expert that gives no ``resources``
+    gets ``serving.registered_model_resources`` (on a GPU cluster: a GPU); anything else is
+    returned unchanged. Call it before the expert is loaded and stored."""
+    defaults = config.serving.registered_model_resources
+    if expert.kind != "model" or defaults is None or "resources" in expert.model_fields_set:
+        return expert
+    return expert.model_copy(update={"resources": defaults.model_copy(deep=True)})
+
+
 def live_experts(config: CoEConfig, registry: ExpertRegistry | None) -> list[Expert]:
     """The config's experts followed by the registry's (registry rows that clash with a config id
     are skipped: the config file wins)."""

@@ -35,6 +35,33 @@ def register(sub) -> None:
     render.add_argument(
         "--state-size", default="20Gi", help="size of the state volume (default: 20Gi)"
     )
+    render.add_argument(
+        "--project",
+        default=None,
+        help="your project folder, copied to /project by your image (FROM the coe image); default: the "
+        "config's folder when it is outside coe's repository",
+    )
+    render.add_argument(
+        "--registry-url",
+        default=None,
+        help="external PostgreSQL registry, postgresql://USER@HOST:PORT/DB (no password)",
+    )
+    render.add_argument(
+        "--registry-secret",
+        default="coe-registry",
+        help="Secret with the registry password, NAME or NAME:KEY (default: coe-registry:password)",
+    )
+    render.add_argument(
+        "--gcs-redis",
+        default=None,
+        metavar="HOST:PORT",
+        help="GCS fault tolerance: the external Redis that keeps the Ray head's state",
+    )
+    render.add_argument(
+        "--gcs-redis-secret",
+        default=None,
+        help="Secret with the Redis password, NAME or NAME:KEY (default key: password)",
+    )
     render.set_defaults(func=_render)
 
     validate = cmds.add_parser("validate", help="validate a kustomization folder or manifest files")
@@ -54,7 +81,13 @@ def _options(args):
     from coe.errors import ConfigError
     from coe.k8s import RenderOptions
 
-    fields = {"name": args.name, "state_size": args.state_size, "storage_class": args.storage_class}
+    fields = {"name": args.name, "state_size": args.state_size, "storage_class": args.storage_class,
+              "project": args.project, "registry_url": args.registry_url, "gcs_redis_address": args.gcs_redis}
+    name, _, key = args.registry_secret.partition(":")
+    fields |= {"registry_secret": name} | ({"registry_secret_key": key} if key else {})
+    if args.gcs_redis_secret:
+        name, _, key = args.gcs_redis_secret.partition(":")
+        fields |= {"gcs_redis_secret": name} | ({"gcs_redis_secret_key": key} if key else {})
     if args.image:
         fields["image_cuda" if args.gpu else "image_cpu"] = args.image
     try:
@@ -73,7 +106,7 @@ def _render(args) -> int:
 
     opts = _options(args)
     config = Path(args.config) if args.config else default_config_path()
-    cc = cluster_config(config, gpu=args.gpu)
+    cc = cluster_config(config, gpu=args.gpu, project=opts.project, registry_url=opts.registry_url)
     objects = render_cluster(cc, gpu=args.gpu, options=opts)
     for change in cc.changes:
         print(f"note: {change}", file=sys.stderr)

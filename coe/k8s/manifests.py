@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from coe.k8s.cluster_config import APP_DIR, STATE_DIR, ClusterConfig, cluster_config
+from coe.errors import ConfigError
+from coe.k8s.cluster_config import PROJECT_DIR, STATE_DIR, ClusterConfig, cluster_config
 from coe.k8s.sizing import GroupSize, size_groups
 
 RAY_VERSION = "2.60.0"
@@ -53,6 +54,42 @@ class RenderOptions(BaseModel):
     )
     head_cpus: int = Field(2, ge=1)
     head_memory_gib: int = Field(8, ge=2)
+    project: str | None = Field(
+        None,
+        description="The user's project folder, which their image (FROM the coe image) copies to /project; "
+        "config paths inside it map there. None: the config's folder when it is outside coe's repository.",
+    )
+    registry_url: str | None = Field(
+        None,
+        pattern=r"^postgresql(\+psycopg)?://",
+        description="External PostgreSQL expert registry (postgresql://USER@HOST:PORT/DB, no password) "
+        "instead of the SQLite file on the state volume; the password comes from registry_secret.",
+    )
+    registry_secret: str = Field(
+        "coe-registry", pattern=DNS_LABEL, description="Secret holding the registry database password."
+    )
+    registry_secret_key: str = Field(
+        "password", pattern=r"^[-._a-zA-Z0-9]+$", description="Key in that Secret."
+    )
+    gcs_redis_address: str | None = Field(
+        None,
+        pattern=r"^(rediss?://)?[A-Za-z0-9]([-.A-Za-z0-9]*[A-Za-z0-9])?:[0-9]{1,5}$",
+        description="GCS fault tolerance: the external Redis (HOST:PORT) that keeps the Ray head's state, so "
+        "Serve keeps serving and recovers its applications when the head pod restarts (KubeRay "
+        "gcsFaultToleranceOptions). None: no GCS fault tolerance.",
+    )
+    gcs_redis_secret: str | None = Field(
+        None, pattern=DNS_LABEL, description="Secret holding the Redis password (None: Redis without a password)."
+    )
+    gcs_redis_secret_key: str = Field(
+        "password", pattern=r"^[-._a-zA-Z0-9]+$", description="Key in that Secret."
+    )
+
+    @model_validator(mode="after")
+    def _redis_secret_needs_redis(self) -> RenderOptions:
+        if self.gcs_redis_secret is not None and self.gcs_redis_address is None:
+            raise ValueError("gcs_redis_secret is set without gcs_redis_address; give the Redis address too")
+        return self
 
 
 def _labels(opts: RenderOptions) -> dict:
@@ -68,8 +105,13 @@ def _quantity(cpus: int, memory_gib: int, gpus: int = 0) -> dict:
 
 
 def _env(cc: ClusterConfig, opts: RenderOptions) -> list[dict]:
+    serving = cc.config.serving
     ref = {"name": opts.admin_secret, "key": opts.admin_secret_key}
-    return [{"name": cc.config.serving.admin_key_env, "valueFrom": {"secretKeyRef": ref}}]
+    env = [{"name": serving.admin_key_env, "valueFrom": {"secretKeyRef": ref}}]
+    if serving.registry_url is not None:
+        db = {"name": opts.registry_secret, "key": opts.registry_secret_key}
+        env.append({"name": serving.registry_password_env, "valueFrom": {"secretKeyRef": db}})
+    return env
 
 
 def _pod_spec(container: dict, opts: RenderOptions, *, gpu: bool = False) -> dict:
@@ -143,7 +185,7 @@ def serve_config(cc: ClusterConfig) -> dict:
                 "name": APP_NAME,
                 "route_prefix": "/",
                 "import_path": IMPORT_PATH,
-                "args": {"config_yaml": dump_yaml(cc.data), "base_dir": str(APP_DIR)},
+                "args": {"config_yaml": dump_yaml(cc.data), "base_dir": cc.base_dir},
             }
         ],
     }
@@ -160,7 +202,7 @@ def ray_service(cc: ClusterConfig, opts: RenderOptions, *, gpu: bool) -> dict:
         {"containerPort": port, "name": "serve"},
     ]
     groups = size_groups(cc.config, gpu=gpu)
-    return {
+    cluster = {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
         "metadata": {"name": opts.name, "labels": _labels(opts)},
@@ -198,6 +240,18 @@ def ray_service(cc: ClusterConfig, opts: RenderOptions, *, gpu: bool) -> dict:
             },
         },
     }
+    if opts.gcs_redis_address is not None:
+        cluster["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"] = _gcs_fault_tolerance(opts)
+    return cluster
+
+
+def _gcs_fault_tolerance(opts: RenderOptions) -> dict:
+    """KubeRay's ``gcsFaultToleranceOptions``: the head's GCS state in an external Redis."""
+    options: dict = {"redisAddress": opts.gcs_redis_address}
+    if opts.gcs_redis_secret is not None:
+        ref = {"name": opts.gcs_redis_secret, "key": opts.gcs_redis_secret_key}
+        options["redisPassword"] = {"valueFrom": {"secretKeyRef": ref}}
+    return options
 
 
 def state_claim(opts: RenderOptions) -> dict:
@@ -228,7 +282,9 @@ def render(
     Raises :class:`coe.errors.ConfigError` as :func:`cluster_config` does. The admin-key Secret
     is not rendered (a key does not belong in a manifest); create it with kubectl.
     """
-    return render_cluster(cluster_config(config, gpu=gpu), gpu=gpu, options=options)
+    opts = options or RenderOptions()
+    cc = cluster_config(config, gpu=gpu, project=opts.project, registry_url=opts.registry_url)
+    return render_cluster(cc, gpu=gpu, options=opts)
 
 
 def render_cluster(
@@ -236,6 +292,13 @@ def render_cluster(
 ) -> list[dict]:
     """:func:`render` for a config already rewritten by :func:`cluster_config` (same ``gpu``)."""
     opts = options or RenderOptions()
+    image = opts.image_cuda if gpu else opts.image_cpu
+    if cc.project_files and image == RenderOptions.model_fields["image_cuda" if gpu else "image_cpu"].default:
+        raise ConfigError(
+            f"{', '.join(cc.project_files)} name files of your project, which the stock image {image} does not "
+            f"hold: build an image FROM {image} that copies your project to {PROJECT_DIR} and render with "
+            "--image (README: Kubernetes, your own project)"
+        )
     return [state_claim(opts), ray_service(cc, opts, gpu=gpu)]
 
 

@@ -36,3 +36,11 @@ def kubectl() -> str:
     if "Kustomize Version: v5" not in out.stdout:
         pytest.skip(f"kubectl at {path} has no Kustomize v5 ({out.stdout.strip()!r})")
     return path
+
+
+def portable(text: str) -> str:
+    """The default config's text with its relative paths made absolute (it can move elsewhere)."""
+    from coe.paths import REPO_ROOT
+
+    text = text.replace("../adapters/experts", str(REPO_ROOT / "adapters/experts"))
+    return text.replace("fitted: fitted/", f"fitted: {REPO_ROOT / 'configs' / 'fitted'}/")

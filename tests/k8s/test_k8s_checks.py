@@ -16,6 +16,7 @@ from coe.k8s.kustomize import build, diff_json6902
 from coe.k8s.sizing import Unit, size_groups, units
 from coe.k8s.validate import ManifestError, validate_objects
 from coe.paths import REPO_ROOT
+from tests.k8s.conftest import portable
 
 DOCKER = REPO_ROOT / "k8s" / "docker"
 
@@ -86,9 +87,7 @@ def test_invalid_serve_configs_are_refused(good, crd_dir):
 
 
 def _config(tmp_path, default_config, **replace) -> str:
-    text = default_config.read_text().replace(
-        "../adapters/experts", str(REPO_ROOT / "adapters/experts")
-    )
+    text = portable(default_config.read_text())
     for old, new in replace.items():
         assert old in text
         text = text.replace(old, new)
@@ -105,14 +104,14 @@ def test_render_refuses_inline_admin_key(tmp_path, default_config):
         render(path)
 
 
-def test_render_refuses_paths_outside_the_image(tmp_path, default_config):
-    outside = tmp_path / "my-adapter"
+def test_render_refuses_paths_outside_the_image(tmp_path, tmp_path_factory, default_config):
+    outside = tmp_path_factory.mktemp("elsewhere") / "my-adapter"  # neither in coe nor in the project
     outside.mkdir()
     path = _config(
         tmp_path, default_config, **{str(REPO_ROOT / "adapters/experts/math"): str(outside)}
     )
     with pytest.raises(
-        ConfigError, match=r"experts\[1\] \(smollm2-math\)\.adapter .*outside the repository"
+        ConfigError, match=r"experts\[1\] \(smollm2-math\)\.adapter .*outside the repository.*--project"
     ):
         render(path)
     state = _config(

@@ -132,3 +132,18 @@ def test_registry_url_is_validated_and_never_echoed():
     with pytest.raises(ConfigError, match="not both"):
         _config(registry_path="r.sqlite", registry_url="postgresql://coe@db/coe")
     assert _config(registry_url="postgresql://coe@db:5432/coe").serving.registry_password_env == "COE_REGISTRY_PASSWORD"
+
+
+def test_registration_defaults_give_runtime_models_the_configured_resources():
+    from coe.registry import with_registration_defaults
+
+    gpu = _config(registered_model_resources={"num_gpus": 1, "num_cpus": 2})
+    plain = ModelExpert(id="m", model="x")
+    placed = with_registration_defaults(plain, gpu)
+    assert (placed.resources.num_gpus, placed.resources.num_cpus) == (1, 2)
+    assert "resources" in placed.model_fields_set  # stored with the row, so a restart places it the same
+    own = ModelExpert(id="m", model="x", resources={"num_cpus": 0.5})
+    assert with_registration_defaults(own, gpu) == own  # what the registration says wins
+    lora = LoraExpert(id="l", base="base", adapter="/a")
+    assert with_registration_defaults(lora, gpu) == lora
+    assert with_registration_defaults(plain, _config()) == plain  # unset: CPU defaults
