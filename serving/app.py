@@ -39,11 +39,11 @@ def plan(config: CoEConfig, *, base_dir: Path | None = None) -> dict[str, Server
     """The expert servers :func:`build_app` deploys: one per model/mixture expert of the config
     and of the registry (runtime registrations persist), keyed by deployment name. Imports no Ray;
     ``coe serve`` checks it against the cluster's resources before deploying."""
-    from coe.registry import ExpertRegistry, live_experts, registry_path
+    from coe.registry import live_experts, open_registry
     from coe.serving.deployments.spec import plan_servers
 
     base_dir = Path(base_dir).resolve() if base_dir is not None else None
-    experts = live_experts(config, ExpertRegistry(registry_path(config, base_dir)))
+    experts = live_experts(config, open_registry(config, base_dir))
     return plan_servers(experts, base_dir=base_dir, batching=config.serving.batching, pool=config.serving.pool)
 
 

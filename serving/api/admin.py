@@ -24,6 +24,7 @@ from coe.errors import (
     ModelNotFoundError,
     available,
 )
+from coe.registry import with_registration_defaults
 from coe.serving.api.errors import as_coe_error
 from coe.serving.api.models import ExpertInfo
 from coe.serving.api.service import ROUTED, CoEService
@@ -123,7 +124,9 @@ async def _add_lora(service: CoEService, expert: LoraExpert) -> LoraExpert:
 
 
 async def _add_model(service: CoEService, expert: ModelExpert) -> ModelExpert:
-    """Resolve the model and start its server (nothing is left running on failure)."""
+    """Resolve the model and start its server (nothing is left running on failure). A model that
+    gives no ``resources`` gets ``serving.registered_model_resources`` (a GPU on a GPU cluster)."""
+    expert = with_registration_defaults(expert, service.config)
     if expert.pooled:
         raise InvalidRequestError(
             "pooled experts are set in the config file (the pool is built at start); register with pooled: false "

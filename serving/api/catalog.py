@@ -135,11 +135,11 @@ class ExpertCatalog:
     def remove(self, expert_id: str) -> Expert:
         """Stop serving ``expert_id`` (router, live set, registry); returns it (KeyError if unknown)."""
         expert = self._experts[expert_id]
+        if self.registry is not None:   # first: a registry outage (503) leaves the expert serving
+            self.registry.remove(expert_id)
         self.router.remove_expert(expert_id)
         self._experts.pop(expert_id)
         self.health.forget(expert_id)
-        if self.registry is not None:
-            self.registry.remove(expert_id)
         return expert
 
     @staticmethod

@@ -13,7 +13,7 @@ from pathlib import Path
 from ray import serve
 
 from coe.config import CoEConfig
-from coe.registry import ExpertRegistry, live_experts, registry_path
+from coe.registry import live_experts, open_registry
 from coe.serving.deployments.ray_deployments import ServeBackend
 from coe.serving.deployments.spec import plan_servers
 
@@ -30,7 +30,7 @@ class CoEIngress:
         logging.basicConfig(level=logging.INFO)
         config = CoEConfig.model_validate_json(config_json)
         base = Path(base_dir) if base_dir else None
-        registry = ExpertRegistry(registry_path(config, base))
+        registry = open_registry(config, base)
         experts = live_experts(config, registry)
         backend = ServeBackend(servers, load_timeout_s=config.serving.request_timeout_s)
         specs = plan_servers(experts, base_dir=base, batching=config.serving.batching, pool=config.serving.pool)
