@@ -205,11 +205,11 @@ def _write_report(args, items_file, domains, t0, load_before, record_run: bool =
         "load_after": [round(x, 2) for x in os.getloadavg()],
     }][: None if record_run else 0]
     adapters = {}
-    for d in EXPERTS:
+    for d, expert_id in EXPERTS.items():
         ta = ROOT / "adapters" / "experts" / d / "training_args.json"
         if ta.is_file():
             a = json.loads(ta.read_text())
-            adapters[EXPERTS[d]] = {k: a.get(k) for k in ("steps_done", "batch_size", "lr", "rank", "top_layers", "seed")}
+            adapters[expert_id] = {k: a.get(k) for k in ("steps_done", "batch_size", "lr", "rank", "top_layers", "seed")}
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared by the team (2-core dev machine), torch threads {args.threads}",
         "model": "smollm2-135m-instruct (fp32)", "adapters": adapters,
