@@ -74,7 +74,9 @@ def test_router_fit_saves_a_loadable_router(mbpp_slice, tmp_path, capsys):
                  "--quiet", "--folds", "3", "--target-top-share", "0.2"]) == 0
     router, meta = load_router(tmp_path / "f")
     assert router.name == "learned" and len(router.experts) == 11
-    assert meta["cv"]["folds"] == 3 and meta["rows"] == 90 and meta["embedder"] == "minilm-l6"
+    from coe.config import load_config
+
+    assert meta["cv"]["folds"] == 3 and meta["rows"] == 90 and meta["embedder"] == load_config().router.embedder
     assert meta["calibrated_policy"]["mode"] == "tradeoff" and meta["calibrated_policy"]["lam"] >= 0
     out = capsys.readouterr().out
     assert "saved to" in out and "router.policy: {mode: tradeoff, lam:" in out
