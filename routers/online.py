@@ -120,8 +120,8 @@ class OnlineRouter:
         if live:
             emb, cached = self.embedder.encode_tracked([queries[k] for k in live])   # [B, D], [B]
             batch = QueryBatch([queries[k] for k in live], emb)
-            quality, unsure = self._quality(batch, ids, infos)       # [B, E], [B]
-            picks = self.policy.select(quality, costs)
+            quality, unsure, spread = self._quality(batch, ids, infos)   # [B, E], [B], [B, E]
+            picks = self.policy.select(quality, costs, uncertainty=spread, experts=ids)
             for row, k in enumerate(live):
                 choice = ids[picks[row]]
                 if (unsure[row] or not np.isfinite(quality[row, picks[row]])) and default is not None:
@@ -132,7 +132,9 @@ class OnlineRouter:
                 decisions[k] = self._decision(default or ids[0], ids, np.full(len(ids), np.nan), costs)
         return decisions  # type: ignore[return-value]
 
-    def _quality(self, batch, ids: list[str], infos: list[_ExpertInfo]) -> tuple[np.ndarray, np.ndarray]:
+    def _quality(self, batch, ids: list[str], infos: list[_ExpertInfo]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(quality [B, E], unsure [B], uncertainty [B, E]: the fitted router's standard errors,
+        nan where it gives none, so the policy's low-confidence fallback only sees real ones)."""
         b, e = len(batch), len(ids)
         quality = np.full((b, e), -np.inf)
         cent = self._centroid.score(batch)
@@ -140,14 +142,17 @@ class OnlineRouter:
         for j, eid in enumerate(cent.experts):
             if eid in ids:
                 cos[:, ids.index(eid)] = cent.quality[:, j]
+        spread = np.full((b, e), np.nan)
         if self.fitted is None:
             best = cos.max(axis=1)
-            return cos, best < self.cfg.unsure_similarity
+            return cos, best < self.cfg.unsure_similarity, spread
         fit = self.fitted.score(batch)
         known = [ids.index(x) for x in fit.experts if x in ids]
         cols = [j for j, x in enumerate(fit.experts) if x in ids]
         if known:
             quality[:, known] = fit.quality[:, cols]
+            if fit.uncertainty is not None:
+                spread[:, known] = fit.uncertainty[:, cols]
             best_known = quality[:, known].max(axis=1, keepdims=True)      # [B, 1]
         else:
             best_known = np.zeros((b, 1))
@@ -160,8 +165,9 @@ class OnlineRouter:
         if coverage is not None:
             outside = coverage < floor          # the profiles say nothing about these queries
             quality[outside] = cos[outside]
+            spread[outside] = np.nan
             unsure[outside] = cos[outside].max(axis=1) < self.cfg.unsure_similarity
-        return quality, unsure
+        return quality, unsure, spread
 
     def _decision(self, choice: str, ids: list[str], row: np.ndarray, costs: np.ndarray, *,
                   cached: bool = False) -> RoutingDecision:

@@ -106,3 +106,22 @@ def test_fallback_calibration_on_fit(workspace, capsys):
     assert "not one of the router's experts" in capsys.readouterr().err
     assert main([*args, "--fallback-expert", "general"]) == 2
     assert "needs --target-fallback-share" in capsys.readouterr().err
+
+
+def test_the_served_router_applies_the_uncertainty_fallback(workspace, embedder):
+    """The service's router passes the fitted router's standard errors to the policy: with
+    max_uncertainty 0 every query it is unsure about goes to the fallback expert; with a huge
+    threshold none does."""
+    out = workspace / "fitted-knn-fallback"
+    assert main(["router", "fit", "--config", str(workspace / "knn.yaml"), "--data", str(workspace / "data.jsonl"),
+                 "--out", str(out), "--no-cv", "--quiet"]) == 0
+    cfg = load_config(workspace / "knn.yaml")
+    queries = ["What is 17 plus 25?", "Write a python function that reverses a list."]
+
+    def picks(max_u):
+        policy = cfg.router.policy.model_copy(update={"fallback_expert": "general", "max_uncertainty": max_u})
+        rcfg = cfg.router.model_copy(update={"fitted": str(out), "policy": policy})
+        return [d.expert for d in build_online_router(rcfg, cfg.experts, embedder=embedder).route(queries)]
+
+    assert picks(1e9) == ["math-expert", "code-expert"]
+    assert picks(0.0) == ["general", "general"]

@@ -1,5 +1,5 @@
 """The issue's "done when", for real: ``coe serve`` on the embedded default config (SmolLM2 on
-vLLM with its LoRA experts, Gemma 3 on transformers, the centroid router), driven by the
+vLLM with its LoRA experts, Gemma 3 on transformers, the fitted kNN router the default config ships), driven by the
 official ``openai`` client changed only in ``base_url`` and ``api_key``; a LoRA registered over
 HTTP is listed, receives routed traffic, and is still there after Ctrl-C and a restart."""
 
@@ -108,7 +108,7 @@ def test_default_config_openai_client_register_restart(env, lora_dir):
         )
         answer = raw.parse()
         assert answer.model in experts and raw.headers["x-coe-expert"] == answer.model
-        assert answer.choices[0].message.content and answer.model_extra["coe"]["router"] == "centroid"
+        assert answer.choices[0].message.content and answer.model_extra["coe"]["router"] == "knn"  # the shipped fitted router
 
         stream = client.chat.completions.create(
             model="coe", stream=True, max_tokens=16, temperature=0,
