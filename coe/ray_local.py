@@ -156,21 +156,8 @@ class ProcessJanitor:
 
         if not self.subreaper:
             return []
-        strays = []
-        for p in psutil.Process().children():
-            if p.pid not in known:
-                try:
-                    strays.append(p)
-                    p.terminate()
-                except psutil.Error:
-                    pass
-        _, alive = psutil.wait_procs(strays, timeout=term_s)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=term_s)
+        strays = [p for p in psutil.Process().children() if p.pid not in known]
+        _terminate(strays, term_s)
         return [p.pid for p in strays]
 
     def stop(self, *, grace_s: float = 10.0, term_s: float = 5.0) -> list[int]:
@@ -183,24 +170,30 @@ class ProcessJanitor:
             return []
         _, alive = psutil.wait_procs(procs, timeout=grace_s)
         signalled = [p.pid for p in alive]
-        for p in alive:
-            try:
-                p.terminate()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(alive, timeout=term_s)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=term_s)
+        _terminate(alive, term_s)
         # orphans that appeared while we waited (children of the ones just ended)
         late = self.descendants()
-        for p in late:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        _signal(late, "kill")
         psutil.wait_procs(late, timeout=term_s)
         return signalled + [p.pid for p in late]
+
+
+def _signal(procs: list, how: str) -> None:
+    """``p.terminate()`` / ``p.kill()`` on each process, ignoring those already gone."""
+    import psutil
+
+    for p in procs:
+        try:
+            getattr(p, how)()
+        except psutil.Error:
+            pass
+
+
+def _terminate(procs: list, term_s: float) -> None:
+    """SIGTERM ``procs``, wait ``term_s``, SIGKILL what is left and reap it."""
+    import psutil
+
+    _signal(procs, "terminate")
+    _, alive = psutil.wait_procs(procs, timeout=term_s)
+    _signal(alive, "kill")
+    psutil.wait_procs(alive, timeout=term_s)

@@ -252,14 +252,20 @@ class CoEService:
                 self.metrics.fallbacks.labels(expert, nxt).inc()
                 info.fallback_from, expert = info.fallback_from or expert, nxt
 
-    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        """A whole answer; raises CoEError (mapped to HTTP by the caller). Cancelling the call
-        (the client went away) cancels the generation on the expert server."""
+    async def _admit(self, req: ChatCompletionRequest):
+        """(deadline, start time, sampling, routing info) of a chat request: parameters validated,
+        expert chosen, unimplemented fields refused for that expert — before anything is queued."""
         deadline = Deadline(self.config.serving.request_timeout_s)
         t0 = time.perf_counter()
         sampling = self.sampling(req)
         info = await self.decide(req.model, req.messages)
         refuse_unimplemented(req, info.expert)
+        return deadline, t0, sampling, info
+
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+        """A whole answer; raises CoEError (mapped to HTTP by the caller). Cancelling the call
+        (the client went away) cancels the generation on the expert server."""
+        deadline, t0, sampling, info = await self._admit(req)
 
         async def attempt(expert: str):
             target = self._target(expert, req, sampling)
@@ -287,11 +293,7 @@ class CoEService:
         can still say so); later ones end the stream with an error event. The returned stream
         yields SSE lines and ends with ``data: [DONE]``; ``aclose()`` (the client went away)
         cancels the generation and frees the expert's slot, whether or not it was iterated."""
-        deadline = Deadline(self.config.serving.request_timeout_s)
-        t0 = time.perf_counter()
-        sampling = self.sampling(req)
-        info = await self.decide(req.model, req.messages)
-        refuse_unimplemented(req, info.expert)
+        deadline, t0, sampling, info = await self._admit(req)
 
         async def attempt(expert: str):
             target = self._target(expert, req, sampling)
