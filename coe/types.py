@@ -27,6 +27,9 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+MAX_LOGPROBS = 20  # the most alternatives per position an engine returns (vLLM's default max_logprobs)
+
+
 class SamplingParams(BaseModel):
     """Sampling options common to every engine."""
 
@@ -39,6 +42,14 @@ class SamplingParams(BaseModel):
         default_factory=list, max_length=4, description="Up to 4 non-empty stop strings."
     )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Sampling seed, 0 to 2^63-1.")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS,
+        description="Log-probabilities of the generated tokens: None = off; N = the sampled token plus the N most likely.",
+    )
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS,
+        description="Log-probabilities of the prompt tokens (vLLM's prompt_logprobs): None = off; N as for logprobs.",
+    )
 
     @property
     def greedy(self) -> bool:
@@ -52,6 +63,11 @@ class GenerationRequest:
     ``adapter`` names a LoRA adapter already added to the engine (None: the base model).
     ``expert`` names the target expert where one engine hosts several whole models (the
     expert pool); single-model engines ignore it.
+
+    Chat rendering (vLLM's extra chat fields): ``add_generation_prompt`` appends the assistant
+    turn's opening; ``continue_final_message`` leaves the last (assistant) message open so the
+    model continues it (the two are exclusive). ``prompt_token_ids`` is a prompt given as token
+    ids (the completions endpoint); it wins over ``prompt`` and ``messages``.
     """
 
     request_id: str
@@ -60,23 +76,52 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None
     expert: str | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    prompt_token_ids: list[int] | None = None
+
+
+@dataclass
+class Logprob:
+    """One token's log-probability at one position (vLLM's ``Logprob``): ``rank`` 1 is the most likely."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# One position: token id -> Logprob, holding the chosen (or prompt) token plus the top-N alternatives.
+PositionLogprobs = dict[int, Logprob]
 
 
 @dataclass
 class GenerationOutput:
+    """A finished generation. ``logprobs``: one entry per generated token when asked for;
+    ``prompt_logprobs``: one entry per prompt token (None for the first), and
+    ``prompt_token_ids`` the prompt as the engine tokenized it, when asked for."""
+
     text: str
     finish_reason: Literal["stop", "length", "cancelled"] | str
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 @dataclass
 class StreamDelta:
-    """A piece of a streamed answer. The last delta has ``finish_reason`` and the usage counts."""
+    """A piece of a streamed answer. The last delta has ``finish_reason`` and the usage counts.
+
+    ``logprobs`` has one entry per id in ``token_ids`` when the request asked for them; the
+    first delta carries ``prompt_logprobs``/``prompt_token_ids`` when asked for."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[PositionLogprobs] | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    prompt_token_ids: list[int] | None = None
