@@ -11,9 +11,7 @@ and ``state.npz`` (its arrays). :func:`load_router` rebuilds it through the regi
 
 from __future__ import annotations
 
-import importlib
 import json
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,8 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from coe.errors import ConfigError, RouterNotFoundError, available
+from coe.errors import ConfigError, RouterNotFoundError
+from coe.plugins import Registry
 
 FORMAT_VERSION = 1
 
@@ -147,47 +146,23 @@ class Router:
 
 # --------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, type[Router]] = {}
-_BUILTINS_LOADED = False
+_ROUTERS: Registry[type[Router]] = Registry(
+    "router", packages=("coe.routers.builtin",), error=RouterNotFoundError
+)
 
 
 def register_router(name: str):
     """Class decorator: register a :class:`Router` subclass under ``name`` (duplicates refused)."""
-
-    def deco(cls: type[Router]) -> type[Router]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"router {name!r} is already registered by {_REGISTRY[name].__module__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def _load_builtins() -> None:
-    """Import every module of ``coe.routers.builtin`` (each registers its router)."""
-    global _BUILTINS_LOADED
-    if _BUILTINS_LOADED:
-        return
-    import coe.routers.builtin as pkg
-
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{pkg.__name__}.{info.name}")
-    _BUILTINS_LOADED = True
+    return _ROUTERS.register(name)
 
 
 def router_names() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return _ROUTERS.names()
 
 
 def router_class(name: str) -> type[Router]:
     """The registered class; :class:`RouterNotFoundError` lists the available names."""
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise RouterNotFoundError(f"unknown router {name!r}; available: {available(_REGISTRY)}")
-    return _REGISTRY[name]
+    return _ROUTERS.get(name)
 
 
 def create_router(name: str, params: RouterParams | dict | None = None) -> Router:

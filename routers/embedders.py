@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from coe.errors import ConfigError, available
+from coe.plugins import Registry
 
 MARKER = "coe_embedder.json"
 
@@ -41,23 +42,16 @@ class EmbeddingBackend(Protocol):
 
 
 BackendFactory = Callable[..., EmbeddingBackend]
-_BACKENDS: dict[str, BackendFactory] = {}
+_BACKENDS: Registry[BackendFactory] = Registry("embedding backend", stamp_name=False)
 
 
 def register_backend(name: str):
     """Decorator: register an embedding backend factory ``(path, max_seq_length, threads, **options)``."""
-
-    def deco(factory: BackendFactory) -> BackendFactory:
-        if name in _BACKENDS and _BACKENDS[name] is not factory:
-            raise ValueError(f"embedding backend {name!r} is already registered")
-        _BACKENDS[name] = factory
-        return factory
-
-    return deco
+    return _BACKENDS.register(name)
 
 
 def backend_names() -> list[str]:
-    return sorted(_BACKENDS)
+    return _BACKENDS.names()
 
 
 def folder_spec(path: str) -> dict[str, Any]:
@@ -70,7 +64,7 @@ def folder_spec(path: str) -> dict[str, Any]:
         except ValueError as err:
             raise ConfigError(f"{marker}: not valid JSON ({err}); re-run `coe models prepare --force`") from None
         if not isinstance(spec, dict) or "backend" not in spec:
-            raise ConfigError(f"{marker}: needs a 'backend' key; available: {available(_BACKENDS)}")
+            raise ConfigError(f"{marker}: needs a 'backend' key; available: {available(backend_names())}")
         return spec
     config = folder / "config.json"
     if config.is_file():
@@ -86,9 +80,11 @@ def load_backend(path: str, *, max_seq_length: int | None, threads: int | None =
     """Build the backend that ``path`` declares. :class:`ConfigError` names an unknown backend."""
     spec = dict(folder_spec(path))
     name = spec.pop("backend")
-    if name not in _BACKENDS:
-        raise ConfigError(f"embedder {path}: unknown backend {name!r}; available: {available(_BACKENDS)}")
-    return _BACKENDS[name](path, max_seq_length=max_seq_length, threads=threads, **spec)
+    try:
+        factory = _BACKENDS.get(name)
+    except ConfigError as err:
+        raise ConfigError(f"embedder {path}: {err}") from None
+    return factory(path, max_seq_length=max_seq_length, threads=threads, **spec)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

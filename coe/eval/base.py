@@ -9,12 +9,12 @@ times out gives a failed outcome with the reason, so a run over many probes goes
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from coe.errors import InvalidRequestError, available
+from coe.errors import InvalidRequestError
 from coe.eval.probes import Probe
+from coe.plugins import Registry
 
 BUILTIN_MODULES = ("exact_number", "code_tests", "choice", "reference_nll")
 
@@ -47,42 +47,23 @@ class Scorer(Protocol):
     def __call__(self, probe: Probe, answer: str | None, **context: Any) -> Outcome: ...
 
 
-_REGISTRY: dict[str, type] = {}
-_loaded = False
+_SCORERS: Registry[type] = Registry(
+    "scorer", modules=[f"coe.eval.{m}" for m in BUILTIN_MODULES], error=InvalidRequestError
+)
 
 
 def register_scorer(name: str):
     """Class decorator: register a scorer class under ``name`` (duplicates refused)."""
-
-    def deco(cls: type) -> type:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"scorer {name!r} is already registered by {_REGISTRY[name].__module__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def _load_builtins() -> None:
-    global _loaded
-    if not _loaded:
-        for mod in BUILTIN_MODULES:
-            importlib.import_module(f"coe.eval.{mod}")
-        _loaded = True
+    return _SCORERS.register(name)
 
 
 def scorer_names() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return _SCORERS.names()
 
 
 def get_scorer(name: str, **options: Any) -> Scorer:
     """A new instance of the scorer ``name``; InvalidRequestError lists the registered names."""
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise InvalidRequestError(f"unknown scorer {name!r}; allowed: {available(_REGISTRY)}")
-    return _REGISTRY[name](**options)
+    return _SCORERS.get(name)(**options)
 
 
 def score(scorer: Scorer, probe: Probe, answer: str | None, *, timeout_s: float | None = None, **context: Any) -> Outcome:

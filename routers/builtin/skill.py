@@ -21,7 +21,8 @@ from collections.abc import Callable
 import numpy as np
 from pydantic import Field
 
-from coe.errors import ConfigError
+from coe.errors import ConfigError, available
+from coe.plugins import Registry
 from coe.routers.base import FitContext, QueryBatch, Router, RouterParams, Scores, register_router
 
 DEFAULT_SKILLS = [
@@ -37,17 +38,12 @@ DEFAULT_SKILLS = [
 ]
 
 # name -> factory(router, ctx) -> callable(texts, embeddings) -> weights [B, K] over router.vocab
-_EXTRACTORS: dict[str, Callable] = {}
+_EXTRACTORS: Registry[Callable] = Registry("skill extractor", stamp_name=False)
 
 
 def register_skill_extractor(name: str):
-    def deco(fn):
-        if name in _EXTRACTORS:
-            raise ValueError(f"skill extractor {name!r} is already registered")
-        _EXTRACTORS[name] = fn
-        return fn
-
-    return deco
+    """Decorator: register a skill extractor factory under ``name`` (duplicates refused)."""
+    return _EXTRACTORS.register(name)
 
 
 class SkillParams(RouterParams):
@@ -76,10 +72,9 @@ class SkillRouter(Router):
         """Soft skill assignment ``[B, K]`` (rows sum to 1, ``n_skills`` non-zeros)."""
         if self.params.extractor != "embedding":
             if self.params.extractor not in _EXTRACTORS:
-                raise ConfigError(
-                    f"unknown skill extractor {self.params.extractor!r}; available: embedding, {', '.join(_EXTRACTORS)}"
-                )
-            return _EXTRACTORS[self.params.extractor](self)(texts, embeddings)
+                raise ConfigError(f"unknown skill extractor {self.params.extractor!r}; "
+                                  f"available: {available(['embedding', *_EXTRACTORS.names()])}")
+            return _EXTRACTORS.get(self.params.extractor)(self)(texts, embeddings)
         sims = np.asarray(embeddings, dtype=np.float32) @ self.vocab_emb.T    # [B, K]
         n = min(self.params.n_skills, sims.shape[1])
         top = np.argpartition(-sims, n - 1, axis=1)[:, :n]                     # [B, n]

@@ -13,13 +13,13 @@ importing every module of :data:`ENGINE_PACKAGES` (this module imports no engine
 from __future__ import annotations
 
 import abc
-import importlib
-import pkgutil
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from coe.config import EngineConfig
+from coe.errors import ConfigError
+from coe.plugins import Registry
 from coe.types import GenerationOutput, GenerationRequest, StreamDelta
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from coe.serving.engines.spec import EngineSpec
 
 ENGINE_PACKAGES = ("coe.serving.engines", "coe.serving.pool")
-_ENGINES: dict[str, type[Engine]] = {}
+_ENGINES: Registry[type[Engine]] = Registry("engine", packages=ENGINE_PACKAGES, error=ConfigError)
 
 
 @dataclass(frozen=True)
@@ -55,40 +55,17 @@ class Capabilities:
 
 def register_engine(name: str) -> Callable[[type[Engine]], type[Engine]]:
     """Class decorator: make an engine available under ``name`` (refuses a second class)."""
-
-    def deco(cls: type[Engine]) -> type[Engine]:
-        if name in _ENGINES and _ENGINES[name] is not cls:
-            raise ValueError(f"engine {name!r} is already registered by {_ENGINES[name].__name__}")
-        _ENGINES[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
-
-
-def _load_builtins() -> None:
-    """Import every module of the engine packages so their ``@register_engine`` calls run."""
-    for package in ENGINE_PACKAGES:
-        pkg = importlib.import_module(package)
-        for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-            importlib.import_module(f"{package}.{info.name}")
+    return _ENGINES.register(name)
 
 
 def engine_names() -> list[str]:
     """Every registered engine name (the built-in ones included), sorted."""
-    _load_builtins()
-    return sorted(_ENGINES)
+    return _ENGINES.names()
 
 
 def get_engine_class(name: str) -> type[Engine]:
     """The engine class registered under ``name``; raises ConfigError naming the known ones."""
-    if name not in _ENGINES:
-        _load_builtins()
-    if name not in _ENGINES:
-        from coe.errors import ConfigError, available
-
-        raise ConfigError(f"unknown engine {name!r}; available: {available(_ENGINES)}")
-    return _ENGINES[name]
+    return _ENGINES.get(name)
 
 
 class Engine(abc.ABC):
@@ -123,20 +100,8 @@ class Engine(abc.ABC):
         """Generate, yielding text deltas as they are decoded."""
 
     async def generate(self, request: GenerationRequest) -> GenerationOutput:
-        """Generate the whole answer (default: drain :meth:`stream`)."""
-        text, ids, last = [], [], None
-        async for delta in self.stream(request):
-            text.append(delta.text)
-            ids.extend(delta.token_ids)
-            last = delta
-        assert last is not None
-        return GenerationOutput(
-            text="".join(text),
-            finish_reason=last.finish_reason or "stop",
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens,
-            token_ids=ids,
-        )
+        """Generate the whole answer, logprobs included when asked for (default: drain :meth:`stream`)."""
+        return GenerationOutput.from_deltas([delta async for delta in self.stream(request)])
 
     async def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationOutput | Exception]:
         """Generate several requests as one batch: one entry per request, in order.

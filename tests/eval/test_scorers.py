@@ -14,7 +14,7 @@ from coe.eval.exact_number import final_number
 
 def test_registry():
     assert scorer_names() == ["choice", "code_tests", "exact_number", "reference_nll"]
-    with pytest.raises(InvalidRequestError, match="unknown scorer 'bleu'; allowed: choice, code_tests"):
+    with pytest.raises(InvalidRequestError, match="unknown scorer 'bleu'; available: choice, code_tests"):
         get_scorer("bleu")
     with pytest.raises(ValueError, match="already registered"):
         register_scorer("exact_number")(type("Other", (), {}))

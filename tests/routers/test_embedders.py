@@ -35,7 +35,7 @@ def test_the_folder_declares_its_backend(tmp_path):
 
 def test_a_bad_marker_names_the_problem(tmp_path):
     (tmp_path / MARKER).write_text(json.dumps({"backend": "tensorrt"}))
-    with pytest.raises(ConfigError, match="unknown backend 'tensorrt'; available: .*model2vec.*onnx"):
+    with pytest.raises(ConfigError, match="unknown embedding backend 'tensorrt'; available: .*model2vec.*onnx"):
         load_backend(str(tmp_path), max_seq_length=256)
     (tmp_path / MARKER).write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
