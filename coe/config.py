@@ -225,7 +225,9 @@ class RouterConfig(Strict):
     embedder: str = Field("minilm-l6", description="Sentence embedder: alias, folder or hub id.")
     fitted: str | None = Field(None, description="Folder written by `coe router fit`; loaded at start-up.")
     params: dict[str, float | int | str | bool | list[str]] = Field(
-        default_factory=dict, description="Router-specific hyperparameters, validated by the router."
+        default_factory=dict,
+        description="Router-specific hyperparameters, checked against the router's own parameter class where "
+        "the config is used (`coe config validate`, `coe serve`; coe.routers.check_router_config).",
     )
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     default_expert: str | None = Field(None, description="General expert for unsure or unroutable queries.")
@@ -254,18 +256,6 @@ class RouterConfig(Strict):
         description="Ingress micro-batching: how long the first query of a routing batch waits for others "
         "(0: route at once; queries arriving while a batch is being routed always join the next one).",
     )
-
-    @model_validator(mode="after")
-    def _params_fit_the_router(self) -> RouterConfig:
-        """``params`` must be valid for the router ``name`` (checked against its own parameter class)."""
-        from coe.errors import CoEError
-        from coe.routers.base import router_class
-
-        try:
-            router_class(self.name).validate_params(self.params)
-        except CoEError as err:
-            raise ValueError(str(err)) from None
-        return self
 
 
 # --------------------------------------------------------------------------- serving

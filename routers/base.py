@@ -165,6 +165,24 @@ def router_class(name: str) -> type[Router]:
     return _ROUTERS.get(name)
 
 
+def check_router_config(cfg) -> RouterParams:
+    """Check a ``coe.config.RouterConfig`` against the registry: ``name`` is a registered router
+    and ``params`` are valid for its own parameter class. Returns the validated params.
+
+    The config schema (core) knows no routers; whoever uses a config (``coe config validate``,
+    ``coe serve``, :func:`coe.routers.build_online_router`) calls this. Raises
+    :class:`ConfigError` naming the field, what is wrong and what is allowed.
+    """
+    try:
+        cls = router_class(cfg.name)
+    except RouterNotFoundError as err:
+        raise ConfigError(f"router.name: {err}") from None
+    try:
+        return cls.validate_params(cfg.params)
+    except ConfigError as err:
+        raise ConfigError(f"router.params: {err}") from None
+
+
 def create_router(name: str, params: RouterParams | dict | None = None) -> Router:
     return router_class(name)(params)
 

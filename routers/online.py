@@ -93,6 +93,13 @@ class OnlineRouter:
             del self._experts[expert_id]
             self._centroid.remove_expert(expert_id)
 
+    def replace_fitted(self, fitted) -> None:
+        """Serve ``fitted`` from now on: the fitted router refitted on more outcome data (a runtime
+        profile, ``coe.routers.profile_data``), with the same embedder. Requests in flight finish
+        with the router they started with."""
+        with self._lock:
+            self.fitted = fitted
+
     def experts(self) -> list[str]:
         with self._lock:
             return list(self._experts)
@@ -143,10 +150,11 @@ class OnlineRouter:
             if eid in ids:
                 cos[:, ids.index(eid)] = cent.quality[:, j]
         spread = np.full((b, e), np.nan)
-        if self.fitted is None:
+        fitted = self.fitted   # one router for the whole batch, even while replace_fitted runs
+        if fitted is None:
             best = cos.max(axis=1)
             return cos, best < self.cfg.unsure_similarity, spread
-        fit = self.fitted.score(batch)
+        fit = fitted.score(batch)
         known = [ids.index(x) for x in fit.experts if x in ids]
         cols = [j for j, x in enumerate(fit.experts) if x in ids]
         if known:
@@ -161,7 +169,7 @@ class OnlineRouter:
             quality[:, unseen] = best_known + (cos[:, unseen] - self.cfg.new_expert_similarity)
         unsure = ~np.isfinite(quality).any(axis=1)
         floor = self.cfg.min_profile_similarity
-        coverage = self.fitted.coverage(batch) if floor is not None else None   # [B] | None
+        coverage = fitted.coverage(batch) if floor is not None else None   # [B] | None
         if coverage is not None:
             outside = coverage < floor          # the profiles say nothing about these queries
             quality[outside] = cos[outside]
@@ -183,10 +191,12 @@ def build_online_router(cfg, experts: list, base_dir: Path | None = None, *, emb
 
     Loads ``cfg.fitted`` (relative to ``base_dir``) when set; otherwise ``cfg.name`` must be a
     router that needs no outcome data (``centroid``). Raises :class:`ConfigError` otherwise, and
-    when ``cfg.params`` contradict the params the fitted router was fitted with.
+    when ``cfg.name`` or ``cfg.params`` are invalid (:func:`coe.routers.check_router_config`) or
+    contradict the params the fitted router was fitted with.
     """
-    from coe.routers.base import load_router, router_class
+    from coe.routers.base import check_router_config, load_router, router_class
 
+    check_router_config(cfg)
     fitted = None
     if cfg.fitted:
         folder = Path(cfg.fitted)

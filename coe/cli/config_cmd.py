@@ -18,8 +18,10 @@ def register(sub) -> None:
 
 def _validate(args) -> int:
     from coe.config import load_config
+    from coe.routers import check_router_config
 
     cfg = load_config(args.file)
+    check_router_config(cfg.router)
     kinds = {}
     for e in cfg.experts:
         kinds[e.kind] = kinds.get(e.kind, 0) + 1

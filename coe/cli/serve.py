@@ -60,9 +60,11 @@ def _serve(args) -> int:
     from coe.config import load_config
     from coe.paths import default_config_path
     from coe.ray_local import WORKER_HOOK, ProcessJanitor, forwarded_env, use_loopback
+    from coe.routers import check_router_config
 
     path = Path(args.config or default_config_path()).expanduser().resolve()
     config = load_config(path)
+    check_router_config(config.router)  # before Ray starts: the ingress would refuse it only at start-up
     host = args.host or config.serving.host
     port = args.port or config.serving.port
     local = args.address is None

@@ -19,6 +19,10 @@ def test_config_schema_and_validate(capsys, tmp_path):
     assert main(["config", "validate", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "engine.kind" in err and "tgi" in err
+    # router.params are checked against the router's own parameter class (not by the core schema)
+    bad.write_text("router: {name: knn, params: {kk: 3}}\nexperts:\n  - {id: x, kind: model, model: m}\n")
+    assert main(["config", "validate", str(bad)]) == 2
+    assert "router.params: router 'knn' params are invalid: kk" in capsys.readouterr().err
 
 
 def test_models_list(capsys):

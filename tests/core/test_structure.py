@@ -7,8 +7,9 @@
    the engines (serving/engines, serving/pool) import neither the deployment layer nor the API;
    the deployment layer does not import the API (the composition roots that wire the layers
    together, ``serving/app.py`` and the ingress deployment, are exempt); adapters import nothing
-   from serving; the core modules (config, types, errors, paths, models, registry) import
-   neither serving nor adapters; the engine protocol module imports no concrete engine.
+   from serving; the core modules (config, types, errors, paths, models, registry, plugins) import
+   neither serving, adapters, routers nor the tools beside the layers (cli, k8s, eval, profiling);
+   the engine protocol module imports no concrete engine.
 Imports inside functions count: a lazy import is still a dependency.
 """
 
@@ -124,8 +125,11 @@ FORBIDDEN = [
 ]
 # the foundation every layer uses; the CLI, k8s, eval and profiling tools sit beside the layers
 CORE = {"coe.config", "coe.types", "coe.errors", "coe.paths", "coe.models", "coe.registry", "coe.registry_db",
-        "coe.registry_schema"}
-CORE_FORBIDDEN = ("coe.serving", "coe.adapters")
+        "coe.registry_schema", "coe.plugins"}
+# The core knows no plugin and no tool: a router, an engine or a scorer is looked up by name where
+# the config is used (coe.routers.check_router_config), never from the config schema.
+CORE_FORBIDDEN = ("coe.serving", "coe.adapters", "coe.routers", "coe.eval", "coe.cli", "coe.k8s", "coe.profiling",
+                  "coe.ray_local", "coe.bootstrap")
 CONCRETE_ENGINES = ("coe.serving.engines.hf", "coe.serving.engines.vllm_engine", "coe.serving.engines.mixture",
                     "coe.serving.pool")
 
@@ -191,6 +195,8 @@ def test_own_private_names_and_self_are_allowed():
         ("coe.serving.engines.base", "from coe.serving.engines import hf\n", "imports no implementation"),
         ("coe.adapters.mole", "from coe.serving.engines.rows import Row\n", "adapters are below"),
         ("coe.config", "from coe.serving.engines.spec import EngineSpec\n", "the core is below"),
+        ("coe.config", "def check(self):\n    from coe.routers.base import router_class\n", "the core is below"),
+        ("coe.plugins", "import coe.routers.builtin.knn\n", "the core is below"),
     ],
 )
 def test_the_dependency_check_catches_each_direction(name, source, expected):

@@ -100,16 +100,22 @@ def test_import_is_light():
 # --------------------------------------------------------------------------- router.params (#10)
 
 
-def test_router_params_are_validated_at_config_load():
-    from pydantic import ValidationError
+def test_router_params_are_checked_against_the_router():
+    from coe.routers import check_router_config
 
-    with pytest.raises(ValidationError, match=r"router 'knn' params are invalid: kk.*allowed: k, shrink"):
-        RouterConfig(name="knn", params={"kk": 3})
-    with pytest.raises(ValidationError, match="calibrate"):
-        RouterConfig(name="centroid", params={"calibrate": "sometimes"})
-    with pytest.raises(ValidationError, match="unknown router 'nope'; available: .*centroid"):
-        RouterConfig(name="nope")
-    assert RouterConfig(name="knn", params={"k": 7}).params == {"k": 7}
+    with pytest.raises(ConfigError, match=r"router.params: router 'knn' params are invalid: kk.*allowed: k, shrink"):
+        check_router_config(RouterConfig(name="knn", params={"kk": 3}))
+    with pytest.raises(ConfigError, match="router.params: .*calibrate"):
+        check_router_config(RouterConfig(name="centroid", params={"calibrate": "sometimes"}))
+    with pytest.raises(ConfigError, match="router.name: unknown router 'nope'; available: .*centroid"):
+        check_router_config(RouterConfig(name="nope"))
+    assert check_router_config(RouterConfig(name="knn", params={"k": 7})).k == 7
+
+
+def test_serving_router_refuses_params_the_router_does_not_take(default_cfg, embedder):
+    cfg = default_cfg.router.model_copy(update={"params": {"calibrate": "sometimes"}})
+    with pytest.raises(ConfigError, match="router.params: router 'centroid' params are invalid"):
+        build_online_router(cfg, default_cfg.experts, embedder=embedder)
 
 
 def test_centroid_params_reach_the_serving_router(default_cfg, embedder):
