@@ -372,6 +372,14 @@ class ServingConfig(Strict):
     adapter_roots: list[str] = Field(
         default_factory=list, description="Folders runtime-registered adapters must live under."
     )
+    registry_poll_s: float = Field(
+        2.0, gt=0, description="How often each ingress replica checks the registry's revision; a registration or "
+        "removal through one replica is served by every other within this period plus its reload time.",
+    )
+    adapters_per_replica: int = Field(
+        8, ge=1, description="LoRA experts registered at runtime that one expert-server replica keeps loaded "
+        "(least recently used unloaded first; loaded on a replica's first request for them).",
+    )
     max_tokens_default: int = Field(256, ge=1)
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     request_timeout_s: float = Field(

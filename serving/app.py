@@ -44,7 +44,8 @@ def plan(config: CoEConfig, *, base_dir: Path | None = None) -> dict[str, Server
 
     base_dir = Path(base_dir).resolve() if base_dir is not None else None
     experts = live_experts(config, open_registry(config, base_dir))
-    return plan_servers(experts, base_dir=base_dir, batching=config.serving.batching, pool=config.serving.pool)
+    return plan_servers(experts, base_dir=base_dir, batching=config.serving.batching, pool=config.serving.pool,
+                        max_adapters=config.serving.adapters_per_replica)
 
 
 def load_app_config(args: dict) -> tuple[CoEConfig, Path | None]:

@@ -150,7 +150,7 @@ async def _unload(service: CoEService, expert: Expert) -> None:
     """Take ``expert`` off its server (the backend side of a registration); logs failures."""
     try:
         if isinstance(expert, LoraExpert):
-            await service.backend.remove_adapter(server_id_of(expert), expert.id)
+            await service.backend.remove_adapter(server_id_of(expert), expert.id, expert.adapter)
         else:
             await service.backend.remove_server(server_id_of(expert))
     except Exception:

@@ -25,7 +25,13 @@ class Backend(Protocol):
 
     async def add_adapter(self, server_id: str, expert_id: str, path: str) -> None: ...
 
-    async def remove_adapter(self, server_id: str, expert_id: str) -> None: ...
+    async def remove_adapter(self, server_id: str, expert_id: str, path: str | None = None) -> None: ...
+
+    def attach_server(self, spec: ServerSpec) -> None:
+        """Serve a model expert whose server another ingress replica started (registry sync)."""
+
+    def detach_server(self, server_id: str) -> None:
+        """Forget a server another ingress replica stopped (registry sync)."""
 
     async def add_server(self, spec: ServerSpec) -> None:
         """Start a server for a new model expert; raises (and leaves nothing behind) when its
@@ -77,8 +83,15 @@ class LocalBackend:
     async def add_adapter(self, server_id, expert_id, path):
         await self._server(server_id).add_adapter(expert_id, path)
 
-    async def remove_adapter(self, server_id, expert_id):
+    async def remove_adapter(self, server_id, expert_id, path=None):
         await self._server(server_id).remove_adapter(expert_id)
+
+    def attach_server(self, spec: ServerSpec) -> None:
+        if spec.server_id not in self.servers:  # in-process, every "replica" shares these servers
+            raise ServerDownError(f"no expert server {spec.server_id!r}; running: {available(self.servers)}")
+
+    def detach_server(self, server_id: str) -> None:
+        pass
 
     async def add_server(self, spec: ServerSpec) -> None:
         server = ExpertServer(spec, engine_cls=self._engine_cls_for(spec))

@@ -142,6 +142,22 @@ class ExpertCatalog:
         self.health.forget(expert_id)
         return expert
 
+    def follow(self, expert: Expert) -> None:
+        """Serve ``expert`` that is already in the registry (another replica registered it):
+        router and live set only. Raises what the router raised (nothing changed then)."""
+        self.router.add_expert(expert)
+        self._experts[expert.id] = expert
+        self.health.forget(expert.id)
+
+    def forget(self, expert_id: str) -> Expert | None:
+        """Stop serving ``expert_id`` that is gone from the registry (another replica removed
+        it): router and live set only. Returns it, or None when it was not served."""
+        expert = self._experts.pop(expert_id, None)
+        if expert is not None:
+            self._quiet(self.router.remove_expert, expert_id)
+            self.health.forget(expert_id)
+        return expert
+
     @staticmethod
     def _quiet(fn, *args) -> None:
         try:

@@ -345,7 +345,7 @@ class CoEService:
             states = await asyncio.wait_for(self.backend.ready(), timeout=10)
         except Exception as err:  # noqa: BLE001
             return False, {eid: f"expert servers did not answer: {type(err).__name__}" for eid in ids}
-        out = {eid: states.get(eid, "not loaded yet") for eid in ids}
+        out = {eid: self._state(eid, states) for eid in ids}
         health = self.catalog.health
         for eid, why in out.items():
             self.metrics.ready.labels(eid).set(0 if why else 1)
@@ -354,6 +354,16 @@ class CoEService:
             else:
                 health.mark_up([eid])
         return all(v is None for v in out.values()), out
+
+    def _state(self, expert_id: str, states: dict[str, str | None]) -> str | None:
+        """A LoRA expert its server does not report (registered at runtime, loaded on a replica's
+        first request for it) is as ready as its base model."""
+        if expert_id in states:
+            return states[expert_id]
+        expert = self.catalog.get(expert_id)
+        if isinstance(expert, LoraExpert) and expert.base in states:
+            return states[expert.base]
+        return "not loaded yet"
 
     async def refresh_gauges(self) -> None:
         """Scrape-time gauges: readiness per expert, batcher queue depth per server."""

@@ -55,6 +55,11 @@ class ExpertServer:
         self._window_override = window
         self.engine = None
         self._experts: dict[str, str | None] = {}  # expert id -> adapter path (None: the engine's own model)
+        # LoRAs registered at runtime, loaded on demand under their adapter_model_id (the
+        # deployment's Serve multiplexing decides when; see ray_deployments): name -> path
+        self._lazy: dict[str, str] = {}
+        self._users: dict[str, int] = {}  # lazy adapter name -> requests using it now
+        self._idle = asyncio.Condition()
         self._failed: dict[str, str] = {}  # expert id -> why it cannot serve
         self.load_error: str | None = None
         b = spec.batching
@@ -149,32 +154,94 @@ class ExpertServer:
         await self.engine.remove_adapter(expert_id)
         self._experts.pop(expert_id, None)
 
+    def pins(self, expert_id: str, adapter_path: str | None) -> bool:
+        """Whether ``expert_id`` is loaded under its own id (from the spec, or added) with the same
+        adapter ``adapter_path`` (None: any): such requests need no lazily loaded adapter."""
+        if expert_id not in self._experts:
+            return False
+        path = self._experts[expert_id]
+        return adapter_path is None or path is None or path == adapter_path
+
+    async def load_lazy(self, name: str, path: str) -> None:
+        """Load a runtime-registered LoRA under ``name`` (idempotent; raises AdapterError, nothing added)."""
+        if self.engine is None:
+            raise EngineError(f"{self.spec.server_id} has no running engine: {self.load_error}")
+        if name in self._lazy:
+            return
+        await self.engine.add_adapter(name, path)
+        self._lazy[name] = path
+        log.info("%s loaded adapter %s (%d lazily loaded)", self.spec.server_id, name, len(self._lazy))
+
+    async def unload_lazy(self, name: str) -> None:
+        """Unload ``name`` once no request uses it (a request that starts meanwhile keeps it)."""
+        async with self._idle:
+            await self._idle.wait_for(lambda: not self._users.get(name))
+            path = self._lazy.pop(name, None)
+        if path is not None and self.engine is not None:
+            try:
+                await self.engine.remove_adapter(name)
+                log.info("%s unloaded adapter %s", self.spec.server_id, name)
+            except Exception:
+                log.exception("unloading adapter %s failed", name)
+
+    async def _use(self, name: str, path: str) -> None:
+        if name not in self._lazy:  # evicted between its load and this request: load it again
+            await self.load_lazy(name, path)
+        self._users[name] = self._users.get(name, 0) + 1
+
+    async def _done(self, name: str) -> None:
+        async with self._idle:
+            left = self._users.get(name, 1) - 1
+            if left:
+                self._users[name] = left
+            else:
+                self._users.pop(name, None)
+            self._idle.notify_all()
+
+    def lazy_adapters(self) -> list[str]:
+        return list(self._lazy)
+
     # ------------------------------------------------------------------ requests
 
-    async def _prepare(self, request: GenerationRequest, adapter_path: str | None) -> GenerationRequest:
+    async def _prepare(self, request: GenerationRequest, adapter_path: str | None,
+                       lazy: str | None = None) -> GenerationRequest:
         eid = request.expert or self.spec.host.id
         request.expert = eid
         if eid in self._failed:
             raise EngineError(self._failed[eid])
-        if eid not in self._experts:
+        if lazy is not None:  # acquired by the caller (_use): released in generate/stream
+            request.adapter = lazy
+        elif eid not in self._experts:
             if adapter_path is None:
                 raise ExpertNotFoundError(
                     f"expert {eid!r} is not served by {self.spec.server_id}; served: {available(self._experts)}"
                 )
             await self.add_adapter(eid, adapter_path)  # a replica that missed a runtime registration
-        request.adapter = eid if self._experts[eid] is not None else None
+        if lazy is None:
+            request.adapter = eid if self._experts[eid] is not None else None
         prompt_tokens = self.engine.count_prompt_tokens(request)
         from coe.serving.engines.tokens import check_context
 
         check_context(prompt_tokens, request.sampling.max_tokens, self.engine.max_model_len)
         return request
 
-    async def generate(self, request: GenerationRequest, adapter_path: str | None = None) -> Served:
+    async def generate(self, request: GenerationRequest, adapter_path: str | None = None,
+                       lazy: str | None = None) -> Served:
         """One whole answer: through the batching window for an engine that runs one batch at a
         time (``batch_size`` is that batch's), else straight to the engine (``batch_size`` 1: the
-        engine batches it with the requests in flight)."""
+        engine batches it with the requests in flight). ``lazy``: the runtime-registered LoRA is
+        served under that adapter name, loaded now if it is not (:meth:`load_lazy`)."""
+        if lazy is not None:
+            await self._use(lazy, adapter_path)
+            try:
+                return await self._generate(request, adapter_path, lazy)
+            finally:
+                await self._done(lazy)
+        return await self._generate(request, adapter_path, None)
+
+    async def _generate(self, request: GenerationRequest, adapter_path: str | None, lazy: str | None) -> Served:
         t0 = time.monotonic()
-        request = await self._prepare(request, adapter_path)
+        request = await self._prepare(request, adapter_path, lazy)
         if self._windowed:
             output, batch_size = await self.batcher.submit(request.expert, request)
         else:
@@ -206,11 +273,19 @@ class ExpertServer:
             log.exception("engine of %s failed on a batch for %s", self.spec.server_id, expert_id)
             raise EngineError(f"the engine of expert {expert_id!r} failed: {type(err).__name__}: {err}") from None
 
-    async def stream(self, request: GenerationRequest, adapter_path: str | None = None) -> AsyncIterator[StreamDelta]:
+    async def stream(self, request: GenerationRequest, adapter_path: str | None = None,
+                     lazy: str | None = None) -> AsyncIterator[StreamDelta]:
         """Stream one answer; errors in the request raise before the first delta. Closing the
-        iterator (the client went away) cancels the generation."""
-        request = await self._prepare(request, adapter_path)
-        agen = self.engine.stream(request)
+        iterator (the client went away) cancels the generation. ``lazy`` as for :meth:`generate`."""
+        if lazy is not None:
+            await self._use(lazy, adapter_path)
+        try:
+            request = await self._prepare(request, adapter_path, lazy)
+            agen = self.engine.stream(request)
+        except BaseException:
+            if lazy is not None:
+                await self._done(lazy)
+            raise
         try:
             async for delta in agen:
                 if delta.finish_reason is not None:
@@ -224,3 +299,5 @@ class ExpertServer:
             raise EngineError(f"the engine of expert {request.expert!r} failed: {type(err).__name__}: {err}") from None
         finally:
             await agen.aclose()
+            if lazy is not None:
+                await self._done(lazy)

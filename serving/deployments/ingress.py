@@ -2,7 +2,8 @@
 
 Each replica builds its own :class:`CoEService`: the live experts (config + registry), the
 online router over them, and a :class:`ServeBackend` over the expert-server handles it was
-bound to (plus the Serve applications of models registered at runtime).
+bound to (plus the Serve applications of models registered at runtime), and keeps that set in
+step with the registry (:class:`RegistrySync`). Responses name the replica (``x-coe-replica``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ray import serve
 
 from coe.config import CoEConfig
 from coe.registry import live_experts, open_registry
+from coe.serving.api.registry_sync import RegistrySync
 from coe.serving.deployments.ray_deployments import ServeBackend
 from coe.serving.deployments.spec import plan_servers
 
@@ -31,16 +33,45 @@ class CoEIngress:
         config = CoEConfig.model_validate_json(config_json)
         base = Path(base_dir) if base_dir else None
         registry = open_registry(config, base)
+        revision = registry.revision()  # before reading the set: a change in between is seen at the first poll
         experts = live_experts(config, registry)
         backend = ServeBackend(servers, load_timeout_s=config.serving.request_timeout_s)
-        specs = plan_servers(experts, base_dir=base, batching=config.serving.batching, pool=config.serving.pool)
+        specs = plan_servers(experts, base_dir=base, batching=config.serving.batching, pool=config.serving.pool,
+                             max_adapters=config.serving.adapters_per_replica)
         backend.attach_runtime_servers({sid: s for sid, s in specs.items() if sid not in servers})
         router = build_online_router(config.router, experts, base_dir=base)
         self.service = CoEService(config, backend=backend, router=router, registry=registry, base_dir=base,
                                   experts=experts)
-        log.info("coe ingress up: %d experts, router %s", len(experts), getattr(router, "name", "?"))
+        self.sync = RegistrySync(self.service, period_s=config.serving.registry_poll_s)
+        self.sync.revision = revision
+        self.sync.start()  # every replica follows the registry (serving/api/registry_sync.py)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        log.info("coe ingress %s up: %d experts, router %s", self.replica, len(experts), getattr(router, "name", "?"))
 
     def __serve_build_asgi_app__(self):
         from coe.serving.api.routes import create_api
 
-        return create_api(self.service)
+        app = create_api(self.service)
+        # which ingress replica answered (a random id, no host detail): replicas answer alike
+        # within the registry sync bound, and this is how an operator checks which one lags
+        app.add_middleware(ReplicaHeader, replica=self.replica)
+        return app
+
+
+class ReplicaHeader:
+    """Pure ASGI middleware (streams and disconnects pass through untouched): adds
+    ``x-coe-replica`` to every HTTP response."""
+
+    def __init__(self, app, replica: str) -> None:
+        self.app, self.header = app, (b"x-coe-replica", replica.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_named(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        return await self.app(scope, receive, send_named)

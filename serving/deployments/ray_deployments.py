@@ -16,7 +16,7 @@ from coe.config import ResourcesConfig
 from coe.errors import CoEError, EngineError, OverloadedError, ServerDownError, available
 from coe.serving.deployments.capacity import check_capacity
 from coe.serving.deployments.expert_server import ExpertServer
-from coe.serving.deployments.spec import ServerSpec
+from coe.serving.deployments.spec import ServerSpec, adapter_model_id
 
 log = logging.getLogger("coe.serving")
 RUNTIME_APP_PREFIX = "coe-expert-"
@@ -29,13 +29,37 @@ class ExpertServerDeployment:
     async def __init__(self, spec: ServerSpec) -> None:
         logging.basicConfig(level=logging.INFO)
         self.server = ExpertServer(spec)
+        self._paths: dict[str, str] = {}  # multiplexed model id -> adapter path (of the request that named it)
+        # the configured LRU bound (the class-level decorator below only marks the deployment as multiplexed)
+        async def load(model_id: str) -> _Resident:  # a plain function: Serve keeps its LRU on it
+            return await self._load(model_id)
+
+        self._load_adapter = serve.multiplexed(max_num_models_per_replica=spec.max_adapters)(load)
         await self.server.start()
 
+    @serve.multiplexed(max_num_models_per_replica=8)
+    async def _load_adapter(self, model_id: str):  # replaced per replica in __init__
+        return await self._load(model_id)
+
+    async def _load(self, model_id: str) -> _Resident:
+        await self.server.load_lazy(model_id, self._paths[model_id])
+        return _Resident(self.server, model_id)
+
+    async def _lazy(self, request, adapter_path) -> str | None:
+        """The adapter name a runtime-registered LoRA is served under on this replica (loaded
+        through Serve multiplexing, LRU-bounded), or None when the server hosts it itself."""
+        model_id = serve.get_multiplexed_model_id()
+        if not model_id or adapter_path is None or self.server.pins(request.expert, adapter_path):
+            return None
+        self._paths[model_id] = adapter_path
+        await self._load_adapter(model_id)
+        return model_id
+
     async def generate(self, request, adapter_path=None):
-        return await self.server.generate(request, adapter_path)
+        return await self.server.generate(request, adapter_path, await self._lazy(request, adapter_path))
 
     async def stream(self, request, adapter_path=None):
-        agen = self.server.stream(request, adapter_path)
+        agen = self.server.stream(request, adapter_path, await self._lazy(request, adapter_path))
         try:
             async for delta in agen:
                 yield delta
@@ -43,10 +67,23 @@ class ExpertServerDeployment:
             await agen.aclose()
 
     async def add_adapter(self, expert_id: str, path: str) -> None:
-        await self.server.add_adapter(expert_id, path)
+        """Load a LoRA registered at runtime (called with its multiplexed model id: it stays in
+        this replica's LRU) or, without one, under its own id."""
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:
+            self._paths[model_id] = path
+            await self._load_adapter(model_id)
+        else:
+            await self.server.add_adapter(expert_id, path)
 
     async def remove_adapter(self, expert_id: str) -> None:
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:
+            await self.server.unload_lazy(model_id)  # Serve's LRU reloads it if it is ever asked for again
         await self.server.remove_adapter(expert_id)
+
+    async def lazy_adapters(self) -> list[str]:
+        return self.server.lazy_adapters()
 
     async def ready(self) -> dict[str, str | None]:
         return self.server.ready()
@@ -64,6 +101,26 @@ class ExpertServerDeployment:
 
     async def __del__(self) -> None:
         await self.server.stop()
+
+
+class _Resident:
+    """A lazily loaded adapter as Serve's multiplexing LRU holds it: evicting it unloads it from
+    the engine once no request uses it. (Serve calls ``__del__`` in a thread on eviction; the
+    unload runs on the replica's loop.)"""
+
+    def __init__(self, server: ExpertServer, name: str) -> None:
+        self.server, self.name = server, name
+        self.loop = asyncio.get_running_loop()
+        self.evicted = False
+
+    def __del__(self) -> None:
+        if self.evicted:
+            return
+        self.evicted = True
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.unload_lazy(self.name), self.loop)
+        except RuntimeError:  # the loop is closed: the replica is stopping
+            pass
 
 
 def deployment_options(spec: ServerSpec) -> dict:
@@ -135,8 +192,16 @@ class ServeBackend:
         except KeyError:
             raise ServerDownError(f"no expert server {server_id!r}; running: {available(self.handles)}") from None
 
-    async def _call(self, server_id: str, method: str, *args):
-        response = getattr(self._handle(server_id), method).remote(*args)
+    def _handle_for(self, server_id: str, expert_id: str | None, adapter_path: str | None):
+        """The server's handle; for a LoRA expert with its multiplexed model id, so Serve sends
+        the request to a replica that has the adapter loaded when there is one."""
+        handle = self._handle(server_id)
+        if expert_id is None or adapter_path is None:
+            return handle
+        return handle.options(multiplexed_model_id=adapter_model_id(expert_id, adapter_path))
+
+    async def _call(self, server_id: str, method: str, *args, handle=None):
+        response = getattr(handle or self._handle(server_id), method).remote(*args)
         try:
             return await response
         except asyncio.CancelledError:
@@ -146,10 +211,12 @@ class ServeBackend:
             raise map_ray_error(err, server_id) from None
 
     async def generate(self, server_id, request, adapter_path):
-        return await self._call(server_id, "generate", request, adapter_path)
+        handle = self._handle_for(server_id, request.expert, adapter_path)
+        return await self._call(server_id, "generate", request, adapter_path, handle=handle)
 
     async def stream(self, server_id, request, adapter_path):
-        gen = self._handle(server_id).options(stream=True).stream.remote(request, adapter_path)
+        handle = self._handle_for(server_id, request.expert, adapter_path)
+        gen = handle.options(stream=True).stream.remote(request, adapter_path)
         done = False
         try:
             try:
@@ -163,10 +230,21 @@ class ServeBackend:
                 gen.cancel()  # the client went away (or failed): stop generating
 
     async def add_adapter(self, server_id, expert_id, path):
-        await self._call(server_id, "add_adapter", expert_id, path)
+        """Load the LoRA on one replica (the others load it on their first request for it)."""
+        await self._call(server_id, "add_adapter", expert_id, path, handle=self._handle_for(server_id, expert_id, path))
 
-    async def remove_adapter(self, server_id, expert_id):
-        await self._call(server_id, "remove_adapter", expert_id)
+    async def remove_adapter(self, server_id, expert_id, path=None):
+        """Unload the LoRA from a replica holding it; on the others it is never asked for again
+        and leaves their LRU (an expert registered again gets a new model id: new weights)."""
+        await self._call(server_id, "remove_adapter", expert_id, handle=self._handle_for(server_id, expert_id, path))
+
+    def attach_server(self, spec: ServerSpec) -> None:
+        """Serve a model expert another ingress replica registered (its Serve application runs)."""
+        self.attach_runtime_servers({spec.server_id: spec})
+
+    def detach_server(self, server_id: str) -> None:
+        """Forget a model expert another ingress replica removed (it deleted the application)."""
+        self.handles.pop(server_id, None)
 
     async def add_server(self, spec: ServerSpec) -> None:
         """Deploy ``spec`` as its own Serve application and wait for its engine."""

@@ -41,6 +41,9 @@ class ServerSpec(BaseModel):
         default_factory=list, description="For the expert pool: every pooled model expert (host is the first)."
     )
     pool: PoolConfig | None = Field(None, description="The pool's residency and scheduling settings.")
+    max_adapters: int = Field(
+        8, ge=1, description="LoRA experts beyond ``loras`` one replica keeps loaded (LRU; serving.adapters_per_replica)."
+    )
 
     @property
     def model_expert(self) -> ModelExpert:
@@ -96,11 +99,23 @@ def server_id_of(expert: Expert) -> str:
     return f"expert-{expert.base if isinstance(expert, LoraExpert) else expert.id}"
 
 
+def adapter_model_id(expert_id: str, path: str) -> str:
+    """The name a LoRA expert registered at runtime is loaded under on an expert-server replica
+    (its Serve multiplexed model id and its engine adapter name): the expert id plus a digest of
+    the adapter path, so an expert removed and registered again with other weights never reuses
+    the old ones still cached on a replica."""
+    import hashlib
+
+    return f"{expert_id}--{hashlib.sha256(path.encode()).hexdigest()[:12]}"
+
+
 def plan_servers(
-    experts: list[Expert], *, base_dir: Path | None, batching: BatchingConfig, pool: PoolConfig | None = None
+    experts: list[Expert], *, base_dir: Path | None, batching: BatchingConfig, pool: PoolConfig | None = None,
+    max_adapters: int = 8,
 ) -> dict[str, ServerSpec]:
     """One :class:`ServerSpec` per model or mixture expert, in expert order; all pooled model
-    experts share one spec (``POOL_SERVER``) whose engine is the expert pool."""
+    experts share one spec (``POOL_SERVER``) whose engine is the expert pool. ``max_adapters``:
+    the LRU bound of runtime-registered LoRAs per replica."""
     by_id = {e.id: e for e in experts}
     specs: dict[str, ServerSpec] = {}
     pooled = [e for e in experts if isinstance(e, ModelExpert) and e.pooled]
@@ -114,7 +129,8 @@ def plan_servers(
         if isinstance(e, ModelExpert):
             loras = [x for x in experts if isinstance(x, LoraExpert) and x.base == e.id]
             specs[server_id_of(e)] = ServerSpec(
-                server_id=server_id_of(e), host=e, loras=loras, base_dir=_s(base_dir), batching=batching
+                server_id=server_id_of(e), host=e, loras=loras, base_dir=_s(base_dir), batching=batching,
+                max_adapters=max_adapters,
             )
         elif isinstance(e, MixtureExpert):
             loras = [by_id[a] for a in e.adapters]
