@@ -109,6 +109,26 @@ class GenerationOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     prompt_token_ids: list[int] | None = None
 
+    @classmethod
+    def from_deltas(cls, deltas: list[StreamDelta]) -> GenerationOutput:
+        """The whole answer of a finished stream (text, ids, usage and logprobs joined).
+        Raises ValueError for an empty list."""
+        if not deltas:
+            raise ValueError("a stream without deltas has no output")
+        last = deltas[-1]
+        first_prompt = next((d for d in deltas if d.prompt_logprobs is not None or d.prompt_token_ids), None)
+        asked = any(d.logprobs is not None for d in deltas)
+        return cls(
+            text="".join(d.text for d in deltas),
+            finish_reason=last.finish_reason or "stop",
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            token_ids=[t for d in deltas for t in d.token_ids],
+            logprobs=[p for d in deltas for p in (d.logprobs or [])] if asked else None,
+            prompt_logprobs=first_prompt.prompt_logprobs if first_prompt else None,
+            prompt_token_ids=first_prompt.prompt_token_ids if first_prompt else None,
+        )
+
 
 @dataclass
 class StreamDelta:

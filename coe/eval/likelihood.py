@@ -68,6 +68,8 @@ class HFLikelihood:
 
         import torch
 
+        from coe.logprobs import teacher_forced
+
         adapters = list(adapters) if adapters is not None else [None] * len(items)
         if len(adapters) != len(items):
             raise ValueError("adapters must name one adapter (or None) per item")
@@ -83,9 +85,7 @@ class HFLikelihood:
             ctx = self.lora.batch([adapters[i] for i in idx]) if self.lora is not None else contextlib.nullcontext()
             with torch.no_grad(), ctx:
                 logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # [b, keep, V]
-            logp = torch.log_softmax(logits[:, :-1].float(), -1)  # [b, keep-1, V]
-            target = labels[:, -keep + 1 :]  # [b, keep-1]
-            tok_lp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [b, keep-1]
+            tok_lp = teacher_forced(logits[:, :-1], labels[:, -keep + 1 :])  # [b, keep-1]
             for r, i in enumerate(idx):
                 n = enc[i][1]
                 out[i] = tok_lp[r, -n:].tolist()

@@ -21,23 +21,24 @@ from coe.errors import CoEError, EngineError
 from coe.serving.engines.kv_batch import KVBatch, left_pad
 from coe.serving.engines.rows import Row
 
-# forward(input_ids [B, T], mask [B, S], positions [B, T], cache, adapters [B]) -> logits [B, V]
+# forward(input_ids [B, T], mask [B, S], positions [B, T], cache, adapters [B], all_logits=False)
+#   -> logits [B, V] of the last position, or [B, T, V] of every position with all_logits=True
 Forward = Callable[..., object]
 
 
 def causal_lm_forward(model, device: str) -> Forward:
     """The plain :data:`Forward` of a transformers causal LM on ``device`` (no adapters)."""
 
-    def forward(input_ids, mask, positions, cache, adapters):
+    def forward(input_ids, mask, positions, cache, adapters, all_logits: bool = False):
         out = model(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
             position_ids=positions.to(device),
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if all_logits else 1,  # 0: every position
         )
-        return out.logits[:, -1, :]
+        return out.logits if all_logits else out.logits[:, -1, :]
 
     return forward
 
@@ -50,7 +51,8 @@ def row_error(err: Exception) -> CoEError:
 
 
 def sample_rows(rows: list[Row], logits, eos: set[int]) -> None:
-    """Sample each unfinished row's next token from its ``logits`` row (``[B, V]``) and accept it.
+    """Sample each unfinished row's next token from its ``logits`` row (``[B, V]``) and accept it,
+    with the token's logprobs (from the raw logits) when the row asks for them.
 
     An error while sampling or detokenising one row fails that row only."""
     from coe.adapters.decode import sample
@@ -60,7 +62,7 @@ def sample_rows(rows: list[Row], logits, eos: set[int]) -> None:
             continue
         try:
             token = int(sample(row_logits, row.params.temperature, row.params.top_p, row.generator))
-            row.accept(token, eos)
+            row.accept(token, eos, row.score(row_logits, token))
         except Exception as err:  # noqa: BLE001  (this row's problem only)
             row.fail(row_error(err))
 
@@ -84,11 +86,16 @@ class DecodeBatch:
     def admit(self, new: list[Row]) -> None:
         """Prefill ``new`` and join them to the batch; each gets its first token.
 
-        When the joint prefill fails, each row is prefilled alone, so a row that cannot be
+        Rows asking for prompt logprobs are prefilled one at a time, keeping every position's
+        logits (``[T, V]``: too large to keep for a whole batch); the others together, keeping the
+        last. When a joint prefill fails, each row is prefilled alone, so a row that cannot be
         prefilled fails by itself (its sink gets the error) and the others are admitted."""
         new = [r for r in new if not r.finished]
-        if not new:
-            return
+        plain = [r for r in new if r.params.prompt_logprobs is None]
+        for group in ([plain] if plain else []) + [[r] for r in new if r.params.prompt_logprobs is not None]:
+            self._admit_group(group)
+
+    def _admit_group(self, new: list[Row]) -> None:
         try:
             self._prefill(new)
         except Exception as err:  # noqa: BLE001  (find the row at fault)
@@ -106,7 +113,12 @@ class DecodeBatch:
 
         ids, mask, positions = left_pad([r.prompt_ids for r in new], self.pad_id)
         cache = DynamicCache()  # no config: full layers only (see kv_batch)
-        logits = self.forward(ids, mask, positions, cache, [r.adapter for r in new])  # [n, V]
+        scored = any(r.params.prompt_logprobs is not None for r in new)
+        logits = self.forward(ids, mask, positions, cache, [r.adapter for r in new], all_logits=scored)
+        if scored:  # [n, T, V]: each row's prompt positions are its last len(prompt) ones
+            for i, row in enumerate(new):
+                row.score_prompt(logits[i, logits.shape[1] - len(row.prompt_ids):])
+            logits = logits[:, -1, :]  # [n, V]
         part = KVBatch(cache, mask.to(self.device))
         if self.kv is None:
             self.kv = part

@@ -189,9 +189,10 @@ class HFEngine(Engine):
 
     # ------------------------------------------------------------------ worker thread
 
-    def forward(self, input_ids, mask, positions, cache, adapters: list[str | None]):
-        """Last-position logits ``[B, V]`` (the :class:`DecodeBatch` forward); the one place LoRA
-        is applied (a mixed multi-LoRA batch). Call with ``_model_lock`` held (the worker does)."""
+    def forward(self, input_ids, mask, positions, cache, adapters: list[str | None], all_logits: bool = False):
+        """Last-position logits ``[B, V]`` (every position's ``[B, T, V]`` with ``all_logits``): the
+        :class:`DecodeBatch` forward, the one place LoRA is applied (a mixed multi-LoRA batch).
+        Call with ``_model_lock`` held (the worker does)."""
         import contextlib
 
         use_lora = self._lora is not None and any(a is not None for a in adapters)
@@ -202,9 +203,9 @@ class HFEngine(Engine):
                 position_ids=positions.to(self._device),
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if all_logits else 1,  # 0: every position
             )
-        return out.logits[:, -1, :]
+        return out.logits if all_logits else out.logits[:, -1, :]
 
     def _run(self) -> None:
         import torch

@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from coe.errors import AdapterError, ConfigError, NotReadyError
+from coe.errors import AdapterError, ConfigError, InvalidRequestError, NotReadyError
 from coe.serving.engines.base import Capabilities, Engine, register_engine
 from coe.serving.engines.decode_batch import row_error, sample_rows
 from coe.serving.engines.loading import model_max_len, resolve_dtype
@@ -135,6 +135,12 @@ class MixtureEngine(Engine):
             raise NotReadyError(f"mixture engine for {self.model_path} is not started")
         if request.adapter is not None:
             raise AdapterError("a mixture expert mixes its own adapters; requests cannot name one")
+        if request.sampling.prompt_logprobs is not None:
+            raise InvalidRequestError(
+                "prompt_logprobs is not supported by the mixture engine (it keeps only the last position's "
+                "logits); leave prompt_logprobs/echo out, or pin an expert served by the hf or vllm engine",
+                param="prompt_logprobs",
+            )
         ids = self.encode_prompt(request)
         check_context(len(ids), request.sampling.max_tokens, self.max_model_len)
         return Row.create(self._tokenizer, ids, request.sampling, device=DEVICE, sink=sink)
@@ -197,10 +203,5 @@ class MixtureEngine(Engine):
             if not deltas or isinstance(deltas[-1], BaseException):
                 results[i] = row_error(deltas[-1]) if deltas else row_error(RuntimeError("no output"))
                 continue
-            last = deltas[-1]
-            results[i] = GenerationOutput(
-                text="".join(d.text for d in deltas), finish_reason=last.finish_reason or "stop",
-                prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-                token_ids=[t for d in deltas for t in d.token_ids],
-            )
+            results[i] = GenerationOutput.from_deltas(deltas)
         return results

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from coe.errors import CoEError, EngineError
 from coe.serving.engines.text import TextStream
-from coe.types import SamplingParams, StreamDelta
+from coe.types import PositionLogprobs, SamplingParams, StreamDelta
 
 
 def make_generator(seed: int | None, device: str):
@@ -86,6 +86,7 @@ class Row:
     sink: Callable[[StreamDelta | BaseException], bool | None]
     adapter: str | None = None
     generated: list[int] = field(default_factory=list)
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
     done: bool = False
     cancelled: bool = False
 
@@ -104,14 +105,39 @@ class Row:
         if self.sink(item) is False:
             self.cancelled = True
 
+    def decode_token(self, token_id: int) -> str:
+        """One token's text (a logprob's ``decoded_token``)."""
+        return self.text.tokenizer.decode([token_id])
+
+    def score(self, logits, token: int) -> PositionLogprobs | None:
+        """The logprobs of the sampled ``token`` under ``logits`` (``[V]``, raw) when the row asks
+        for them (``params.logprobs``), else None."""
+        n = self.params.logprobs
+        if n is None:
+            return None
+        from coe.logprobs import position_logprobs
+
+        return position_logprobs(logits.unsqueeze(0), [token], n, self.decode_token)[0]
+
+    def score_prompt(self, logits) -> None:
+        """Keep the prompt's logprobs from its teacher-forced ``logits`` (``[T, V]``, one row per
+        prompt token) when the row asks for them; the first delta carries them."""
+        n = self.params.prompt_logprobs
+        if n is not None:
+            from coe.logprobs import prompt_logprobs
+
+            self.prompt_logprobs = prompt_logprobs(logits, self.prompt_ids, n, self.decode_token)
+
     def fail(self, err: BaseException) -> None:
         """End the row with ``err`` (given to its sink once; a finished row is left alone)."""
         if not self.done:
             self.done = True
             self.send(err)
 
-    def accept(self, token: int, eos: set[int]) -> None:
-        """Append a sampled ``token`` and send the resulting :class:`StreamDelta`.
+    def accept(self, token: int, eos: set[int], logprobs: PositionLogprobs | None = None) -> None:
+        """Append a sampled ``token`` (with its ``logprobs`` when asked for) and send the
+        resulting :class:`StreamDelta`; the first one carries the prompt's logprobs and ids
+        when ``params.prompt_logprobs`` asked for them.
 
         The row is done after an EOS id, a stop string, or ``max_tokens`` tokens. A cancelled
         row sends nothing."""
@@ -126,6 +152,10 @@ class Row:
             elif len(self.generated) >= self.params.max_tokens:
                 text, finish = text + self.text.flush(), "length"
         self.done = finish is not None
-        if not self.cancelled:
-            self.send(StreamDelta(text=text, token_ids=[token], finish_reason=finish,
-                                  prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.generated)))
+        if self.cancelled:
+            return
+        delta = StreamDelta(text=text, token_ids=[token], finish_reason=finish, prompt_tokens=len(self.prompt_ids),
+                            completion_tokens=len(self.generated), logprobs=[logprobs] if logprobs else None)
+        if len(self.generated) == 1 and self.params.prompt_logprobs is not None:
+            delta.prompt_logprobs, delta.prompt_token_ids = self.prompt_logprobs, list(self.prompt_ids)
+        self.send(delta)

@@ -29,16 +29,24 @@ def chat_template_of(tokenizer) -> str:
 
 
 def encode_request(tokenizer, request: GenerationRequest) -> list[int]:
-    """Prompt token ids: chat ``messages`` through the chat template, or the raw ``prompt``.
+    """Prompt token ids: ``prompt_token_ids`` as given, chat ``messages`` through the chat
+    template (with the request's ``add_generation_prompt`` / ``continue_final_message``), or the
+    raw ``prompt``.
 
     Special tokens (BOS) are added the way the tokenizer is configured; a template that already
     writes BOS itself does not get a second one. Raises InvalidRequestError when the request
-    has neither messages nor a prompt.
+    has neither messages nor a prompt, when both chat flags are set or the final message to
+    continue is not the assistant's, and for token ids outside the vocabulary.
     """
+    if request.prompt_token_ids is not None:
+        return check_token_ids(tokenizer, request.prompt_token_ids)
     if request.messages:
+        check_chat_flags(request.messages, request.add_generation_prompt, request.continue_final_message)
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         text = tokenizer.apply_chat_template(
-            messages, chat_template=chat_template_of(tokenizer), add_generation_prompt=True, tokenize=False
+            messages, chat_template=chat_template_of(tokenizer), tokenize=False,
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
         )
     elif request.prompt is not None:
         text = request.prompt
@@ -51,6 +59,32 @@ def encode_request(tokenizer, request: GenerationRequest) -> list[int]:
     if not ids:
         raise InvalidRequestError("the prompt is empty after tokenization")
     return ids
+
+
+def check_chat_flags(messages, add_generation_prompt: bool, continue_final_message: bool) -> None:
+    """InvalidRequestError when ``continue_final_message`` is set with ``add_generation_prompt``
+    or without a final assistant message to continue (vLLM's rules)."""
+    if not continue_final_message:
+        return
+    if add_generation_prompt:
+        raise InvalidRequestError(
+            "continue_final_message and add_generation_prompt cannot both be true: set add_generation_prompt "
+            "to false to continue the final assistant message", param="continue_final_message")
+    if not messages or messages[-1].role != "assistant":
+        raise InvalidRequestError(
+            "continue_final_message needs a final message with role 'assistant' to continue",
+            param="continue_final_message")
+
+
+def check_token_ids(tokenizer, ids: list[int]) -> list[int]:
+    """``ids`` when every one is a token of ``tokenizer`` (InvalidRequestError naming ``prompt``
+    otherwise, and for an empty list)."""
+    size = len(tokenizer)
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < size]
+    if not ids or bad:
+        why = "is empty" if not ids else f"has ids outside the vocabulary (0 to {size - 1}): {bad[:5]}"
+        raise InvalidRequestError(f"the prompt's token ids {why}", param="prompt")
+    return list(ids)
 
 
 def check_context(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:

