@@ -137,6 +137,11 @@ class ServerDownError(EngineError):
         self.retry_after_s = retry_after_s
 
 
+class ReplicaLostError(ServerDownError):
+    """One replica of an expert server that has several died with the request. The request fails
+    (503, ``Retry-After``), but the server is not marked down: its other replicas keep serving."""
+
+
 class DeadlineExceededError(CoEError):
     """A request got no answer within its deadline (``serving.request_timeout_s``)."""
 
@@ -156,6 +161,13 @@ class UnsupportedMediaTypeError(CoEError):
 
     status_code = 415
     code = "unsupported_media_type"
+
+
+class ProfileRunningError(CoEError):
+    """A profile of this expert is still queued or running (wait for it, or remove the expert)."""
+
+    status_code = 409
+    code = "conflict"
 
 
 def available(names) -> str:

@@ -34,12 +34,16 @@ from coe.errors import (
     ConfigError,
     DuplicateExpertError,
     ExpertNotFoundError,
+    ProfileRunningError,
     RegistryUnavailableError,
     available,
 )
+from coe.profile_records import ProfileJob, ProfileOutcome
 from coe.registry_db import CONNECTION_ERRORS, connect, unavailable
 from coe.registry_schema import experts as _experts
 from coe.registry_schema import migrate
+from coe.registry_schema import profile_jobs as _jobs
+from coe.registry_schema import profile_outcomes as _outcomes
 from coe.registry_schema import revision as _revision
 
 _EXPERT = TypeAdapter(Expert)
@@ -147,8 +151,8 @@ class ExpertRegistry:
         return _load(body, self.location)
 
     def revision(self) -> int:
-        """A counter that grows with every add and remove: a cheap "did anything change?" for
-        replicas that keep a copy of the expert set."""
+        """A counter that grows with every add and remove (and every stored profile): a cheap
+        "did anything change?" for replicas that keep a copy of the expert set and router."""
         with self._transaction() as conn:
             return int(conn.execute(select(_revision.c.revision).where(_revision.c.id == 1)).scalar_one())
 
@@ -165,13 +169,64 @@ class ExpertRegistry:
             raise DuplicateExpertError(f"expert {expert.id!r} is already registered") from None
 
     def remove(self, expert_id: str) -> None:
-        """Forget an expert; raises ExpertNotFoundError when it is not registered."""
+        """Forget an expert, its profile job and its measured outcomes; raises ExpertNotFoundError
+        when it is not registered."""
         with self._transaction(write=True) as conn:
             gone = conn.execute(delete(_experts).where(_experts.c.id == expert_id)).rowcount
             if gone:
+                conn.execute(delete(_outcomes).where(_outcomes.c.expert_id == expert_id))
+                conn.execute(delete(_jobs).where(_jobs.c.expert_id == expert_id))
                 _bump(conn)
         if not gone:
             raise ExpertNotFoundError(f"expert {expert_id!r} is not in the registry; registered: {available(self.ids())}")
+
+    # -- profiles (coe.profile_records) -----------------------------------------------------
+    def put_profile_outcomes(self, outcomes: list[ProfileOutcome]) -> None:
+        """Store measured outcomes in one transaction, replacing any of the same (expert, query);
+        bumps the revision so other replicas rebuild their router."""
+        now = time.time()
+        with self._transaction(write=True) as conn:
+            for o in outcomes:
+                conn.execute(delete(_outcomes).where((_outcomes.c.expert_id == o.expert) & (_outcomes.c.query_key == o.key)))
+                conn.execute(insert(_outcomes).values(expert_id=o.expert, query_key=o.key, body=o.model_dump_json(),
+                                                      created_at=now))
+            _bump(conn)
+
+    def profile_outcomes(self) -> list[ProfileOutcome]:
+        """Every stored outcome, oldest first."""
+        with self._transaction() as conn:
+            rows = conn.execute(select(_outcomes.c.body).order_by(_outcomes.c.created_at, _outcomes.c.expert_id,
+                                                                  _outcomes.c.query_key)).all()
+        return [ProfileOutcome.model_validate_json(body) for (body,) in rows]
+
+    def start_profile_job(self, job: ProfileJob, *, stale_before: float) -> None:
+        """Record a new job for ``job.expert``, replacing a finished one. Raises
+        :class:`ProfileRunningError` (409) while another is queued or running and its last
+        heartbeat is not older than ``stale_before`` (seconds since the epoch)."""
+        try:
+            with self._transaction(write=True) as conn:
+                body = conn.execute(select(_jobs.c.body).where(_jobs.c.expert_id == job.expert).with_for_update()).scalar()
+                old = None if body is None else ProfileJob.model_validate_json(body)
+                if old is not None and old.active and (old.updated_at or old.created_at) >= stale_before:
+                    raise ProfileRunningError(f"a profile of expert {job.expert!r} is still {old.state} "
+                                              f"({old.done}/{old.total}); wait for it to finish")
+                conn.execute(delete(_jobs).where(_jobs.c.expert_id == job.expert))
+                conn.execute(insert(_jobs).values(expert_id=job.expert, state=job.state, body=job.model_dump_json()))
+        except exc.IntegrityError:   # another replica inserted it first
+            raise ProfileRunningError(f"a profile of expert {job.expert!r} was just started elsewhere") from None
+
+    def save_profile_job(self, job: ProfileJob) -> None:
+        """Update a job's progress or outcome (a no-op once its expert was removed)."""
+        with self._transaction(write=True) as conn:
+            conn.execute(update(_jobs).where(_jobs.c.expert_id == job.expert)
+                         .values(state=job.state, body=job.model_dump_json()))
+
+    def profile_jobs(self) -> dict[str, ProfileJob]:
+        """The latest job of every expert that has one."""
+        with self._transaction() as conn:
+            rows = conn.execute(select(_jobs.c.body)).all()
+        jobs = [ProfileJob.model_validate_json(body) for (body,) in rows]
+        return {j.expert: j for j in jobs}
 
     def close(self) -> None:
         """Close pooled connections (the registry stays usable; it reconnects on the next call)."""

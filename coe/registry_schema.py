@@ -55,6 +55,23 @@ revision = Table(
     Column("revision", BigInteger, nullable=False),  # +1 on every add or remove
 )
 
+profile_outcomes = Table(
+    "profile_outcomes",
+    metadata,
+    Column("expert_id", String(64), primary_key=True),
+    Column("query_key", String(64), primary_key=True),  # sha256 of the query (coe.profile_records.query_key)
+    Column("body", Text, nullable=False),  # a coe.profile_records.ProfileOutcome as JSON
+    Column("created_at", Float, nullable=False),
+)
+
+profile_jobs = Table(
+    "profile_jobs",
+    metadata,
+    Column("expert_id", String(64), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("body", Text, nullable=False),  # a coe.profile_records.ProfileJob as JSON
+)
+
 _PG_LOCK_KEY = 0x636F6572  # "coer": the advisory lock that serialises migrations
 
 
@@ -68,7 +85,12 @@ def _v2_revision(conn: Connection) -> None:
     conn.execute(insert(revision).values(id=1, revision=0))
 
 
-MIGRATIONS = (_v1_experts, _v2_revision)
+def _v3_profiles(conn: Connection) -> None:
+    profile_outcomes.create(conn)
+    profile_jobs.create(conn)
+
+
+MIGRATIONS = (_v1_experts, _v2_revision, _v3_profiles)
 LATEST = len(MIGRATIONS)
 
 

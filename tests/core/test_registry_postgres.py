@@ -269,3 +269,9 @@ def test_service_keeps_serving_through_an_outage_and_refuses_registrations_with_
     finally:
         h.close()
         lt.close()
+
+
+def test_profiles_persist_and_go_with_the_expert_on_postgres(db_url):
+    from tests.core.registry_profile_checks import check_profiles_persist_and_go_with_the_expert
+
+    check_profiles_persist_and_go_with_the_expert(lambda: ExpertRegistry(db_url, password=PASSWORD))
