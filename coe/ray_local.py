@@ -197,3 +197,63 @@ def _terminate(procs: list, term_s: float) -> None:
     _, alive = psutil.wait_procs(procs, timeout=term_s)
     _signal(alive, "kill")
     psutil.wait_procs(alive, timeout=term_s)
+
+
+class LocalCluster:
+    """A multi-node Ray cluster on this machine, loopback only: a head that runs no replicas
+    (``num_cpus: 0``, as the KubeRay head) and ``workers`` worker nodes, each its own raylet,
+    built with ``ray.cluster_utils.Cluster`` as Ray's own tests build theirs. For tests and
+    benchmarks of what a cluster does (replica placement, node failure), not for serving.
+
+    Workers inherit this process's environment (set secrets such as the admin key in
+    ``os.environ`` before :meth:`start`; nothing goes through a runtime env)."""
+
+    def __init__(self, workers: int = 2, cpus_per_worker: float = 2.0) -> None:
+        self.n_workers = workers
+        self.cpus_per_worker = cpus_per_worker
+        self.cluster = None
+        self.workers: list = []
+
+    def start(self) -> LocalCluster:
+        use_loopback()
+        import ray
+        from ray.cluster_utils import Cluster
+
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        self.workers = [self.cluster.add_node(num_cpus=self.cpus_per_worker) for _ in range(self.n_workers)]
+        self.cluster.wait_for_nodes()
+        ray.init(address=self.cluster.address, log_to_driver=False,
+                 runtime_env={"worker_process_setup_hook": WORKER_HOOK})
+        return self
+
+    def node_id(self, worker: int) -> str:
+        return self.workers[worker].node_id
+
+    def kill_worker(self, worker: int) -> None:
+        """Kill a worker node's raylet and every process of that node at once (no grace)."""
+        node = self.workers.pop(worker)
+        self.cluster.remove_node(node, allow_graceful=False)
+
+    @staticmethod
+    def replica_nodes(deployment: str, app: str = "coe") -> list[str]:
+        """Node ids of the live replicas of ``deployment`` (from the GCS actor table)."""
+        from ray._private.state import actors
+
+        prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+        return [a["Address"]["NodeID"] for a in actors().values()
+                if a.get("Name", "").startswith(prefix) and a.get("State") == "ALIVE"]
+
+    def stop(self) -> None:
+        """Serve, the driver's connection and every node's processes."""
+        import ray
+
+        try:
+            from ray import serve
+
+            if ray.is_initialized():
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+            if self.cluster is not None:
+                self.cluster.shutdown()
+                self.cluster = None

@@ -32,6 +32,7 @@ from coe.errors import (
     InvalidRequestError,
     NotReadyError,
     ServerDownError,
+    ReplicaLostError,
     UnauthorizedError,
     available,
 )
@@ -241,7 +242,8 @@ class CoEService:
                 if err is None:
                     raise
                 self.metrics.errors.labels(expert, err.code).inc()
-                if isinstance(err, ServerDownError) and wait is None and expert in self.catalog:
+                if isinstance(err, ServerDownError) and not isinstance(err, ReplicaLostError) and wait is None \
+                        and expert in self.catalog:
                     health.mark_down(self.catalog.on_server(self.catalog.server_of(expert)), err.message,
                                      err.retry_after_s)
                 tried.append(expert)

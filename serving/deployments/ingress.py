@@ -35,9 +35,11 @@ class CoEIngress:
         registry = open_registry(config, base)
         revision = registry.revision()  # before reading the set: a change in between is seen at the first poll
         experts = live_experts(config, registry)
-        backend = ServeBackend(servers, load_timeout_s=config.serving.request_timeout_s)
         specs = plan_servers(experts, base_dir=base, batching=config.serving.batching, pool=config.serving.pool,
                              max_adapters=config.serving.adapters_per_replica)
+        replicas = {sid: (r.autoscaling.max_replicas if r.autoscaling else r.num_replicas)
+                    for sid, r in ((sid, s.resources) for sid, s in specs.items())}
+        backend = ServeBackend(servers, load_timeout_s=config.serving.request_timeout_s, replicas=replicas)
         backend.attach_runtime_servers({sid: s for sid, s in specs.items() if sid not in servers})
         router = build_online_router(config.router, experts, base_dir=base)
         self.service = CoEService(config, backend=backend, router=router, registry=registry, base_dir=base,

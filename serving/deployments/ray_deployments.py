@@ -13,7 +13,14 @@ import logging
 from ray import serve
 
 from coe.config import ResourcesConfig
-from coe.errors import CoEError, EngineError, OverloadedError, ServerDownError, available
+from coe.errors import (
+    CoEError,
+    EngineError,
+    OverloadedError,
+    ReplicaLostError,
+    ServerDownError,
+    available,
+)
 from coe.serving.deployments.capacity import check_capacity
 from coe.serving.deployments.expert_server import ExpertServer
 from coe.serving.deployments.spec import ServerSpec, adapter_model_id
@@ -182,9 +189,23 @@ class ServeBackend:
     """:class:`coe.serving.api.backend.Backend` over Ray Serve deployment handles. Raises only
     domain errors (:func:`map_ray_error`); cancelling a call cancels it on the replica."""
 
-    def __init__(self, handles: dict, *, load_timeout_s: float = 600) -> None:
+    def __init__(self, handles: dict, *, load_timeout_s: float = 600, replicas: dict[str, int] | None = None) -> None:
         self.handles = dict(handles)
         self.load_timeout_s = load_timeout_s
+        self.replicas = dict(replicas or {})  # server id -> most replicas it may have (1 when absent)
+
+    def _error(self, err: BaseException, server_id: str) -> BaseException:
+        """:func:`map_ray_error`, except that the death of one replica of a server that has
+        several is :class:`ReplicaLostError` (the server is not marked down)."""
+        from ray import exceptions as rex
+        from ray.serve import exceptions as sex
+
+        mapped = map_ray_error(err, server_id)
+        if isinstance(mapped, ServerDownError) and self.replicas.get(server_id, 1) > 1 \
+                and isinstance(err, (rex.RayActorError, sex.ReplicaUnavailableError)):
+            return ReplicaLostError(f"a replica of expert server {server_id} died with the request",
+                                    retry_after_s=1.0)
+        return mapped
 
     def _handle(self, server_id: str):
         try:
@@ -208,7 +229,7 @@ class ServeBackend:
             response.cancel()  # the client went away or the deadline passed: stop the replica's work
             raise
         except Exception as err:  # noqa: BLE001
-            raise map_ray_error(err, server_id) from None
+            raise self._error(err, server_id) from None
 
     async def generate(self, server_id, request, adapter_path):
         handle = self._handle_for(server_id, request.expert, adapter_path)
@@ -223,7 +244,7 @@ class ServeBackend:
                 async for delta in gen:
                     yield delta
             except Exception as err:  # noqa: BLE001
-                raise map_ray_error(err, server_id) from None
+                raise self._error(err, server_id) from None
             done = True
         finally:
             if not done:
