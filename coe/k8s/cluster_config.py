@@ -61,13 +61,13 @@ class _Paths:
         if value.startswith(str(STATE_DIR) + "/") or value == str(STATE_DIR):
             return value
         local = (self.base / Path(value).expanduser()).resolve()
-        mapped = _under(local, REPO_ROOT, APP_DIR) if self.project is None else None
+        mapped = _in_image(local) if self.project is None else None
         if mapped is None and self.project is not None:
             mapped = _under(local, self.project, PROJECT_DIR)
             if mapped is not None:
                 self.project_files.append(where)
         if mapped is None:
-            mapped = _under(local, REPO_ROOT, APP_DIR)
+            mapped = _in_image(local)
         if mapped is None:
             project = f"your project {self.project} (copied to {PROJECT_DIR} by your image), " if self.project else ""
             raise ConfigError(
@@ -85,6 +85,22 @@ class _Paths:
         if value.startswith((".", "/", "~")) or (self.base / value).exists():
             return self.container(value, where)
         return value  # a hub id, fetched by the library in the pod
+
+
+def _in_image(local: Path) -> str | None:
+    """Where one of coe's own files is in the image, or None when ``local`` is not coe's.
+
+    The image holds coe's repository at :data:`APP_DIR`. A wheel install keeps the shipped
+    configs and adapters inside the package (``site-packages/coe/configs``), so those folders
+    map to their repository folders whatever the local layout; the rest of a checkout maps as is.
+    """
+    from importlib.resources import files
+
+    for package, folder in (("coe.configs", "configs"), ("coe.adapters", "adapters")):
+        mapped = _under(local, Path(str(files(package))), APP_DIR / folder)
+        if mapped is not None:
+            return mapped
+    return _under(local, REPO_ROOT, APP_DIR)
 
 
 def _under(local: Path, root: Path, mount: PurePosixPath) -> str | None:
@@ -122,7 +138,7 @@ def cluster_config(
     load_config(path)  # the user's file is valid as written (same errors as `coe serve`)
     data = copy.deepcopy(yaml.safe_load(path.read_text()))
     base = path.resolve().parent
-    if project is None and _under(base, REPO_ROOT, APP_DIR) is None:
+    if project is None and _in_image(base) is None:
         project = base  # a user's config in their own project
     paths = _Paths(base, Path(project).resolve() if project is not None else None)
     if paths.project is not None and not paths.project.is_dir():

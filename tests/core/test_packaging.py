@@ -85,16 +85,39 @@ def test_wheel_installs_alone(tmp_path):
     # -S: no site-packages .pth files, so the checkout's editable finder is not installed; the
     # dependencies still come from this environment's site-packages, after the wheel.
     site = sysconfig.get_paths()["purelib"]
-    code = (
-        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; "
-        "import coe; assert coe.__file__.startswith(sys.argv[1]), coe.__file__; "
-        "from coe.cli import main; sys.exit(main(['config', 'validate']))"
+
+    def run_installed(body: str, *args: str) -> str:
+        code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; "
+                "import coe; assert coe.__file__.startswith(sys.argv[1]), coe.__file__\n" + body)
+        out = subprocess.run([sys.executable, "-S", "-c", code, str(target), site, *args], check=False, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    assert "serve" in run_installed("from coe.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass")
+    assert "valid" in run_installed("from coe.cli import main; sys.exit(main(['config', 'validate']))")
+    # the embedded config's relative paths land in the installed package, and what they name is there
+    run_installed(
+        "from pathlib import Path\n"
+        "from coe.config import load_config\n"
+        "from coe.routers import check_router_config, load_router\n"
+        "cfg = load_config()\n"
+        "check_router_config(cfg.router)\n"
+        "inside = Path(sys.argv[1]).resolve() / 'coe'\n"
+        "adapters = [Path(e.adapter) for e in cfg.experts if e.kind == 'lora']\n"
+        "assert adapters and all(inside in a.parents and (a / 'adapter_model.safetensors').is_file() for a in adapters)\n"
+        "assert inside in Path(cfg.router.fitted).parents\n"
+        "router, meta = load_router(cfg.router.fitted)\n"
+        "assert router.name == cfg.router.name and router.experts, router.experts\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-S", "-c", code, str(target), site],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    # `coe k8s render` maps the installed package's files to the repository folders of the image,
+    # so it writes what the checkout writes (k8s/base is that render)
+    run_installed("from coe.cli import main; sys.exit(main(['k8s', 'render', '--out', sys.argv[3]]))",
+                  str(tmp_path / "k8s"))
+    assert _manifest(tmp_path / "k8s" / "rayservice.yaml") == _manifest(ROOT / "k8s" / "base" / "rayservice.yaml")
+
+
+def _manifest(path: Path) -> list:
+    import yaml
+
+    return list(yaml.safe_load_all(path.read_text()))
