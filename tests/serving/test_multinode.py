@@ -166,8 +166,8 @@ def test_registration_through_one_replica_is_served_by_the_other_within_the_boun
 
 def test_a_killed_worker_node_costs_only_its_in_flight_requests(cluster):
     """Under load, kill one worker node's raylet (and its processes): requests in flight there
-    are answered at once (503, or a connection closed by Serve's proxy when the ingress replica
-    itself died); none hangs; Serve re-places the replicas on the surviving node; new requests
+    are answered at once (503 with Retry-After when an expert replica died; Serve's proxy's bare
+    500 when the ingress replica itself died); none hangs; Serve re-places the replicas on the surviving node; new requests
     succeed; the registered experts are all still there."""
     from coe.ray_local import LocalCluster
 
@@ -183,6 +183,8 @@ def test_a_killed_worker_node_costs_only_its_in_flight_requests(cluster):
                 try:
                     r = _chat(own, f"what is {k} + 3 ?", model="tiny-a" if k % 2 else "coe")
                     outcome = str(r.status_code)
+                    if r.status_code == 500 and r.text == "Internal Server Error":
+                        outcome = "500-proxy"  # Serve's proxy: the ingress replica died with the request
                     if r.status_code == 503:
                         assert r.headers.get("retry-after") and "unavailable" in r.json()["error"]["message"]
                 except httpx.TransportError as err:
@@ -211,7 +213,10 @@ def test_a_killed_worker_node_costs_only_its_in_flight_requests(cluster):
     in_flight = [r for r in results if r[0] < killed_at < r[1]]
     assert all(end - killed_at < 30 for _, end, _ in in_flight), in_flight  # answered, not left to hang
     failed = [r for r in results if r[2] != "200"]
-    assert all(o in ("503", "RemoteProtocolError", "ReadError") for *_, o in failed), failed
+    # our 503 (an expert replica died), or Ray's proxy's bare 500 (the ingress replica itself died:
+    # Serve 2.60 answers that way and it cannot be configured); never another error
+    assert all(o in ("503", "500-proxy", "RemoteProtocolError", "ReadError") for *_, o in failed), failed
+    assert all(end - killed_at < 30 for _, end, _ in failed), failed  # all of them soon after the kill
     assert not any(t.is_alive() for t in threads)
     after = [r for r in results if r[0] > killed_at + recovered]
     assert after and all(o == "200" for *_, o in after[-8:]), after[-8:]
