@@ -110,12 +110,24 @@ def fuzz_phase(url: str, examples: int, max_s: float) -> dict:
             tail, timed_out = out.stdout[-1500:], False
         except subprocess.TimeoutExpired as err:
             tail, timed_out = (err.stdout or b"")[-1500:].decode(errors="replace"), True
-        entries = json.loads(har.read_text())["log"]["entries"] if har.exists() else []
+        entries, har_error = read_har(har)
     codes = Counter(e["response"]["status"] for e in entries)
     fivexx = {str(k): v for k, v in codes.items() if k >= 500}
     return {"requests": len(entries), "statuses": {str(k): v for k, v in sorted(codes.items())},
             "5xx": sum(fivexx.values()), "5xx_by_status": fivexx, "seconds": round(time.monotonic() - t0, 1),
-            "stopped_at_time_limit": timed_out, "examples_per_operation": examples, "summary_tail": tail[-600:]}
+            "stopped_at_time_limit": timed_out, "examples_per_operation": examples, "summary_tail": tail[-600:],
+            **({"har_unreadable": har_error} if har_error else {})}
+
+
+def read_har(har: Path) -> tuple[list, str | None]:
+    """The entries of schemathesis's HAR log, and why it could not be read (a run stopped at its
+    time limit may leave it half-written): then the counts are over no entries and say so."""
+    if not har.exists():
+        return [], "no HAR log was written"
+    try:
+        return json.loads(har.read_text())["log"]["entries"], None
+    except (ValueError, KeyError) as err:
+        return [], f"{type(err).__name__}: {str(err)[:120]}"
 
 
 async def kill_phase(url: str, n: int, max_s: float, timeout_s: float, before_s: float = 10,
@@ -223,7 +235,8 @@ async def run_phases(svc: Service, args, out: dict) -> dict:
 
 def markdown(r: dict) -> str:
     lines = [f"Service start {r['startup_s']} s; stop {r['stop']}."
-             + (" **Interrupted**: only the phases below finished." if r.get("interrupted") else "")]
+             + (" **Interrupted**: only the phases below finished." if r.get("interrupted") else "")
+             + (f" Error: {r['error']}." if r.get("error") else "")]
     if "load" in r:
         x = r["load"]
         lines.append(f"\n## Load: {x['clients']} clients for {x['seconds']} s\n\n{x['requests']} requests, "
@@ -249,7 +262,9 @@ def markdown(r: dict) -> str:
         lines.append("\n## Fuzzing (schemathesis)\n\n" + (x.get("skipped") or
                      f"{x['requests']} requests ({x['examples_per_operation']} examples per operation, "
                      f"{x['seconds']} s{', stopped at the time limit' if x['stopped_at_time_limit'] else ''}): "
-                     f"**{x['5xx']} 5xx** {x['5xx_by_status']}; statuses {x['statuses']}."))
+                     f"**{x['5xx']} 5xx** {x['5xx_by_status']}; statuses {x['statuses']}."
+                     + (f" The HAR log could not be read ({x['har_unreadable']}): the counts are not known."
+                        if x.get("har_unreadable") else "")))
     if "kill" in r:
         x = r["kill"]
         lines.append(f"\n## expert-smollm2 replica killed (SIGKILL) under {x['clients']} clients\n\n"
@@ -292,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(run_phases(svc, args, results))
     except KeyboardInterrupt:
         results["interrupted"] = True  # keep the phases that finished
+    except Exception as err:  # noqa: BLE001  (a benchmark bug in one phase must not lose the others)
+        results["interrupted"] = True
+        results["error"] = f"{type(err).__name__}: {str(err)[:300]}"
     finally:
         tree = svc.tree()
         stop = svc.stop()

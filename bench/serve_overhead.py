@@ -65,7 +65,7 @@ def build_config(engine: str, loras: dict, root: Path, threads: int):
         "experts": experts,
         "serving": {"registry_path": str(root / "registry.sqlite"), "batching": default["serving"]["batching"],
                     "max_tokens_default": 32, "ingress": {"num_cpus": 0.5}},
-    })
+    }, base_dir=default_config_path().parent)  # the default router's relative paths (router.fitted)
 
 
 def workload(config, repeat: int) -> list[tuple[str, str]]:

@@ -372,6 +372,14 @@ class ServingConfig(Strict):
     adapter_roots: list[str] = Field(
         default_factory=list, description="Folders runtime-registered adapters must live under."
     )
+    probe_roots: list[str] = Field(
+        default_factory=list, description="Folders the probe files of runtime profiles (POST /v1/experts with "
+        "`profile: {probe: FILE}`) must live under; built-in probe sets are always allowed by name.",
+    )
+    profile_concurrency: int = Field(
+        2, ge=1, description="Scoring requests that runtime profiles send at once per ingress replica (they go "
+        "through admission control like any request).",
+    )
     registry_poll_s: float = Field(
         2.0, gt=0, description="How often each ingress replica checks the registry's revision; a registration or "
         "removal through one replica is served by every other within this period plus its reload time.",

@@ -5,6 +5,10 @@ Registering is all-or-nothing: the body is validated, a LoRA's folder must lie u
 on the base's running engine; a model must resolve and its new server must start. Only then is
 the expert written to the registry and handed to the router. Any failure undoes what was done
 and raises (400/404/409/503), so nothing half-registered remains.
+
+A body may carry ``profile: {probe, budget}``: it is checked with the rest (400 naming the
+field), and once the expert is registered its profile starts in the background
+(``serving/api/profiles.py``); the registration does not wait for it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from coe.errors import (
 from coe.registry import with_registration_defaults
 from coe.serving.api.errors import as_coe_error
 from coe.serving.api.models import ExpertInfo
+from coe.serving.api.profiles import ProfileJobs
 from coe.serving.api.service import ROUTED, CoEService
 from coe.serving.api.validation import check_text
 from coe.serving.deployments.spec import ServerSpec, resolve_model, resolve_path, server_id_of
@@ -59,22 +64,41 @@ def check_adapter_root(path: Path, roots: list[Path]) -> None:
         )
 
 
-async def list_experts(service: CoEService) -> list[ExpertInfo]:
+async def list_experts(service: CoEService, profiles: ProfileJobs) -> list[ExpertInfo]:
     _, states = await service.readiness()
     catalog = service.catalog
+    jobs = profiles.statuses()
     return [
         ExpertInfo(
             id=e.id, kind=e.kind, source="config" if e.id in catalog.config_ids else "registry",
             server=server_id_of(e), ready=states.get(e.id) is None, error=states.get(e.id),
-            config=e.model_dump(mode="json"),
+            config=e.model_dump(mode="json"), profile=jobs.get(e.id),
         )
         for e in catalog.snapshot().values()
     ]
 
 
-async def add_expert(service: CoEService, data) -> ExpertInfo:
+async def get_expert(service: CoEService, profiles: ProfileJobs, expert_id: str) -> ExpertInfo:
+    """One expert with its profile's progress; 404 for an unknown id."""
+    if expert_id not in service.catalog:
+        raise ExpertNotFoundError(f"unknown expert {expert_id!r}; available: {available(service.catalog.ids())}")
+    return next(e for e in await list_experts(service, profiles) if e.id == expert_id)
+
+
+async def start_profile(service: CoEService, profiles: ProfileJobs, expert_id: str, body):
+    """(Re)start the profile of a live expert: 404 unknown, 409 still running, 400 bad body."""
+    expert = service.catalog.get(expert_id)
+    if expert is None:
+        raise ExpertNotFoundError(f"unknown expert {expert_id!r}; available: {available(service.catalog.ids())}")
+    req, probes = profiles.prepare(expert, body)
+    return profiles.start(expert_id, req, probes)
+
+
+async def add_expert(service: CoEService, data, profiles: ProfileJobs) -> ExpertInfo:
+    profile = data.pop("profile", None) if isinstance(data, dict) else None
     expert = parse_expert(data)
     catalog = service.catalog
+    prepared = profiles.prepare(expert, profile) if profile is not None else None
     async with service.admin_lock:
         if expert.id == ROUTED:
             raise InvalidRequestError(f"expert id {ROUTED!r} is reserved for routed requests", param="id")
@@ -97,8 +121,14 @@ async def add_expert(service: CoEService, data) -> ExpertInfo:
             await _unload(service, expert)
             raise (as_coe_error(raw) or raw) from None
     log.info("registered expert %s (%s)", expert.id, expert.kind)
+    job = None
+    if prepared is not None:
+        try:
+            job = profiles.start(expert.id, *prepared)
+        except Exception as raw:  # noqa: BLE001  (registered all the same: routed by its description)
+            log.warning("the profile of %s could not start: %s", expert.id, raw)
     return ExpertInfo(id=expert.id, kind=expert.kind, source="registry", server=server_id_of(expert), ready=True,
-                      config=expert.model_dump(mode="json"))
+                      config=expert.model_dump(mode="json"), profile=job)
 
 
 async def _add_lora(service: CoEService, expert: LoraExpert) -> LoraExpert:
@@ -157,7 +187,7 @@ async def _unload(service: CoEService, expert: Expert) -> None:
         log.exception("could not unload expert %s", expert.id)
 
 
-async def remove_expert(service: CoEService, expert_id: str) -> None:
+async def remove_expert(service: CoEService, expert_id: str, profiles: ProfileJobs) -> None:
     catalog = service.catalog
     async with service.admin_lock:
         if expert_id not in catalog:
@@ -170,6 +200,8 @@ async def remove_expert(service: CoEService, expert_id: str) -> None:
         users = catalog.users_of(expert_id)
         if users:
             raise DuplicateExpertError(f"expert {expert_id!r} is used by {', '.join(users)}; remove those first")
-        expert = catalog.remove(expert_id)
+        await profiles.cancel(expert_id)
+        expert = catalog.remove(expert_id)   # the registry forgets its profile and outcomes too
         await _unload(service, expert)
+    await profiles.refresh()
     log.info("removed expert %s", expert_id)

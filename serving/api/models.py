@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from coe.profile_records import ProfileJob
 from coe.types import ChatMessage
 
 
@@ -143,6 +144,7 @@ class ExpertInfo(BaseModel):
     ready: bool
     error: str | None = None
     config: dict[str, Any]
+    profile: ProfileJob | None = Field(None, description="The latest runtime profile: state, progress, error.")
 
 
 class ErrorDetail(BaseModel):

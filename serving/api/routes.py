@@ -16,6 +16,7 @@ from fastapi import Body, FastAPI, Request, Security
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from coe.profile_records import ProfileJob
 from coe.serving.api import admin
 from coe.serving.api.errors import install_error_handlers
 from coe.serving.api.limits import BodyLimits
@@ -28,6 +29,7 @@ from coe.serving.api.models import (
     ModelList,
     RouteRequest,
 )
+from coe.serving.api.profiles import ProfileJobs
 from coe.serving.api.service import CoEService
 from coe.serving.metrics import CONTENT_TYPE_LATEST
 
@@ -46,7 +48,9 @@ _WHY = {
 }
 
 
-_EXPERT_BODY = Body(..., description="One expert, as in the config file's `experts` list.")
+_EXPERT_BODY = Body(..., description="One expert, as in the config file's `experts` list, plus an optional "
+                                     "`profile: {probe, budget}` to measure it in the background.")
+_PROFILE_BODY = Body(..., description="`{probe: built-in name or file under serving.probe_roots, budget: N}`.")
 
 
 def _errors(*codes: int) -> dict:
@@ -101,6 +105,7 @@ def create_api(service: CoEService) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimits, max_bytes=s.limits.max_body_bytes)
     app.state.service = service
+    profiles = app.state.profiles = ProfileJobs(service)
     api_key, admin_key = Security(_API_KEY), Security(_ADMIN_KEY)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
@@ -137,19 +142,32 @@ def create_api(service: CoEService) -> FastAPI:
     @app.get("/v1/experts", response_model=list[ExpertInfo], responses=_errors(401, 403))
     async def list_experts(creds=admin_key):
         service.check_admin(_token(creds))
-        return await admin.list_experts(service)
+        return await admin.list_experts(service, profiles)
+
+    @app.get("/v1/experts/{expert_id}", response_model=ExpertInfo, responses=_errors(401, 403, 404))
+    async def get_expert(expert_id: str, creds=admin_key):
+        """One expert, with its runtime profile's progress (``profile``)."""
+        service.check_admin(_token(creds))
+        return await admin.get_expert(service, profiles, expert_id)
+
+    @app.post("/v1/experts/{expert_id}/profile", response_model=ProfileJob, status_code=202,
+              responses=_errors(400, 401, 403, 404, 409, 413, 415, 422))
+    async def start_profile(expert_id: str, body: dict = _PROFILE_BODY, creds=admin_key):
+        """(Re)start the expert's profile in the background; its progress shows in GET /v1/experts/{id}."""
+        service.check_admin(_token(creds))
+        return await admin.start_profile(service, profiles, expert_id, body)
 
     @app.post("/v1/experts", response_model=ExpertInfo, status_code=201,
               responses=_errors(400, 401, 403, 404, 409, 413, 415, 422, 503))
     async def add_expert(body: dict = _EXPERT_BODY, creds=admin_key):
         """Register a LoRA or model expert (all or nothing)."""
         service.check_admin(_token(creds))
-        return await admin.add_expert(service, body)
+        return await admin.add_expert(service, body, profiles)
 
     @app.delete("/v1/experts/{expert_id}", responses=_errors(400, 401, 403, 404, 409))
     async def remove_expert(expert_id: str, creds=admin_key):
         service.check_admin(_token(creds))
-        await admin.remove_expert(service, expert_id)
+        await admin.remove_expert(service, expert_id, profiles)
         return {"id": expert_id, "deleted": True}
 
     @app.get("/healthz")

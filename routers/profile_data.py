@@ -1,0 +1,180 @@
+"""A fitted router's outcome data plus measured runtime profiles, and the refit on both.
+
+The service's fitted router (``router.fitted``) was fitted on a data file its ``router.json``
+names (``data``). :class:`ProfiledData` reads it once and, given the stored profile outcomes
+(:class:`coe.profile_records.ProfileOutcome`), builds the data the router is refitted on:
+
+- rows: the fitted data's queries, then every profiled query not among them;
+- columns: the fitted experts, then each live profiled expert (in order of its first outcome);
+- cells: the measured outcome where there is one. A cell nobody measured (an expert profiled
+  on a budget of the probes, or a fitted expert a foreign probe's measurement failed for) is
+  filled with that expert's kNN estimate (cosine-weighted mean over its ``IMPUTE_K`` nearest
+  measured rows) and marked unobserved in ``RoutingData.observed``: routers that fit on the mask
+  (``irt``) ignore it; the others see a value that says no more than the expert's own measured
+  neighbours do. An expert with no measured row gets no column (it stays routed by description).
+
+The refit keeps the fitted router's class and params (no cross-validation: the service must not
+retune while serving); with no outcome at all the fitted router itself is returned unchanged.
+Thread-safe after construction (the refit runs in a worker thread).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from coe.errors import ConfigError
+
+IMPUTE_K = 10
+LIKELIHOOD_DETAIL = "nll"   # native rows of a likelihood profile carry detail[expert]["nll"]
+
+
+def fitted_folder(cfg, base_dir: Path | None) -> Path | None:
+    """The folder ``router.fitted`` names (relative to ``base_dir``), or None."""
+    if not cfg.fitted:
+        return None
+    folder = Path(cfg.fitted)
+    return folder if folder.is_absolute() or base_dir is None else Path(base_dir) / folder
+
+
+def data_path(folder: Path, meta: dict) -> Path:
+    """The data file a fitted router records (``data`` in router.json): absolute, or relative to
+    the folder or one of its parents (the repository or the installed package); ConfigError
+    when it is not found."""
+    rel = meta.get("data")
+    if not rel:
+        raise ConfigError(f"fitted router {folder} does not record its data file (router.json 'data'); refit it "
+                          "with `coe router fit`")
+    path = Path(rel)
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        candidates = [p / path for p in [folder, *list(folder.resolve().parents)[:4]]]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"the data file {rel} of fitted router {folder} is not found (looked in "
+                      f"{', '.join(str(c.parent) for c in candidates)})")
+
+
+class ProfiledData:
+    """The fitted router's data (see the module docstring). ``embed``: texts -> unit-norm ``[n, D]``
+    (the service router's embedder). Raises ConfigError when the folder or its data is unusable."""
+
+    def __init__(self, folder: Path, embed) -> None:
+        from coe.routers.base import load_router
+        from coe.routers.datasets import load_routing_data, shared_prefix
+
+        self.folder = folder
+        self.router, self.meta = load_router(folder)
+        self.path = data_path(folder, self.meta)
+        self.base = load_routing_data(self.path, "native")
+        if list(self.base.models) != list(self.router.experts):
+            raise ConfigError(f"{self.path} has experts {self.base.models}, but fitted router {folder} was fitted "
+                              f"on {self.router.experts}: refit it")
+        self.embed = embed
+        self.prefix = shared_prefix(self.base.queries)
+        self._base_emb: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def experts(self) -> list[str]:
+        return list(self.base.models)
+
+    def queries(self) -> set[str]:
+        return set(self.base.queries)
+
+    def is_likelihood(self) -> bool:
+        """Whether the data's outcomes are reference likelihoods (its rows carry ``detail.nll``)."""
+        with self.path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    detail = json.loads(line).get("detail") or {}
+                    return bool(detail) and all(LIKELIHOOD_DETAIL in (d or {}) for d in detail.values())
+        return False
+
+    def _embed(self, queries: list[str]) -> np.ndarray:
+        from coe.routers.datasets import routing_texts
+
+        return np.asarray(self.embed(routing_texts(queries, self.prefix)), dtype=np.float32)
+
+    def base_embeddings(self) -> np.ndarray:
+        with self._lock:
+            if self._base_emb is None:
+                self._base_emb = self._embed(list(self.base.queries))
+            return self._base_emb
+
+    def with_outcomes(self, outcomes: list, live: set[str]):
+        """``(RoutingData, embeddings [N, D])``: the fitted data plus ``outcomes`` of experts in
+        ``live`` (fitted experts always count)."""
+        from coe.routers.datasets import RoutingData
+
+        base = self.base
+        experts = list(base.models)
+        for o in outcomes:
+            if o.expert not in experts and o.expert in live:
+                experts.append(o.expert)
+        queries = list(base.queries)
+        row_of = {q: i for i, q in enumerate(queries)}
+        categories = list(base.categories or [""] * len(queries))
+        for o in outcomes:
+            if o.expert in experts and o.query not in row_of:
+                row_of[o.query] = len(queries)
+                queries.append(o.query)
+                categories.append(o.category or "")
+        n, m, m0 = len(queries), len(experts), len(base.models)
+        quality = np.full((n, m), np.nan)
+        cost = np.full((n, m), np.nan)
+        quality[: len(base), :m0] = base.quality
+        cost[: len(base), :m0] = base.costs_or_ones()
+        for o in outcomes:   # later outcomes replace earlier ones (a re-profile)
+            if o.expert in experts:
+                quality[row_of[o.query], experts.index(o.expert)] = o.outcome
+                cost[row_of[o.query], experts.index(o.expert)] = o.cost
+        observed = np.isfinite(quality)
+        keep = observed.any(axis=0)
+        keep[:m0] = True
+        experts = [e for e, k in zip(experts, keep) if k]
+        quality, cost, observed = quality[:, keep], cost[:, keep], observed[:, keep]
+        emb = self.base_embeddings()
+        if n > len(base):
+            emb = np.vstack([emb, self._embed(queries[len(base):])])
+        _impute(quality, cost, observed, emb)
+        data = RoutingData(queries=queries, models=experts, quality=quality, cost=cost, source=f"{self.path} + profiles",
+                           categories=categories if any(categories) else None,
+                           observed=None if observed.all() else observed)
+        return data, emb
+
+    def refit(self, outcomes: list, live: set[str], ctx=None):
+        """The fitted router refitted on :meth:`with_outcomes` (same class, same params); the
+        fitted router itself when no outcome applies."""
+        from coe.routers.base import create_router
+
+        data, emb = self.with_outcomes(outcomes, live)
+        if list(data.models) == list(self.base.models) and len(data) == len(self.base):
+            return self.router
+        router = create_router(self.router.name, self.router.params).fit(data, emb, ctx)
+        router.notes = {**self.router.notes, "profiled": {"rows": len(data), "experts": list(data.models),
+                                                          "imputed_cells": int((~data.observed).sum())
+                                                          if data.observed is not None else 0}}
+        return router
+
+
+def _impute(quality: np.ndarray, cost: np.ndarray, observed: np.ndarray, emb: np.ndarray) -> None:
+    """Fill unobserved cells in place: per expert, the cosine-weighted mean over its
+    ``IMPUTE_K`` nearest observed rows (quality) and its mean observed cost."""
+    for j in range(quality.shape[1]):
+        seen = np.flatnonzero(observed[:, j])
+        miss = np.flatnonzero(~observed[:, j])
+        if len(miss) == 0 or len(seen) == 0:
+            continue
+        sims = emb[miss] @ emb[seen].T                                   # [miss, seen]
+        k = min(IMPUTE_K, len(seen))
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]               # [miss, k]
+        w = np.clip(np.take_along_axis(sims, top, axis=1), 0, None) + 1e-6
+        y = quality[seen][top, j]                                        # [miss, k]
+        quality[miss, j] = (w * y).sum(axis=1) / w.sum(axis=1)
+        cost[miss, j] = cost[seen, j].mean()
