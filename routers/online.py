@@ -186,10 +186,11 @@ class OnlineRouter:
         )
 
 
-def build_online_router(cfg, experts: list, base_dir: Path | None = None, *, embedder=None) -> OnlineRouter:
+def build_online_router(cfg, experts: list, *, embedder=None) -> OnlineRouter:
     """The service's router for ``cfg`` (a ``coe.config.RouterConfig``) over ``experts``.
 
-    Loads ``cfg.fitted`` (relative to ``base_dir``) when set; otherwise ``cfg.name`` must be a
+    Loads ``cfg.fitted`` when set (a path the config loader made absolute;
+    ``coe.config.resolve_relative_paths``); otherwise ``cfg.name`` must be a
     router that needs no outcome data (``centroid``). Raises :class:`ConfigError` otherwise, and
     when ``cfg.name`` or ``cfg.params`` are invalid (:func:`coe.routers.check_router_config`) or
     contradict the params the fitted router was fitted with.
@@ -200,8 +201,6 @@ def build_online_router(cfg, experts: list, base_dir: Path | None = None, *, emb
     fitted = None
     if cfg.fitted:
         folder = Path(cfg.fitted)
-        if not folder.is_absolute() and base_dir is not None:
-            folder = Path(base_dir) / folder
         fitted, meta = load_router(folder)
         if fitted.needs_labels:
             raise ConfigError(f"router.fitted {folder}: the {fitted.name!r} router needs true outcomes; it cannot serve")

@@ -67,7 +67,7 @@ def load_app_config(args: dict) -> tuple[CoEConfig, Path | None]:
         except yaml.YAMLError as err:
             raise ConfigError(f"config_yaml is not valid YAML: {err}") from None
         base = Path(args.get("base_dir") or Path.cwd())
-        return parse_config(data, source="config_yaml"), base
+        return parse_config(data, source="config_yaml", base_dir=base), base  # paths resolved once, here
     path = Path(args.get("config_path") or default_config_path()).expanduser().resolve()
     return load_config(path), Path(args.get("base_dir") or path.parent)
 

@@ -41,7 +41,7 @@ class CoEIngress:
                     for sid, r in ((sid, s.resources) for sid, s in specs.items())}
         backend = ServeBackend(servers, load_timeout_s=config.serving.request_timeout_s, replicas=replicas)
         backend.attach_runtime_servers({sid: s for sid, s in specs.items() if sid not in servers})
-        router = build_online_router(config.router, experts, base_dir=base)
+        router = build_online_router(config.router, experts)
         self.service = CoEService(config, backend=backend, router=router, registry=registry, base_dir=base,
                                   experts=experts)
         self.sync = RegistrySync(self.service, period_s=config.serving.registry_poll_s)

@@ -66,8 +66,8 @@ def test_fitted_router_and_unseen_expert(tmp_path, synthetic, embedder):
         LoraExpert(id="math-expert", base="general", adapter="x"),
         LoraExpert(id="code-expert", base="general", adapter="y"),
     ]
-    cfg = RouterConfig(name="knn", fitted="fitted", default_expert="general")
-    router = build_online_router(cfg, experts, base_dir=tmp_path, embedder=embedder)
+    cfg = RouterConfig(name="knn", fitted=str(tmp_path / "fitted"), default_expert="general")
+    router = build_online_router(cfg, experts, embedder=embedder)
     assert router.name == "knn"
     picks = router.route(["What is 12 plus 30?", "Write a python function that reverses a list.", "Give me 3 tips for a job interview."])
     assert [d.expert for d in picks] == ["math-expert", "code-expert", "general"]
@@ -131,14 +131,14 @@ def test_params_contradicting_the_fitted_router_are_refused(tmp_path, synthetic,
     train, xtr, *_ = synthetic
     save_router(create_router("knn", {"k": 5}).fit(train, xtr), tmp_path / "fitted", embedder="minilm-l6")
     experts = [ModelExpert(id="general", model="smollm2-135m-instruct")]
-    same = RouterConfig(name="knn", fitted="fitted", params={"k": 5})
-    assert build_online_router(same, experts, base_dir=tmp_path, embedder=embedder).params["k"] == 5
+    fitted = str(tmp_path / "fitted")
+    same = RouterConfig(name="knn", fitted=fitted, params={"k": 5})
+    assert build_online_router(same, experts, embedder=embedder).params["k"] == 5
     with pytest.raises(ConfigError, match=r"router.params \{'k': 9\} differ .* fitted with \{'k': 5\}"):
-        build_online_router(RouterConfig(name="knn", fitted="fitted", params={"k": 9}), experts,
-                            base_dir=tmp_path, embedder=embedder)
+        build_online_router(RouterConfig(name="knn", fitted=fitted, params={"k": 9}), experts, embedder=embedder)
     with pytest.raises(ConfigError, match="holds a 'knn' router but router.name is 'centroid'"):
-        build_online_router(RouterConfig(name="centroid", fitted="fitted", params={"calibrate": False}), experts,
-                            base_dir=tmp_path, embedder=embedder)
+        build_online_router(RouterConfig(name="centroid", fitted=fitted, params={"calibrate": False}), experts,
+                            embedder=embedder)
 
 
 # --------------------------------------------------------------------------- cache hits and micro-batching
