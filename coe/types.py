@@ -98,7 +98,9 @@ PositionLogprobs = dict[int, Logprob]
 class GenerationOutput:
     """A finished generation. ``logprobs``: one entry per generated token when asked for;
     ``prompt_logprobs``: one entry per prompt token (None for the first), and
-    ``prompt_token_ids`` the prompt as the engine tokenized it, when asked for."""
+    ``prompt_token_ids`` the prompt as the engine tokenized it and ``prompt_token_texts`` each of
+    those tokens decoded alone (as a logprob's ``decoded_token``; an echo needs the first one's
+    text too, which ``prompt_logprobs`` does not carry), when asked for."""
 
     text: str
     finish_reason: Literal["stop", "length", "cancelled"] | str
@@ -108,6 +110,7 @@ class GenerationOutput:
     logprobs: list[PositionLogprobs] | None = None
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_token_texts: list[str] | None = None
 
     @classmethod
     def from_deltas(cls, deltas: list[StreamDelta]) -> GenerationOutput:
@@ -127,6 +130,7 @@ class GenerationOutput:
             logprobs=[p for d in deltas for p in (d.logprobs or [])] if asked else None,
             prompt_logprobs=first_prompt.prompt_logprobs if first_prompt else None,
             prompt_token_ids=first_prompt.prompt_token_ids if first_prompt else None,
+            prompt_token_texts=first_prompt.prompt_token_texts if first_prompt else None,
         )
 
 
@@ -135,7 +139,7 @@ class StreamDelta:
     """A piece of a streamed answer. The last delta has ``finish_reason`` and the usage counts.
 
     ``logprobs`` has one entry per id in ``token_ids`` when the request asked for them; the
-    first delta carries ``prompt_logprobs``/``prompt_token_ids`` when asked for."""
+    first delta carries ``prompt_logprobs``/``prompt_token_ids``/``prompt_token_texts`` when asked for."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
@@ -145,3 +149,4 @@ class StreamDelta:
     logprobs: list[PositionLogprobs] | None = None
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_token_texts: list[str] | None = None

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from coe.profile_records import ProfileJob
+from coe.serving.api.logprobs import ChoiceLogprobs, PromptLogprob
 from coe.types import ChatMessage
 
 
@@ -43,8 +44,16 @@ class ChatCompletionRequest(_Open):
     user: str | None = None
     presence_penalty: float | None = Field(None, description="-2 to 2; only 0 is supported (else 400).")
     frequency_penalty: float | None = Field(None, description="-2 to 2; only 0 is supported (else 400).")
-    logprobs: bool | None = Field(None, description="Not supported yet: true gets a 400.")
-    top_logprobs: int | None = Field(None, description="Not supported yet: a value gets a 400.")
+    logprobs: bool | None = Field(None, description="true: each generated token's log-probability in choices[].logprobs.")
+    top_logprobs: int | None = Field(None, description="0 to 20 most likely tokens per position; needs logprobs: true.")
+    prompt_logprobs: int | None = Field(
+        None, description="vLLM's extra field, 0 to 20: the prompt tokens' log-probabilities in the response's "
+                          "prompt_logprobs (null first, then token id -> {logprob, rank, decoded_token}: the prompt "
+                          "token plus the N most likely).")
+    add_generation_prompt: bool = Field(True, description="vLLM's extra field: open the assistant's turn after the messages.")
+    continue_final_message: bool = Field(
+        False, description="vLLM's extra field: leave the final (assistant) message open to continue or score it; "
+                           "needs add_generation_prompt: false.")
     response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}; others get a 400.")
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported yet: tools get a 400.")
     tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none'; others get a 400.")
@@ -84,7 +93,7 @@ class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -95,6 +104,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[Choice]
     usage: Usage
     coe: RoutingInfo
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -106,7 +116,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -117,6 +127,8 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     coe: RoutingInfo | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(
+        None, description="On the first content chunk, when the request asked for prompt_logprobs.")
 
 
 class ModelCard(BaseModel):

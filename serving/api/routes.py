@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from coe.profile_records import ProfileJob
-from coe.serving.api import admin
+from coe.serving.api import admin, completions
 from coe.serving.api.errors import install_error_handlers
 from coe.serving.api.limits import BodyLimits
 from coe.serving.api.models import (
@@ -118,6 +118,21 @@ def create_api(service: CoEService) -> FastAPI:
             return _ClosingStream(events, media_type="text/event-stream",
                                   headers={EXPERT_HEADER: info.expert, "cache-control": "no-cache"})
         result = await until_disconnect(request, service.chat(body))
+        if result is None:
+            return Response(status_code=CLIENT_GONE)
+        return JSONResponse(result.model_dump(mode="json"), headers={EXPERT_HEADER: result.model})
+
+    @app.post("/v1/completions", response_model=completions.CompletionResponse,
+              responses=_errors(400, 401, 403, 404, 413, 415, 422, 429, 503, 504))
+    async def text_completions(body: completions.CompletionRequest, request: Request, creds=api_key):
+        """OpenAI's legacy completion of a raw prompt (text or token ids), with ``echo`` and
+        ``logprobs`` (what evaluation harnesses use); ``stream: true`` gives SSE."""
+        service.check_api(_token(creds))
+        if body.stream:
+            info, events = await completions.complete_stream(service, body)
+            return _ClosingStream(events, media_type="text/event-stream",
+                                  headers={EXPERT_HEADER: info.expert, "cache-control": "no-cache"})
+        result = await until_disconnect(request, completions.complete(service, body))
         if result is None:
             return Response(status_code=CLIENT_GONE)
         return JSONResponse(result.model_dump(mode="json"), headers={EXPERT_HEADER: result.model})

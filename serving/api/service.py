@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 import os
@@ -49,11 +50,17 @@ from coe.serving.api.models import (
     RoutingInfo,
     new_id,
 )
-from coe.serving.api.sse import EventStream, response_of
-from coe.serving.api.validation import check_text, refuse_unimplemented, sampling_params
+from coe.serving.api.sse import ChatChunks, EventStream, response_of
+from coe.serving.api.validation import (
+    chat_logprobs,
+    check_text,
+    refuse_unimplemented,
+    sampling_params,
+)
 from coe.serving.deployments.spec import server_id_of
+from coe.serving.engines.tokens import check_chat_flags
 from coe.serving.metrics import ServiceMetrics
-from coe.types import ChatMessage, GenerationRequest, SamplingParams
+from coe.types import ChatMessage, GenerationOutput, GenerationRequest, SamplingParams
 
 log = logging.getLogger("coe.serving")
 ROUTED = "coe"
@@ -171,22 +178,32 @@ class CoEService:
     def sampling(self, req: ChatCompletionRequest) -> SamplingParams:
         """Every check of the request that needs no expert (400 naming the field)."""
         check_text(req.model_dump(exclude_none=True))
-        return sampling_params(req, self.config.serving)
+        check_chat_flags(req.messages, req.add_generation_prompt, req.continue_final_message)
+        logprobs, prompt_logprobs = chat_logprobs(req)
+        return sampling_params(req, self.config.serving, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
-    def _target(self, expert_id: str, req: ChatCompletionRequest, sampling: SamplingParams):
+    def target(self, expert_id: str, request: GenerationRequest) -> tuple[str, GenerationRequest, str | None]:
+        """(server id, a copy of ``request`` aimed at ``expert_id``, adapter path): the copy names the
+        expert and its adapter, and chat messages get the expert's system prompt when they have none.
+        Raises ExpertNotFoundError when the expert was removed meanwhile."""
         expert = self.catalog.get(expert_id)
         if expert is None:  # removed while the request was on its way
             raise ExpertNotFoundError(f"expert {expert_id!r} was removed; available: {available(self.catalog.ids())}")
-        messages = list(req.messages)
+        messages = list(request.messages) if request.messages is not None else None
         system = getattr(expert, "system_prompt", None)
-        if system and not any(m.role == "system" for m in messages):
+        if messages is not None and system and not any(m.role == "system" for m in messages):
             messages.insert(0, ChatMessage(role="system", content=system))
-        request = GenerationRequest(
-            request_id=new_id(), messages=messages, sampling=sampling.model_copy(),
-            adapter=expert_id if isinstance(expert, LoraExpert) else None, expert=expert_id,
-        )
+        aimed = dataclasses.replace(request, request_id=new_id(), messages=messages,
+                                    sampling=request.sampling.model_copy(),
+                                    adapter=expert_id if isinstance(expert, LoraExpert) else None, expert=expert_id)
         adapter_path = expert.adapter if isinstance(expert, LoraExpert) else None
-        return server_id_of(expert), request, adapter_path
+        return server_id_of(expert), aimed, adapter_path
+
+    @staticmethod
+    def chat_request(req: ChatCompletionRequest, sampling: SamplingParams) -> GenerationRequest:
+        return GenerationRequest(request_id="", messages=list(req.messages), sampling=sampling,
+                                 add_generation_prompt=req.add_generation_prompt,
+                                 continue_final_message=req.continue_final_message)
 
     def _next_expert(self, expert_id: str, err: Exception, tried: list[str], info: RoutingInfo) -> str | None:
         """Where to retry after ``err``: only after an engine failure (503), never after a client
@@ -222,7 +239,7 @@ class CoEService:
         return ServerDownError(f"expert {expert_id!r} is unavailable: {why}; retry later or pick another model",
                                retry_after_s=retry)
 
-    async def _on_experts(self, info: RoutingInfo, endpoint: str, attempt: Callable[[str], Awaitable[T]]) -> T:
+    async def on_experts(self, info: RoutingInfo, endpoint: str, attempt: Callable[[str], Awaitable[T]]) -> T:
         """``attempt(expert)`` on ``info.expert``, then on fallbacks after engine failures (the
         one fallback loop of plain and streamed requests). An expert whose server is down fails
         fast. Sets ``info.expert``/``info.fallback_from``; raises the public error when out of options."""
@@ -268,9 +285,17 @@ class CoEService:
         """A whole answer; raises CoEError (mapped to HTTP by the caller). Cancelling the call
         (the client went away) cancels the generation on the expert server."""
         deadline, t0, sampling, info = await self._admit(req)
+        out = await self.generate(info, self.chat_request(req, sampling), deadline, t0, "chat")
+        return response_of(out, info, top_logprobs=sampling.logprobs)
+
+    async def generate(self, info: RoutingInfo, request: GenerationRequest, deadline: Deadline, t0: float,
+                       endpoint: str) -> GenerationOutput:
+        """``request``'s whole answer from ``info.expert`` (or a fallback, see :meth:`on_experts`),
+        through the expert's admission queue, within ``deadline``; metrics recorded under ``endpoint``.
+        Cancelling the call cancels the generation on the expert server."""
 
         async def attempt(expert: str):
-            target = self._target(expert, req, sampling)
+            target = self.target(expert, request)
             await self.admission.acquire(expert, deadline)
             queued = self.metrics.queue.labels(expert)
             queued.inc()
@@ -283,12 +308,12 @@ class CoEService:
                 queued.dec()
                 self.admission.release(expert)
 
-        served = await self._on_experts(info, "chat", attempt)
+        served = await self.on_experts(info, endpoint, attempt)
         m = self.metrics
         m.batch.labels(info.expert).observe(served.batch_size)
         m.add_tokens(info.expert, served.output.completion_tokens)
         m.latency.labels(info.expert).observe(time.perf_counter() - t0)
-        return response_of(served.output, info)
+        return served.output
 
     async def chat_stream(self, req: ChatCompletionRequest) -> tuple[RoutingInfo, EventStream]:
         """Start a streamed answer. Errors before the first token raise here (so the HTTP status
@@ -296,9 +321,17 @@ class CoEService:
         yields SSE lines and ends with ``data: [DONE]``; ``aclose()`` (the client went away)
         cancels the generation and frees the expert's slot, whether or not it was iterated."""
         deadline, t0, sampling, info = await self._admit(req)
+        shape = ChatChunks(req, info, top_logprobs=sampling.logprobs)
+        return info, await self.stream(info, self.chat_request(req, sampling), deadline, t0, "chat_stream", shape)
+
+    async def stream(self, info: RoutingInfo, request: GenerationRequest, deadline: Deadline, t0: float,
+                     endpoint: str, shape) -> EventStream:
+        """Start streaming ``request`` from ``info.expert`` (or a fallback): errors before the first
+        token raise here; the returned :class:`EventStream` (SSE lines in ``shape``'s chunks) owns the
+        generation and the admission slot (see :meth:`chat_stream`)."""
 
         async def attempt(expert: str):
-            target = self._target(expert, req, sampling)
+            target = self.target(expert, request)
             await self.admission.acquire(expert, deadline)
             upstream = self.backend.stream(*target)
             try:
@@ -311,11 +344,11 @@ class CoEService:
                 raise
             return upstream, first
 
-        upstream, first = await self._on_experts(info, "chat_stream", attempt)
+        upstream, first = await self.on_experts(info, endpoint, attempt)
         self.metrics.ttft.labels(info.expert).observe(time.perf_counter() - t0)
-        return info, EventStream(info, req, first, upstream, t0=t0, deadline=deadline, metrics=self.metrics,
-                                 public_error=lambda err: self._public(err, info.expert),
-                                 release=lambda: self.admission.release(info.expert))
+        return EventStream(info, shape, first, upstream, t0=t0, deadline=deadline, metrics=self.metrics,
+                           public_error=lambda err: self._public(err, info.expert),
+                           release=lambda: self.admission.release(info.expert))
 
     # ------------------------------------------------------------------ health
 

@@ -1,6 +1,7 @@
 """Response shaping: the plain chat response and the server-sent-event stream of a streamed one.
 
-:class:`EventStream` turns an expert server's :class:`StreamDelta` s into OpenAI chunk events. It
+:class:`EventStream` turns an expert server's :class:`StreamDelta` s into chunk events shaped by a
+:class:`Chunks` (:class:`ChatChunks` here; the legacy completions' in ``completions.py``). It
 owns what the stream holds (the upstream generation and the expert's admission slot) and frees
 both exactly once, on ``aclose()`` or at the end, even when it is closed before it was iterated
 (a client that left before the first byte was sent).
@@ -12,10 +13,14 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+from pydantic import BaseModel
 
 from coe.errors import EngineError
 from coe.serving.api.admission import Deadline
 from coe.serving.api.errors import as_coe_error, error_body
+from coe.serving.api.logprobs import chat_logprobs, prompt_logprobs_of
 from coe.serving.api.models import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -28,17 +33,81 @@ from coe.serving.api.models import (
     new_id,
 )
 from coe.serving.metrics import ServiceMetrics
-from coe.types import GenerationOutput
+from coe.types import GenerationOutput, StreamDelta
 
 
-def response_of(out: GenerationOutput, info: RoutingInfo) -> ChatCompletionResponse:
+def usage_of(out: GenerationOutput | StreamDelta) -> Usage:
+    return Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                 total_tokens=out.prompt_tokens + out.completion_tokens)
+
+
+def response_of(out: GenerationOutput, info: RoutingInfo, *, top_logprobs: int | None = None) -> ChatCompletionResponse:
+    """The chat response; ``top_logprobs`` (the SamplingParams count, None = not asked) adds
+    ``choices[].logprobs``; the output's prompt logprobs, when asked for, become ``prompt_logprobs``."""
+    logprobs = None
+    if top_logprobs is not None and out.logprobs is not None:
+        logprobs = chat_logprobs(out.token_ids, out.logprobs, top_logprobs)
     return ChatCompletionResponse(
         model=info.expert,
-        choices=[Choice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)],
-        usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                    total_tokens=out.prompt_tokens + out.completion_tokens),
+        choices=[Choice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
+                        logprobs=logprobs)],
+        usage=usage_of(out),
         coe=info,
+        prompt_logprobs=prompt_logprobs_of(out.prompt_logprobs) if out.prompt_logprobs is not None else None,
     )
+
+
+class Chunks(Protocol):
+    """How an :class:`EventStream` shapes its events (chat chunks, legacy completion chunks)."""
+
+    include_usage: bool
+
+    def opening(self) -> str | None:
+        """The first event before any token (None: none)."""
+
+    def content(self, delta: StreamDelta) -> str:
+        """The event of a delta's text (and logprobs)."""
+
+    def finish(self, delta: StreamDelta) -> str:
+        """The event carrying the finish reason."""
+
+    def usage(self, usage: Usage) -> str:
+        """The usage event (sent when ``include_usage``)."""
+
+
+def sse(model: BaseModel) -> str:
+    return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
+
+
+class ChatChunks:
+    """OpenAI chat chunks: a role chunk with the routing info, content chunks (with logprobs and,
+    on the first, vLLM's prompt_logprobs when asked for), a finish chunk, the usage chunk."""
+
+    def __init__(self, req, info: RoutingInfo, *, top_logprobs: int | None) -> None:
+        self.info, self.top = info, top_logprobs
+        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        self.id, self.created = new_id(), int(time.time())
+
+    def _chunk(self, delta: DeltaMessage | None, finish=None, **kw) -> str:
+        choices = [ChunkChoice(delta=delta, finish_reason=finish, logprobs=kw.pop("logprobs", None))] \
+            if delta is not None else []
+        return sse(ChatCompletionChunk(id=self.id, created=self.created, model=self.info.expert, choices=choices,
+                                       **kw))
+
+    def opening(self) -> str:
+        return self._chunk(DeltaMessage(role="assistant", content=""), coe=self.info)
+
+    def content(self, delta: StreamDelta) -> str:
+        logprobs = chat_logprobs(delta.token_ids, delta.logprobs, self.top) \
+            if self.top is not None and delta.logprobs is not None else None
+        prompt = prompt_logprobs_of(delta.prompt_logprobs) if delta.prompt_logprobs is not None else None
+        return self._chunk(DeltaMessage(content=delta.text), logprobs=logprobs, prompt_logprobs=prompt)
+
+    def finish(self, delta: StreamDelta) -> str:
+        return self._chunk(DeltaMessage(), finish=delta.finish_reason)
+
+    def usage(self, usage: Usage) -> str:
+        return self._chunk(None, usage=usage)
 
 
 class EventStream:
@@ -47,7 +116,7 @@ class EventStream:
     Errors after the first token end the stream with an error event in the request's terms; the
     deadline ends it the same way. Not thread-safe (one event loop)."""
 
-    def __init__(self, info: RoutingInfo, req, first, upstream, *, t0: float, deadline: Deadline,
+    def __init__(self, info: RoutingInfo, shape: Chunks, first, upstream, *, t0: float, deadline: Deadline,
                  metrics: ServiceMetrics, public_error: Callable[[Exception], Exception],
                  release: Callable[[], None]) -> None:
         self.info = info
@@ -57,7 +126,7 @@ class EventStream:
         self._closed = False
         self._finished = False
         metrics.queue.labels(info.expert).inc()
-        self._gen = self._events(req, first, t0, deadline, public_error)
+        self._gen = self._events(shape, first, t0, deadline, public_error)
 
     def __aiter__(self) -> EventStream:
         return self
@@ -85,26 +154,19 @@ class EventStream:
                 self._metrics.cancelled.labels(expert).inc()
             self._release()
 
-    async def _events(self, req, first, t0: float, deadline: Deadline, public_error) -> AsyncIterator[str]:
-        cid, created, expert, m = new_id(), int(time.time()), self.info.expert, self._metrics
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(delta: DeltaMessage | None, finish=None, usage=None, coe=None) -> str:
-            c = ChatCompletionChunk(id=cid, created=created, model=expert,
-                                    choices=[ChunkChoice(delta=delta, finish_reason=finish)] if delta is not None else [],
-                                    usage=usage, coe=coe)
-            return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
-
-        yield chunk(DeltaMessage(role="assistant", content=""), coe=self.info)
+    async def _events(self, shape: Chunks, first, t0: float, deadline: Deadline, public_error) -> AsyncIterator[str]:
+        expert, m = self.info.expert, self._metrics
+        opening = shape.opening()
+        if opening is not None:
+            yield opening
         delta, usage = first, None
         while delta is not None:
-            if delta.text or delta.finish_reason is None:
-                yield chunk(DeltaMessage(content=delta.text))
+            if delta.text or delta.finish_reason is None or delta.logprobs or delta.prompt_logprobs is not None:
+                yield shape.content(delta)
             if delta.finish_reason is not None:
-                usage = Usage(prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens,
-                              total_tokens=delta.prompt_tokens + delta.completion_tokens)
+                usage = usage_of(delta)
                 m.add_tokens(expert, delta.completion_tokens)
-                yield chunk(DeltaMessage(), finish=delta.finish_reason)
+                yield shape.finish(delta)
                 break
             try:
                 delta = await deadline.run(self._upstream.__anext__())
@@ -116,8 +178,8 @@ class EventStream:
                 err = public_error(err)
                 yield f"data: {json.dumps(error_body(err.message, type_=err.code, code=err.code))}\n\n"
                 break
-        if include_usage and usage is not None:
-            yield chunk(None, usage=usage)
+        if shape.include_usage and usage is not None:
+            yield shape.usage(usage)
         yield "data: [DONE]\n\n"
         self._finished = True
         m.latency.labels(expert).observe(time.perf_counter() - t0)

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from coe.config import ServingConfig
 from coe.errors import InvalidRequestError
-from coe.types import SamplingParams
+from coe.types import MAX_LOGPROBS, SamplingParams
 
 SEED_MAX = 2**63 - 1
 MAX_STOP = 4
@@ -22,8 +22,6 @@ MAX_STOP = 4
 # that asks for one is refused (400 naming the field and the expert), never silently ignored.
 # When an engine implements one, remove it here and pass it on in :func:`sampling_params`.
 UNIMPLEMENTED: dict[str, tuple] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "response_format": (None, {"type": "text"}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
@@ -84,16 +82,42 @@ def _stop(stop) -> list[str]:
     return list(stops)
 
 
-def sampling_params(req, serving: ServingConfig) -> SamplingParams:
-    """The engine's :class:`SamplingParams` for an OpenAI chat request, every field checked.
+def logprob_count(value, name: str) -> int | None:
+    """``value`` when it is None or an integer from 0 to 20 (400 naming ``name`` otherwise)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
+        raise InvalidRequestError(f"{name} is {value!r}; allowed: an integer from 0 to {MAX_LOGPROBS}", param=name)
+    return value
+
+
+def chat_logprobs(req) -> tuple[int | None, int | None]:
+    """(logprobs, prompt_logprobs) of a chat request as :class:`SamplingParams` counts.
+
+    OpenAI's rules: ``logprobs: true`` alone gives each token's log-probability with no
+    alternatives; ``top_logprobs`` (0 to 20) needs ``logprobs: true``. vLLM's ``prompt_logprobs``
+    is 0 to 20."""
+    if req.logprobs is not None and not isinstance(req.logprobs, bool):
+        raise InvalidRequestError(f"logprobs is {req.logprobs!r}; allowed: true or false", param="logprobs")
+    top = logprob_count(req.top_logprobs, "top_logprobs")
+    if top is not None and not req.logprobs:
+        raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+    return (top or 0) if req.logprobs else None, logprob_count(req.prompt_logprobs, "prompt_logprobs")
+
+
+def sampling_params(req, serving: ServingConfig, *, logprobs: int | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    """The engine's :class:`SamplingParams` for an OpenAI chat or completions request, every field
+    checked (``logprobs``/``prompt_logprobs``: counts the caller already checked).
 
     ``max_completion_tokens`` wins over ``max_tokens`` (OpenAI deprecated the latter); ``top_p: 0``
     means greedy (as OpenAI treats it); ``n`` must be 1."""
     n = 1 if req.n is None else req.n
     if isinstance(n, bool) or not isinstance(n, int) or n != 1:
         raise InvalidRequestError(f"n is {n}; allowed: 1 (one choice per request)", param="n")
-    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    completion_tokens = getattr(req, "max_completion_tokens", None)  # chat only
+    name = "max_completion_tokens" if completion_tokens is not None else "max_tokens"
+    max_tokens = completion_tokens if completion_tokens is not None else req.max_tokens
     if max_tokens is None:
         max_tokens = serving.max_tokens_default
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= serving.max_tokens_limit:
@@ -111,7 +135,7 @@ def sampling_params(req, serving: ServingConfig) -> SamplingParams:
         raise InvalidRequestError(f"seed is {seed}; allowed: an integer from 0 to 2^63-1 ({SEED_MAX})", param="seed")
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=_stop(req.stop),
-                              seed=seed)
+                              seed=seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     except ValidationError as err:  # a rule of SamplingParams not mirrored above
         first = err.errors()[0]
         field = str(first["loc"][0]) if first.get("loc") else "body"

@@ -158,4 +158,5 @@ class Row:
                             completion_tokens=len(self.generated), logprobs=[logprobs] if logprobs else None)
         if len(self.generated) == 1 and self.params.prompt_logprobs is not None:
             delta.prompt_logprobs, delta.prompt_token_ids = self.prompt_logprobs, list(self.prompt_ids)
+            delta.prompt_token_texts = [self.decode_token(t) for t in self.prompt_ids]
         self.send(delta)

@@ -175,6 +175,7 @@ class VLLMEngine(Engine):
                 if first and want_prompt:  # DELTA mode: all prompt logprobs come with the first output
                     delta.prompt_logprobs = _positions(out.prompt_logprobs or [])
                     delta.prompt_token_ids = list(prompt_ids)
+                    delta.prompt_token_texts = [self._tokenizer.decode([t]) for t in prompt_ids]
                 first = False
                 yield delta
         except (ValueError, TypeError) as err:  # vLLM's request validation

@@ -82,6 +82,7 @@ def test_prompt_logprobs_equal_the_teacher_forced_likelihood(tiny_hf, tiny_model
     expected = HFLikelihood(model, tok).continuation_logprobs([(query, answer)])[0]
     out = loop.run(tiny_hf.generate(req(ids=ids, max_tokens=1, prompt_logprobs=0)))
     assert out.prompt_token_ids == ids and out.prompt_tokens == len(ids)
+    assert out.prompt_token_texts == [tok.decode([t]) for t in ids]
     assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
     assert all(set(e) == {t} for t, e in zip(ids[1:], out.prompt_logprobs[1:]))  # 0: the prompt token only
     got = [out.prompt_logprobs[p][ids[p]].logprob for p in range(len(ids) - n, len(ids))]
