@@ -9,6 +9,7 @@ import pytest
 from coe.config import LoraExpert, ModelExpert, parse_config
 from coe.errors import ConfigError, DuplicateExpertError, ExpertNotFoundError
 from coe.registry import ExpertRegistry, live_experts, registry_path
+from coe.registry_schema import LATEST
 
 
 def _config(**serving):
@@ -104,7 +105,7 @@ def test_legacy_file_is_migrated_and_newer_schema_refused(tmp_path):
     reg.add(LoraExpert(id="l2", base="base", adapter="/y"))
     assert reg.revision() == 1
     with sqlite3.connect(legacy) as db:
-        assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(LATEST,)]
         db.execute("UPDATE schema_version SET version = 99")
     with pytest.raises(ConfigError, match="schema version 99, newer than this coe knows"):
         ExpertRegistry(legacy)
