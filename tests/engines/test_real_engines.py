@@ -122,3 +122,29 @@ def test_gemma3_through_hf_is_not_degenerate(gemma3_dir, loop):
     assert len(words) >= 3, out.text
     assert len(set(words)) / len(words) > 0.4, out.text
     assert "France" in out.text or "Paris" in out.text, out.text
+
+
+def test_vllm_prompt_and_token_logprobs_agree_with_hf(smollm2_hf, smollm2_vllm, loop):
+    """Scoring a final assistant message (continue_final_message) gives the same prompt tokens and,
+    within float32 noise, the same log-probabilities and top tokens in both engines."""
+    from coe.types import ChatMessage, GenerationRequest, SamplingParams
+
+    messages = [ChatMessage(role="user", content=FRANCE), ChatMessage(role="assistant", content="The capital is Paris.")]
+    request = GenerationRequest("lp", messages=messages, add_generation_prompt=False, continue_final_message=True,
+                                sampling=SamplingParams(max_tokens=3, temperature=0, logprobs=2, prompt_logprobs=2))
+    a = loop.run(smollm2_hf.generate(request))
+    b = loop.run(smollm2_vllm.generate(request))
+    assert a.prompt_token_ids == b.prompt_token_ids and len(b.prompt_logprobs) == len(b.prompt_token_ids)
+    assert a.prompt_token_texts == b.prompt_token_texts
+    assert a.prompt_logprobs[0] is None and b.prompt_logprobs[0] is None
+    ids = a.prompt_token_ids
+    hf_lp = [a.prompt_logprobs[p][ids[p]].logprob for p in range(1, len(ids))]
+    vl_lp = [b.prompt_logprobs[p][ids[p]].logprob for p in range(1, len(ids))]
+    assert vl_lp == pytest.approx(hf_lp, abs=2e-2)
+    same_top = sum(min(a.prompt_logprobs[p], key=lambda t: a.prompt_logprobs[p][t].rank)
+                   == min(b.prompt_logprobs[p], key=lambda t: b.prompt_logprobs[p][t].rank) for p in range(1, len(ids)))
+    assert same_top >= 0.9 * (len(ids) - 1)
+    assert a.token_ids == b.token_ids
+    assert [e[t].logprob for t, e in zip(b.token_ids, b.logprobs)] == pytest.approx(
+        [e[t].logprob for t, e in zip(a.token_ids, a.logprobs)], abs=2e-2)
+    assert all(e[t].rank == 1 for t, e in zip(b.token_ids, b.logprobs))  # greedy
