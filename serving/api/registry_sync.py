@@ -64,24 +64,27 @@ class RegistrySync:
                 log.exception("registry sync failed")
 
     async def sync_once(self) -> bool:
-        """Check the revision; reload on a change. True when the live set changed."""
-        try:
-            revision = await asyncio.to_thread(self.registry.revision)
-            if revision == self.revision:
-                self._up()
-                return False
-            t0 = time.perf_counter()
-            registered = await asyncio.to_thread(self.registry.list)
-        except RegistryUnavailableError as err:
-            if self.reachable:
-                log.warning("registry unreachable; serving the current %d experts: %s",
-                            len(self.service.catalog.ids()), err.message)
-            self.reachable = False
-            return False
-        self._up()
+        """Check the revision; reload on a change. True when the live set changed.
+
+        Runs under the admin lock: a registration in progress on this replica (loaded, not yet
+        in the registry) is never undone by a list read before it was written."""
         async with self.service.admin_lock:
+            try:
+                revision = await asyncio.to_thread(self.registry.revision)
+                if revision == self.revision:
+                    self._up()
+                    return False
+                t0 = time.perf_counter()
+                registered = await asyncio.to_thread(self.registry.list)
+            except RegistryUnavailableError as err:
+                if self.reachable:
+                    log.warning("registry unreachable; serving the current %d experts: %s",
+                                len(self.service.catalog.ids()), err.message)
+                self.reachable = False
+                return False
+            self._up()
             changed = self._apply(registered)
-        self.revision = revision
+            self.revision = revision
         self.last_reload_s = time.perf_counter() - t0
         if changed:
             log.info("registry revision %d: now serving %s (reload %.3f s)", revision,

@@ -119,6 +119,34 @@ def test_re_registration_with_other_weights_replaces_it_everywhere(pair):
     assert b.service.catalog.get("tiny-c").adapter.endswith("/a")
 
 
+def test_a_poll_during_a_registration_on_the_same_replica_keeps_it(pair, monkeypatch):
+    """A's poll sees an older change while A is loading a new expert: it must not apply a list
+    read before that expert reached the registry (the expert would vanish until the next poll)."""
+    a, _ = pair
+    assert a.request("POST", "/v1/experts", headers=AUTH, json=_lora(a.root)).status_code == 201
+    original = a.backend.add_adapter
+
+    async def slow_add(*args):
+        await asyncio.sleep(0.5)
+        await original(*args)
+
+    monkeypatch.setattr(a.backend, "add_adapter", slow_add)
+
+    async def go():
+        from coe.serving.api.registry_sync import RegistrySync
+
+        sync = RegistrySync(a.service, period_s=POLL_S)
+        sync.revision = -1
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=a.app), base_url="http://coe") as c:
+            register = asyncio.create_task(c.post("/v1/experts", headers=AUTH, json=_lora(a.root, "tiny-d", "a")))
+            await asyncio.sleep(0.1)  # the registration holds the admin lock, loading
+            await sync.sync_once()
+            assert (await register).status_code == 201
+
+    a.lt.run(go())
+    assert "tiny-d" in a.service.catalog and a.chat("hello", model="tiny-d").status_code == 200
+
+
 def test_registry_outage_keeps_serving_and_refuses_registrations(pair, monkeypatch):
     from coe.errors import RegistryUnavailableError
 
