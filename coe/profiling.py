@@ -18,7 +18,13 @@ every expert, and a re-run skips the probe ids already in the output. Requests r
 concurrently (``concurrency``), scoring runs in worker threads. A failed request (HTTP error,
 timeout) is recorded as a failed outcome with its reason and the run goes on; a scorer that
 crashes does the same. Scorers that need likelihoods (``choice``, ``reference_nll``) are refused
-up front: the service does not expose prompt log-probabilities yet.
+by :func:`profile_experts`.
+
+Likelihood profiles (outcome ``exp(-mean NLL)`` of each probe's reference answer, the scale of the
+shipped router data) are defined once in :mod:`coe.likelihood_profile`: :func:`profile_likelihood_service`
+asks a running service (``POST /v1/completions`` with the ``encode_chat`` token ids, ``echo``,
+``logprobs: 0``), the same request the service's background profile of a new expert sends to the
+engine; :func:`profile_likelihood` computes it in this process with the config's models.
 """
 
 from __future__ import annotations
@@ -250,6 +256,8 @@ def profile_likelihood(probes: list, config: str | None, experts: dict[str, floa
     configured cost. Probes without a reference are skipped. Overwrites ``out``."""
     import math
 
+    from coe.likelihood_profile import likelihood_cell
+
     probes = [p for p in probes if (p.reference or "").strip()]
     if not probes:
         raise InvalidRequestError("no probe has a reference answer: likelihood profiling needs 'reference'")
@@ -265,17 +273,110 @@ def profile_likelihood(probes: list, config: str | None, experts: dict[str, floa
             nll = table[p.id]
             if any(math.isnan(nll[e]) for e in experts):
                 continue
-            n_tok = tokens[p.id]
-            rec = {"id": p.id, "query": p.query, "category": p.category,
-                   "outcomes": {e: round(math.exp(-nll[e]), 6) for e in experts},
-                   "costs": {e: n_tok * experts[e] for e in experts},
-                   "detail": {e: {"nll": round(nll[e], 6)} for e in experts}}
+            cells = {e: likelihood_cell(nll[e], tokens[p.id], experts[e]) for e in experts}
+            rec = _likelihood_record(p, cells)
             fh.write(json.dumps(rec) + "\n")
             run.written += 1
             for e in experts:
                 totals[e].append(rec["outcomes"][e])
     run.mean_outcome = {e: (sum(v) / len(v) if v else float("nan")) for e, v in totals.items()}
     return run
+
+
+def _likelihood_record(probe, cells: dict[str, tuple[float, float, dict]]) -> dict:
+    """One native routing line from ``{expert: likelihood_cell(...)}``."""
+    return {"id": probe.id, "query": probe.query, "category": probe.category,
+            "outcomes": {e: c[0] for e, c in cells.items()}, "costs": {e: c[1] for e, c in cells.items()},
+            "detail": {e: c[2] for e, c in cells.items()}}
+
+
+async def profile_likelihood_service(url: str, probes: list, experts: dict[str, float], tokenizers: dict, out: Path, *,
+                                     concurrency: int = 4, timeout_s: float = 300.0, headers: dict | None = None,
+                                     progress: bool = True, transport=None) -> ProfileRun:
+    """Profile ``experts`` (``{id: cost}``) by reference likelihood through the service at ``url``
+    (see the module docstring); ``tokenizers`` maps each expert to its model's tokenizer. Probes
+    without a reference are skipped; a probe is written (appended, resumable like
+    :func:`profile_experts`) when every expert scored it, else counted as failed with the reason."""
+    import httpx
+    from tqdm import tqdm
+
+    from coe.likelihood_profile import (
+        ScoringError,
+        answer_nll_from_completion,
+        completions_body,
+        likelihood_cell,
+        scoring_prompt,
+    )
+
+    probes = [p for p in probes if (p.reference or "").strip()]
+    if not probes:
+        raise InvalidRequestError("no probe has a reference answer: likelihood profiling needs 'reference'")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _repair_tail(out)
+    seen = done_ids(out)
+    todo = [p for p in probes if p.id not in seen]
+    run = ProfileRun(probes=len(probes), skipped=len(probes) - len(todo), written=0)
+    totals: dict[str, list[float]] = {e: [] for e in experts}
+    gate = asyncio.Semaphore(max(1, concurrency))
+    bar = tqdm(total=len(todo) * len(experts), desc="likelihood", unit="score", disable=not progress)
+
+    async def one(client, probe, expert):
+        sp = scoring_prompt(tokenizers[expert], probe.query, probe.reference)
+        async with gate:
+            try:
+                r = await client.post("/v1/completions", json=completions_body(expert, sp))
+                if r.status_code != 200:
+                    raise ScoringError(f"HTTP {r.status_code}: {r.text[:200]}")
+                nll = answer_nll_from_completion(r.json()["choices"][0], sp)
+                return likelihood_cell(nll, sp.answer_tokens, experts[expert])
+            except (httpx.HTTPError, ScoringError, KeyError, ValueError) as err:
+                run.failures[expert] = run.failures.get(expert, 0) + 1
+                return str(err) or type(err).__name__
+            finally:
+                bar.update(1)
+
+    async def probe_line(client, probe):
+        cells = dict(zip(experts, await asyncio.gather(*(one(client, probe, e) for e in experts))))
+        if any(isinstance(c, str) for c in cells.values()):
+            return
+        with out.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_likelihood_record(probe, cells)) + "\n")
+        run.written += 1
+        for e, c in cells.items():
+            totals[e].append(c[0])
+
+    try:
+        async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers or {}, timeout=timeout_s,
+                                     transport=transport) as client:
+            wave = max(1, concurrency)
+            for i in range(0, len(todo), wave):
+                await asyncio.gather(*(probe_line(client, p) for p in todo[i:i + wave]))
+    finally:
+        bar.close()
+    run.mean_outcome = {e: (sum(v) / len(v) if v else float("nan")) for e, v in totals.items()}
+    return run
+
+
+def service_tokenizers(listed: list[dict], experts: list[str]) -> dict:
+    """``{expert: tokenizer}`` from ``GET /v1/experts`` rows: a model's own, a LoRA's base model's
+    (loaded in this process from the model reference the service reports)."""
+    from coe.models import resolve
+    from coe.serving.engines.tokens import load_tokenizer
+
+    by_id = {e["id"]: e.get("config") or {} for e in listed}
+    cache: dict[str, object] = {}
+    out = {}
+    for eid in experts:
+        cfg = by_id[eid]
+        host = by_id.get(cfg["base"], {}) if cfg.get("kind") == "lora" else cfg
+        if "model" not in host:
+            raise InvalidRequestError(f"expert {eid!r} is a {cfg.get('kind')} expert: only model and LoRA experts "
+                                      "can be profiled by likelihood")
+        ref = resolve(host["model"])
+        if ref not in cache:
+            cache[ref] = load_tokenizer(ref)
+        out[eid] = cache[ref]
+    return out
 
 
 def check_probe_file(path: str | Path) -> list:

@@ -24,7 +24,14 @@ def register(sub) -> None:
     add.add_argument("--skill", action="append", default=[], help="a skill keyword (repeatable)")
     add.add_argument("--cost", type=float, default=None)
     add.add_argument("--fallback", default=None)
+    add.add_argument("--profile-probe", default=None,
+                     help="measure the expert in the background on this probe set (built-in name, e.g. 'default', "
+                          "or a file under the service's serving.probe_roots); its outcomes refit the router")
+    add.add_argument("--profile-budget", type=int, default=None, help="how many probes to measure it on")
     add.set_defaults(func=_add)
+    show = cmds.add_parser("show", help="one expert and its runtime profile's progress")
+    show.add_argument("id")
+    show.set_defaults(func=_show)
     rm = cmds.add_parser("remove", help="remove a registered expert")
     rm.add_argument("id")
     rm.set_defaults(func=_remove)
@@ -41,9 +48,12 @@ def register(sub) -> None:
     prof.add_argument("--no-progress", action="store_true")
     prof.add_argument(
         "--likelihood", action="store_true",
-        help="score by the reference answer's likelihood, in this process with the config's models "
-             "(--config), instead of generating through the service",
+        help="score by the reference answer's likelihood (exp(-NLL per token)) from the service's prompt "
+             "log-probabilities, instead of generating and scoring answers",
     )
+    prof.add_argument("--in-process", action="store_true",
+                      help="with --likelihood: compute it in this process with the config's models (--config) "
+                           "instead of through the service")
     prof.set_defaults(func=_profile)
 
 
@@ -106,8 +116,31 @@ def _add(args) -> int:
             body["engine"] = {"kind": args.engine}
     else:
         raise InvalidRequestError("give --base and --adapter (a LoRA) or --model (a whole model)")
+    if (args.profile_probe is None) != (args.profile_budget is None):
+        raise InvalidRequestError("give --profile-probe and --profile-budget together")
+    if args.profile_probe is not None:
+        probe = args.profile_probe
+        if Path(probe).expanduser().exists():   # a file: the service checks it lies under its probe roots
+            probe = str(Path(probe).expanduser().resolve())
+        body["profile"] = {"probe": probe, "budget": args.profile_budget}
     e = _call(args, "POST", "/v1/experts", json=body)
     print(f"registered {e['id']} ({e['kind']}) on {e['server']}")
+    if e.get("profile"):
+        print(f"profile {e['profile']['state']}: {e['profile']['total']} request(s); follow it with "
+              f"`coe experts show {e['id']}`")
+    return 0
+
+
+def _show(args) -> int:
+    e = _call(args, "GET", f"/v1/experts/{args.id}")
+    state = "ready" if e["ready"] else f"NOT READY ({e['error']})"
+    print(f"{e['id']:24} {e['kind']:8} {e['source']:9} {state}")
+    p = e.get("profile")
+    if p is None:
+        print("profile: none (routed by its description, or by the fitted router's data)")
+    else:
+        print(f"profile: {p['state']} {p['done']}/{p['total']} ({p['failed']} failed) on {p['probe']} "
+              f"budget {p['budget']}" + (f"; error: {p['error']}" if p.get("error") else ""))
     return 0
 
 
@@ -127,7 +160,9 @@ def _profile(args) -> int:
     if args.concurrency < 1 or args.max_tokens < 1:
         raise InvalidRequestError("--concurrency and --max-tokens must be at least 1")
     probes = check_probe_file(args.probes)[: args.limit]
-    if args.likelihood:
+    if args.in_process and not args.likelihood:
+        raise InvalidRequestError("--in-process applies to --likelihood only")
+    if args.likelihood and args.in_process:
         from coe.config import load_config
         from coe.profiling import profile_likelihood
 
@@ -141,6 +176,15 @@ def _profile(args) -> int:
     with _client(args) as client:
         url, headers = str(client.base_url), dict(client.headers)
     auth = {k: v for k, v in headers.items() if k.lower() == "authorization"}
+    if args.likelihood:
+        from coe.profiling import profile_likelihood_service, service_tokenizers
+
+        tokenizers = service_tokenizers(_call(args, "GET", "/v1/experts"), list(experts))
+        run = asyncio.run(profile_likelihood_service(
+            url, probes, experts, tokenizers, Path(args.out), concurrency=args.concurrency, headers=auth,
+            progress=not args.no_progress))
+        print(profile_summary(run, Path(args.out)))
+        return 0
     run = asyncio.run(profile_experts(
         url, probes, experts, Path(args.out), concurrency=args.concurrency, max_tokens=args.max_tokens,
         headers=auth, progress=not args.no_progress))

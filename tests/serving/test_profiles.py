@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 import zlib
+from typing import ClassVar
 
 import httpx
 import numpy as np
@@ -46,7 +47,7 @@ class HashEmbedder:
 class FakeBackend:
     """Expert servers that score token-id prompts: per-token logprob ``LOGPROB[expert][category]``."""
 
-    LOGPROB = {"base": {"math": -1.0, "code": -0.5}, "other": {"math": -1.2, "code": -0.9},
+    LOGPROB: ClassVar[dict] = {"base": {"math": -1.0, "code": -0.5}, "other": {"math": -1.2, "code": -0.9},
                "new": {"math": -0.1, "code": -3.0}}
 
     def __init__(self, tokenizer):
@@ -86,7 +87,7 @@ class FakeBackend:
         return {}
 
 
-def _write_world(root, tiny):
+def write_world(root, tiny, adapter_roots=()):
     """A likelihood data file of experts base/other on MATH+CODE, a kNN fitted on it, probe files."""
     from coe.routers.base import create_router, save_router
     from coe.routers.datasets import load_routing_data
@@ -117,7 +118,7 @@ def _write_world(root, tiny):
                      "resources": {"num_cpus": 0.1}}
                     for e, d in (("base", "general questions"), ("other", "other things"))],
         "serving": {"admin_key": "k", "registry_path": str(root / "registry.sqlite"),
-                    "probe_roots": [str(root / "probes")]},
+                    "probe_roots": [str(root / "probes")], "adapter_roots": [str(r) for r in adapter_roots]},
     })
 
 
@@ -163,10 +164,10 @@ async def _build(create_api, service):
 
 
 @pytest.fixture
-def world(tmp_path, tiny_llama_dir):
+def world(tmp_path, tiny_llama_dir, tiny_loras):
     from transformers import AutoTokenizer
 
-    config = _write_world(tmp_path, tiny_llama_dir)
+    config = write_world(tmp_path, tiny_llama_dir, adapter_roots=[tiny_loras[0].parent])
     lt = LoopThread()
     made = []
 
