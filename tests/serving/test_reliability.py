@@ -109,8 +109,6 @@ def test_top_p_zero_is_greedy_and_max_completion_tokens_wins(h):
 
 
 @pytest.mark.parametrize(("extra", "field"), [
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 3}, "top_logprobs"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
