@@ -202,8 +202,10 @@ def throughput(base: str, prefix: str, clients: int, seconds: float) -> float:
 # --------------------------------------------------------------------------- visibility
 
 
-def visibility(base: str, root: Path, k: int, timeout_s: float = 30) -> float:
-    """Seconds from a registration's answer until the other ingress replica serves the expert."""
+def visibility(base: str, root: Path, k: int, timeout_s: float = 30) -> tuple[float, float | None]:
+    """(seconds from a registration's answer until the other ingress replica serves the expert,
+    seconds until that replica last answered 404 for it, None if it was not asked before: then
+    the first figure is how long Serve's proxy kept sending the requests to the first replica)."""
     import httpx
 
     eid = f"bench-physics-{k}"
@@ -213,12 +215,15 @@ def visibility(base: str, root: Path, k: int, timeout_s: float = 30) -> float:
         r = c.post("/v1/experts", json=body, headers=AUTH)
         r.raise_for_status()
         t0, a = time.monotonic(), r.headers["x-coe-replica"]
+        last_miss = None
         try:
             while time.monotonic() - t0 < timeout_s:
                 p = c.post("/v1/chat/completions", json={"model": eid, "max_tokens": 1,
                                                           "messages": [{"role": "user", "content": "hello"}]})
-                if p.status_code == 200 and p.headers["x-coe-replica"] != a:
-                    return time.monotonic() - t0
+                if p.headers.get("x-coe-replica") != a:
+                    if p.status_code == 200:
+                        return time.monotonic() - t0, last_miss
+                    last_miss = time.monotonic() - t0
             raise SystemExit(f"{eid} not served by the other replica within {timeout_s} s")
         finally:
             c.delete(f"/v1/experts/{eid}", headers=AUTH).raise_for_status()
@@ -324,8 +329,10 @@ def main() -> int:
                 rps[name].append(throughput(base, variants[name], args.clients, args.seconds))
                 print(f"round {r}: {name}: {rps[name][-1]:.1f} req/s", flush=True)
 
-        vis = [visibility(base, root, k) for k in range(args.registrations)]
-        print(f"registration visibility: {[round(v, 2) for v in vis]} s", flush=True)
+        samples = [visibility(base, root, k) for k in range(args.registrations)]
+        vis = [v for v, _ in samples]
+        misses = [m for _, m in samples]
+        print(f"registration visibility: {samples} s", flush=True)
 
         failure = node_failure(local, base, args.clients)
         print(f"node failure: {failure}", flush=True)
@@ -343,6 +350,7 @@ def main() -> int:
         "ratio_2_over_1": paired_ratio(rps["2 ingress"], rps["1 ingress"]),
         "visibility_s": summary(vis),
         "visibility_samples_s": vis,
+        "visibility_last_404_from_b_s": misses,
         "node_failure": failure,
     }
     data = rec.finish(results)
@@ -364,7 +372,9 @@ so a second ingress replica adds no CPU.
 
 **Registration visibility** (registration answered by replica A → first 200 from replica B,
 `serving.registry_poll_s` 2 s): median {statistics.median(vis):.2f} s, max {max(vis):.2f} s over
-{len(vis)} registrations.
+{len(vis)} registrations (samples {', '.join(f'{v:.2f}' for v in vis)} s). Replica B's last 404 for
+the new expert came at {', '.join('-' if m is None else f'{m:.2f}' for m in misses)} s ('-': B was
+not asked before it served it, so that sample also counts how long Serve's proxy kept choosing A).
 
 **Node failure** ({f['clients']} clients; one worker node killed with its raylet, no grace):
 {f['in_flight_at_kill']} requests in flight at the kill ({f['kill_s']:.1f} s to end the node's processes),
