@@ -232,14 +232,20 @@ def visibility(base: str, root: Path, k: int, timeout_s: float = 30) -> tuple[fl
 # --------------------------------------------------------------------------- node failure
 
 
-def node_failure(local, base: str, clients: int) -> dict:
+def node_failure(local, base: str, clients: int, state: Path) -> dict:
     import httpx
 
     from coe.ray_local import LocalCluster
+    from coe.registry import ExpertRegistry
 
     def registered() -> set[str]:
-        return {m["id"] for m in httpx.get(f"{base}/v1/models", timeout=30).json()["data"]}
+        """The registry's experts, and every expert a few answers of /v1/models name."""
+        served = set()
+        for _ in range(6):
+            served |= {m["id"] for m in httpx.get(f"{base}/v1/models", timeout=30).json()["data"]}
+        return set(ExpertRegistry(state / "registry.sqlite").ids()) | served
 
+    time.sleep(3)  # past registry_poll_s: the removals of the visibility phase reached every replica
     before = registered()
     load = Load(f"{base}/v1/chat/completions", clients).start()
     time.sleep(5)
@@ -334,7 +340,7 @@ def main() -> int:
         misses = [m for _, m in samples]
         print(f"registration visibility: {samples} s", flush=True)
 
-        failure = node_failure(local, base, args.clients)
+        failure = node_failure(local, base, args.clients, state)
         print(f"node failure: {failure}", flush=True)
     finally:
         local.stop()
