@@ -294,7 +294,16 @@ class AdmissionConfig(Strict):
     max_queued_per_expert: int = Field(
         64, ge=0, le=1_000_000, description="Requests of one expert waiting for a slot; more get 429 at once."
     )
-    max_queue_wait_s: float = Field(20.0, gt=0, description="Longest wait for a slot before a 429.")
+    max_running_per_server: int | None = Field(
+        None, ge=1, le=100_000,
+        description="Requests of all the experts of one expert server (a base model and its LoRAs; the pool) "
+        "sent to it at once, per ingress replica; None: no server bound. Size it to what the server "
+        "answers within a client's patience: past it, requests queue, then get 429.",
+    )
+    max_queued_per_server: int = Field(
+        64, ge=0, le=1_000_000, description="Requests waiting for a slot of one expert server; more get 429 at once."
+    )
+    max_queue_wait_s: float = Field(20.0, gt=0, description="Longest wait for a slot (both bounds) before a 429.")
     retry_after_s: float = Field(2.0, gt=0, description="Retry-After (seconds) sent with a 429.")
 
 

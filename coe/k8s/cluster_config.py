@@ -220,6 +220,13 @@ def cluster_config(
         if not registered.get("num_gpus"):
             registered["num_gpus"] = 1
             changes.append("serving.registered_model_resources.num_gpus: 0 -> 1 (--gpu)")
+        admission = serving.get("admission") or {}
+        if admission.get("max_running_per_server") is not None:
+            # The bound sized for a CPU server would starve a GPU one (vLLM batches hundreds there).
+            changes.append(f"serving.admission.max_running_per_server: {admission.pop('max_running_per_server')} "
+                           "-> none (--gpu: size it for your GPU servers if you want one)")
+            if not admission:
+                serving.pop("admission", None)
     elif (serving.get("registered_model_resources") or {}).get("num_gpus"):
         raise ConfigError(
             f"{path}: serving.registered_model_resources.num_gpus is set; this render has no GPU worker "

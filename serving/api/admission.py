@@ -1,7 +1,8 @@
 """Admission control at the ingress: a bounded queue per expert, and the request deadline.
 
-:class:`Admission` lets at most ``max_running_per_expert`` requests of one expert go to its
-server at once; up to ``max_queued_per_expert`` more wait, first come first served. A request
+:class:`Admission` lets at most ``max_running_per_expert`` requests of one expert, and at most
+``max_running_per_server`` requests of all the experts of one server, go to that server at once;
+up to ``max_queued_per_expert`` / ``max_queued_per_server`` more wait, first come first served. A request
 past that bound is refused at once (:class:`OverloadedError`, 429 with ``Retry-After``); one
 that waits longer than ``max_queue_wait_s`` is refused the same way; one whose deadline ends
 while it waits gets :class:`DeadlineExceededError` (504). The limits are per ingress replica.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coe.config import AdmissionConfig
@@ -55,11 +57,20 @@ class _Gate:
 
 
 class Admission:
-    """``await acquire(expert, deadline)`` then ``release(expert)`` exactly once (see module doc)."""
+    """``await acquire(expert, deadline)`` then ``release(expert)`` exactly once (see module doc).
 
-    def __init__(self, config: AdmissionConfig) -> None:
+    Two bounds apply, one after the other: the expert's own (``max_running_per_expert``,
+    ``max_queued_per_expert``) and its server's (``max_running_per_server``,
+    ``max_queued_per_server``), because the experts of one server (a base model and its LoRAs, the
+    pool) share its capacity. ``server_of(expert)`` names the server (None: no server bound);
+    ``max_queue_wait_s`` bounds the wait across both."""
+
+    def __init__(self, config: AdmissionConfig, server_of: Callable[[str], str | None] | None = None) -> None:
         self.config = config
+        self.server_of = server_of or (lambda expert_id: None)
         self._gates: dict[str, _Gate] = collections.defaultdict(_Gate)
+        self._servers: dict[str, _Gate] = collections.defaultdict(_Gate)
+        self._held: dict[str, list[str]] = collections.defaultdict(list)  # expert -> servers it holds slots of
 
     def running(self, expert_id: str) -> int:
         return self._gates[expert_id].running
@@ -68,21 +79,37 @@ class Admission:
         return sum(not f.done() for f in self._gates[expert_id].waiters)
 
     async def acquire(self, expert_id: str, deadline: Deadline) -> None:
-        """Take a slot for ``expert_id``; raises OverloadedError (queue full or waited too long)
-        or DeadlineExceededError. Cancellation while waiting gives nothing up."""
-        c, gate = self.config, self._gates[expert_id]
-        if gate.running < c.max_running_per_expert and not gate.waiters:
+        """Take a slot for ``expert_id`` and its server; raises OverloadedError (a queue full or
+        waited too long) or DeadlineExceededError. Cancellation while waiting gives nothing up."""
+        c = self.config
+        wait_end = time.monotonic() + c.max_queue_wait_s
+        await self._take(self._gates[expert_id], c.max_running_per_expert, c.max_queued_per_expert,
+                         f"expert {expert_id!r}", wait_end, deadline)
+        server = self.server_of(expert_id) if c.max_running_per_server is not None else None
+        if server is None:
+            return
+        try:
+            await self._take(self._servers[server], c.max_running_per_server, c.max_queued_per_server,
+                             f"the server of expert {expert_id!r}", wait_end, deadline)
+        except BaseException:
+            self._give(self._gates[expert_id])
+            raise
+        self._held[expert_id].append(server)
+
+    async def _take(self, gate: _Gate, running: int, queued: int, what: str, wait_end: float,
+                    deadline: Deadline) -> None:
+        c = self.config
+        if gate.running < running and not gate.waiters:
             gate.running += 1
             return
-        if len(gate.waiters) >= c.max_queued_per_expert:
+        if len(gate.waiters) >= queued:
             raise OverloadedError(
-                f"expert {expert_id!r} is at capacity ({c.max_running_per_expert} running, "
-                f"{c.max_queued_per_expert} waiting); retry after {c.retry_after_s:g} s",
+                f"{what} is at capacity ({running} running, {queued} waiting); retry after {c.retry_after_s:g} s",
                 retry_after_s=c.retry_after_s,
             )
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         gate.waiters.append(fut)
-        wait = min(c.max_queue_wait_s, max(deadline.left(), 0.0))
+        wait = max(min(wait_end - time.monotonic(), deadline.left()), 0.0)
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout=wait)
         except TimeoutError:
@@ -91,13 +118,13 @@ class Admission:
             if deadline.left() <= 0:
                 raise deadline.error() from None
             raise OverloadedError(
-                f"expert {expert_id!r} is busy: no slot within {c.max_queue_wait_s:g} s "
+                f"{what} is busy: no slot within {c.max_queue_wait_s:g} s "
                 "(serving.admission.max_queue_wait_s); retry later",
                 retry_after_s=c.retry_after_s,
             ) from None
         except asyncio.CancelledError:
             if not self._give_up(gate, fut):
-                self.release(expert_id)  # handed a slot we will not use
+                self._give(gate)  # handed a slot we will not use
             raise
 
     @staticmethod
@@ -113,8 +140,16 @@ class Admission:
         return True
 
     def release(self, expert_id: str) -> None:
-        """Give a slot back: to the oldest waiter, else to the pool."""
-        gate = self._gates[expert_id]
+        """Give the expert's slot back, and its server's (each to its oldest waiter, else to the pool)."""
+        held = self._held.get(expert_id)
+        if held:
+            self._give(self._servers[held.pop()])
+            if not held:
+                del self._held[expert_id]
+        self._give(self._gates[expert_id])
+
+    @staticmethod
+    def _give(gate: _Gate) -> None:
         while gate.waiters:
             fut = gate.waiters.popleft()
             if not fut.done():

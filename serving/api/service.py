@@ -32,8 +32,8 @@ from coe.errors import (
     ForbiddenError,
     InvalidRequestError,
     NotReadyError,
-    ServerDownError,
     ReplicaLostError,
+    ServerDownError,
     UnauthorizedError,
     available,
 )
@@ -87,10 +87,14 @@ class CoEService:
         self.catalog = ExpertCatalog(experts if experts is not None else config.experts,
                                      config_ids={e.id for e in config.experts}, router=router, registry=registry,
                                      down_retry_after_s=s.faults.down_retry_after_s)
-        self.admission = Admission(s.admission)
+        self.admission = Admission(s.admission, server_of=self._server_of)
         self.admin_lock = asyncio.Lock()
         self.admin_key = s.admin_key or os.environ.get(s.admin_key_env) or None
         self._probe: asyncio.Task | None = None
+
+    def _server_of(self, expert_id: str) -> str | None:
+        """The server whose capacity a request to ``expert_id`` takes (None: an expert gone meanwhile)."""
+        return self.catalog.server_of(expert_id) if expert_id in self.catalog else None
 
     @property
     def router(self):

@@ -68,6 +68,48 @@ def test_admission_wait_timeout_deadline_and_cancellation_leak_nothing():
     _run(go())
 
 
+def test_admission_bounds_a_server_shared_by_its_experts():
+    """A base model and its LoRA share one server: its bound holds across both experts, a slot
+    passes from one expert to the other, and a refusal at the server gives the expert slot back."""
+
+    async def go():
+        cfg = AdmissionConfig(max_running_per_expert=4, max_running_per_server=1, max_queued_per_server=1,
+                              max_queue_wait_s=5)
+        adm = Admission(cfg, server_of=lambda e: {"base": "s", "lora": "s"}.get(e))
+        dl = Deadline(10)
+        await adm.acquire("base", dl)
+        queued = asyncio.ensure_future(adm.acquire("lora", dl))  # waits for the server, not its expert
+        await asyncio.sleep(0)
+        assert not queued.done() and adm.running("lora") == 1
+        with pytest.raises(OverloadedError, match="server of expert 'base'"):
+            await adm.acquire("base", dl)  # the server's queue (1) is full
+        assert adm.running("base") == 1  # the refused request gave its expert slot back
+        adm.release("base")
+        await queued
+        assert adm.running("base") == 0
+        await adm.acquire("other", dl)  # no server: only the expert bound applies
+        adm.release("lora")
+        adm.release("other")
+        await adm.acquire("base", dl)  # the server's slot is free again
+        adm.release("base")
+        assert (adm.running("base"), adm.running("lora"), adm.running("other")) == (0, 0, 0)
+
+    _run(go())
+
+
+def test_admission_server_wait_counts_toward_max_queue_wait():
+    async def go():
+        cfg = AdmissionConfig(max_running_per_server=1, max_queue_wait_s=0.05)
+        adm = Admission(cfg, server_of=lambda e: "s")
+        await adm.acquire("a", Deadline(10))
+        with pytest.raises(OverloadedError, match="no slot within"):
+            await adm.acquire("b", Deadline(10))
+        assert adm.running("b") == 0
+        adm.release("a")
+
+    _run(go())
+
+
 def test_catalog_ranks_serving_experts_by_score_and_skips_down_ones():
     from coe.serving.api.catalog import ExpertCatalog
 
