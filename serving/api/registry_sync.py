@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from coe.config import Expert, LoraExpert, ModelExpert
 from coe.errors import CoEError, RegistryUnavailableError
@@ -42,6 +43,9 @@ class RegistrySync:
         self.revision: int | None = None
         self.reachable = True
         self.last_reload_s: float | None = None
+        # called after every revision change, once the live set follows it (e.g. the router's
+        # refit on stored runtime profiles: ``ProfileJobs.refresh``)
+        self.listeners: list[Callable[[], Awaitable[None]]] = []
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -85,6 +89,8 @@ class RegistrySync:
             self._up()
             changed = self._apply(registered)
             self.revision = revision
+        for listen in self.listeners:
+            await listen()
         self.last_reload_s = time.perf_counter() - t0
         if changed:
             log.info("registry revision %d: now serving %s (reload %.3f s)", revision,

@@ -54,6 +54,7 @@ class CoEIngress:
         from coe.serving.api.routes import create_api
 
         app = create_api(self.service)
+        self.sync.listeners.append(app.state.profiles.refresh)   # profiles stored through another replica
         # which ingress replica answered (a random id, no host detail): replicas answer alike
         # within the registry sync bound, and this is how an operator checks which one lags
         app.add_middleware(ReplicaHeader, replica=self.replica)

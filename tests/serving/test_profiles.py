@@ -80,6 +80,12 @@ class FakeBackend:
     async def remove_server(self, server_id):
         pass
 
+    def attach_server(self, spec):   # another replica's registration (RegistrySync)
+        pass
+
+    def detach_server(self, server_id):
+        pass
+
     async def ready(self):
         return {}
 
@@ -218,6 +224,24 @@ def test_a_registered_expert_is_profiled_in_the_background_and_wins_what_it_is_b
     assert w2.request("DELETE", "/v1/experts/new").status_code == 200
     assert w2.registry.profile_outcomes() == []
     assert w2.route(MATH[0]) == "base"
+
+
+def test_another_replica_follows_the_profile_through_the_registry(world):
+    from coe.serving.api.registry_sync import RegistrySync
+
+    a, b = world(), world()   # two ingress replicas on one registry
+    sync = RegistrySync(b.service, period_s=60)
+    sync.listeners.append(b.app.state.profiles.refresh)   # as the ingress deployment wires it
+    b.lt.run(sync.sync_once())
+    assert a.request("POST", "/v1/experts", json=_new(world.tiny, probe=str(world.root / "probes" / "same.jsonl"),
+                                                      budget=4)).status_code == 201
+    assert a.wait("new")["state"] == "done"
+    assert b.lt.run(sync.sync_once()) is True
+    assert b.request("GET", "/v1/experts/new").json()["profile"]["state"] == "done"   # progress: any replica
+    assert b.route(MATH[1]) == "new" and b.route(CODE[1]) == "base"
+    assert a.request("DELETE", "/v1/experts/new").status_code == 200
+    b.lt.run(sync.sync_once())
+    assert b.route(MATH[1]) == "base"
 
 
 def test_bad_profile_requests_are_refused_naming_the_field(world):
