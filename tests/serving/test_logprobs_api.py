@@ -141,7 +141,7 @@ def complete(h, **body):
 
 
 def test_completion_of_text_routed_with_echo_and_logprobs(h, tiny):
-    model, tok = tiny
+    _, tok = tiny
     prompt = "what is tiny-a 1 + 2 ?"
     r = complete(h, model="coe", prompt=prompt, echo=True, logprobs=2)
     assert r.status_code == 200, r.text
@@ -189,7 +189,7 @@ def test_the_lm_eval_loglikelihood_request(h, tiny):
     r = h.request("POST", "/v1/completions", json={"model": "tiny", "prompt": [ids], "temperature": 0, "max_tokens": 1,
                                                    "logprobs": 1, "seed": 1234, "echo": True})
     assert r.status_code == 200, r.text
-    choice = sorted(r.json()["choices"], key=lambda c: c["index"])[0]
+    (choice,) = r.json()["choices"]
     ctxlen = len(context)
     token_lps = choice["logprobs"]["token_logprobs"][ctxlen:-1]
     tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
