@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ChatMessage(BaseModel):
@@ -30,6 +30,34 @@ class ChatMessage(BaseModel):
 MAX_LOGPROBS = 20  # the most alternatives per position an engine returns (vLLM's default max_logprobs)
 
 
+class JsonSchemaSpec(BaseModel):
+    """OpenAI's ``response_format.json_schema``: a named JSON schema the answer must follow."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="1 to 64 letters, digits, '_' or '-'.")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema",
+                                        description="The JSON schema (an object); {} allows any JSON.")
+    strict: bool | None = Field(None, description="Accepted; the answer always follows the schema (guided decoding).")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object) or
+    ``json_schema`` (JSON following ``json_schema.schema``), enforced by guided decoding."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema' and allowed only with it")
+        return self
+
+
 class SamplingParams(BaseModel):
     """Sampling options common to every engine."""
 
@@ -49,6 +77,9 @@ class SamplingParams(BaseModel):
     prompt_logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS,
         description="Log-probabilities of the prompt tokens (vLLM's prompt_logprobs): None = off; N as for logprobs.",
+    )
+    response_format: ResponseFormat | None = Field(
+        None, description="Constrain the answer to JSON (guided decoding); None or type 'text': unconstrained.",
     )
 
     @property

@@ -1,4 +1,4 @@
-"""Helpers shared by the test packages: one event loop on a thread, tiny LoRA adapters."""
+"""Helpers shared by the test packages: one event loop on a thread, tiny LoRA adapters, a tiny byte-level llama."""
 
 from __future__ import annotations
 
@@ -44,3 +44,31 @@ def make_lora(base_dir: Path, out: Path, *, rank: int = 4, seed: int = 0, target
                 param.normal_(0, 0.5)
     peft_model.save_pretrained(out)
     return out
+
+
+def make_byte_level_llama(folder: Path) -> Path:
+    """A 2-layer, width-64 random llama with a ~300-token byte-level BPE tokenizer trained in place
+    (no BOS), saved in ``folder``: a tiny model that can spell any text, JSON included (the word-level
+    tiny llama cannot)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from tests.conftest import TINY_CHAT_TEMPLATE
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    corpus = ['{"city": "paris", "ok": true, "n": 12}', "what is the capital of france ?", "[1, 2, 3] null false"] * 20
+    special = ["</s>", "<pad>"]  # few: xgrammar sees a byte-level vocabulary when >= 99% of it is byte-level
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -54,7 +54,9 @@ class ChatCompletionRequest(_Open):
     continue_final_message: bool = Field(
         False, description="vLLM's extra field: leave the final (assistant) message open to continue or score it; "
                            "needs add_generation_prompt: false.")
-    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}; others get a 400.")
+    response_format: dict[str, Any] | None = Field(
+        None, description="{'type': 'text' | 'json_object' | 'json_schema'} (json_schema: {name, schema, strict}): "
+                          "JSON answers by guided decoding; anything else gets a 400.")
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported yet: tools get a 400.")
     tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none'; others get a 400.")
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from coe.config import ServingConfig
 from coe.errors import InvalidRequestError
-from coe.types import MAX_LOGPROBS, SamplingParams
+from coe.types import MAX_LOGPROBS, ResponseFormat, SamplingParams
 
 SEED_MAX = 2**63 - 1
 MAX_STOP = 4
@@ -22,7 +22,6 @@ MAX_STOP = 4
 # that asks for one is refused (400 naming the field and the expert), never silently ignored.
 # When an engine implements one, remove it here and pass it on in :func:`sampling_params`.
 UNIMPLEMENTED: dict[str, tuple] = {
-    "response_format": (None, {"type": "text"}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),
@@ -105,13 +104,35 @@ def chat_logprobs(req) -> tuple[int | None, int | None]:
     return (top or 0) if req.logprobs else None, logprob_count(req.prompt_logprobs, "prompt_logprobs")
 
 
+def response_format(value) -> ResponseFormat | None:
+    """OpenAI's ``response_format`` as a :class:`ResponseFormat` (None when absent or ``text``).
+    400 naming ``response_format`` for another type, a malformed ``json_schema``, or a schema that
+    cannot be compiled to a grammar for guided decoding."""
+    if value is None:
+        return None
+    from coe.serving.engines.structured import ALLOWED, check_response_format
+
+    try:
+        fmt = ResponseFormat.model_validate(value)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        raise InvalidRequestError(
+            f"response_format{'.' + where if where else ''}: {first.get('msg', 'invalid')}; allowed: {ALLOWED}",
+            param="response_format") from None
+    if fmt.type == "text":
+        return None
+    check_response_format(fmt)
+    return fmt
+
+
 def sampling_params(req, serving: ServingConfig, *, logprobs: int | None = None,
                     prompt_logprobs: int | None = None) -> SamplingParams:
     """The engine's :class:`SamplingParams` for an OpenAI chat or completions request, every field
     checked (``logprobs``/``prompt_logprobs``: counts the caller already checked).
 
     ``max_completion_tokens`` wins over ``max_tokens`` (OpenAI deprecated the latter); ``top_p: 0``
-    means greedy (as OpenAI treats it); ``n`` must be 1."""
+    means greedy (as OpenAI treats it); ``n`` must be 1; ``response_format`` per :func:`response_format`."""
     n = 1 if req.n is None else req.n
     if isinstance(n, bool) or not isinstance(n, int) or n != 1:
         raise InvalidRequestError(f"n is {n}; allowed: 1 (one choice per request)", param="n")
@@ -135,7 +156,8 @@ def sampling_params(req, serving: ServingConfig, *, logprobs: int | None = None,
         raise InvalidRequestError(f"seed is {seed}; allowed: an integer from 0 to 2^63-1 ({SEED_MAX})", param="seed")
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=_stop(req.stop),
-                              seed=seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                              seed=seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              response_format=response_format(getattr(req, "response_format", None)))
     except ValidationError as err:  # a rule of SamplingParams not mirrored above
         first = err.errors()[0]
         field = str(first["loc"][0]) if first.get("loc") else "body"
@@ -148,8 +170,6 @@ def refuse_unimplemented(req, expert_id: str) -> None:
     for field, unset in UNIMPLEMENTED.items():
         value = getattr(req, field, extra.get(field))
         if value is None or any(value == u for u in unset):
-            continue
-        if field == "response_format" and isinstance(value, dict) and value.get("type") == "text":
             continue
         raise InvalidRequestError(
             f"{field} is not supported by expert {expert_id!r}: its engine does not implement it; "

@@ -52,7 +52,8 @@ def row_error(err: Exception) -> CoEError:
 
 def sample_rows(rows: list[Row], logits, eos: set[int]) -> None:
     """Sample each unfinished row's next token from its ``logits`` row (``[B, V]``) and accept it,
-    with the token's logprobs (from the raw logits) when the row asks for them.
+    with the token's logprobs (from the raw logits) when the row asks for them. A row's
+    ``constraint`` masks its logits before sampling.
 
     An error while sampling or detokenising one row fails that row only."""
     from coe.adapters.decode import sample
@@ -61,7 +62,8 @@ def sample_rows(rows: list[Row], logits, eos: set[int]) -> None:
         if row.finished:
             continue
         try:
-            token = int(sample(row_logits, row.params.temperature, row.params.top_p, row.generator))
+            allowed = row.constraint.mask(row_logits) if row.constraint is not None else row_logits
+            token = int(sample(allowed, row.params.temperature, row.params.top_p, row.generator))
             row.accept(token, eos, row.score(row_logits, token))
         except Exception as err:  # noqa: BLE001  (this row's problem only)
             row.fail(row_error(err))

@@ -130,8 +130,8 @@ class HFEngine(Engine):
         if request.adapter is not None and request.adapter not in self._adapters:
             raise AdapterError(f"unknown adapter {request.adapter!r}; added: {sorted(self._adapters) or '(none)'}")
         bridge = StreamBridge()
-        row = Row.create(self._tokenizer, prompt_ids, params, device=self._device, sink=bridge.emit,
-                         adapter=request.adapter)
+        row = await _maybe_off_loop(params.response_format is not None, Row.create, self._tokenizer, prompt_ids,
+                                    params, device=self._device, sink=bridge.emit, adapter=request.adapter)
         with self._cond:
             self._pending.append(row)
             self._cond.notify()
@@ -239,3 +239,8 @@ class HFEngine(Engine):
             if row.adapter is not None and row.adapter not in self._adapters:
                 row.fail(AdapterError(f"adapter {row.adapter!r} was removed"))
         return [r for r in new if not r.finished]
+
+
+async def _maybe_off_loop(off: bool, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, in a worker thread when ``off`` (a grammar to compile must not block the loop)."""
+    return await asyncio.to_thread(fn, *args, **kwargs) if off else fn(*args, **kwargs)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from coe.errors import CoEError, EngineError
 from coe.serving.engines.text import TextStream
@@ -70,13 +71,27 @@ class StreamBridge:
                 return
 
 
+class TokenConstraint(Protocol):
+    """A per-row constraint on the next token (guided decoding, ``response_format``; see
+    :mod:`coe.serving.engines.structured`): ``mask`` the row's raw logits before sampling,
+    ``accept`` the sampled token; the row ends once ``terminated``."""
+
+    def mask(self, logits): ...
+
+    def accept(self, token: int) -> None: ...
+
+    @property
+    def terminated(self) -> bool: ...
+
+
 @dataclass(eq=False)
 class Row:
     """One request being decoded (owned by the decode thread once admitted).
 
     ``sink`` receives every :class:`StreamDelta` and, on failure, one exception; a sink that
     returns False (its listener is gone) cancels the row. ``cancelled`` may be set from any
-    thread; the decode loop drops cancelled rows at its next step.
+    thread; the decode loop drops cancelled rows at its next step. ``constraint`` (None: free)
+    masks the row's logits before sampling and ends the row when its grammar ends.
     """
 
     prompt_ids: list[int]
@@ -89,13 +104,19 @@ class Row:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     done: bool = False
     cancelled: bool = False
+    constraint: TokenConstraint | None = None
 
     @classmethod
     def create(cls, tokenizer, prompt_ids: list[int], params: SamplingParams, *, device: str, sink,
                adapter: str | None = None) -> Row:
-        """A new row (raises InvalidRequestError for an unusable seed: only this request fails)."""
+        """A new row (raises InvalidRequestError for an unusable seed or a ``response_format`` that
+        does not compile: only this request fails). A ``response_format`` is compiled here (cached per
+        schema and tokenizer), so call this off the event loop when one is set."""
+        from coe.serving.engines.structured import constraint_for
+
         generator = make_generator(params.seed, device)
-        return cls(prompt_ids, params, TextStream(tokenizer, prompt_ids, params.stop), generator, sink, adapter)
+        return cls(prompt_ids, params, TextStream(tokenizer, prompt_ids, params.stop), generator, sink, adapter,
+                   constraint=constraint_for(tokenizer, params.response_format))
 
     @property
     def finished(self) -> bool:
@@ -139,11 +160,13 @@ class Row:
         resulting :class:`StreamDelta`; the first one carries the prompt's logprobs and ids
         when ``params.prompt_logprobs`` asked for them.
 
-        The row is done after an EOS id, a stop string, or ``max_tokens`` tokens. A cancelled
-        row sends nothing."""
+        The row is done after an EOS id, a stop string, the end of its constraint's grammar, or
+        ``max_tokens`` tokens. A cancelled row sends nothing."""
         self.generated.append(token)
+        if self.constraint is not None:
+            self.constraint.accept(token)
         finish = None
-        if token in eos:
+        if token in eos or (self.constraint is not None and self.constraint.terminated):
             text, finish = self.text.flush(), "stop"
         else:
             text, stopped = self.text.push(token)
