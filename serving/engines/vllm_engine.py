@@ -3,7 +3,9 @@
 We apply the chat template ourselves (``tokens.encode_request``, with the request's chat flags)
 and pass token ids, so this engine and the transformers engine see identical prompt tokens.
 ``logprobs`` / ``prompt_logprobs`` go to vLLM's ``SamplingParams`` (raw log-probabilities,
-vLLM's default) and come back as our :class:`~coe.types.Logprob` s. Each adapter is a
+vLLM's default) and come back as our :class:`~coe.types.Logprob` s. ``response_format`` becomes
+vLLM's structured outputs (``StructuredOutputsParams``: the same JSON schema the transformers engine
+compiles, xgrammar backend, compact JSON as there: ``disable_any_whitespace``). Each adapter is a
 ``LoRARequest(name, int_id, path)``; ``add_adapter`` validates the folder and loads it into the
 engine at once (a broken adapter fails at registration). Streaming uses
 ``RequestOutputKind.DELTA``; closing the stream aborts the request in the engine.
@@ -57,6 +59,7 @@ class VLLMEngine(Engine):
     def engine_args(self, path: str):
         """The ``AsyncEngineArgs`` this engine starts with (from EngineConfig)."""
         from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
 
         cfg = self.config
         device = resolve_device(cfg)
@@ -73,6 +76,7 @@ class VLLMEngine(Engine):
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             seed=cfg.seed,
             disable_log_stats=True,
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         )
 
     async def start(self) -> None:
@@ -133,6 +137,7 @@ class VLLMEngine(Engine):
             seed=s.seed,
             logprobs=s.logprobs,
             prompt_logprobs=s.prompt_logprobs,
+            structured_outputs=_structured(s.response_format),
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -211,6 +216,19 @@ class VLLMEngine(Engine):
 
     def adapters(self) -> list[str]:
         return sorted(self._adapters)
+
+
+def _structured(fmt):
+    """vLLM's ``StructuredOutputsParams`` for a ``response_format`` (None: unconstrained); the
+    schema is :func:`coe.serving.engines.structured.schema_of`, as the transformers engine uses."""
+    from coe.serving.engines.structured import schema_of
+
+    schema = None if fmt is None else schema_of(fmt)
+    if schema is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
 
 
 def _positions(entries) -> list:

