@@ -57,8 +57,11 @@ class ChatCompletionRequest(_Open):
     response_format: dict[str, Any] | None = Field(
         None, description="{'type': 'text' | 'json_object' | 'json_schema'} (json_schema: {name, schema, strict}): "
                           "JSON answers by guided decoding; anything else gets a 400.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported yet: tools get a 400.")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none'; others get a 400.")
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="Served only by an expert whose chat template takes tools and whose tool calls coe parses "
+                          "(none of the shipped ones): otherwise a 400 naming the expert, unless tool_choice is 'none'.")
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description="'none' is served (tools are not rendered); others need tools and a tool-capable expert.")
 
 
 class RouteRequest(_Open):

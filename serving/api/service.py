@@ -51,6 +51,7 @@ from coe.serving.api.models import (
     new_id,
 )
 from coe.serving.api.sse import ChatChunks, EventStream, response_of
+from coe.serving.api.tools import refuse_tools
 from coe.serving.api.validation import (
     chat_logprobs,
     check_text,
@@ -203,6 +204,14 @@ class CoEService:
         adapter_path = expert.adapter if isinstance(expert, LoraExpert) else None
         return server_id_of(expert), aimed, adapter_path
 
+    def model_ref(self, expert_id: str) -> str | None:
+        """The model an expert runs on (a LoRA's or mixture's base model's), None when unknown."""
+        expert = self.catalog.get(expert_id)
+        base = getattr(expert, "base", None)
+        if base is not None:
+            expert = self.catalog.get(base)
+        return getattr(expert, "model", None)
+
     @staticmethod
     def chat_request(req: ChatCompletionRequest, sampling: SamplingParams) -> GenerationRequest:
         return GenerationRequest(request_id="", messages=list(req.messages), sampling=sampling,
@@ -283,6 +292,7 @@ class CoEService:
         sampling = self.sampling(req)
         info = await self.decide(req.model, req.messages)
         refuse_unimplemented(req, info.expert)
+        refuse_tools(req, info.expert, self.model_ref(info.expert))
         return deadline, t0, sampling, info
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:

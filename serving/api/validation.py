@@ -22,8 +22,6 @@ MAX_STOP = 4
 # that asks for one is refused (400 naming the field and the expert), never silently ignored.
 # When an engine implements one, remove it here and pass it on in :func:`sampling_params`.
 UNIMPLEMENTED: dict[str, tuple] = {
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
     "presence_penalty": (None, 0, 0.0),

@@ -109,10 +109,8 @@ def test_top_p_zero_is_greedy_and_max_completion_tokens_wins(h):
 
 
 @pytest.mark.parametrize(("extra", "field"), [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "required"}, "tools"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"logit_bias": {"12": 5}}, "logit_bias"),
 ])
