@@ -82,7 +82,6 @@ def test_text_is_unconstrained(h):
     {"type": "json_schema", "json_schema": {"name": "has space", "schema": {}}},
     {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "nonsense"}}},
     {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "string", "pattern": "(("}}},
-    "json",
 ])
 def test_bad_response_format_is_a_400_naming_it(h, fmt):
     r = h.chat("hello", response_format=fmt)
