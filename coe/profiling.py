@@ -187,17 +187,9 @@ async def profile_experts(
                 totals[e].append(r[0])
 
     limits = httpx.Limits(max_connections=max(1, concurrency) * 2)
-    try:
-        async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers or {}, timeout=timeout_s,
-                                     limits=limits, transport=transport) as client:
-            # probes go in waves so that at most ~concurrency probes are half-done at any time
-            wave = max(1, concurrency)
-            for i in range(0, len(todo), wave):
-                await asyncio.gather(*(probe_line(client, p) for p in todo[i:i + wave]))
-    finally:
-        bar.close()
-    run.mean_outcome = {e: (sum(v) / len(v) if v else float("nan")) for e, v in totals.items()}
-    return run
+    client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers or {}, timeout=timeout_s,
+                               limits=limits, transport=transport)
+    return await _in_waves(client, todo, probe_line, concurrency, bar, run, totals)
 
 
 def profile_summary(run: ProfileRun, out: Path) -> str:
@@ -345,9 +337,18 @@ async def profile_likelihood_service(url: str, probes: list, experts: dict[str, 
         for e, c in cells.items():
             totals[e].append(c[0])
 
+    client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers or {}, timeout=timeout_s,
+                               transport=transport)
+    return await _in_waves(client, todo, probe_line, concurrency, bar, run, totals)
+
+
+async def _in_waves(client, todo: list, probe_line, concurrency: int, bar, run: ProfileRun,
+                    totals: dict[str, list[float]]) -> ProfileRun:
+    """Run ``probe_line(client, probe)`` over ``todo`` in waves of ``concurrency`` probes (so at most
+    ~concurrency probes are half-done at any time), close ``client`` and ``bar``, and fill
+    ``run.mean_outcome`` from ``totals``."""
     try:
-        async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers or {}, timeout=timeout_s,
-                                     transport=transport) as client:
+        async with client:
             wave = max(1, concurrency)
             for i in range(0, len(todo), wave):
                 await asyncio.gather(*(probe_line(client, p) for p in todo[i:i + wave]))
