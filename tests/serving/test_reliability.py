@@ -191,7 +191,10 @@ class _BareService:
     """Just enough of CoEService for create_api (no engines needed to check the docs routes)."""
 
     def __init__(self, config):
+        from types import SimpleNamespace
+
         self.config = config
+        self.catalog = SimpleNamespace(registry=None)  # no registry: no stored profiles to read
 
 
 def test_admin_text_with_nul_or_surrogate_is_400(h):
