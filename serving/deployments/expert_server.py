@@ -138,10 +138,14 @@ class ExpertServer:
 
     # ------------------------------------------------------------------ adapters
 
-    async def add_adapter(self, expert_id: str, path: str) -> None:
-        """Load a LoRA expert onto the running engine (raises AdapterError, nothing added)."""
+    def _require_engine(self) -> None:
+        """Raise EngineError when this server has no running engine (it failed to load)."""
         if self.engine is None:
             raise EngineError(f"{self.spec.server_id} has no running engine: {self.load_error}")
+
+    async def add_adapter(self, expert_id: str, path: str) -> None:
+        """Load a LoRA expert onto the running engine (raises AdapterError, nothing added)."""
+        self._require_engine()
         if expert_id in self._experts:
             return
         await self.engine.add_adapter(expert_id, path)
@@ -164,8 +168,7 @@ class ExpertServer:
 
     async def load_lazy(self, name: str, path: str) -> None:
         """Load a runtime-registered LoRA under ``name`` (idempotent; raises AdapterError, nothing added)."""
-        if self.engine is None:
-            raise EngineError(f"{self.spec.server_id} has no running engine: {self.load_error}")
+        self._require_engine()
         if name in self._lazy:
             return
         await self.engine.add_adapter(name, path)
