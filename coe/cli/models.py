@@ -14,6 +14,8 @@ def register(sub) -> None:
     prep.add_argument("--force", action="store_true", help="rebuild even if already prepared")
     prep.add_argument("--no-verify", action="store_true", help="skip re-checking checksums of prepared models")
     prep.add_argument("--quiet", action="store_true")
+    prep.add_argument("--corpus", metavar="DIR", help="text folder for models tuned on local text "
+                      "(minilm-l6-m2v-tuned; default $COE_CORPUS, else ../shared/data when present)")
     prep.set_defaults(func=_prepare)
 
 
@@ -29,9 +31,13 @@ def _list(args) -> int:
 
 
 def _prepare(args) -> int:
-    from coe.models import BUILTIN, prepare
+    from coe.models import BUILTIN, default_corpus, is_prepared, prepare
 
     for alias in args.aliases or list(BUILTIN):
-        path = prepare(alias, force=args.force, verify=not args.no_verify, quiet=args.quiet)
+        if not args.aliases and BUILTIN[alias].needs_corpus and not is_prepared(alias) \
+                and not (args.corpus or default_corpus()):
+            print(f"{alias}: skipped (needs a text corpus: `coe models prepare {alias} --corpus DIR`)")
+            continue
+        path = prepare(alias, force=args.force, verify=not args.no_verify, quiet=args.quiet, corpus=args.corpus)
         print(f"{alias}: {path}")
     return 0
