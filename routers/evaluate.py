@@ -206,8 +206,9 @@ def paired_bootstrap(picks: dict[str, np.ndarray], data, baselines: list[str], *
     the N test queries with replacement, once for all routers; AIQ is recomputed on it for every
     router and for the zero router (the single models' hull, with the replicate's cost range).
     Returns, per router, ``{"vs_zero": {...}, "vs_<baseline>": {...}}`` for each name in
-    ``baselines`` (router names in ``picks``), each ``{"diff", "lo", "hi", "includes_zero"}``:
-    the observed difference and the 2.5/97.5 percentiles of the replicated differences.
+    ``baselines`` (router names in ``picks``), each ``{"diff", "lo", "hi", "includes_zero",
+    "halfwidth", "se"}``: the observed difference, the 2.5/97.5 percentiles of the replicated
+    differences, half the CI's width and the replicates' standard deviation (for :func:`power`).
     """
     c_all, q_all = data.costs_or_ones(), np.asarray(data.quality, dtype=np.float64)
     n = len(data)
@@ -229,7 +230,8 @@ def paired_bootstrap(picks: dict[str, np.ndarray], data, baselines: list[str], *
     def interval(a: np.ndarray, z: np.ndarray) -> dict:
         d = a - z
         lo, hi = np.percentile(d[1:], [2.5, 97.5])
-        return {"diff": float(d[0]), "lo": float(lo), "hi": float(hi), "includes_zero": bool(lo <= 0 <= hi)}
+        return {"diff": float(d[0]), "lo": float(lo), "hi": float(hi), "includes_zero": bool(lo <= 0 <= hi),
+                "halfwidth": float((hi - lo) / 2), "se": float(np.std(d[1:]))}
 
     out = {}
     for name in picks:
@@ -239,3 +241,23 @@ def paired_bootstrap(picks: dict[str, np.ndarray], data, baselines: list[str], *
                 res[f"vs_{base}"] = interval(aiqs[name], aiqs[base])
         out[name] = res
     return out
+
+
+Z95, Z80 = 1.959964, 0.841621     # two-sided 95% CI; 80% power
+
+
+def power(ci: dict, n: int, target: float) -> dict:
+    """What a test set of ``n`` queries can show about an AIQ difference, from its bootstrap CI.
+
+    ``ci`` is one entry of :func:`paired_bootstrap`. ``mde_50`` (≈ the CI half-width) is the
+    smallest true difference whose 95% CI excludes zero half the time; ``mde_80`` (2.80 SE) the
+    one that does so 80% of the time. ``detectable`` says whether ``target`` reaches ``mde_80``
+    (``None`` when the difference has no spread: the routers pick alike), and ``rows_for_target`` how many test queries would make ``mde_80`` equal ``target``
+    (SE shrinks as 1/√n). A normal approximation: read it as a size, not a p-value.
+    """
+    se = ci["se"]
+    mde80 = (Z95 + Z80) * se
+    # se == 0: the two routers pick alike on every replicate, so the data say nothing about a gain
+    need = int(np.ceil(n * (mde80 / target) ** 2)) if target > 0 and se > 0 else None
+    return {"target": target, "rows": n, "halfwidth": ci["halfwidth"], "se": se, "mde_50": ci["halfwidth"],
+            "mde_80": float(mde80), "detectable": bool(mde80 <= target) if se > 0 else None, "rows_for_target": need}

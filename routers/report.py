@@ -69,7 +69,7 @@ def run_eval(inputs: EvalInputs, names: list[str], *, folds: int = 5, cv: bool =
 
     from coe.routers.base import QueryBatch
     from coe.routers.builtin.stacked import member_spec
-    from coe.routers.evaluate import Fallback, paired_bootstrap
+    from coe.routers.evaluate import Fallback, paired_bootstrap, power
     from coe.routers.tuning import cross_validate
 
     train, test = inputs.train, inputs.test
@@ -148,6 +148,9 @@ def run_eval(inputs: EvalInputs, names: list[str], *, folds: int = 5, cv: bool =
         "routers": {n: {**r.summary(), "ci": cis[n], **({"cv": cv_info[n]} if n in cv_info else {})}
                     for n, r in results.items()},
         "stacked": stacked,
+        # what this test set's size can resolve against the plain kNN (issue #15's +0.01 target)
+        "power": {n: power(c[f"vs_{BASELINE}"], len(test), TARGETS[f"vs_{BASELINE}"])
+                  for n, c in cis.items() if f"vs_{BASELINE}" in c},
         # the router an honest user would deploy: best held-out AIQ in cross-validation on train
         "selected_by_cv": selected,
     }
@@ -225,6 +228,25 @@ def write_markdown(report: dict, path: Path) -> None:
          "to recover 50% of the quality gap. decisions/s: the router's own work, batched, embeddings given. "
          "`+fallback`: the same router with the uncertainty fallback to the best single training model."),
     ]
+    pw = report.get("power") or {}
+    if pw:
+        first = next(iter(pw.values()))
+        lines += [
+            "", f"## Power against `{base}` ({first['rows']} test queries)", "",
+            (f"Half-width of the 95% CI of Δ vs `{base}`; MDE: the smallest true difference whose CI excludes "
+             f"zero half the time (≈ the half-width) or 80% of the time (2.80 SE); rows: test queries for which "
+             f"the 80% MDE would be {first['target']:+.2f} (SE ∝ 1/√n)."),
+            "", "| router | half-width | SE | MDE (50%) | MDE (80%) | +{:.2f} detectable | rows for +{:.2f} |".format(
+                first["target"], first["target"]),
+            "|---|---|---|---|---|---|---|",
+        ]
+        verdict = {True: "yes", False: "no", None: "— (same picks)"}
+        for name, p in sorted(pw.items(), key=lambda kv: -report["routers"][kv[0]]["aiq"]):
+            lines.append(f"| {name} | {p['halfwidth']:.4f} | {p['se']:.4f} | {p['mde_50']:.4f} | {p['mde_80']:.4f} | "
+                         f"{verdict[p['detectable']]} | {p['rows_for_target'] or '—'} |")
+        orc = report["routers"].get("oracle", {}).get("ci", {}).get(f"vs_{base}")
+        if orc:
+            lines += ["", f"Headroom: the oracle beats `{base}` by {_ci(orc)} on this test set; no router can gain more."]
     for name in ("irt", sel["name"] if sel else None):
         r = report["routers"].get(name) if name else None
         if r and r.get("calibration") and name not in [ln.split("`")[1] for ln in lines if ln.startswith("## Reliability")]:

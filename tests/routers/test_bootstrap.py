@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from coe.routers.datasets import RoutingData
-from coe.routers.evaluate import calibration, paired_bootstrap
+from coe.routers.evaluate import calibration, paired_bootstrap, power
 
 
 def _data(n=300, seed=0):
@@ -46,7 +46,30 @@ def test_bootstrap_is_paired_and_seeded():
     assert one == paired_bootstrap(p, data, ["b"], n_boot=200, seed=3)
     # identical routers: the paired difference is 0 in every replicate
     same = paired_bootstrap({"a": p["a"], "a2": p["a"].copy()}, data, ["a2"], n_boot=100)
-    assert same["a"]["vs_a2"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "includes_zero": True}
+    assert same["a"]["vs_a2"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "includes_zero": True, "halfwidth": 0.0, "se": 0.0}
+
+
+def test_power_shrinks_with_the_test_set_and_says_what_it_can_detect():
+    """The half-width is the CI's; the 80% MDE falls as 1/√n; a gain above it is resolvable."""
+    def ci_for(n):
+        data = _data(n, seed=5)
+        better = np.where(data.quality[:, 0] == 1, 0, 1)
+        return paired_bootstrap({"a": _sweep(better), "dear": _sweep(np.ones(n, dtype=int))}, data, ["dear"],
+                                n_boot=400, seed=0)["a"]["vs_dear"]
+
+    small, large = ci_for(100), ci_for(1600)
+    assert small["halfwidth"] == (small["hi"] - small["lo"]) / 2
+    assert 1.5 < small["halfwidth"] / small["se"] < 2.5           # ≈ 1.96 for a near-normal replicate spread
+    p_small, p_large = power(small, 100, 0.01), power(large, 1600, 0.01)
+    assert 2.5 < p_small["mde_80"] / p_large["mde_80"] < 6          # √16 = 4
+    assert p_small["mde_80"] > p_small["mde_50"]
+    # rows that would make the 80% MDE equal the target, and the verdict at a target above / below it
+    assert p_small["rows_for_target"] == int(np.ceil(100 * (p_small["mde_80"] / 0.01) ** 2))
+    assert not p_small["detectable"]
+    assert power(small, 100, p_small["mde_80"] * 1.01)["detectable"]
+    # routers that pick alike: no spread, so no verdict and no sample size
+    same = {"diff": 0.0, "lo": 0.0, "hi": 0.0, "includes_zero": True, "halfwidth": 0.0, "se": 0.0}
+    assert power(same, 100, 0.01)["detectable"] is None and power(same, 100, 0.01)["rows_for_target"] is None
 
 
 def test_calibration_brier_and_reliability():

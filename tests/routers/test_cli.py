@@ -113,8 +113,16 @@ def test_eval_selects_by_cv_and_reports_paired_cis(mbpp_slice, tmp_path, capsys)
     assert len(report["stacked"]["members"]) >= 2 and report["stacked"]["best_member"] in ("knn", "learned", "irt")
     # routers that report uncertainty are also evaluated with the fallback to the strong model
     assert {"irt+fallback", "knn+fallback", "learned+fallback"} <= set(routers)
+    # power against the plain kNN: every other router, from its CI, at this test set's size
+    power = report["power"]
+    assert set(power) == set(routers) - {"knn-plain"}
+    p = power[sel["name"]]
+    assert p["rows"] == report["test"]["rows"] and p["target"] == 0.01
+    assert p["halfwidth"] == pytest.approx((sel["vs_knn-plain"]["hi"] - sel["vs_knn-plain"]["lo"]) / 2)
+    assert p["detectable"] == (p["mde_80"] <= 0.01)
     md = (tmp_path / "r" / "report.md").read_text()
     assert "Δ vs plain kNN [95% CI]" in md and "## Reliability of `irt`" in md and "selected router's test AIQ" in md
+    assert "## Power against `knn-plain`" in md and f"| {sel['name']} | {p['halfwidth']:.4f} |" in md
     assert "selected by CV:" in capsys.readouterr().out
 
 
