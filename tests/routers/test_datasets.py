@@ -136,3 +136,17 @@ def test_shared_mtbench_and_gsm8k(shared_data):
     assert len(mt) == 160 and len(mt.models) == 2 and 1 <= mt.quality.min() and mt.quality.max() <= 10
     gsm = load_routing_data(shared_data / "routing" / "routellm_gsm8k_responses.csv")
     assert len(gsm) == 1319 and set(np.unique(gsm.quality)) <= {0.0, 1.0}
+
+
+def test_the_shipped_expert_profile_is_native_routing_data():
+    """`coe eval --train configs/profiles/default_likelihood.jsonl` reads the Composition profile as
+    it is: the four served experts' likelihoods on 120 probes, labelled code or math. Its costs are
+    one tokenizer's answer length for every expert, so experts tie on cost within each probe."""
+    from coe.paths import default_config_path
+
+    data = load_routing_data(default_config_path().parent / "profiles" / "default_likelihood.jsonl")
+    assert len(data) == 120 and not data.skipped
+    assert set(data.models) == {"smollm2", "smollm2-math", "smollm2-code", "gemma3"}
+    assert set(data.categories) == {"code", "math"}
+    assert ((data.quality > 0) & (data.quality < 1)).all()
+    assert (data.cost == data.cost[:, :1]).all()
