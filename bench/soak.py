@@ -232,9 +232,11 @@ async def clients(n: int, until: float, send) -> None:
 
 
 async def soak(url: str, *, requests: int, concurrency: int = 16, every: int = 100, timeout_s: float = 60,
-               max_s: float | None = None, under: int | None = None) -> dict:
+               max_s: float | None = None, under: int | None = None, max_tokens: int = 32,
+               long_every: int = 4) -> dict:
     """RSS of the expert-smollm2 replica after warm-up and every ``every`` requests to it; stops
-    sending after ``max_s`` seconds (then ``requests`` is what was sent)."""
+    sending after ``max_s`` seconds (then ``requests`` is what was sent). Request ``i`` asks for
+    up to ``max_tokens`` (four sizes) and every ``long_every``-th prompt is ~400 tokens."""
     rec = Recorder(url, timeout_s)
     models = list(SMOLLM2)
     # warm-up: every adapter, a short and a long prompt
@@ -253,7 +255,7 @@ async def soak(url: str, *, requests: int, concurrency: int = 16, every: int = 1
                     return
                 sent += 1
                 i = sent
-            await rec.chat(models[i % 3], prompt_of(i), max_tokens=8 + (i % 4) * 8)
+            await rec.chat(models[i % 3], prompt_of(i, long_every), max_tokens=max(1, max_tokens * (1 + i % 4) // 4))
             if i % every == 0:
                 samples.append({"requests": i, **rss_mib(under=under)})
                 print(f"soak: {i} requests, RSS {samples[-1]['replica_mib']} / {samples[-1]['tree_mib']} MiB",
@@ -270,11 +272,11 @@ async def soak(url: str, *, requests: int, concurrency: int = 16, every: int = 1
             "samples": sorted(samples, key=lambda s: s["requests"]), **growth(samples)}
 
 
-def prompt_of(i: int) -> str:
-    """Varied lengths, from one sentence to ~400 tokens (every 4th), so the engine's KV cache
-    blocks are cycled through as in real traffic."""
+def prompt_of(i: int, long_every: int = 4) -> str:
+    """Varied lengths, from one sentence to ~400 tokens (every ``long_every``-th), so the engine's
+    KV cache blocks are cycled through as in real traffic."""
     base = random.choice(PROMPTS)
-    return base if i % 4 else (base + " Explain your answer in detail, step by step. ") * 20
+    return base if i % long_every else (base + " Explain your answer in detail, step by step. ") * 20
 
 
 def growth(samples: list[dict]) -> dict:
@@ -310,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--max-s", type=float, default=None, help="stop sending after this many seconds")
+    ap.add_argument("--max-tokens", type=int, default=32, help="largest of the four max_tokens sizes")
+    ap.add_argument("--long-every", type=int, default=4, help="every N-th prompt is ~400 tokens")
     ap.add_argument("--config", default=None)
     args = ap.parse_args(argv)
     rec = RunRecord.start(note="coe serve on the default config; RSS of the expert-smollm2 replica (vLLM).")
@@ -317,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     svc = Service(free_port(), args.config)
     try:
         out = asyncio.run(soak(svc.url, requests=args.requests, concurrency=args.clients, every=args.every,
-                               max_s=args.max_s, under=svc.proc.pid))
+                               max_s=args.max_s, under=svc.proc.pid,
+                               max_tokens=args.max_tokens, long_every=args.long_every))
     finally:
         stop = svc.stop()
     data = rec.finish({"soak": out, "startup_s": round(svc.startup_s, 1), "stop": stop})
