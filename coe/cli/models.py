@@ -31,12 +31,12 @@ def _list(args) -> int:
 
 
 def _prepare(args) -> int:
-    from coe.models import BUILTIN, default_corpus, is_prepared, prepare
+    from coe.models import BUILTIN, is_prepared, prepare
 
     for alias in args.aliases or list(BUILTIN):
-        if not args.aliases and BUILTIN[alias].needs_corpus and not is_prepared(alias) \
-                and not (args.corpus or default_corpus()):
-            print(f"{alias}: skipped (needs a text corpus: `coe models prepare {alias} --corpus DIR`)")
+        if not args.aliases and BUILTIN[alias].needs_corpus and not is_prepared(alias) and not args.corpus:
+            # built from local text (minutes of MiniLM over a corpus), and not the default: only on request
+            print(f"{alias}: skipped (built on request: `coe models prepare {alias} [--corpus DIR]`)")
             continue
         path = prepare(alias, force=args.force, verify=not args.no_verify, quiet=args.quiet, corpus=args.corpus)
         print(f"{alias}: {path}")

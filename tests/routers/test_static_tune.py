@@ -79,3 +79,23 @@ def test_prepare_without_a_corpus_says_how_to_give_one(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "default_corpus", lambda: None)
     with pytest.raises(ModelNotFoundError, match=r"minilm-l6-m2v-tuned --corpus DIR` \(or set COE_CORPUS\)"):
         models.BUILTIN["minilm-l6-m2v-tuned"].build(tmp_path, models.Progress(quiet=True), corpus=None)
+
+
+def test_prepare_all_builds_the_corpus_model_only_on_request(monkeypatch, capsys):
+    """`coe models prepare` (no alias, as the set-up runs it) skips the corpus-tuned embedder: minutes
+    of MiniLM over a corpus for a model that is not the default."""
+    import argparse
+
+    from coe import models
+    from coe.cli.models import _prepare
+
+    built = []
+    spec = models.BUILTIN["minilm-l6-m2v-tuned"]
+    monkeypatch.setattr(models, "BUILTIN", {spec.alias: spec})
+    monkeypatch.setattr(models, "is_prepared", lambda alias: False)
+    monkeypatch.setattr(models, "prepare", lambda alias, **kw: built.append(alias))
+    args = argparse.Namespace(aliases=[], corpus=None, force=False, no_verify=True, quiet=True)
+    assert _prepare(args) == 0
+    assert built == [] and "skipped (built on request" in capsys.readouterr().out
+    _prepare(argparse.Namespace(**{**vars(args), "aliases": [spec.alias]}))
+    assert built == [spec.alias]

@@ -175,3 +175,43 @@ def test_no_error_is_mapped_by_its_class_name():
         pass
 
     assert as_coe_error(RayLookalikeError("x")) is None
+
+
+def test_routing_ms_is_the_whole_routing_time_queue_wait_included():
+    """``coe.routing_ms`` (and the routing histogram) run from the hand-over to the micro-batcher
+    until the decision is back: a query queued behind the batch in flight reports that wait too."""
+    import time
+
+    from coe.config import parse_config
+    from coe.serving.api.service import CoEService
+    from coe.types import ChatMessage
+    from tests.serving.serving_helpers import Decision
+
+    class SlowRouter:
+        name = "slow"
+
+        def route(self, queries):
+            time.sleep(0.05)
+            return [Decision("a", {"a": 1.0}, self.name) for _ in queries]
+
+    config = parse_config({
+        "router": {"name": "centroid", "default_expert": "a", "batch_wait_ms": 0},
+        "experts": [{"id": "a", "kind": "model", "model": "m", "description": "d"}],
+        "serving": {"faults": {"health_check_period_s": 0}},
+    })
+    service = CoEService(config, backend=None, router=SlowRouter())
+
+    async def go():
+        first = asyncio.ensure_future(service.decide("coe", [ChatMessage(role="user", content="one")]))
+        await asyncio.sleep(0.01)   # "one" is being routed; "two" waits for the next batch
+        second = await service.decide("coe", [ChatMessage(role="user", content="two")])
+        return await first, second
+
+    first, second = _run(go())
+    assert first.routing_ms >= 50
+    assert second.routing_ms >= 85   # ~40 ms behind "one", then its own 50 ms
+    text = service.metrics.render().decode()
+    assert "coe_routing_latency_seconds_count 2.0" in text
+    total = next(float(line.split()[-1]) for line in text.splitlines()
+                 if line.startswith("coe_routing_latency_seconds_sum"))
+    assert total >= 0.135
