@@ -1,0 +1,79 @@
+"""Each embedder with its own CV-selected router: what a deployment on that embedder would ship.
+
+    flock /tmp/coe-heavy.lock .venv/bin/python bench/router_embedder_cv.py [ALIAS ...]
+
+`bench/router_speed.py` holds the `learned` router's MiniLM CV params fixed so that only the
+embedder changes; here each embedder gets its own 5-fold CV on ``*_train`` (``learned`` and
+``knn`` over their grids), then the chosen params are fitted on train and scored on ``*_test``.
+Deterministic (embeddings cached on disk), so it needs no quiet machine. Writes
+``bench/results/router_embedder_cv.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from record import RunRecord, write_results  # noqa: E402
+from router_speed import DATA  # noqa: E402
+
+DEFAULT = ["minilm-l6", "minilm-l6-int8", "minilm-l6-m2v", "minilm-l6-m2v-tuned"]
+ROUTERS = ("learned", "knn")
+SPLITS = ("winograde", "mbpp")
+
+
+def run(aliases: list[str]) -> dict:
+    from coe.routers import create_router
+    from coe.routers.datasets import load_routing_data, routing_texts, shared_prefix
+    from coe.routers.embedding import Embedder
+    from coe.routers.evaluate import Reference, evaluate_router
+    from coe.routers.tuning import cross_validate
+
+    out: dict = {}
+    for alias in aliases:
+        emb = Embedder(alias, disk_cache=True, threads=2)
+        for split in SPLITS:
+            train = load_routing_data(DATA / f"{split}_train.csv")
+            test = load_routing_data(DATA / f"{split}_test.csv").reordered(train.models)
+            prefix = shared_prefix(train.queries)
+            xtr = emb.encode(routing_texts(train.queries, prefix))
+            xte = emb.encode(routing_texts(test.queries, prefix))
+            ref = Reference.from_data(test)
+            for name in ROUTERS:
+                cv = cross_validate(name, train, xtr)
+                router = create_router(name, cv.params).fit(train, xtr)
+                out.setdefault(alias, {}).setdefault(split, {})[name] = {
+                    "params": cv.params, "cv_aiq": round(cv.score, 4),
+                    "test_aiq": round(evaluate_router(router, test, xte, ref).aiq, 4)}
+        emb.close()
+    return out
+
+
+def markdown(out: dict, ref: str = "minilm-l6") -> str:
+    rows = []
+    for alias, splits in out.items():
+        cells = []
+        for split in SPLITS:
+            for name in ROUTERS:
+                r = splits[split][name]
+                d = r["test_aiq"] - out[ref][split][name]["test_aiq"] if ref in out else 0.0
+                cells.append(f"{r['test_aiq']:.4f} ({d:+.4f}; CV {r['cv_aiq']:.4f}, {r['params']})")
+        rows.append(f"| `{alias}` | " + " | ".join(cells) + " |")
+    head = " | ".join(f"{s} {n} test AIQ (Δ vs {ref}; CV, params)" for s in SPLITS for n in ROUTERS)
+    return f"| embedder | {head} |\n|---|" + "---|" * (len(SPLITS) * len(ROUTERS)) + "\n" + "\n".join(rows) + "\n"
+
+
+def main() -> int:
+    aliases = sys.argv[1:] or DEFAULT
+    rec = RunRecord.start(note="each embedder's own 5-fold CV on *_train; test AIQ on *_test (deterministic).")
+    out = run(aliases)
+    md = rec.markdown_header("Each embedder with its own CV-selected router") + markdown(out)
+    write_results("router_embedder_cv", rec.finish({"results": out}), md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
