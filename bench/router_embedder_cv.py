@@ -1,6 +1,6 @@
 """Each embedder with its own CV-selected router: what a deployment on that embedder would ship.
 
-    flock /tmp/coe-heavy.lock .venv/bin/python bench/router_embedder_cv.py [ALIAS ...]
+    flock /tmp/coe-heavy.lock .venv/bin/python -m bench.router_embedder_cv [ALIAS ...]
 
 `bench/router_speed.py` holds the `learned` router's MiniLM CV params fixed so that only the
 embedder changes; here each embedder gets its own 5-fold CV on ``*_train`` (``learned`` and
@@ -12,12 +12,9 @@ Deterministic (embeddings cached on disk), so it needs no quiet machine. Writes
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from record import RunRecord, write_results  # noqa: E402
-from router_speed import DATA  # noqa: E402
+from bench.record import RunRecord, write_results
+from bench.router_speed import dev_split
 
 DEFAULT = ["minilm-l6", "minilm-l6-int8", "minilm-l6-m2v", "minilm-l6-m2v-tuned"]
 ROUTERS = ("learned", "knn")
@@ -26,21 +23,15 @@ SPLITS = ("winograde", "mbpp")
 
 def run(aliases: list[str]) -> dict:
     from coe.routers import create_router
-    from coe.routers.datasets import load_routing_data, routing_texts, shared_prefix
     from coe.routers.embedding import Embedder
-    from coe.routers.evaluate import Reference, evaluate_router
+    from coe.routers.evaluate import evaluate_router
     from coe.routers.tuning import cross_validate
 
     out: dict = {}
     for alias in aliases:
         emb = Embedder(alias, disk_cache=True, threads=2)
         for split in SPLITS:
-            train = load_routing_data(DATA / f"{split}_train.csv")
-            test = load_routing_data(DATA / f"{split}_test.csv").reordered(train.models)
-            prefix = shared_prefix(train.queries)
-            xtr = emb.encode(routing_texts(train.queries, prefix))
-            xte = emb.encode(routing_texts(test.queries, prefix))
-            ref = Reference.from_data(test)
+            train, test, xtr, xte, ref = dev_split(emb, split)
             for name in ROUTERS:
                 cv = cross_validate(name, train, xtr)
                 router = create_router(name, cv.params).fit(train, xtr)

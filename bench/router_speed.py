@@ -50,22 +50,29 @@ def pct(xs, q) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
 
+def dev_split(emb, split: str):
+    """``(train, test, train embeddings, test embeddings, Reference)`` of a dev split."""
+    from coe.routers.datasets import load_routing_data, routing_texts, shared_prefix
+    from coe.routers.evaluate import Reference
+
+    train = load_routing_data(DATA / f"{split}_train.csv")
+    test = load_routing_data(DATA / f"{split}_test.csv").reordered(train.models)
+    prefix = shared_prefix(train.queries)
+    xtr = emb.encode(routing_texts(train.queries, prefix))
+    xte = emb.encode(routing_texts(test.queries, prefix))
+    return train, test, xtr, xte, Reference.from_data(test)
+
+
 def quality(alias: str, threads: int) -> dict:
     """AIQ per dev split and router for one embedder (embeddings cached on disk: quality only)."""
     from coe.routers import create_router
-    from coe.routers.datasets import load_routing_data, routing_texts, shared_prefix
     from coe.routers.embedding import Embedder
-    from coe.routers.evaluate import Reference, evaluate_router
+    from coe.routers.evaluate import evaluate_router
 
     emb = Embedder(alias, disk_cache=True, threads=threads)
     out = {}
     for split in ("winograde", "mbpp"):
-        train = load_routing_data(DATA / f"{split}_train.csv")
-        test = load_routing_data(DATA / f"{split}_test.csv").reordered(train.models)
-        prefix = shared_prefix(train.queries)
-        xtr = emb.encode(routing_texts(train.queries, prefix))
-        xte = emb.encode(routing_texts(test.queries, prefix))
-        ref = Reference.from_data(test)
+        train, test, xtr, xte, ref = dev_split(emb, split)
         row = {"zero_router": ref.zero_router_aiq}
         for name, params in ROUTERS.items():
             router = create_router(name, params if params is not None else LEARNED[split]).fit(train, xtr)
