@@ -23,6 +23,17 @@ def text_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _build_id(path: str) -> str:
+    """What tells two builds of one prepared folder apart (its manifest: checksums of every file),
+    so a rebuilt model (``coe models prepare --force``) never reads the old model's cached
+    embeddings; empty for a folder without one (a hub id or a user's folder)."""
+    from coe.models import READY
+
+    try:
+        return hashlib.sha256((Path(path) / READY).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return ""
+
 class Embedder:
     """Thread-safe sentence embedder.
 
@@ -57,7 +68,7 @@ class Embedder:
         self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
         self._memory_items = memory_items
         self._db: sqlite3.Connection | None = None
-        self.model_key = hashlib.sha256(f"{self.path}|{max_seq_length}".encode()).hexdigest()[:16]
+        self.model_key = hashlib.sha256(f"{self.path}|{max_seq_length}|{_build_id(self.path)}".encode()).hexdigest()[:16]
         self.embedded = 0   # texts actually run through the model (for tests and reports)
         if disk_cache:
             self._open_disk_cache()

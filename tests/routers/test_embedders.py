@@ -104,3 +104,18 @@ def test_encode_tracked_reports_cache_hits(minilm_dir):
     off = Embedder(str(minilm_dir), memory_items=0)
     off.encode(["alpha query"])
     assert off.encode_tracked(["alpha query"])[1].tolist() == [False] and off.embedded == 2
+
+
+def test_a_rebuilt_model_never_reads_the_old_builds_cached_embeddings(tmp_path):
+    """The disk cache is keyed by the folder's build (its manifest), not only by its path:
+    `coe models prepare --force` may produce different vectors in the same folder."""
+    from coe.models import READY
+    from coe.routers.embedding import Embedder
+
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    (folder / READY).write_text('{"files": {"model.onnx": "aaa"}}')
+    first = Embedder(str(folder)).model_key
+    assert Embedder(str(folder)).model_key == first          # same build: same cache
+    (folder / READY).write_text('{"files": {"model.onnx": "bbb"}}')
+    assert Embedder(str(folder)).model_key != first          # rebuilt: a fresh cache
