@@ -322,19 +322,31 @@ def default_corpus() -> Path | None:
     return shared if shared.is_dir() else None
 
 
+CORPUS_LAYOUT = ("routing/*_train.csv (RouterBench: a 'prompt' column), routing/routellm_*.csv, "
+                 "training/gsm8k_train.jsonl, probes/mbpp.jsonl (rows with split 'train'), or *.txt "
+                 "files with one text per line")
+_TUNER: list[Callable[..., dict]] = []   # set by coe.routers.static_tune when it is imported
+
+
+def set_corpus_tuner(tune: Callable[..., dict]) -> None:
+    """Install the routers layer's tuner (``coe.routers.static_tune.build_tuned``): the core builds
+    ``minilm-l6-m2v-tuned`` with it but imports no router module."""
+    _TUNER[:] = [tune]
+
+
 def _build_minilm_m2v_tuned(out: Path, progress: Progress, *, corpus: Path | None = None) -> dict:
     """The model2vec distillation of MiniLM, tuned on local text to MiniLM's sentence embeddings
-    (tokenlearn-style, ``coe.routers.static_tune``)."""
-    from coe.routers.static_tune import CORPUS_LAYOUT, build_tuned
-
+    (tokenlearn-style, ``coe.routers.static_tune``, which installs itself with :func:`set_corpus_tuner`)."""
     corpus = corpus or default_corpus()
     if corpus is None:
         raise ModelNotFoundError(
             f"minilm-l6-m2v-tuned is tuned on local text: run `{PREPARE_HINT} minilm-l6-m2v-tuned --corpus DIR` "
             f"(or set {CORPUS_ENV}) with DIR holding {CORPUS_LAYOUT} (the layout of ../shared/data)"
         )
+    if not _TUNER:
+        raise ModelNotFoundError(f"minilm-l6-m2v-tuned is built by `{PREPARE_HINT} minilm-l6-m2v-tuned`")
     src = _minilm_source(progress)
-    facts = build_tuned(src, Path(corpus), out, dims=TUNED_DIMS, max_seq_length=MINILM_MAX_SEQ, say=progress.say)
+    facts = _TUNER[0](src, Path(corpus), out, dims=TUNED_DIMS, max_seq_length=MINILM_MAX_SEQ, say=progress.say)
     return {"from": "minilm-l6", "from_sha256": sha256_file(src / "model.safetensors"),
             "corpus": str(Path(corpus).resolve()), **facts}
 

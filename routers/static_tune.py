@@ -28,10 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from coe.errors import ModelNotFoundError
+from coe.models import CORPUS_LAYOUT, set_corpus_tuner
 
-CORPUS_LAYOUT = ("routing/*_train.csv (RouterBench: a 'prompt' column), routing/routellm_*.csv, "
-                 "training/gsm8k_train.jsonl, probes/mbpp.jsonl (rows with split 'train'), or *.txt "
-                 "files with one text per line")
 _CALC = re.compile(r"<<[^>]*>>")   # GSM8K's calculator annotations
 
 
@@ -188,3 +186,6 @@ def build_tuned(teacher: Path, corpus: Path, out: Path, *, dims: int, epochs: in
     return {"corpus_texts": len(texts), "corpus_sha256": corpus_sha256(texts), "dims": res.dims,
             "val_texts": res.val_texts, "val_cosine_loss_before": round(res.val_loss_before, 5),
             "val_cosine_loss_after": round(res.val_loss_after, 5)}
+
+
+set_corpus_tuner(build_tuned)   # coe.models builds minilm-l6-m2v-tuned with it (the core imports no router)
