@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 from bench.soak import Recorder, Service, free_port, stop_on_sigterm
@@ -177,12 +178,6 @@ async def phase(rec: Recorder, seen: list[dict], models: list[str], pool: list[s
             "histogram": histogram_figures(before, after)}
 
 
-def pct(xs: list[float], q: float) -> float:
-    from bench.stats import percentile
-
-    return percentile(xs, q)
-
-
 async def run_service(url: str, pool: list[str], args, pinned: bool) -> dict:
     rec = Recorder(url, timeout_s=90.0)
     seen: list[dict] = []
@@ -218,6 +213,7 @@ async def run_service(url: str, pool: list[str], args, pinned: bool) -> dict:
 
 def summarize(rounds: list[dict], pinned: bool) -> dict:
     from bench.stats import diff_ci
+    from bench.stats import percentile as pct
 
     routed = [r["routed"] for r in rounds]
     ms = [x for p in routed for x in p["routing_ms_200"]]
@@ -239,8 +235,8 @@ def summarize(rounds: list[dict], pinned: bool) -> dict:
         "routed_requests": sum(p["requests"] for p in routed),
         "routed_answered_share": (sum(p["statuses"].get("200", 0) for p in routed)
                                   / max(sum(p["requests"] for p in routed), 1)),
-        "routed_statuses": _merge([p["statuses"] for p in routed]),
-        "experts_routed": _count([e for p in routed for e in p["experts_200"]]),
+        "routed_statuses": dict(sum((Counter(p["statuses"]) for p in routed), Counter())),
+        "experts_routed": dict(sorted(Counter(e for p in routed for e in p["experts_200"]).items())),
     }
     lat_r = [x for p in routed for x in p["latency_s_200"]]
     out["e2e_routed_s"] = {"p50": statistics.median(lat_r) if lat_r else float("nan"), "p99": pct(lat_r, 99)}
@@ -253,21 +249,9 @@ def summarize(rounds: list[dict], pinned: bool) -> dict:
         out["pinned_requests"] = sum(p["requests"] for p in pins)
         out["pinned_answered_share"] = (sum(p["statuses"].get("200", 0) for p in pins)
                                         / max(out["pinned_requests"], 1))
-        out["pinned_statuses"] = _merge([p["statuses"] for p in pins])
-        out["experts_pinned"] = _count([e for p in pins for e in p["experts_200"]])
+        out["pinned_statuses"] = dict(sum((Counter(p["statuses"]) for p in pins), Counter()))
+        out["experts_pinned"] = dict(sorted(Counter(e for p in pins for e in p["experts_200"]).items()))
     return out
-
-
-def _merge(ds: list[dict]) -> dict:
-    out: dict[str, int] = {}
-    for d in ds:
-        for k, v in d.items():
-            out[k] = out.get(k, 0) + v
-    return out
-
-
-def _count(xs: list[str]) -> dict:
-    return {x: xs.count(x) for x in sorted(set(xs))}
 
 
 def markdown(results: dict, args) -> str:
