@@ -65,9 +65,10 @@ def unique(pool: list[str]) -> str:
     return f"{random.choice(pool)} (request {uuid.uuid4().hex[:12]})"
 
 
-def embedder_config(alias: str, work: Path) -> Path:
-    """A copy of the default config with ``router.embedder: alias`` and the shipped kNN refitted
-    with that embedder (same data, same params, no CV); paths made absolute."""
+def embedder_config(alias: str, work: Path, *, refit: bool = True, nice: int | None = None) -> Path:
+    """A copy of the default config with ``router.embedder: alias`` and (``refit``) the shipped kNN
+    refitted with that embedder (same data, same params, no CV); ``nice`` sets every model
+    expert's ``engine.nice``; paths made absolute."""
     import subprocess
 
     import yaml
@@ -85,15 +86,23 @@ def embedder_config(alias: str, work: Path) -> Path:
         for key in ("adapter", "checkpoint"):
             if key in e:
                 e[key] = absolute(e[key])
+        if nice is not None and e.get("kind") == "model":
+            e.setdefault("engine", {})["nice"] = nice
     s = cfg.setdefault("serving", {})
     s["adapter_roots"] = [absolute(p) for p in s.get("adapter_roots", [])]
     if "registry_path" in s:
         s["registry_path"] = absolute(s["registry_path"])
     shipped = json.loads((Path(absolute(cfg["router"]["fitted"])) / "router.json").read_text())
     fitted = work / f"fitted-{alias}"
-    cfg["router"].update(embedder=alias, params=shipped["params"], fitted=str(fitted))
+    cfg["router"]["embedder"] = alias
+    if refit:
+        cfg["router"].update(params=shipped["params"], fitted=str(fitted))
+    else:
+        cfg["router"]["fitted"] = absolute(cfg["router"]["fitted"])
     path = work / f"{alias}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    if not refit:
+        return path
     fit_cfg = work / f"{alias}-fit.yaml"
     fit_cfg.write_text(yaml.safe_dump({**cfg, "router": {k: v for k, v in cfg["router"].items() if k != "fitted"}},
                                       sort_keys=False))
@@ -265,7 +274,8 @@ def markdown(results: dict, args) -> str:
                     f"{h['cache_hits']:.0f} | {100 * s['routed_answered_share']:.0f}% {s['routed_statuses']} | {met} |")
     text = (f"{args.clients} closed-loop clients, prompts unique (no embedding-cache hit possible), "
             f"`max_tokens` {args.max_tokens}, {args.rounds} rounds of at most {args.requests} requests or "
-            f"{args.phase_s:g} s per phase. Target: routing adds ≤ {TARGET_MS:g} ms p50.\n\n"
+            f"{args.phase_s:g} s per phase; engine.nice "
+            f"{'as configured' if args.nice is None else args.nice}. Target: routing adds ≤ {TARGET_MS:g} ms p50.\n\n"
             "| `router.embedder` | `coe.routing_ms` p50 / p99 (200s) | histogram p50 / p99 / mean ms (all routed) "
             "| routed ≤ 5 ms | cache hits | routed answered (statuses) | target |\n|---|---|---|---|---|---|---|\n"
             + "\n".join(rows) + "\n\n")
@@ -302,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--embedders", default="", help="comma-separated router.embedder aliases; the first (default: "
                     "the default config's) also gets the pinned phases")
+    ap.add_argument("--nice", type=int, default=None, help="set every engine's engine.nice (default: as configured)")
     ap.add_argument("--name", default="serve_routing")
     args = ap.parse_args(argv)
     rec = RunRecord.start(note="coe serve on the default config (other embedders: a copy, kNN refitted); "
@@ -315,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="coe-serve-routing-") as tmp:
         for i, alias in enumerate(aliases):
-            config = None if alias == default else str(embedder_config(alias, Path(tmp)))
+            same = alias == default
+            config = None if same and args.nice is None else str(
+                embedder_config(alias, Path(tmp), refit=not same, nice=args.nice))
             svc = Service(free_port(), config)
             try:
                 out = asyncio.run(run_service(svc.url, pool, args, pinned=i == 0))

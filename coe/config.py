@@ -59,6 +59,15 @@ class EngineConfig(Strict):
         "per core). Fewer threads avoid OpenMP stalls when the cores are shared with other work.",
     )
 
+    nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="CPU scheduling niceness added to the engine's replica process and the processes it starts "
+        "(Linux `nice`: 0 = normal, 19 = lowest). Where engines share cores with the ingress, a positive value "
+        "lets routing and HTTP run first while generation takes every idle cycle. Ray replicas only.",
+    )
+
     @model_validator(mode="after")
     def _fields_of_backend(self) -> EngineConfig:
         other = "hf" if self.kind == "vllm" else "vllm"
@@ -76,7 +85,7 @@ ENGINE_BACKEND_FIELDS: dict[str, tuple[str, ...]] = {
     "vllm": ("max_loras", "gpu_memory_utilization", "kv_cache_space_gib", "enforce_eager", "seed"),
 }
 """EngineConfig fields that only one backend reads; setting one on the other backend is an error."""
-ENGINE_COMMON_FIELDS = ("device", "dtype", "max_model_len", "max_num_seqs", "max_lora_rank")
+ENGINE_COMMON_FIELDS = ("device", "dtype", "max_model_len", "max_num_seqs", "max_lora_rank", "nice")
 
 
 class AutoscalingConfig(Strict):

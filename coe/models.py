@@ -232,8 +232,8 @@ def _write_marker(out: Path, spec: dict) -> None:
 
 
 def _export_minilm_onnx(src: Path, target: Path) -> None:
-    """Export MiniLM with mean pooling and L2 normalisation inside the graph:
-    ``(input_ids, attention_mask, token_type_ids) [B, T] -> embedding [B, 384]``."""
+    """Export MiniLM (or a MiniLM-architecture student) with mean pooling and L2 normalisation
+    inside the graph: ``(input_ids, attention_mask, token_type_ids) [B, T] -> embedding [B, 384]``."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -268,7 +268,7 @@ def _copy_tokenizer(src: Path, out: Path) -> None:
             shutil.copy2(src / name, out / name)
 
 
-def _build_minilm_onnx(out: Path, progress: Progress, *, int8: bool) -> dict:
+def _build_minilm_onnx(out: Path, progress: Progress, *, int8: bool, src: Path | None = None) -> dict:
     """MiniLM through ONNX Runtime: exported, fused by ORT's transformer optimiser, and (``int8``)
     dynamically quantised to int8 weights (per channel, reduced range for AVX2 without VNNI)."""
     try:
@@ -277,12 +277,14 @@ def _build_minilm_onnx(out: Path, progress: Progress, *, int8: bool) -> dict:
         from onnxruntime.transformers.optimizer import optimize_model
     except ImportError:
         raise ModelNotFoundError("the ONNX embedders need onnxruntime and onnx (dependencies of coe)") from None
-    src = _minilm_source(progress)
+    src = src or _minilm_source(progress)
     with tempfile.TemporaryDirectory(dir=out.parent) as work:
         raw, fused = Path(work) / "raw.onnx", Path(work) / "fused.onnx"
-        progress.say("exporting all-MiniLM-L6-v2 to ONNX (once)")
+        progress.say(f"exporting {src.name} to ONNX (once)")
         _export_minilm_onnx(src, raw)
-        optimize_model(str(raw), model_type="bert", num_heads=12, hidden_size=384).save_model_to_file(str(fused))
+        arch = json.loads((src / "config.json").read_text())
+        optimize_model(str(raw), model_type="bert", num_heads=arch["num_attention_heads"],
+                       hidden_size=arch["hidden_size"]).save_model_to_file(str(fused))
         name = "model_int8.onnx" if int8 else "model.onnx"
         if int8:
             progress.say("quantising to int8 (dynamic)")
@@ -291,7 +293,7 @@ def _build_minilm_onnx(out: Path, progress: Progress, *, int8: bool) -> dict:
         else:
             shutil.copy2(fused, out / name)
     _copy_tokenizer(src, out)
-    _write_marker(out, {"backend": "onnx", "file": name, "dim": 384})
+    _write_marker(out, {"backend": "onnx", "file": name, "dim": arch["hidden_size"]})
     return {"from": "minilm-l6", "from_sha256": sha256_file(src / "model.safetensors"),
             "format": "onnx int8 (dynamic)" if int8 else "onnx float32"}
 
@@ -325,30 +327,57 @@ def default_corpus() -> Path | None:
 CORPUS_LAYOUT = ("routing/*_train.csv (RouterBench: a 'prompt' column), routing/routellm_*.csv, "
                  "training/gsm8k_train.jsonl, probes/mbpp.jsonl (rows with split 'train'), or *.txt "
                  "files with one text per line")
-_TUNER: list[Callable[..., dict]] = []   # set by coe.routers.static_tune when it is imported
+_TUNERS: dict[str, Callable[..., dict]] = {}   # set by the routers layer's modules when imported
 
 
-def set_corpus_tuner(tune: Callable[..., dict]) -> None:
-    """Install the routers layer's tuner (``coe.routers.static_tune.build_tuned``): the core builds
-    ``minilm-l6-m2v-tuned`` with it but imports no router module."""
-    _TUNER[:] = [tune]
+def set_corpus_tuner(kind: str, tune: Callable[..., dict]) -> None:
+    """Install one of the routers layer's corpus builders: ``"static"``
+    (``coe.routers.static_tune.build_tuned``) or ``"layers"`` (``coe.routers.layer_distil.build_distilled``).
+    The core builds the models tuned on local text with them but imports no router module."""
+    _TUNERS[kind] = tune
+
+
+def _corpus_or_hint(alias: str, corpus: Path | None) -> Path:
+    corpus = corpus or default_corpus()
+    if corpus is None:
+        raise ModelNotFoundError(
+            f"{alias} is trained on local text: run `{PREPARE_HINT} {alias} --corpus DIR` "
+            f"(or set {CORPUS_ENV}) with DIR holding {CORPUS_LAYOUT} (the layout of ../shared/data)"
+        )
+    return Path(corpus)
+
+
+def _tuner(alias: str, kind: str) -> Callable[..., dict]:
+    if kind not in _TUNERS:
+        raise ModelNotFoundError(f"{alias} is built by `{PREPARE_HINT} {alias}`")
+    return _TUNERS[kind]
 
 
 def _build_minilm_m2v_tuned(out: Path, progress: Progress, *, corpus: Path | None = None) -> dict:
     """The model2vec distillation of MiniLM, tuned on local text to MiniLM's sentence embeddings
     (tokenlearn-style, ``coe.routers.static_tune``, which installs itself with :func:`set_corpus_tuner`)."""
-    corpus = corpus or default_corpus()
-    if corpus is None:
-        raise ModelNotFoundError(
-            f"minilm-l6-m2v-tuned is tuned on local text: run `{PREPARE_HINT} minilm-l6-m2v-tuned --corpus DIR` "
-            f"(or set {CORPUS_ENV}) with DIR holding {CORPUS_LAYOUT} (the layout of ../shared/data)"
-        )
-    if not _TUNER:
-        raise ModelNotFoundError(f"minilm-l6-m2v-tuned is built by `{PREPARE_HINT} minilm-l6-m2v-tuned`")
+    alias = "minilm-l6-m2v-tuned"
+    corpus = _corpus_or_hint(alias, corpus)
+    tune = _tuner(alias, "static")
     src = _minilm_source(progress)
-    facts = _TUNER[0](src, Path(corpus), out, dims=TUNED_DIMS, max_seq_length=MINILM_MAX_SEQ, say=progress.say)
+    facts = tune(src, corpus, out, dims=TUNED_DIMS, max_seq_length=MINILM_MAX_SEQ, say=progress.say)
     return {"from": "minilm-l6", "from_sha256": sha256_file(src / "model.safetensors"),
-            "corpus": str(Path(corpus).resolve()), **facts}
+            "corpus": str(corpus.resolve()), **facts}
+
+
+def _build_minilm_distilled(out: Path, progress: Progress, *, layers: int, corpus: Path | None = None) -> dict:
+    """MiniLM's first ``layers`` layers, distilled on local text to MiniLM's sentence embeddings
+    (``coe.routers.layer_distil``), then exported to ONNX and quantised to int8 like MiniLM."""
+    alias = f"minilm-l{layers}-distil-int8"
+    corpus = _corpus_or_hint(alias, corpus)
+    distil = _tuner(alias, "layers")
+    src = _minilm_source(progress)
+    with tempfile.TemporaryDirectory(dir=out.parent) as work:
+        student = Path(work) / "student"
+        facts = distil(src, corpus, student, layers=layers, max_seq_length=MINILM_MAX_SEQ, say=progress.say)
+        fmt = _build_minilm_onnx(out, progress, int8=True, src=student)["format"]
+    return {"from": "minilm-l6", "from_sha256": sha256_file(src / "model.safetensors"), "format": fmt,
+            "corpus": str(corpus.resolve()), **facts}
 
 
 def _build_minilm_bf16(out: Path, progress: Progress) -> dict:
@@ -374,6 +403,10 @@ BUILTIN: dict[str, BuiltinModel] = {
         BuiltinModel("minilm-l6-m2v-tuned", "embedder", "minilm-l6 + model2vec + local text",
                      "model2vec distillation of all-MiniLM-L6-v2 tuned to its sentence embeddings on local text",
                      _build_minilm_m2v_tuned, needs_corpus=True),
+        *(BuiltinModel(f"minilm-l{n}-distil-int8", "embedder", "minilm-l6 + onnxruntime + local text",
+                       f"all-MiniLM-L6-v2's first {n} layer(s), distilled to its sentence embeddings on local "
+                       "text, ONNX Runtime int8", partial(_build_minilm_distilled, layers=n), needs_corpus=True)
+          for n in (1, 2)),
         BuiltinModel("minilm-l6-bf16", "embedder", "minilm-l6",
                      "all-MiniLM-L6-v2 in PyTorch, bfloat16", _build_minilm_bf16),
     ]

@@ -188,4 +188,4 @@ def build_tuned(teacher: Path, corpus: Path, out: Path, *, dims: int, epochs: in
             "val_cosine_loss_after": round(res.val_loss_after, 5)}
 
 
-set_corpus_tuner(build_tuned)   # coe.models builds minilm-l6-m2v-tuned with it (the core imports no router)
+set_corpus_tuner("static", build_tuned)   # coe.models builds minilm-l6-m2v-tuned with it (the core imports no router)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from ray import serve
 
@@ -35,6 +36,9 @@ class ExpertServerDeployment:
 
     async def __init__(self, spec: ServerSpec) -> None:
         logging.basicConfig(level=logging.INFO)
+        nice = spec.model_expert.engine.nice if spec.model_expert is not None else 0
+        if nice:
+            os.nice(nice)   # this replica and the engine processes it starts (routing runs first)
         self.server = ExpertServer(spec)
         self._paths: dict[str, str] = {}  # multiplexed model id -> adapter path (of the request that named it)
         # the configured LRU bound (the class-level decorator below only marks the deployment as multiplexed)
@@ -96,7 +100,7 @@ class ExpertServerDeployment:
         return self.server.ready()
 
     async def stats(self) -> dict:
-        return self.server.stats()
+        return {**self.server.stats(), "nice": os.nice(0)}   # os.nice(0): this process's niceness
 
     async def check_health(self) -> None:
         """Fail (Serve restarts the replica) only when a loaded engine stops being healthy; an

@@ -48,6 +48,8 @@ def test_defaults_fill_in():
         (with_experts({"id": "base", "kind": "model", "model": "m"}), ["unique", "base"]),
         ({**MINIMAL, "router": {"default_expert": "ghost"}}, ["router.default_expert", "ghost", "base"]),
         ({**MINIMAL, "serving": {"port": 70000}}, ["serving.port", "70000"]),
+        ({"experts": [{"id": "x", "kind": "model", "model": "m", "engine": {"nice": 20}}]}, ["engine.nice", "less than or equal to 19"]),
+        ({"experts": [{"id": "x", "kind": "model", "model": "m", "engine": {"nice": -5}}]}, ["engine.nice", "greater than or equal to 0"]),
         (with_experts({"id": "m", "kind": "mixture", "base": "base", "adapters": ["base"]}), ["adapters", "'base'"]),
     ],
 )

@@ -57,3 +57,42 @@ def synthetic(embedder):
     train = RoutingData(q, list(MODELS), y, c, source="synthetic-train", categories=cats)
     test = RoutingData(tq, list(MODELS), ty, tc, source="synthetic-test", categories=tkinds)
     return train, embedder.encode(q), test, embedder.encode(tq), tkinds
+
+
+# a tiny BERT teacher for the embedders built from it (static tuning, layer distillation)
+WORDS = [
+    "write", "a", "python", "function", "to", "find", "the", "first", "repeated", "character",
+    "in", "given", "string", "baker", "made", "muffins", "and", "sold", "of", "them", "how",
+    "many", "are", "left", "what", "is", "capital", "france", "list", "sum", "numbers", "eggs",
+    "per", "day",
+]
+TINY_SENTENCES = [" ".join(WORDS[(7 * i + 3 * j) % len(WORDS)] for j in range(3 + i % 6)) for i in range(40)]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer, width-32 random BERT with a word-piece tokenizer (sentence-transformers mean-pools it)."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS)])}
+    tk = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sentences() -> list[str]:
+    """40 short sentences over the tiny BERT's vocabulary."""
+    return list(TINY_SENTENCES)

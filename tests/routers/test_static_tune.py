@@ -1,4 +1,5 @@
-"""Tuning a model2vec static embedder towards its teacher (``minilm-l6-m2v-tuned``), on a tiny BERT."""
+"""Tuning a model2vec static embedder towards its teacher (``minilm-l6-m2v-tuned``), on a tiny BERT
+(``tiny_bert_dir``, conftest)."""
 
 from __future__ import annotations
 
@@ -9,42 +10,12 @@ import pytest
 
 from coe.errors import ModelNotFoundError
 
-WORDS = [
-    "write", "a", "python", "function", "to", "find", "the", "first", "repeated", "character",
-    "in", "given", "string", "baker", "made", "muffins", "and", "sold", "of", "them", "how",
-    "many", "are", "left", "what", "is", "capital", "france", "list", "sum", "numbers", "eggs",
-    "per", "day",
-]
-SENTENCES = [" ".join(WORDS[(7 * i + 3 * j) % len(WORDS)] for j in range(3 + i % 6)) for i in range(40)]
 
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-    """A 2-layer, width-32 random BERT with a word-piece tokenizer (sentence-transformers mean-pools it)."""
-    import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS)])}
-    tk = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
-    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=2, max_position_embeddings=64)
-    BertModel(cfg).save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-def test_tuning_fits_the_teacher_and_loads_as_an_embedder(tiny_bert_dir, tmp_path):
+def test_tuning_fits_the_teacher_and_loads_as_an_embedder(tiny_bert_dir, tiny_sentences, tmp_path):
     from coe.routers.embedders import folder_spec, load_backend
     from coe.routers.static_tune import build_tuned
 
+    SENTENCES = tiny_sentences
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "texts.txt").write_text("\n".join(SENTENCES + SENTENCES[:5]))   # repeats are dropped

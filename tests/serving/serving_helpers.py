@@ -55,7 +55,7 @@ class KeywordRouter:
 def tiny_config_dict(llama: Path, loras: list[Path], root: Path, *, flaky: bool = True, **serving) -> dict:
     """Experts: 'tiny' (hf), LoRAs 'tiny-a', 'tiny-b' on it, and 'flaky' (a second model whose
     engine the tests may break) falling back to 'tiny'."""
-    engine = {"kind": "hf", "max_model_len": 128, "max_lora_rank": 8}
+    engine = {"kind": "hf", "max_model_len": 128, "max_lora_rank": 8, "nice": 5}   # nice: Ray replicas only
     experts = [
         {"id": "tiny", "kind": "model", "model": str(llama), "engine": engine,
          "description": "general questions and facts", "examples": ["what is the capital of france ?"],

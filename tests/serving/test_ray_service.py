@@ -105,6 +105,14 @@ def test_disconnect_mid_stream_cancels(svc):
     pytest.fail(f"generation not cancelled: {stats}")
 
 
+def test_engine_replicas_run_at_the_configured_niceness(svc):
+    """engine.nice lowers the replica's CPU priority (and its engine's), so routing in the ingress runs first."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("expert-tiny", app_name="coe")
+    assert handle.stats.remote().result()["nice"] == 5
+
+
 def test_runtime_lora_and_model_registration(svc):
     c = svc["client"]
     lora = {"id": "physics", "base": "tiny", "adapter": str(svc["root"] / "adapters" / "c"),
