@@ -113,11 +113,12 @@ def embedder_config(alias: str, work: Path, *, refit: bool = True, nice: int | N
 
 
 async def scrape(rec: Recorder) -> dict:
-    """The routing histogram's cumulative buckets, count, sum and the cache-hit counter now."""
+    """The routing histogram's cumulative buckets, count, sum, the cache-hit counter and the
+    routing batches' count and size sum now."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = (await rec.client.get("/metrics")).text
-    out = {"buckets": {}, "count": 0.0, "sum": 0.0, "cache_hits": 0.0}
+    out = {"buckets": {}, "count": 0.0, "sum": 0.0, "cache_hits": 0.0, "batches": 0.0, "batched": 0.0}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name == "coe_routing_latency_seconds_bucket":
@@ -128,6 +129,10 @@ async def scrape(rec: Recorder) -> dict:
                 out["sum"] = s.value
             elif s.name == "coe_routing_cache_hits_total":
                 out["cache_hits"] = s.value
+            elif s.name == "coe_routing_batch_size_count":
+                out["batches"] = s.value
+            elif s.name == "coe_routing_batch_size_sum":
+                out["batched"] = s.value
     return out
 
 
@@ -154,6 +159,8 @@ def histogram_figures(before: dict, after: dict) -> dict:
     return {"routings": n, "p50_ms": quantile(0.5), "p99_ms": quantile(0.99),
             "mean_ms": 1000 * (after["sum"] - before["sum"]) / n if n > 0 else float("nan"),
             "share_within_5ms": within, "cache_hits": after["cache_hits"] - before["cache_hits"],
+            "batches": (nb := after.get("batches", 0.0) - before.get("batches", 0.0)),
+            "mean_batch": (after.get("batched", 0.0) - before.get("batched", 0.0)) / nb if nb > 0 else float("nan"),
             "buckets_ms": {("inf" if math.isinf(e) else f"{1000 * e:g}"): c for e, c in zip(edges, cum)}}
 
 
@@ -296,7 +303,8 @@ def markdown(results: dict, args) -> str:
                 hh = p["histogram"]
                 text += (f"- round {i} {name}: {p['requests']} requests in {p['seconds']} s, {p['statuses']}; "
                          f"histogram routings {hh['routings']:.0f}, p50 {hh['p50_ms']:.1f} ms, cache hits "
-                         f"{hh['cache_hits']:.0f}\n")
+                         f"{hh['cache_hits']:.0f}, routing batches {hh.get('batches', 0):.0f} "
+                         f"(mean {hh.get('mean_batch', float('nan')):.1f} queries)\n")
         text += "\n"
     return text
 

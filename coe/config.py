@@ -256,6 +256,11 @@ class RouterConfig(Strict):
         "similarity to the nearest profiled query is below this is routed by the experts' descriptions, as "
         "without a fitted router (the outcome data says nothing about it). None: always the fitted router.",
     )
+    embedder_threads: int | None = Field(
+        None, ge=1, le=256,
+        description="Intra-op threads of the router's embedder in the ingress (None: the library's default, one "
+        "per core). 1 keeps a routing batch from waiting on a second thread that busy engines keep off the CPU.",
+    )
     batch_max_queries: int = Field(
         64, ge=1, le=4096,
         description="Ingress micro-batching: most concurrent queries embedded together in one routing batch.",

@@ -298,6 +298,13 @@ def _build_minilm_onnx(out: Path, progress: Progress, *, int8: bool, src: Path |
             "format": "onnx int8 (dynamic)" if int8 else "onnx float32"}
 
 
+def export_onnx_embedder(src: Path, out: Path, *, int8: bool = True, quiet: bool = True) -> dict:
+    """Export a MiniLM-architecture folder ``src`` (MiniLM, a pruned or distilled student) into
+    ``out`` as an ONNX embedder folder, as the built-in ``minilm-l6-int8`` is made."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return _build_minilm_onnx(Path(out), Progress(quiet), int8=int8, src=Path(src))
+
+
 def _build_minilm_m2v(out: Path, progress: Progress) -> dict:
     """A model2vec static embedder distilled from the prepared MiniLM (no data, no network)."""
     try:
@@ -403,10 +410,9 @@ BUILTIN: dict[str, BuiltinModel] = {
         BuiltinModel("minilm-l6-m2v-tuned", "embedder", "minilm-l6 + model2vec + local text",
                      "model2vec distillation of all-MiniLM-L6-v2 tuned to its sentence embeddings on local text",
                      _build_minilm_m2v_tuned, needs_corpus=True),
-        *(BuiltinModel(f"minilm-l{n}-distil-int8", "embedder", "minilm-l6 + onnxruntime + local text",
-                       f"all-MiniLM-L6-v2's first {n} layer(s), distilled to its sentence embeddings on local "
-                       "text, ONNX Runtime int8", partial(_build_minilm_distilled, layers=n), needs_corpus=True)
-          for n in (1, 2)),
+        BuiltinModel("minilm-l1-distil-int8", "embedder", "minilm-l6 + onnxruntime + local text",
+                     "all-MiniLM-L6-v2's first layer, distilled to its sentence embeddings on local text, ONNX "
+                     "Runtime int8", partial(_build_minilm_distilled, layers=1), needs_corpus=True),
         BuiltinModel("minilm-l6-bf16", "embedder", "minilm-l6",
                      "all-MiniLM-L6-v2 in PyTorch, bfloat16", _build_minilm_bf16),
     ]

@@ -200,12 +200,13 @@ _SHARED: dict[tuple, Embedder] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def get_embedder(model: str = "minilm-l6", *, disk_cache: bool = False, progress: bool = False) -> Embedder:
-    """One shared :class:`Embedder` per (model, disk_cache) in this process."""
-    key = (model, disk_cache)
+def get_embedder(model: str = "minilm-l6", *, disk_cache: bool = False, progress: bool = False,
+                 threads: int | None = None) -> Embedder:
+    """One shared :class:`Embedder` per (model, disk_cache, threads) in this process."""
+    key = (model, disk_cache, threads)
     with _SHARED_LOCK:
         if key not in _SHARED:
-            _SHARED[key] = Embedder(model, disk_cache=disk_cache, progress=progress)
+            _SHARED[key] = Embedder(model, disk_cache=disk_cache, progress=progress, threads=threads)
         emb = _SHARED[key]
         emb.progress = progress
         return emb

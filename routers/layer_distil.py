@@ -164,4 +164,4 @@ def build_distilled(teacher: Path, corpus: Path, out: Path, *, layers: int, epoc
             "val_cosine_loss_after": round(res.val_loss_after, 5)}
 
 
-set_corpus_tuner("layers", build_distilled)   # coe.models builds minilm-l{1,2}-distil-int8 with it
+set_corpus_tuner("layers", build_distilled)   # coe.models builds minilm-l1-distil-int8 with it

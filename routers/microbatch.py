@@ -31,12 +31,13 @@ class MicroBatcher:
     """
 
     def __init__(self, route_batch: Callable[[list[str]], Sequence[Any]], *, max_batch: int = 64,
-                 max_wait_ms: float = 1.0) -> None:
+                 max_wait_ms: float = 1.0, on_batch: Callable[[int], None] | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be at least 0, got {max_wait_ms}")
         self.route_batch = route_batch
+        self.on_batch = on_batch    # called with each batch's size (the service's metrics)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.batches = 0            # batches routed (for tests and metrics)
@@ -74,6 +75,8 @@ class MicroBatcher:
                 continue
             self.batches += 1
             self.largest_batch = max(self.largest_batch, len(batch))
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
             try:
                 decisions = await asyncio.to_thread(self.route_batch, [t for t, _ in batch])
             except Exception as err:  # noqa: BLE001  (any router error belongs to every waiter of the batch)
@@ -89,15 +92,17 @@ class MicroBatcher:
 _BATCHERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def batcher_for(router, cfg) -> MicroBatcher:
+def batcher_for(router, cfg, on_batch: Callable[[int], None] | None = None) -> MicroBatcher:
     """The one :class:`MicroBatcher` over ``router.route`` (created on first use, settings from
-    ``cfg``, a ``coe.config.RouterConfig``: ``batch_max_queries``, ``batch_wait_ms``).
+    ``cfg``, a ``coe.config.RouterConfig``: ``batch_max_queries``, ``batch_wait_ms``; ``on_batch``
+    as given on that first use).
 
     Any object with the batch ``route(list[str])`` method works; the batcher lives as long as
     the router does.
     """
     batcher = _BATCHERS.get(router)
     if batcher is None:
-        batcher = MicroBatcher(router.route, max_batch=cfg.batch_max_queries, max_wait_ms=cfg.batch_wait_ms)
+        batcher = MicroBatcher(router.route, max_batch=cfg.batch_max_queries, max_wait_ms=cfg.batch_wait_ms,
+                               on_batch=on_batch)
         _BATCHERS[router] = batcher
     return batcher

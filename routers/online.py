@@ -64,7 +64,7 @@ class OnlineRouter:
         self.fitted = fitted
         self.name = fitted.name if fitted is not None else "centroid"
         self.policy = SelectionPolicy.from_config(cfg.policy)
-        self.embedder = embedder if embedder is not None else get_embedder(cfg.embedder)
+        self.embedder = embedder if embedder is not None else get_embedder(cfg.embedder, threads=cfg.embedder_threads)
         self._centroid = CentroidRouter(cfg.params if cfg.name == CentroidRouter.name else None)
         self._lock = threading.RLock()
         self._experts: dict[str, _ExpertInfo] = {}

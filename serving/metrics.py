@@ -2,7 +2,7 @@
 
 Series (all prefixed ``coe_``):
 ``requests_total{expert,endpoint}``, ``request_errors_total{expert,code}``,
-``routing_latency_seconds`` (histogram, new queries), ``routing_cache_hits_total``, ``queue_depth{expert}`` (requests in flight at the
+``routing_latency_seconds`` (histogram, new queries), ``routing_batch_size`` (histogram, queries per micro-batch), ``routing_cache_hits_total``, ``queue_depth{expert}`` (requests in flight at the
 ingress per expert), ``batch_size{expert}`` (histogram of the grouped batch each request was
 served in), ``generated_tokens_total{expert}`` (its rate is tokens/s), ``tokens_per_second{expert}``
 (over the last ``window_s`` seconds), ``request_latency_seconds{expert}``,
@@ -38,6 +38,7 @@ class ServiceMetrics:
         self.requests = Counter("coe_requests_total", "Requests per expert and endpoint", ["expert", "endpoint"], registry=r)
         self.errors = Counter("coe_request_errors_total", "Failed requests per expert and error code", ["expert", "code"], registry=r)
         self.routing = Histogram("coe_routing_latency_seconds", "Time to route one new query (embedded by the model; cache hits are in routing_cache_hits_total)", buckets=_LATENCY, registry=r)
+        self.routing_batch = Histogram("coe_routing_batch_size", "Queries embedded together in one ingress routing batch", buckets=_BATCH, registry=r)
         self.routing_cache_hits = Counter("coe_routing_cache_hits_total", "Routed queries whose embedding came from the cache", registry=r)
         self.queue = Gauge("coe_queue_depth", "Requests in flight per expert", ["expert"], registry=r)
         self.batch = Histogram("coe_batch_size", "Size of the grouped batch a request was served in", ["expert"], buckets=_BATCH, registry=r)

@@ -31,7 +31,7 @@ def _list(args) -> int:
 
 
 def _prepare(args) -> int:
-    import coe.routers.layer_distil  # (installs the corpus builder of minilm-l{1,2}-distil-int8)
+    import coe.routers.layer_distil  # (installs the corpus builder of minilm-l1-distil-int8)
     import coe.routers.static_tune  # noqa: F401  (installs the corpus tuner of minilm-l6-m2v-tuned)
     from coe.models import BUILTIN, is_prepared, prepare
 

@@ -136,11 +136,13 @@ class CoEService:
                     param="model",
                 )
             return RoutingInfo(expert=model, router="pinned", pinned=True)
+        # concurrent queries share one embedding batch
+        from coe.routers.microbatch import batcher_for
+
         text = query_text(messages) if messages else ""
         t0 = time.perf_counter()
-        from coe.routers.microbatch import batcher_for  # concurrent queries share one embedding batch
-
-        decision = await batcher_for(self.router, self.config.router).route(text)
+        batcher = batcher_for(self.router, self.config.router, on_batch=self.metrics.routing_batch.observe)
+        decision = await batcher.route(text)
         elapsed = time.perf_counter() - t0
         self.metrics.observe_routing(elapsed, cached=getattr(decision, "cached", False))
         info = RoutingInfo(expert=decision.expert, router=decision.router, scores=dict(decision.scores),

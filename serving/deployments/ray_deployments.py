@@ -8,8 +8,10 @@ Model experts registered at runtime get their own Serve application
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from pathlib import Path
 
 from ray import serve
 
@@ -30,6 +32,23 @@ log = logging.getLogger("coe.serving")
 RUNTIME_APP_PREFIX = "coe-expert-"
 
 
+def lower_priority(increment: int) -> None:
+    """Add ``increment`` to the niceness of every thread of this process (at most 19).
+
+    Linux keeps a niceness per thread and ``os.nice`` changes only the calling one (a replica's
+    constructor runs on Serve's event-loop thread, not the main one); threads and processes
+    started afterwards inherit their creator's. Elsewhere, ``os.nice``.
+    """
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        os.nice(increment)
+        return
+    for tid in (int(t.name) for t in tasks.iterdir()):
+        with contextlib.suppress(ProcessLookupError):   # a thread that ended meanwhile
+            now = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, now + increment))
+
+
 @serve.deployment(max_ongoing_requests=256, health_check_period_s=10, graceful_shutdown_timeout_s=5)
 class ExpertServerDeployment:
     """One replica: an :class:`ExpertServer` whose engine loads in the constructor."""
@@ -38,7 +57,7 @@ class ExpertServerDeployment:
         logging.basicConfig(level=logging.INFO)
         nice = spec.model_expert.engine.nice if spec.model_expert is not None else 0
         if nice:
-            os.nice(nice)   # this replica and the engine processes it starts (routing runs first)
+            lower_priority(nice)   # this replica and the engine processes it starts (routing runs first)
         self.server = ExpertServer(spec)
         self._paths: dict[str, str] = {}  # multiplexed model id -> adapter path (of the request that named it)
         # the configured LRU bound (the class-level decorator below only marks the deployment as multiplexed)
@@ -100,7 +119,7 @@ class ExpertServerDeployment:
         return self.server.ready()
 
     async def stats(self) -> dict:
-        return {**self.server.stats(), "nice": os.nice(0)}   # os.nice(0): this process's niceness
+        return {**self.server.stats(), "nice": os.getpriority(os.PRIO_PROCESS, 0)}   # this thread's niceness
 
     async def check_health(self) -> None:
         """Fail (Serve restarts the replica) only when a loaded engine stops being healthy; an

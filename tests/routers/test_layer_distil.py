@@ -77,5 +77,5 @@ def test_prepare_without_a_corpus_says_how_to_give_one(monkeypatch, tmp_path):
     from coe import models
 
     monkeypatch.setattr(models, "default_corpus", lambda: None)
-    with pytest.raises(ModelNotFoundError, match=r"minilm-l2-distil-int8 --corpus DIR` \(or set COE_CORPUS\)"):
-        models.BUILTIN["minilm-l2-distil-int8"].build(tmp_path, models.Progress(quiet=True), corpus=None)
+    with pytest.raises(ModelNotFoundError, match=r"minilm-l1-distil-int8 --corpus DIR` \(or set COE_CORPUS\)"):
+        models.BUILTIN["minilm-l1-distil-int8"].build(tmp_path, models.Progress(quiet=True), corpus=None)

@@ -215,3 +215,5 @@ def test_routing_ms_is_the_whole_routing_time_queue_wait_included():
     total = next(float(line.split()[-1]) for line in text.splitlines()
                  if line.startswith("coe_routing_latency_seconds_sum"))
     assert total >= 0.135
+    assert "coe_routing_batch_size_count 2.0" in text   # two batches of one query each
+    assert "coe_routing_batch_size_sum 2.0" in text

@@ -107,10 +107,14 @@ def test_disconnect_mid_stream_cancels(svc):
 
 def test_engine_replicas_run_at_the_configured_niceness(svc):
     """engine.nice lowers the replica's CPU priority (and its engine's), so routing in the ingress runs first."""
+    import os
+
+    import ray
     from ray import serve
 
+    base = ray.get(ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote())   # Ray's worker niceness
     handle = serve.get_deployment_handle("expert-tiny", app_name="coe")
-    assert handle.stats.remote().result()["nice"] == 5
+    assert handle.stats.remote().result()["nice"] == min(19, base + 5)
 
 
 def test_runtime_lora_and_model_registration(svc):
