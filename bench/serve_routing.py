@@ -93,17 +93,18 @@ def embedder_config(alias: str, work: Path, *, refit: bool = True, nice: int | N
     if "registry_path" in s:
         s["registry_path"] = absolute(s["registry_path"])
     shipped = json.loads((Path(absolute(cfg["router"]["fitted"])) / "router.json").read_text())
-    fitted = work / f"fitted-{alias}"
+    stem = Path(alias).name      # an alias, or a model folder's name
+    fitted = work / f"fitted-{stem}"
     cfg["router"]["embedder"] = alias
     if refit:
         cfg["router"].update(params=shipped["params"], fitted=str(fitted))
     else:
         cfg["router"]["fitted"] = absolute(cfg["router"]["fitted"])
-    path = work / f"{alias}.yaml"
+    path = work / f"{stem}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     if not refit:
         return path
-    fit_cfg = work / f"{alias}-fit.yaml"
+    fit_cfg = work / f"{stem}-fit.yaml"
     fit_cfg.write_text(yaml.safe_dump({**cfg, "router": {k: v for k, v in cfg["router"].items() if k != "fitted"}},
                                       sort_keys=False))
     subprocess.run([sys.executable, "-m", "coe.cli", "router", "fit", "--config", str(fit_cfg),

@@ -268,16 +268,16 @@ def _copy_tokenizer(src: Path, out: Path) -> None:
             shutil.copy2(src / name, out / name)
 
 
-def _build_minilm_onnx(out: Path, progress: Progress, *, int8: bool, src: Path | None = None) -> dict:
-    """MiniLM through ONNX Runtime: exported, fused by ORT's transformer optimiser, and (``int8``)
-    dynamically quantised to int8 weights (per channel, reduced range for AVX2 without VNNI)."""
+def _onnx_embedder(src: Path, out: Path, progress: Progress, *, int8: bool) -> str:
+    """``src`` (a MiniLM-architecture folder) through ONNX Runtime into ``out``: exported, fused by
+    ORT's transformer optimiser, and (``int8``) dynamically quantised to int8 weights (per channel,
+    reduced range for AVX2 without VNNI). Returns the format for the manifest."""
     try:
         import onnxruntime  # noqa: F401
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.transformers.optimizer import optimize_model
     except ImportError:
         raise ModelNotFoundError("the ONNX embedders need onnxruntime and onnx (dependencies of coe)") from None
-    src = src or _minilm_source(progress)
     with tempfile.TemporaryDirectory(dir=out.parent) as work:
         raw, fused = Path(work) / "raw.onnx", Path(work) / "fused.onnx"
         progress.say(f"exporting {src.name} to ONNX (once)")
@@ -294,15 +294,21 @@ def _build_minilm_onnx(out: Path, progress: Progress, *, int8: bool, src: Path |
             shutil.copy2(fused, out / name)
     _copy_tokenizer(src, out)
     _write_marker(out, {"backend": "onnx", "file": name, "dim": arch["hidden_size"]})
-    return {"from": "minilm-l6", "from_sha256": sha256_file(src / "model.safetensors"),
-            "format": "onnx int8 (dynamic)" if int8 else "onnx float32"}
+    return "onnx int8 (dynamic)" if int8 else "onnx float32"
 
 
-def export_onnx_embedder(src: Path, out: Path, *, int8: bool = True, quiet: bool = True) -> dict:
+def _build_minilm_onnx(out: Path, progress: Progress, *, int8: bool) -> dict:
+    """MiniLM itself through ONNX Runtime (:func:`_onnx_embedder`)."""
+    src = _minilm_source(progress)
+    fmt = _onnx_embedder(src, out, progress, int8=int8)
+    return {"from": "minilm-l6", "from_sha256": sha256_file(src / "model.safetensors"), "format": fmt}
+
+
+def export_onnx_embedder(src: Path, out: Path, *, int8: bool = True, quiet: bool = True) -> str:
     """Export a MiniLM-architecture folder ``src`` (MiniLM, a pruned or distilled student) into
-    ``out`` as an ONNX embedder folder, as the built-in ``minilm-l6-int8`` is made."""
+    ``out`` as an ONNX embedder folder, as the built-in ``minilm-l6-int8`` is made; returns its format."""
     Path(out).mkdir(parents=True, exist_ok=True)
-    return _build_minilm_onnx(Path(out), Progress(quiet), int8=int8, src=Path(src))
+    return _onnx_embedder(Path(src), Path(out), Progress(quiet), int8=int8)
 
 
 def _build_minilm_m2v(out: Path, progress: Progress) -> dict:
@@ -382,7 +388,7 @@ def _build_minilm_distilled(out: Path, progress: Progress, *, layers: int, corpu
     with tempfile.TemporaryDirectory(dir=out.parent) as work:
         student = Path(work) / "student"
         facts = distil(src, corpus, student, layers=layers, max_seq_length=MINILM_MAX_SEQ, say=progress.say)
-        fmt = _build_minilm_onnx(out, progress, int8=True, src=student)["format"]
+        fmt = _onnx_embedder(student, out, progress, int8=True)
     return {"from": "minilm-l6", "from_sha256": sha256_file(src / "model.safetensors"), "format": fmt,
             "corpus": str(corpus.resolve()), **facts}
 

@@ -6,7 +6,7 @@ faster but moves its embeddings away from the teacher's. Distillation trains the
 sentence embeddings on a corpus of local text (cosine loss), the way TinyBERT-style task-agnostic
 distillation and sentence-transformers' "model distillation" recipe do it.
 
-The corpus is :func:`coe.routers.static_tune.collect_corpus`: local training text only, never a
+The corpus and its targets are :func:`coe.routers.static_tune.teacher_targets`: local training text only, never a
 ``*_test`` split. A ``val_share`` of it (drawn with ``seed``) is held out: the epoch with the
 lowest held-out loss is kept. The student is saved as a plain transformers folder (the
 teacher's architecture with fewer layers) plus its tokenizer; ``coe.models`` exports it to ONNX
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from coe.models import set_corpus_tuner
-from coe.routers.static_tune import collect_corpus, corpus_sha256
+from coe.routers.static_tune import corpus_sha256, teacher_targets
 
 
 @dataclass(frozen=True)
@@ -145,11 +145,7 @@ def build_distilled(teacher: Path, corpus: Path, out: Path, *, layers: int, epoc
     Returns the facts for the manifest. Raises :class:`coe.errors.ModelNotFoundError` when
     ``corpus`` holds no usable text.
     """
-    from coe.routers.embedders import load_backend
-
-    texts = collect_corpus(corpus, limit=limit)
-    say(f"embedding {len(texts):,} corpus texts from {corpus} with the teacher (once)")
-    targets = load_backend(str(teacher), max_seq_length=max_seq_length).encode(texts, 64)   # [N, D]
+    texts, targets = teacher_targets(teacher, corpus, max_seq_length=max_seq_length, limit=limit, say=say)
     student, res = distil(teacher, texts, targets, layers=layers, epochs=epochs, max_seq_length=max_seq_length,
                           say=say)
     out = Path(out)

@@ -97,6 +97,17 @@ def corpus_sha256(texts: list[str]) -> str:
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()
 
 
+def teacher_targets(teacher: Path, corpus: Path, *, max_seq_length: int, limit: int | None = None,
+                    say=print) -> tuple[list[str], np.ndarray]:
+    """The corpus texts (:func:`collect_corpus`) and the teacher's unit embeddings of them ``[N, D]``:
+    what the embedders trained on local text learn to reproduce."""
+    from coe.routers.embedders import load_backend
+
+    texts = collect_corpus(corpus, limit=limit)
+    say(f"embedding {len(texts):,} corpus texts from {corpus} with the teacher (once)")
+    return texts, load_backend(str(teacher), max_seq_length=max_seq_length).encode(texts, 64)
+
+
 @dataclass(frozen=True)
 class TuneResult:
     """What tuning did, for the prepared folder's manifest."""
@@ -172,11 +183,9 @@ def build_tuned(teacher: Path, corpus: Path, out: Path, *, dims: int, epochs: in
     """
     from model2vec.distill import distill
 
-    from coe.routers.embedders import MARKER, load_backend
+    from coe.routers.embedders import MARKER
 
-    texts = collect_corpus(corpus, limit=limit)
-    say(f"embedding {len(texts):,} corpus texts from {corpus} with the teacher (once)")
-    targets = load_backend(str(teacher), max_seq_length=max_seq_length).encode(texts, 64)   # [N, D]
+    texts, targets = teacher_targets(teacher, corpus, max_seq_length=max_seq_length, limit=limit, say=say)
     say("distilling the starting token table with model2vec")
     base = distill(model_name=str(teacher), pca_dims=None)
     say(f"tuning the token table to the teacher's sentence embeddings ({dims} dims, ≤ {epochs} epochs)")
