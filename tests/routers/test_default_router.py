@@ -38,8 +38,8 @@ def test_profiled_domains_go_to_their_measured_experts(shipped):
     _, router = shipped
     out = router.route([
         "A baker made 24 muffins and sold 3/4 of them. How many are left?",
-        "Write a python function to remove duplicates from a list.\nYour code should pass this test:\n"
-        "assert remove_dups([1, 1, 2]) == [1, 2]",
+        ("Write a python function to remove duplicates from a list.\nYour code should pass this test:\n"
+         "assert remove_dups([1, 1, 2]) == [1, 2]"),
     ])
     assert [d.expert for d in out] == ["smollm2-math", "smollm2-code"]
 
@@ -51,6 +51,6 @@ def test_queries_outside_the_profiles_are_routed_by_description(shipped):
     assert [d.expert for d in router.route(queries)] == ["smollm2", "gemma3"]
     # without the floor, the fitted router alone sends them to a profiled specialist
     bare = build_online_router(cfg.router.model_copy(update={"min_profile_similarity": None}), cfg.experts)
-    assert {d.expert for d in bare.route(queries)} <= {"smollm2-math", "smollm2-code", "smollm2", "gemma3"}
+    assert {d.expert for d in bare.route(queries)} <= {"smollm2-math", "smollm2-code"}
     cov = bare.fitted.coverage(QueryBatch(queries, bare.embedder.encode(queries)))
     assert np.all(cov < cfg.router.min_profile_similarity)
