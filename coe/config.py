@@ -227,6 +227,13 @@ class PolicyConfig(Strict):
         "error exceeds this goes to fallback_expert (`coe router fit --fallback-expert E --target-fallback-share S` "
         "calibrates it).",
     )
+    load_weight: float = Field(
+        0.0, ge=0,
+        description="μ: how much an expert's expected delay counts against its predicted quality, per second "
+        "(the policy picks by quality - lam*cost - load_weight*delay). The delay is the expected wait for a slot "
+        "at the ingress's admission queue (queued requests x the measured service time of the expert's server) "
+        "plus, for a pooled expert that is not resident, its measured swap-in time. 0: load is ignored.",
+    )
 
 
 class RouterConfig(Strict):
@@ -346,9 +353,27 @@ class LimitsConfig(Strict):
 class ServingConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    admin_key: str | None = Field(None, description="Bearer key for /v1/experts admin calls.")
-    admin_key_env: str = Field("COE_ADMIN_KEY", description="Environment variable read when admin_key is unset.")
-    api_key: str | None = Field(None, description="Bearer key for chat; none means chat is open.")
+    admin_key_env: str = Field(
+        "COE_ADMIN_KEY", description="Environment variable holding the bearer key of the /v1/experts admin calls "
+        "(unset: the admin API answers 403). The ingress keeps only its SHA-256 digest.",
+    )
+    admin_key: str | None = Field(
+        None, repr=False,
+        description="Refused: a key is never written in a config file. Put the admin key in the environment "
+        "variable named by admin_key_env (default COE_ADMIN_KEY).",
+    )
+    api_key: str | None = Field(None, repr=False, description="Bearer key for chat; none means chat is open.")
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_inline(cls, key: str | None, info: ValidationInfo) -> None:
+        if key is not None:  # (its value is never repeated: format_validation_error hides SECRET_FIELDS)
+            env = info.data.get("admin_key_env") or "COE_ADMIN_KEY"
+            raise ValueError(
+                f"serving.admin_key is set inline, and a key written in a config file is refused: remove it and set "
+                f"the key in the environment variable {env} (named by serving.admin_key_env) of the process that runs "
+                "`coe serve` (on Kubernetes, the rendered manifests set it from a Secret: coe-admin by default)"
+            )
     registry_path: str | None = Field(None, description="SQLite expert registry; default $COE_HOME/registry.sqlite.")
     registry_url: str | None = Field(
         None,

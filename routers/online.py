@@ -23,8 +23,9 @@ requests share embedding batches through :mod:`coe.routers.microbatch`.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -38,6 +39,10 @@ class RoutingDecision:
     router: str                      # router name
     costs: dict[str, float] | None = None
     cached: bool = False             # the query's embedding came from a cache (no model work)
+    uncertainty: dict[str, float] = field(default_factory=dict)   # standard error of ``scores``, where known
+    # why ``expert``: "policy" (the policy's pick on the scores), "unsure" (the default expert: the
+    # query is unlike every expert, or empty), "uncertain" (the policy's fallback_expert)
+    reason: Literal["policy", "unsure", "uncertain"] = "policy"
 
 
 @dataclass
@@ -128,15 +133,18 @@ class OnlineRouter:
             emb, cached = self.embedder.encode_tracked([queries[k] for k in live])   # [B, D], [B]
             batch = QueryBatch([queries[k] for k in live], emb)
             quality, unsure, spread = self._quality(batch, ids, infos)   # [B, E], [B], [B, E]
+            plain = self.policy.select(quality, costs)
             picks = self.policy.select(quality, costs, uncertainty=spread, experts=ids)
             for row, k in enumerate(live):
-                choice = ids[picks[row]]
+                choice, reason = ids[picks[row]], "policy" if picks[row] == plain[row] else "uncertain"
                 if (unsure[row] or not np.isfinite(quality[row, picks[row]])) and default is not None:
-                    choice = default
-                decisions[k] = self._decision(choice, ids, quality[row], costs, cached=bool(cached[row]))
+                    choice, reason = default, "unsure"
+                decisions[k] = self._decision(choice, ids, quality[row], costs, cached=bool(cached[row]),
+                                              spread=spread[row], reason=reason)
         for k, d in enumerate(decisions):
             if d is None:   # empty query
-                decisions[k] = self._decision(default or ids[0], ids, np.full(len(ids), np.nan), costs)
+                decisions[k] = self._decision(default or ids[0], ids, np.full(len(ids), np.nan), costs,
+                                              reason="unsure")
         return decisions  # type: ignore[return-value]
 
     def _quality(self, batch, ids: list[str], infos: list[_ExpertInfo]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -178,11 +186,13 @@ class OnlineRouter:
         return quality, unsure, spread
 
     def _decision(self, choice: str, ids: list[str], row: np.ndarray, costs: np.ndarray, *,
-                  cached: bool = False) -> RoutingDecision:
+                  cached: bool = False, spread: np.ndarray | None = None, reason: str = "policy") -> RoutingDecision:
         scores = {eid: float(v) for eid, v in zip(ids, row) if np.isfinite(v)}
+        spread = np.full(len(ids), np.nan) if spread is None else spread
         return RoutingDecision(
             expert=choice, scores=scores, router=self.name, costs={eid: float(c) for eid, c in zip(ids, costs)},
-            cached=cached,
+            cached=cached, uncertainty={eid: float(v) for eid, v in zip(ids, spread) if np.isfinite(v)},
+            reason=reason,
         )
 
 

@@ -53,7 +53,7 @@ TARGETS = {"vs_zero": 0.015, f"vs_{BASELINE}": 0.01}   # issue #15
 
 
 def run_eval(inputs: EvalInputs, names: list[str], *, folds: int = 5, cv: bool = True, seed: int = 0,
-             progress: bool = True, n_boot: int = 1000, fallback_share: float = 0.1) -> dict:
+             progress: bool = True, n_boot: int = 1000, fallback_share: float = 0.1, recruit: bool = False) -> dict:
     """Cross-validate on train, fit, evaluate on test, for each router; returns the report dict.
 
     Every router that does not read the true outcomes gets a CV AIQ on train (its grid searched);
@@ -61,13 +61,16 @@ def run_eval(inputs: EvalInputs, names: list[str], *, folds: int = 5, cv: bool =
     plays no part). The plain kNN baseline (k=20, no shrinkage) is always added. ``stacked`` (when
     named) blends the best three stackable routers with their CV-chosen params and is eligible
     only when its CV AIQ beats each of theirs. Routers that report uncertainty are also evaluated
-    with the uncertainty fallback to the best single training model (``fallback_share`` of the
-    test queries, calibrated on their predicted scores only). Paired-bootstrap 95% CIs of every
+    with the uncertainty fallback to the best single training model: its threshold sends
+    ``fallback_share`` of the *training* queries to it, scored out of fold
+    (:func:`out_of_fold_scores`), so the test split plays no part. Paired-bootstrap 95% CIs of every
     router's test AIQ difference to the zero router and to the plain kNN come with each result.
+    With ``recruit``, the recruit-and-vote policies of :mod:`coe.routers.recruit` over the selected
+    router join ``routers`` (names ``recruit-*``), with ``report["recruit"]`` saying which one CV picks
+    and its CI against that router.
     """
     from tqdm.auto import tqdm
 
-    from coe.routers.base import QueryBatch
     from coe.routers.builtin.stacked import member_spec
     from coe.routers.evaluate import Fallback, paired_bootstrap, power
     from coe.routers.tuning import cross_validate
@@ -119,15 +122,26 @@ def run_eval(inputs: EvalInputs, names: list[str], *, folds: int = 5, cv: bool =
     for label in [n for n in results if n != BASELINE]:
         router = fitted[label]
         if router.gives_uncertainty and fallback_share > 0:
-            calib = router.score(QueryBatch(list(test.queries), inputs.test_emb))   # predicted scores, no outcomes
+            calib = out_of_fold_scores(router, train, inputs.train_emb, folds=folds, seed=seed, ctx=ctx)
             fb = Fallback(train.models[strong], fallback_share, calib)
             results[f"{label}+fallback"] = evaluate_router(router, test, inputs.test_emb, ref, name=f"{label}+fallback",
                                                            params={**router.params.model_dump(), "fallback": fb.expert,
                                                                    "fallback_share": fallback_share}, fallback=fb)
-    cis = paired_bootstrap({n: r.picks for n, r in results.items()}, test, [BASELINE], n_boot=n_boot, seed=seed)
     eligible = {n: c["cv_aiq"] for n, c in cv_info.items()
                 if n != BASELINE and np.isfinite(c["cv_aiq"]) and (n != "stacked" or (stacked or {}).get("beats_parts"))}
     selected = max(eligible, key=eligible.get) if eligible else None
+    sweeps, recruited = {n: r.picks for n, r in results.items()}, None
+    if recruit:
+        from coe.routers.recruit import run_recruit
+
+        if selected is None:
+            raise DatasetError("--recruit recruits over the router cross-validation selects; give a router that "
+                               "learns from outcomes, and enough training rows for the folds")
+        recruited = run_recruit(inputs, selected, dict(results[selected].params), results[selected],
+                                ref, folds=folds, seed=seed, ctx=ctx, cv=cv)
+        results.update(recruited.results)
+        sweeps.update(recruited.curves)
+    cis = paired_bootstrap(sweeps, test, [BASELINE] + ([selected] if recruited else []), n_boot=n_boot, seed=seed)
     best = int(np.lexsort((ref.costs, -ref.qualities))[0])
     report = {
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -159,7 +173,34 @@ def run_eval(inputs: EvalInputs, names: list[str], *, folds: int = 5, cv: bool =
         meets = all(ci[k]["diff"] >= t and ci[k]["lo"] > 0 for k, t in TARGETS.items() if k in ci)
         report["selected"] = {"name": selected, "test_aiq": results[selected].aiq, "cv_aiq": eligible[selected],
                               **{k: ci[k] for k in TARGETS if k in ci}, "targets": TARGETS, "meets_targets": meets}
+    if recruited is not None:
+        from coe.routers.recruit import finish
+
+        report["recruit"] = finish(recruited.info, cis, results)
     return report
+
+
+def out_of_fold_scores(router, train, embeddings: np.ndarray, *, folds: int = 5, seed: int = 0, ctx=None):
+    """:class:`Scores` of every training query by ``router``'s class and params fitted on the other
+    ``folds − 1`` folds (``coe.routers.tuning.kfold``): what a threshold on predicted scores (the
+    uncertainty fallback) is calibrated on without the test split, and without the optimism of
+    scoring the queries a router was fitted on. With fewer than ``2 × folds`` rows, the fitted
+    ``router``'s own scores of the training queries."""
+    from coe.routers.base import QueryBatch, Scores
+    from coe.routers.tuning import kfold
+
+    if folds < 2 or len(train) < 2 * folds:
+        return router.score(QueryBatch(list(train.queries), embeddings))
+    quality = np.zeros((len(train), len(router.experts)))
+    unc = np.zeros_like(quality) if router.gives_uncertainty else None
+    for held in kfold(len(train), folds, seed):
+        rest = np.setdiff1d(np.arange(len(train)), held)
+        part = type(router)(router.params).fit(train.subset(rest), embeddings[rest], ctx)
+        s = part.score(QueryBatch([train.queries[i] for i in held], embeddings[held]))
+        quality[held] = s.quality
+        if unc is not None:
+            unc[held] = s.uncertainty
+    return Scores(experts=list(router.experts), quality=quality, cost=router.costs, uncertainty=unc)
 
 
 def _fmt(v, spec=".4f") -> str:
@@ -263,6 +304,10 @@ def write_markdown(report: dict, path: Path) -> None:
     ]
     for name, r in report["routers"].items():
         lines.append(f"| {name} | " + " | ".join(f"{r['shares'].get(m, 0):.2f}" for m in report["models"]) + " |")
+    if report.get("recruit"):
+        from coe.routers.recruit import markdown_lines
+
+        lines += markdown_lines(report)
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -308,4 +353,7 @@ def write_report(report: dict, out: str | Path) -> Path:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     write_markdown(report, out / "report.md")
     write_plot(report, out / "cost_quality.png")
+    if report.get("recruit"):   # the recruit policies beside the single router they recruit over
+        keep = {n: r for n, r in report["routers"].items() if n.startswith("recruit") or n == report["recruit"]["router"]}
+        write_plot({**report, "routers": keep}, out / "recruit_cost_quality.png")
     return out

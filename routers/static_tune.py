@@ -10,11 +10,14 @@ principal axes (no centring, so the teacher's cosine geometry is kept; ``dims`` 
 width is a plain rotation), and the distilled token vectors, projected the same way, are the
 starting point.
 
-The corpus (:func:`collect_corpus`) is local text only and never a ``*_test`` split: the
-training splits of ``../shared/data`` (RouterBench prompts without their shared few-shot header,
-GSM8K train questions and solution lines, RouteLLM's GSM8K prompts, MBPP tasks labelled
-``train``) plus any ``*.txt`` file (one text per line); texts that occur in a ``*_test`` split
-are removed.
+The corpus (:func:`collect_corpus`) is local text only, from training data only: the training
+splits of ``../shared/data`` (RouterBench ``*_train`` prompts without their shared few-shot
+header, GSM8K train questions and solution lines except the last :data:`GSM8K_HELDOUT` items,
+MBPP tasks labelled ``train``) plus any ``*.txt`` file that is not a test split (one text per
+line). Never in it, even where another source repeats them: the ``*_test`` splits, the GSM8K
+*test* questions of RouteLLM's ``routellm_gsm8k_responses.csv``, and the held-out GSM8K train
+items (the math expert never trains on them; ``bench/composition.py`` profiles and evaluates
+the experts on them).
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from coe.errors import ModelNotFoundError
 from coe.models import CORPUS_LAYOUT, set_corpus_tuner
 
 _CALC = re.compile(r"<<[^>]*>>")   # GSM8K's calculator annotations
+# The last GSM8K train items are held out: the math expert's ``holdout``
+# (adapters/experts/math/training_args.json), the probes bench/composition.py evaluates on.
+GSM8K_HELDOUT = 500
+GSM8K_TEST = "routing/routellm_gsm8k_responses.csv"   # RouteLLM's GSM8K eval: the GSM8K test questions
 
 
 def _is_test(path: Path) -> bool:
@@ -65,14 +72,18 @@ def collect_corpus(root: Path, *, limit: int | None = None) -> list[str]:
     texts: list[str] = []
     for path in sorted(root.glob("routing/*_train.csv")):
         texts += _routerbench(path)
-    for path in sorted(root.glob("routing/routellm_*.csv")):
-        texts += _csv_prompts(path)
+    held_out: set[str] = set()
     gsm8k = root / "training" / "gsm8k_train.jsonl"
     if gsm8k.is_file():
-        for line in gsm8k.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            texts.append(row["question"])
-            texts += [_CALC.sub("", s) for s in row.get("answer", "").splitlines() if not s.startswith("####")]
+        rows = [json.loads(line) for line in gsm8k.read_text(encoding="utf-8").splitlines() if line.strip()]
+        cut = max(len(rows) - GSM8K_HELDOUT, 0)
+        for i, row in enumerate(rows):
+            lines = [row["question"]] + [_CALC.sub("", s) for s in row.get("answer", "").splitlines()
+                                         if not s.startswith("####")]
+            if i < cut:
+                texts += lines
+            else:
+                held_out.update(t.strip() for t in lines)
     mbpp = root / "probes" / "mbpp.jsonl"
     if mbpp.is_file():
         rows = [json.loads(line) for line in mbpp.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -80,8 +91,10 @@ def collect_corpus(root: Path, *, limit: int | None = None) -> list[str]:
     for path in sorted(root.rglob("*.txt")):
         if not _is_test(path):
             texts += path.read_text(encoding="utf-8").splitlines()
-    # never a test split's text, even where another source repeats it (MBPP's own train split)
-    held_out = {t.strip() for p in sorted(root.glob("routing/*_test.csv")) for t in _routerbench(p)}
+    # never a test split's or a held-out probe's text, even where another source repeats it
+    held_out |= {t.strip() for p in sorted(root.glob("routing/*_test.csv")) for t in _routerbench(p)}
+    if (root / GSM8K_TEST).is_file():
+        held_out |= {t.strip() for t in _csv_prompts(root / GSM8K_TEST)}
     seen: dict[str, None] = {}
     for t in texts:
         t = t.strip()

@@ -128,5 +128,10 @@ def gemma3_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen_dir() -> Path:
+    return _prepared("qwen2.5-coder-0.5b-instruct")
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     return _prepared("minilm-l6")

@@ -34,12 +34,13 @@ def register(sub) -> None:
     fit.set_defaults(func=_fit)
 
     ev = sub.add_parser("eval", help="evaluate routers offline: cost-quality curves, AIQ, APGR, CPT")
-    ev.add_argument("--train", required=True, help="training routing dataset")
+    # --train/--out are required unless a subcommand (`coe eval new-expert`) is given: checked in _eval
+    ev.add_argument("--train", help="training routing dataset (required)")
     ev.add_argument("--test", help="test routing dataset (or use --split)")
     ev.add_argument("--split", type=float, help="with only --train: the train fraction of a seeded shuffle, e.g. 0.7")
     ev.add_argument("--router", action="append", dest="routers", metavar="NAME",
                     help="router to evaluate (repeatable; default: every registered router)")
-    ev.add_argument("--out", required=True, help="folder for report.json, report.md, cost_quality.png")
+    ev.add_argument("--out", help="folder for report.json, report.md, cost_quality.png (required)")
     ev.add_argument("--costs", help="model -> cost-per-query table for data without costs (else every model costs 1)")
     ev.add_argument("--format", default="auto", help="dataset format (auto, routerbench, routellm, scores, native)")
     ev.add_argument("--embedder", default="minilm-l6", help="sentence embedder: alias, folder or hub id")
@@ -48,9 +49,14 @@ def register(sub) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--bootstrap", type=int, default=1000, help="paired-bootstrap replicates for the CIs (default 1000)")
     ev.add_argument("--fallback-share", type=float, default=0.1,
-                    help="share of test queries the uncertainty fallback variants send to the strong model (0: none)")
+                    help="share of queries the uncertainty fallback variants send to the strong model (0: none); "
+                    "its threshold is calibrated on out-of-fold training queries")
+    ev.add_argument("--recruit", action="store_true",
+                    help="also evaluate recruit-and-vote policies (top-k experts answer, majority of normalised answers) "
+                    "over the CV-selected router; needs the models' replies in the data")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
-    ev.set_defaults(func=_eval)
+    ev.set_defaults(func=lambda args: _eval(args, ev))
+    _register_new_expert(ev)
 
 
 def _list(args) -> int:
@@ -163,7 +169,10 @@ def _calibrate(args, cfg, router, data, x) -> dict:
             "max_uncertainty": cal.max_uncertainty, "costs_from": source}
 
 
-def _eval(args) -> int:
+def _eval(args, parser=None) -> int:
+    missing = [f"--{k}" for k in ("train", "out") if not getattr(args, k)]
+    if missing and parser is not None:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     from coe.errors import DatasetError
     from coe.routers.base import router_class, router_names
     from coe.routers.datasets import load_routing_data
@@ -194,7 +203,7 @@ def _eval(args) -> int:
     xtr, xte, _ = _embed_all(embedder, train, test)
     inputs = EvalInputs(train, test, xtr, xte, args.embedder, embedder.encode)
     report = run_eval(inputs, names, folds=args.folds, cv=not args.no_cv, seed=args.seed, progress=not args.quiet,
-                      n_boot=args.bootstrap, fallback_share=args.fallback_share)
+                      n_boot=args.bootstrap, fallback_share=args.fallback_share, recruit=args.recruit)
     out = write_report(report, args.out)
     zero = report["zero_router_aiq"]
     print(f"zero router AIQ {zero:.4f}; best single {report['best_single']['model']} "
@@ -210,3 +219,90 @@ def _eval(args) -> int:
               f"{'met' if sel['meets_targets'] else 'NOT met'}")
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+# --------------------------------------------------------------------------- coe eval new-expert
+
+
+def _register_new_expert(ev) -> None:
+    cmds = ev.add_subparsers(dest="eval_command", metavar="SIMULATION")
+    ne = cmds.add_parser("new-expert", help="how many probes a new expert needs: leave each model out, profile it "
+                         "on a budget of probes chosen by a strategy, route the test queries")
+    ne.add_argument("--train", required=True, help="training routing dataset (the candidate probes)")
+    ne.add_argument("--test", help="test routing dataset (or use --split)")
+    ne.add_argument("--split", type=float, help="with only --train: the train fraction of a seeded shuffle, e.g. 0.5")
+    ne.add_argument("--out", required=True, help="folder for report.json, report.md, aiq_budget.png")
+    ne.add_argument("--costs", help="model -> cost-per-query table for data without costs (else every model costs 1)")
+    ne.add_argument("--format", default="auto", help="dataset format (auto, routerbench, routellm, scores, native)")
+    ne.add_argument("--budgets", default="10,25,50,100,200", help="probe budgets, comma-separated")
+    ne.add_argument("--strategies", default="adaptive,round_robin,random",
+                    help="probe strategies, comma-separated (adaptive, round_robin, random)")
+    ne.add_argument("--seeds", type=int, default=5, help="seeds of the random strategy (default 5)")
+    ne.add_argument("--wave", type=int, default=5, help="probes per wave (adaptive re-estimates between waves)")
+    ne.add_argument("--router", default="knn", help="router to fit (any that fits on outcomes; default knn)")
+    ne.add_argument("--cv", action="store_true", help="choose the router's params by cross-validation on train "
+                    "(all models) first; default: the router's defaults")
+    ne.add_argument("--impute", default="knn", choices=["knn", "irt"],
+                    help="fill of the new expert's unmeasured cells for routers that do not read the mask: knn (the "
+                    "service's fill, default) or irt (the item bank's prediction plus the kNN-spread residual)")
+    ne.add_argument("--embedder", default="minilm-l6", help="sentence embedder: alias, folder or hub id")
+    ne.add_argument("--seed", type=int, default=0)
+    ne.add_argument("--bootstrap", type=int, default=1000, help="paired-bootstrap replicates for the CIs (default 1000)")
+    ne.add_argument("--quiet", action="store_true", help="no progress output")
+    ne.set_defaults(func=_eval_new_expert)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    from coe.errors import DatasetError
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DatasetError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def _eval_new_expert(args) -> int:
+    from coe.errors import DatasetError
+    from coe.routers.base import FitContext
+    from coe.routers.datasets import load_routing_data
+    from coe.routers.embedding import Embedder
+    from coe.routers.new_expert import NewExpertSetup, simulate
+    from coe.routers.new_expert_report import write_new_expert_report
+    from coe.routers.report import split_data
+
+    setup = NewExpertSetup(strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
+                           budgets=_int_list(args.budgets, "--budgets"), seeds=args.seeds, router=args.router,
+                           impute=args.impute, wave=args.wave, n_boot=args.bootstrap, seed=args.seed)
+    train = load_routing_data(args.train, args.format, args.costs)
+    setup.check(len(train.models))       # bad options fail before any embedding
+    if args.test and args.split is not None:
+        raise DatasetError("give either --test or --split, not both")
+    if args.test:
+        test = load_routing_data(args.test, args.format, args.costs).reordered(train.models)
+    elif args.split is not None:
+        skipped = train.skipped
+        train, test = split_data(train, args.split, args.seed)
+        train.skipped = test.skipped = skipped
+    else:
+        raise DatasetError("give --test FILE, or --split FRACTION to cut --train into train and test")
+    embedder = Embedder(args.embedder, disk_cache=True, progress=not args.quiet)
+    xtr, xte, _ = _embed_all(embedder, train, test)
+    ctx = FitContext(seed=args.seed, embed=embedder.encode)
+    if args.cv:
+        from coe.routers.tuning import cross_validate
+
+        setup.params = cross_validate(setup.router, train, xtr, seed=args.seed, ctx=ctx).params
+    say = None if args.quiet else (lambda m: print(f"  leaving out {m}", file=sys.stderr))
+    report = simulate(train, test, xtr, xte, setup, ctx=ctx, progress=say)
+    report["embedder"] = args.embedder
+    out = write_new_expert_report(report, args.out)
+    ref = report["reference"]
+    print(f"AIQ without the new expert {ref['aiq_without']:.4f}, with its full profile {ref['aiq_full']:.4f} "
+          f"(mean over {len(report['models'])} held-out models; {len(ref['counted_models'])} move AIQ by "
+          f"≥ {report['setup']['min_gain']})")
+    for r in report["summary"]:
+        rec = "—" if r["recovered"] is None else f"{r['recovered']:.3f} {r['recovered_ci']}"
+        print(f"  {r['strategy']:12} b={r['budget']:<4} AIQ {r['aiq']:.4f}  recovered {rec}  Brier {r['brier']:.4f}")
+    print(f"report: {out / 'report.md'}")
+    return 0
+

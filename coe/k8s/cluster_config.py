@@ -126,9 +126,9 @@ def cluster_config(
     configs). ``registry_url``: an external PostgreSQL registry (``postgresql://USER@HOST/DB``;
     its password comes from a Secret, see ``RenderOptions.registry_secret``).
 
-    Raises :class:`ConfigError` for an invalid config, a path that would not exist in the
-    container, an inline ``serving.admin_key`` (it belongs in a Secret), or, without ``gpu``,
-    an expert that asks for GPUs.
+    Raises :class:`ConfigError` for an invalid config (an inline ``serving.admin_key`` among
+    them: the key comes from a Secret), a path that would not exist in the container, or,
+    without ``gpu``, an expert that asks for GPUs.
     """
     import yaml
 
@@ -145,13 +145,7 @@ def cluster_config(
         raise ConfigError(f"--project is {project!r}: not a folder; give the folder your image copies to {PROJECT_DIR}")
     changes: list[str] = []
 
-    serving = data.setdefault("serving", {})
-    if serving.get("admin_key"):
-        env = serving.get("admin_key_env", "COE_ADMIN_KEY")
-        raise ConfigError(
-            f"{path}: serving.admin_key is set inline; on Kubernetes the key comes from the Secret "
-            f"mounted as the environment variable {env} (serving.admin_key_env). Remove serving.admin_key"
-        )
+    serving = data.setdefault("serving", {})  # (an inline serving.admin_key was refused by load_config)
 
     router = data.setdefault("router", {})
     if router.get("embedder"):

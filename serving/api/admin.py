@@ -65,17 +65,23 @@ def check_adapter_root(path: Path, roots: list[Path]) -> None:
 
 
 async def list_experts(service: CoEService, profiles: ProfileJobs) -> list[ExpertInfo]:
+    """Every live expert with its state; an unavailable one (its server failed to load it) with
+    the reason and what to do about it."""
     _, states = await service.readiness()
     catalog = service.catalog
     jobs = profiles.statuses()
-    return [
-        ExpertInfo(
-            id=e.id, kind=e.kind, source="config" if e.id in catalog.config_ids else "registry",
-            server=server_id_of(e), ready=states.get(e.id) is None, error=states.get(e.id),
-            config=e.model_dump(mode="json"), profile=jobs.get(e.id),
-        )
-        for e in catalog.snapshot().values()
-    ]
+    out = []
+    for e in catalog.snapshot().values():
+        why, source = states.get(e.id), "config" if e.id in catalog.config_ids else "registry"
+        unavailable = why is not None and catalog.health.unavailable(e.id) is not None
+        if unavailable:
+            why += ("; fix the config file (or restore what it names) and restart the service" if source == "config"
+                    else f"; restore it and restart the service, or remove the expert: DELETE /v1/experts/{e.id} "
+                    f"(`coe experts remove {e.id}`)")
+        state = "ready" if why is None else "unavailable" if unavailable else "not_ready"
+        out.append(ExpertInfo(id=e.id, kind=e.kind, source=source, server=server_id_of(e), ready=why is None,
+                              state=state, error=why, config=e.model_dump(mode="json"), profile=jobs.get(e.id)))
+    return out
 
 
 async def get_expert(service: CoEService, profiles: ProfileJobs, expert_id: str) -> ExpertInfo:

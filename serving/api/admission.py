@@ -7,6 +7,10 @@ past that bound is refused at once (:class:`OverloadedError`, 429 with ``Retry-A
 that waits longer than ``max_queue_wait_s`` is refused the same way; one whose deadline ends
 while it waits gets :class:`DeadlineExceededError` (504). The limits are per ingress replica.
 Runs on one asyncio loop (not thread-safe).
+
+It also measures how long requests hold their slot (an EWMA of the service time per expert
+server, :meth:`Admission.service_time_s`) and, from that and the queues, what a new request
+would wait (:meth:`Admission.expected_wait_s`): what the load-aware policy weighs.
 """
 
 from __future__ import annotations
@@ -50,10 +54,16 @@ class Deadline:
             raise self.error() from None
 
 
+SERVICE_EWMA = 0.2   # weight of the newest request in the service-time average (~ the last 10 requests)
+
+
 @dataclass
 class _Gate:
     running: int = 0
     waiters: collections.deque = field(default_factory=collections.deque)
+
+    def waiting(self) -> int:
+        return sum(not f.done() for f in self.waiters)
 
 
 class Admission:
@@ -71,12 +81,49 @@ class Admission:
         self._gates: dict[str, _Gate] = collections.defaultdict(_Gate)
         self._servers: dict[str, _Gate] = collections.defaultdict(_Gate)
         self._held: dict[str, list[str]] = collections.defaultdict(list)  # expert -> servers it holds slots of
+        self._started: dict[str, collections.deque] = collections.defaultdict(collections.deque)  # expert -> t0s
+        self._service: dict[str, float] = {}  # server (else expert) id -> EWMA of the seconds a slot is held
 
     def running(self, expert_id: str) -> int:
         return self._gates[expert_id].running
 
     def waiting(self, expert_id: str) -> int:
-        return sum(not f.done() for f in self._gates[expert_id].waiters)
+        return self._gates[expert_id].waiting()
+
+    def queue_depth(self, expert_id: str) -> int:
+        """Requests a new request of ``expert_id`` would queue behind: those waiting for a slot of
+        the expert, plus those waiting for a slot of its server (when ``max_running_per_server`` is set)."""
+        depth = self.waiting(expert_id)
+        server = self._server(expert_id)
+        if server is not None and server in self._servers:
+            depth += self._servers[server].waiting()
+        return depth
+
+    def service_time_s(self, expert_id: str) -> float | None:
+        """The measured time a request to ``expert_id``'s server holds its slot (EWMA over the
+        requests released so far, any expert of that server); None before the first one ends."""
+        return self._service.get(self.server_of(expert_id) or expert_id)
+
+    def expected_wait_s(self, expert_id: str) -> float:
+        """Seconds a request of ``expert_id`` arriving now would wait for its slots: 0 while both
+        bounds have room, else, per full bound of ``running`` slots with ``waiting`` requests
+        queued, (waiting + 1) × service time / running (slots free at running / service time per
+        second). Before any request has ended, the service time is the age of the oldest request
+        running on the expert (a lower bound)."""
+        c = self.config
+        service = self.service_time_s(expert_id)
+        if service is None:
+            started = self._started.get(expert_id)
+            service = time.monotonic() - started[0] if started else 0.0
+        wait = _gate_wait(self._gates.get(expert_id), c.max_running_per_expert, service)
+        server = self._server(expert_id)
+        if server is not None:
+            wait += _gate_wait(self._servers.get(server), c.max_running_per_server, service)
+        return wait
+
+    def _server(self, expert_id: str) -> str | None:
+        """The server whose bound applies to ``expert_id`` (None: no server bound)."""
+        return self.server_of(expert_id) if self.config.max_running_per_server is not None else None
 
     async def acquire(self, expert_id: str, deadline: Deadline) -> None:
         """Take a slot for ``expert_id`` and its server; raises OverloadedError (a queue full or
@@ -85,16 +132,16 @@ class Admission:
         wait_end = time.monotonic() + c.max_queue_wait_s
         await self._take(self._gates[expert_id], c.max_running_per_expert, c.max_queued_per_expert,
                          f"expert {expert_id!r}", wait_end, deadline)
-        server = self.server_of(expert_id) if c.max_running_per_server is not None else None
-        if server is None:
-            return
-        try:
-            await self._take(self._servers[server], c.max_running_per_server, c.max_queued_per_server,
-                             f"the server of expert {expert_id!r}", wait_end, deadline)
-        except BaseException:
-            self._give(self._gates[expert_id])
-            raise
-        self._held[expert_id].append(server)
+        server = self._server(expert_id)
+        if server is not None:
+            try:
+                await self._take(self._servers[server], c.max_running_per_server, c.max_queued_per_server,
+                                 f"the server of expert {expert_id!r}", wait_end, deadline)
+            except BaseException:
+                self._give(self._gates[expert_id])
+                raise
+            self._held[expert_id].append(server)
+        self._started[expert_id].append(time.monotonic())
 
     async def _take(self, gate: _Gate, running: int, queued: int, what: str, wait_end: float,
                     deadline: Deadline) -> None:
@@ -140,7 +187,18 @@ class Admission:
         return True
 
     def release(self, expert_id: str) -> None:
-        """Give the expert's slot back, and its server's (each to its oldest waiter, else to the pool)."""
+        """Give the expert's slot back, and its server's (each to its oldest waiter, else to the
+        pool), and count the time it was held into the server's service time. Releases are paired
+        with the expert's oldest running request: among concurrent requests one's time may be
+        counted as another's, but their sum, and so the average, is exact."""
+        started = self._started.get(expert_id)
+        if started:
+            held_s = time.monotonic() - started.popleft()
+            if not started:
+                del self._started[expert_id]
+            key = self.server_of(expert_id) or expert_id
+            old = self._service.get(key)
+            self._service[key] = held_s if old is None else old + SERVICE_EWMA * (held_s - old)
         held = self._held.get(expert_id)
         if held:
             self._give(self._servers[held.pop()])
@@ -156,3 +214,10 @@ class Admission:
                 fut.set_result(None)  # the slot passes on; ``running`` is unchanged
                 return
         gate.running = max(gate.running - 1, 0)
+
+
+def _gate_wait(gate: _Gate | None, slots: int | None, service_s: float) -> float:
+    """Expected wait at one bound: 0 while it has a free slot and no queue."""
+    if gate is None or slots is None or (gate.running < slots and not gate.waiters):
+        return 0.0
+    return (gate.waiting() + 1) * service_s / slots

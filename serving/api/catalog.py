@@ -10,7 +10,6 @@ state. Everything runs on the ingress's event loop (not thread-safe).
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 from coe.config import Expert, ModelExpert
@@ -25,11 +24,16 @@ class Health:
     ``mark_down`` starts a hold of ``retry_after_s``; while it lasts, :meth:`retry_after` says how
     long is left and requests fail fast or go elsewhere. When it ends the next request is let
     through (half-open): a success or a good probe marks the expert up, another failure marks it
-    down again."""
+    down again.
+
+    Apart from that, an expert its server reported as failed to load (its adapter folder is gone,
+    its model does not load) is *unavailable* (:meth:`unavailable`) until a readiness probe finds
+    it loaded: no hold runs out on it, routing never picks it, and pinned requests fail fast."""
 
     def __init__(self, retry_after_s: float) -> None:
         self.retry_after_s = retry_after_s
         self._down: dict[str, tuple[float, str]] = {}  # expert id -> (monotonic end of hold, why)
+        self._unavailable: dict[str, str] = {}  # expert id -> why its server could not load it
 
     def mark_down(self, expert_ids, why: str, retry_after_s: float | None = None) -> None:
         until = time.monotonic() + (retry_after_s or self.retry_after_s)
@@ -55,8 +59,21 @@ class Health:
         entry = self._down.get(expert_id)
         return entry[1] if entry else None
 
+    def set_unavailable(self, reasons: dict[str, str]) -> None:
+        """Replace the unavailable experts (expert id -> why), as a readiness probe found them."""
+        for eid in reasons.keys() - self._unavailable.keys():
+            log.warning("expert %s is unavailable: %s", eid, reasons[eid])
+        for eid in self._unavailable.keys() - reasons.keys():
+            log.info("expert %s is available again", eid)
+        self._unavailable = dict(reasons)
+
+    def unavailable(self, expert_id: str) -> str | None:
+        """Why ``expert_id`` could not be loaded; None when it is not known to have failed."""
+        return self._unavailable.get(expert_id)
+
     def forget(self, expert_id: str) -> None:
         self._down.pop(expert_id, None)
+        self._unavailable.pop(expert_id, None)
 
 
 class ExpertCatalog:
@@ -102,19 +119,9 @@ class ExpertCatalog:
                       if getattr(e, "base", None) == expert_id or e.fallback == expert_id)
 
     def serving(self, expert_id: str) -> bool:
-        return expert_id in self._experts and self.health.retry_after(expert_id) is None
-
-    def ranked(self, scores: dict[str, float], *, default: str | None, exclude=()) -> list[str]:
-        """Serving experts, best first by router ``scores`` (NaN or missing last; ties: ``default``
-        first, then the catalog's order), without those in ``exclude``."""
-        order = {eid: k for k, eid in enumerate(self._experts)}
-
-        def key(eid: str):
-            s = scores.get(eid, math.nan)
-            s = -math.inf if s is None or (isinstance(s, float) and math.isnan(s)) else s
-            return (-s, eid != default, order[eid])
-
-        return sorted((eid for eid in self._experts if eid not in exclude and self.serving(eid)), key=key)
+        """Whether requests may go to ``expert_id`` now: it is live, not unavailable, not held down."""
+        return (expert_id in self._experts and self.health.unavailable(expert_id) is None
+                and self.health.retry_after(expert_id) is None)
 
     # ------------------------------------------------------------------ changing
 

@@ -11,9 +11,10 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from coe.profile_records import ProfileJob
+from coe.routers.policy import Candidate, Plan
 from coe.serving.api.logprobs import ChoiceLogprobs, PromptLogprob
 from coe.types import ChatMessage
 
@@ -58,10 +59,26 @@ class ChatCompletionRequest(_Open):
         None, description="{'type': 'text' | 'json_object' | 'json_schema'} (json_schema: {name, schema, strict}): "
                           "JSON answers by guided decoding; anything else gets a 400.")
     tools: list[dict[str, Any]] | None = Field(
-        None, description="Served only by an expert whose chat template takes tools and whose tool calls coe parses "
-                          "(none of the shipped ones): otherwise a 400 naming the expert, unless tool_choice is 'none'.")
+        None, description="OpenAI function tools ({type: 'function', function: {name, description, parameters}}), "
+                          "rendered by the expert's chat template; served by an expert whose template takes tools in "
+                          "a family coe parses (Hermes/Qwen's <tool_call>), else a 400 naming the expert (a routed "
+                          "request goes to the best tool-capable expert instead), unless tool_choice is 'none'.")
     tool_choice: str | dict[str, Any] | None = Field(
-        None, description="'none' is served (tools are not rendered); others need tools and a tool-capable expert.")
+        None, description="'auto' (the default with tools: the model may call tools) or 'none' (tools are not "
+                          "rendered; plain text); 'required' and a named function get a 400 naming tool_choice.")
+    coe: dict[str, Any] | None = Field(
+        None, description="coe's own options (checked by serving/api/validation.py: an unknown key or a bad value "
+                          "gets a 400 naming it). {trace: true}: the response's coe field carries the routing plan "
+                          "(candidates).")
+
+
+class CoeOptions(BaseModel):
+    """The ``coe`` object of a chat request."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    trace: bool = Field(False, description="Add the routing plan (every candidate expert, best first, with its "
+                                           "live state) to the response's coe field as candidates.")
 
 
 class RouteRequest(_Open):
@@ -81,6 +98,11 @@ class RoutingInfo(BaseModel):
     pinned: bool = False
     fallback_from: str | None = None
     routing_ms: float = 0.0
+    candidates: list[Candidate] | None = Field(
+        None, description="The routing plan, when the request asked for it (coe: {trace: true}): every candidate "
+                          "expert, best first, with its predicted quality and uncertainty, cost, queue depth, "
+                          "expected wait, residency (pooled experts) and health.")
+    _plan: Plan | None = PrivateAttr(None)   # the plan the fallbacks follow (routed requests)
 
 
 class Usage(BaseModel):
@@ -89,9 +111,30 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments, a JSON object encoded as a string (OpenAI's shape).")
+
+
+class ToolCall(BaseModel):
+    """One call of a tool the model made (OpenAI's ``tool_calls[]``)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaToolCall(ToolCall):
+    """A tool call in a streamed chunk: sent whole, once its closing tag has arrived."""
+
+    index: int = Field(description="The call's position among this answer's tool calls.")
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="The answer's text; null when the answer is only tool calls.")
+    tool_calls: list[ToolCall] | None = Field(None, description="The tools the model called (finish_reason "
+                                                                "'tool_calls'); null when it called none.")
 
 
 class Choice(BaseModel):
@@ -115,6 +158,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):
@@ -159,6 +203,11 @@ class ExpertInfo(BaseModel):
     source: Literal["config", "registry"]
     server: str
     ready: bool
+    state: Literal["ready", "not_ready", "unavailable"] = Field(
+        "ready", description="'ready': it serves; 'not_ready': loading, or its server is down for now; "
+        "'unavailable': its server failed to load it (`error` says why): routing skips it until it loads, and "
+        "one registered at runtime does not hold /readyz and can still be removed.",
+    )
     error: str | None = None
     config: dict[str, Any]
     profile: ProfileJob | None = Field(None, description="The latest runtime profile: state, progress, error.")

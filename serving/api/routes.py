@@ -39,7 +39,8 @@ CLIENT_GONE = 499  # nginx's "client closed request": nobody reads it, the acces
 _API_KEY = HTTPBearer(scheme_name="apiKey", auto_error=False,
                       description="serving.api_key, when set (chat, routing, models).")
 _ADMIN_KEY = HTTPBearer(scheme_name="adminKey", auto_error=False,
-                        description="serving.admin_key (or $COE_ADMIN_KEY): expert registration.")
+                        description="$COE_ADMIN_KEY (the variable named by serving.admin_key_env): "
+                        "expert registration.")
 _WHY = {
     400: "Invalid request: names the field and what is allowed", 401: "No bearer token", 403: "Wrong key",
     404: "Unknown model or expert", 409: "Conflict (already registered, or in use)", 413: "Body too large",
@@ -189,8 +190,12 @@ def create_api(service: CoEService) -> FastAPI:
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"description": "Some expert is not ready (the body says which)"}})
+    @app.get("/readyz", responses={503: {"description": "Some expert of the config is not ready (the body says "
+                                                       "which and why)"}})
     async def readyz():
+        """200 once every expert of the config has loaded. The body gives each expert's reason when
+        it is not ready; an expert registered at runtime that its server failed to load (its
+        adapter folder is gone) is listed there but does not hold readiness."""
         ready, experts = await service.readiness()
         return JSONResponse({"ready": ready, "experts": experts}, status_code=200 if ready else 503)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import hmac
 import logging
 import os
@@ -27,6 +28,7 @@ from typing import TypeVar
 
 from coe.config import CoEConfig, Expert, LoraExpert
 from coe.errors import (
+    AdapterError,
     EngineError,
     ExpertNotFoundError,
     ForbiddenError,
@@ -37,10 +39,12 @@ from coe.errors import (
     UnauthorizedError,
     available,
 )
+from coe.routers.policy import SelectionPolicy
 from coe.serving.api.admission import Admission, Deadline
 from coe.serving.api.backend import Backend
 from coe.serving.api.catalog import ExpertCatalog
 from coe.serving.api.errors import as_coe_error
+from coe.serving.api.live import LiveState
 from coe.serving.api.models import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -51,10 +55,11 @@ from coe.serving.api.models import (
     new_id,
 )
 from coe.serving.api.sse import ChatChunks, EventStream, response_of
-from coe.serving.api.tools import refuse_tools
+from coe.serving.api.tools import tools_for
 from coe.serving.api.validation import (
     chat_logprobs,
     check_text,
+    coe_options,
     refuse_unimplemented,
     sampling_params,
 )
@@ -66,6 +71,24 @@ from coe.types import ChatMessage, GenerationOutput, GenerationRequest, Sampling
 log = logging.getLogger("coe.serving")
 ROUTED = "coe"
 T = TypeVar("T")
+
+
+class _AdapterFailed(EngineError):
+    """A LoRA expert's adapter failed to load on its server during a request (its folder is gone):
+    a 503 for that expert only, so the server's other experts may still take the request. Private
+    to the ingress: :meth:`CoEService._public` maps it before it leaves."""
+
+
+def key_digest(key: str | None) -> bytes | None:
+    """The SHA-256 digest a key is kept as (None for no key). A plain hash suffices: the keys
+    are random bearer tokens, not passwords, and the digest never leaves the process."""
+    return None if key is None else hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def same_key(token: str, digest: bytes) -> bool:
+    """Whether ``token`` is the key kept as ``digest``, in constant time (equal-length digests:
+    neither the key's length nor its prefix leaks through timing)."""
+    return hmac.compare_digest(key_digest(token), digest)
 
 
 def query_text(messages) -> str:
@@ -89,8 +112,15 @@ class CoEService:
                                      config_ids={e.id for e in config.experts}, router=router, registry=registry,
                                      down_retry_after_s=s.faults.down_retry_after_s)
         self.admission = Admission(s.admission, server_of=self._server_of)
+        self.policy = SelectionPolicy.from_config(config.router.policy)
+        self.live = LiveState(self.catalog, self.admission, backend)
         self.admin_lock = asyncio.Lock()
-        self.admin_key = s.admin_key or os.environ.get(s.admin_key_env) or None
+        # Keys are kept only as digests (no plaintext in attributes, reprs or tracebacks); the
+        # config keeps no api_key either, so nothing that shows the config shows a key.
+        self._admin_digest = key_digest(os.environ.get(s.admin_key_env) or None)
+        self._api_digest = key_digest(s.api_key)
+        if s.api_key is not None:
+            self.config = config.model_copy(update={"serving": s.model_copy(update={"api_key": None})})
         self._probe: asyncio.Task | None = None
 
     def _server_of(self, expert_id: str) -> str | None:
@@ -104,30 +134,36 @@ class CoEService:
     # ------------------------------------------------------------------ auth
 
     def check_admin(self, token: str | None) -> None:
-        """401 without a Bearer token, 403 with a wrong one (or when no admin key is configured)."""
+        """401 without a Bearer token, 403 with a wrong one (or when no admin key is configured:
+        ``$COE_ADMIN_KEY``, the variable named by ``serving.admin_key_env``, was unset at start)."""
         if not token:
             raise UnauthorizedError("the admin API needs `Authorization: Bearer <admin key>`")
-        if self.admin_key is None:
+        if self._admin_digest is None:
             raise ForbiddenError(
-                f"no admin key is configured: set serving.admin_key or ${self.config.serving.admin_key_env}"
+                f"no admin key is configured: set ${self.config.serving.admin_key_env} in the service's "
+                "environment and restart it"
             )
-        if not hmac.compare_digest(token.encode(), self.admin_key.encode()):
+        if not same_key(token, self._admin_digest):
             raise ForbiddenError("the admin key is wrong")
 
     def check_api(self, token: str | None) -> None:
-        key = self.config.serving.api_key
-        if key is None:
+        """Nothing when chat is open (no ``serving.api_key``); else 401 without a Bearer token, 403
+        with a wrong one."""
+        if self._api_digest is None:
             return
         if not token:
             raise UnauthorizedError("this service needs `Authorization: Bearer <api key>`")
-        if not hmac.compare_digest(token.encode(), key.encode()):
+        if not same_key(token, self._api_digest):
             raise ForbiddenError("the api key is wrong")
 
     # ------------------------------------------------------------------ routing
 
-    async def decide(self, model: str, messages) -> RoutingInfo:
-        """Pin (``model`` is an expert id) or route (``model == 'coe'``). A routed request skips
-        experts whose server is down (the next-best serving one, per ``serving.faults``)."""
+    async def decide(self, model: str, messages, *, trace: bool = False) -> RoutingInfo:
+        """Pin (``model`` is an expert id) or route (``model == 'coe'``). A routed request follows
+        the policy's plan (:meth:`coe.routers.policy.SelectionPolicy.plan`) over the router's scores
+        and the live state (:class:`LiveState`): it skips experts whose server is down (the
+        next-best serving one, per ``serving.faults``) and, with ``router.policy.load_weight``,
+        weighs each expert's expected wait. ``trace``: the plan goes into ``info.candidates``."""
         self._ensure_probe()
         if model != ROUTED:
             if model not in self.catalog:
@@ -135,7 +171,10 @@ class CoEService:
                     f"unknown model {model!r}; available: {ROUTED} (routed), {available(self.catalog.ids())}",
                     param="model",
                 )
-            return RoutingInfo(expert=model, router="pinned", pinned=True)
+            info = RoutingInfo(expert=model, router="pinned", pinned=True)
+            if trace:
+                info.candidates = list(self.live.plan(self.policy, [model], {}).candidates)
+            return info
         # concurrent queries share one embedding batch
         from coe.routers.microbatch import batcher_for
 
@@ -148,22 +187,39 @@ class CoEService:
         info = RoutingInfo(expert=decision.expert, router=decision.router, scores=dict(decision.scores),
                            routing_ms=elapsed * 1000.0)
         default = self.config.router.default_expert
-        if info.expert not in self.catalog:  # a stale router choice: fall back to the general expert
-            info.expert = default if default in self.catalog else self.catalog.ids()[0]
-        if not self.catalog.serving(info.expert) and self.config.serving.faults.on_server_down == "fallback":
-            ranked = self.catalog.ranked(info.scores, default=default)
-            if ranked:
-                info.fallback_from, info.expert = info.expert, ranked[0]
+        routed = info.expert
+        if routed not in self.catalog:  # a stale router choice: fall back to the general expert
+            routed = default if default in self.catalog else self.catalog.ids()[0]
+        # the router's choice leads unless the policy weighs load and the choice is its own pick on
+        # the scores (the default expert of an unsure query stays first)
+        head = routed if getattr(decision, "reason", "policy") != "policy" or not self.policy.load_weight else None
+        plan = self.live.plan(self.policy, self.catalog.ids(), info.scores,
+                              uncertainty=getattr(decision, "uncertainty", None), head=head, default=default)
+        info._plan, info.expert = plan, plan.expert
+        if trace:
+            info.candidates = list(plan.candidates)
+        if not self.catalog.serving(routed):
+            # 'fail': 503 at once (on_experts) rather than another expert, unless it failed to load
+            if self.config.serving.faults.on_server_down == "fail" and self.catalog.health.unavailable(routed) is None:
+                info.expert = routed
+            elif info.expert != routed:
+                info.fallback_from = routed
         return info
+
+    def _ranked(self, info: RoutingInfo, exclude=()) -> list[str]:
+        """The serving experts of a routed request's plan, best first, without ``exclude``."""
+        plan = info._plan
+        return [] if plan is None else plan.ranked(exclude, usable=self.catalog.serving)
 
     async def route(self, req: RouteRequest) -> dict:
         check_text(req.model_dump())
         if req.query is None and not req.messages:
             raise InvalidRequestError("/v1/route needs `query` or non-empty `messages`", param="query")
         messages = req.messages or [ChatMessage(role="user", content=req.query)]
-        info = await self.decide(req.model, messages)
+        info = await self.decide(req.model, messages, trace=True)
         return {"expert": info.expert, "router": info.router, "scores": info.scores,
-                "pinned": info.pinned, "routing_ms": info.routing_ms}
+                "pinned": info.pinned, "routing_ms": info.routing_ms,
+                "candidates": [dataclasses.asdict(c) for c in info.candidates or []]}
 
     def model_card(self, model_id: str) -> ModelCard:
         """The card of ``coe`` or of one expert (ExpertNotFoundError 404 otherwise)."""
@@ -215,27 +271,32 @@ class CoEService:
         return getattr(expert, "model", None)
 
     @staticmethod
-    def chat_request(req: ChatCompletionRequest, sampling: SamplingParams) -> GenerationRequest:
+    def chat_request(req: ChatCompletionRequest, sampling: SamplingParams, tools=None) -> GenerationRequest:
+        """The engine's request; ``tools`` (the tool-call parser, None: no tools) renders ``req.tools``."""
         return GenerationRequest(request_id="", messages=list(req.messages), sampling=sampling,
                                  add_generation_prompt=req.add_generation_prompt,
-                                 continue_final_message=req.continue_final_message)
+                                 continue_final_message=req.continue_final_message,
+                                 tools=req.tools if tools is not None else None)
 
     def _next_expert(self, expert_id: str, err: Exception, tried: list[str], info: RoutingInfo) -> str | None:
         """Where to retry after ``err``: only after an engine failure (503), never after a client
         error; the expert's own ``fallback``, else (routed requests) the next-best expert by the
-        router's scores; never one on the failed server or one whose server is down. None: give up."""
+        router's scores; never one on the failed server (unless only the expert's adapter failed
+        to load there) or one whose server is down. None: give up."""
         if not isinstance(err, EngineError):
             return None
         if isinstance(err, ServerDownError) and self.config.serving.faults.on_server_down == "fail":
             return None
         expert = self.catalog.get(expert_id)
-        exclude = set(tried) | (set(self.catalog.on_server(server_id_of(expert))) if expert else set())
+        exclude = set(tried)
+        if expert is not None and not isinstance(err, _AdapterFailed):
+            exclude |= set(self.catalog.on_server(server_id_of(expert)))
         if expert is not None and expert.fallback and expert.fallback not in exclude \
                 and self.catalog.serving(expert.fallback):
             return expert.fallback
         if info.pinned:
             return None
-        ranked = self.catalog.ranked(info.scores, default=self.config.router.default_expert, exclude=exclude)
+        ranked = self._ranked(info, exclude)
         return ranked[0] if ranked else None
 
     def _public(self, err: Exception, expert_id: str) -> Exception:
@@ -244,7 +305,10 @@ class CoEService:
         if not isinstance(err, EngineError):
             return err
         log.warning("expert %s could not answer: %s", expert_id, err.message)
-        if isinstance(err, ServerDownError):
+        if isinstance(err, _AdapterFailed) or self.catalog.health.unavailable(expert_id) is not None:
+            # (the reason, with its paths, is for the log and the admin API)
+            why = "it failed to load on its server (an operator must fix or remove it)"
+        elif isinstance(err, ServerDownError):
             why = "its server is down or restarting"
         elif isinstance(err, NotReadyError):
             why = "its engine is still loading"
@@ -257,12 +321,16 @@ class CoEService:
     async def on_experts(self, info: RoutingInfo, endpoint: str, attempt: Callable[[str], Awaitable[T]]) -> T:
         """``attempt(expert)`` on ``info.expert``, then on fallbacks after engine failures (the
         one fallback loop of plain and streamed requests). An expert whose server is down fails
-        fast. Sets ``info.expert``/``info.fallback_from``; raises the public error when out of options."""
+        fast, and so does an unavailable one (its server failed to load it). Sets
+        ``info.expert``/``info.fallback_from``; raises the public error when out of options."""
         expert, tried, health = info.expert, [], self.catalog.health
         while True:
             self.metrics.requests.labels(expert, endpoint).inc()
             wait = health.retry_after(expert)
+            broken = health.unavailable(expert)
             try:
+                if broken is not None:
+                    raise ServerDownError(f"expert {expert} is unavailable: {broken}")
                 if wait is not None:
                     raise ServerDownError(f"expert {expert} is marked down: {health.why(expert)}", retry_after_s=wait)
                 result = await attempt(expert)
@@ -273,9 +341,11 @@ class CoEService:
                 err = as_coe_error(raw)
                 if err is None:
                     raise
+                if isinstance(err, AdapterError):  # not the client's doing: it names no adapter
+                    err = _AdapterFailed(f"the adapter of expert {expert} failed to load: {err.message}")
                 self.metrics.errors.labels(expert, err.code).inc()
                 if isinstance(err, ServerDownError) and not isinstance(err, ReplicaLostError) and wait is None \
-                        and expert in self.catalog:
+                        and broken is None and expert in self.catalog:
                     health.mark_down(self.catalog.on_server(self.catalog.server_of(expert)), err.message,
                                      err.retry_after_s)
                 tried.append(expert)
@@ -287,22 +357,24 @@ class CoEService:
                 info.fallback_from, expert = info.fallback_from or expert, nxt
 
     async def _admit(self, req: ChatCompletionRequest):
-        """(deadline, start time, sampling, routing info) of a chat request: parameters validated,
-        expert chosen, unimplemented fields refused for that expert — before anything is queued."""
+        """(deadline, start time, sampling, routing info, tool-call parser or None) of a chat request:
+        parameters validated, expert chosen (a tool-capable one when it asks for tools), unimplemented
+        fields refused for that expert — before anything is queued."""
         deadline = Deadline(self.config.serving.request_timeout_s)
         t0 = time.perf_counter()
         sampling = self.sampling(req)
-        info = await self.decide(req.model, req.messages)
+        info = await self.decide(req.model, req.messages, trace=coe_options(req.coe).trace)
         refuse_unimplemented(req, info.expert)
-        refuse_tools(req, info.expert, self.model_ref(info.expert))
-        return deadline, t0, sampling, info
+        tools = tools_for(req, info, model_ref=self.model_ref,
+                          ranked=lambda: self._ranked(info))
+        return deadline, t0, sampling, info, tools
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         """A whole answer; raises CoEError (mapped to HTTP by the caller). Cancelling the call
         (the client went away) cancels the generation on the expert server."""
-        deadline, t0, sampling, info = await self._admit(req)
-        out = await self.generate(info, self.chat_request(req, sampling), deadline, t0, "chat")
-        return response_of(out, info, top_logprobs=sampling.logprobs)
+        deadline, t0, sampling, info, tools = await self._admit(req)
+        out = await self.generate(info, self.chat_request(req, sampling, tools), deadline, t0, "chat")
+        return response_of(out, info, top_logprobs=sampling.logprobs, tools=tools)
 
     async def generate(self, info: RoutingInfo, request: GenerationRequest, deadline: Deadline, t0: float,
                        endpoint: str) -> GenerationOutput:
@@ -336,9 +408,10 @@ class CoEService:
         can still say so); later ones end the stream with an error event. The returned stream
         yields SSE lines and ends with ``data: [DONE]``; ``aclose()`` (the client went away)
         cancels the generation and frees the expert's slot, whether or not it was iterated."""
-        deadline, t0, sampling, info = await self._admit(req)
-        shape = ChatChunks(req, info, top_logprobs=sampling.logprobs)
-        return info, await self.stream(info, self.chat_request(req, sampling), deadline, t0, "chat_stream", shape)
+        deadline, t0, sampling, info, tools = await self._admit(req)
+        shape = ChatChunks(req, info, top_logprobs=sampling.logprobs, tools=tools)
+        return info, await self.stream(info, self.chat_request(req, sampling, tools), deadline, t0, "chat_stream",
+                                       shape)
 
     async def stream(self, info: RoutingInfo, request: GenerationRequest, deadline: Deadline, t0: float,
                      endpoint: str, shape) -> EventStream:
@@ -382,39 +455,48 @@ class CoEService:
             await asyncio.sleep(period)
 
     async def close(self) -> None:
-        """Stop the background health probe."""
+        """Stop the background health probe (and a read of the pool's state in flight)."""
         if self._probe is not None:
             self._probe.cancel()
             await asyncio.gather(self._probe, return_exceptions=True)
             self._probe = None
+        await self.live.close()
 
     async def readiness(self) -> tuple[bool, dict[str, str | None]]:
-        """(ready, per expert: None or why not). Ready when every expert's engine has loaded.
-        Updates the health state: an expert that is not ready is marked down, a ready one up."""
+        """(ready, per expert: None or why not). Ready when every expert of the config has loaded;
+        an expert registered at runtime that its server failed to load (its adapter folder is
+        gone, say) is reported with its reason but does not hold readiness: it stays removable
+        (DELETE /v1/experts/{id}) and routing skips it. Updates the health state: an expert its
+        server failed to load is unavailable, one not ready yet is marked down, a ready one up."""
         ids = self.catalog.ids()
         try:
             states = await asyncio.wait_for(self.backend.ready(), timeout=10)
         except Exception as err:  # noqa: BLE001
             return False, {eid: f"expert servers did not answer: {type(err).__name__}" for eid in ids}
-        out = {eid: self._state(eid, states) for eid in ids}
+        found = {eid: self._state(eid, states) for eid in ids}
+        out = {eid: why for eid, (why, _) in found.items()}
         health = self.catalog.health
+        health.set_unavailable({eid: why for eid, (why, failed) in found.items() if failed})
         for eid, why in out.items():
             self.metrics.ready.labels(eid).set(0 if why else 1)
-            if why:
-                health.mark_down([eid], why)
-            else:
+            if why is None:
                 health.mark_up([eid])
-        return all(v is None for v in out.values()), out
+            elif health.unavailable(eid) is None:
+                health.mark_down([eid], why)
+        config_ids = self.catalog.config_ids
+        ready = all(why is None or (eid not in config_ids and found[eid][1]) for eid, why in out.items())
+        return ready, out
 
-    def _state(self, expert_id: str, states: dict[str, str | None]) -> str | None:
-        """A LoRA expert its server does not report (registered at runtime, loaded on a replica's
-        first request for it) is as ready as its base model."""
+    def _state(self, expert_id: str, states: dict[str, str | None]) -> tuple[str | None, bool]:
+        """(None or why not, whether its server reported that it failed to load). A LoRA expert
+        its server does not report (registered at runtime, loaded on a replica's first request
+        for it) is as ready as its base model; an expert no server reports is not loaded yet."""
         if expert_id in states:
-            return states[expert_id]
+            return states[expert_id], states[expert_id] is not None
         expert = self.catalog.get(expert_id)
         if isinstance(expert, LoraExpert) and expert.base in states:
-            return states[expert.base]
-        return "not loaded yet"
+            return states[expert.base], states[expert.base] is not None
+        return "not loaded yet", False
 
     async def refresh_gauges(self) -> None:
         """Scrape-time gauges: readiness per expert, batcher queue depth per server."""

@@ -28,10 +28,13 @@ from coe.serving.api.models import (
     Choice,
     ChunkChoice,
     DeltaMessage,
+    DeltaToolCall,
     RoutingInfo,
+    ToolCall,
     Usage,
     new_id,
 )
+from coe.serving.api.tools import ToolCallParser, parse_tool_calls
 from coe.serving.metrics import ServiceMetrics
 from coe.types import GenerationOutput, StreamDelta
 
@@ -41,16 +44,25 @@ def usage_of(out: GenerationOutput | StreamDelta) -> Usage:
                  total_tokens=out.prompt_tokens + out.completion_tokens)
 
 
-def response_of(out: GenerationOutput, info: RoutingInfo, *, top_logprobs: int | None = None) -> ChatCompletionResponse:
+def tool_finish(finish_reason: str, called: bool) -> str:
+    """``"tool_calls"`` when the model called a tool and stopped by itself; else its own reason."""
+    return "tool_calls" if called and finish_reason == "stop" else finish_reason
+
+
+def response_of(out: GenerationOutput, info: RoutingInfo, *, top_logprobs: int | None = None,
+                tools: Callable[[], ToolCallParser] | None = None) -> ChatCompletionResponse:
     """The chat response; ``top_logprobs`` (the SamplingParams count, None = not asked) adds
-    ``choices[].logprobs``; the output's prompt logprobs, when asked for, become ``prompt_logprobs``."""
+    ``choices[].logprobs``; the output's prompt logprobs, when asked for, become ``prompt_logprobs``;
+    ``tools`` (makes the parser of the expert's tool calls, None = no tools) splits the text into
+    ``content`` and ``tool_calls``."""
     logprobs = None
     if top_logprobs is not None and out.logprobs is not None:
         logprobs = chat_logprobs(out.token_ids, out.logprobs, top_logprobs)
+    content, calls = parse_tool_calls(tools, out.text) if tools is not None else (out.text, [])
     return ChatCompletionResponse(
         model=info.expert,
-        choices=[Choice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
-                        logprobs=logprobs)],
+        choices=[Choice(message=AssistantMessage(content=content, tool_calls=calls or None),
+                        finish_reason=tool_finish(out.finish_reason, bool(calls)), logprobs=logprobs)],
         usage=usage_of(out),
         coe=info,
         prompt_logprobs=prompt_logprobs_of(out.prompt_logprobs) if out.prompt_logprobs is not None else None,
@@ -66,10 +78,10 @@ class Chunks(Protocol):
         """The first event before any token (None: none)."""
 
     def content(self, delta: StreamDelta) -> str:
-        """The event of a delta's text (and logprobs)."""
+        """The event(s) of a delta's text (and logprobs); "" when there is nothing to send yet."""
 
     def finish(self, delta: StreamDelta) -> str:
-        """The event carrying the finish reason."""
+        """The event(s) carrying what is left and the finish reason."""
 
     def usage(self, usage: Usage) -> str:
         """The usage event (sent when ``include_usage``)."""
@@ -81,12 +93,18 @@ def sse(model: BaseModel) -> str:
 
 class ChatChunks:
     """OpenAI chat chunks: a role chunk with the routing info, content chunks (with logprobs and,
-    on the first, vLLM's prompt_logprobs when asked for), a finish chunk, the usage chunk."""
+    on the first, vLLM's prompt_logprobs when asked for), a finish chunk, the usage chunk.
 
-    def __init__(self, req, info: RoutingInfo, *, top_logprobs: int | None) -> None:
+    With ``tools`` (makes the parser of the expert's tool calls) the text goes through a parser: text
+    outside the calls streams as content, each call is one ``delta.tool_calls`` chunk once whole,
+    and the finish reason is ``"tool_calls"`` after a call (see ``serving/api/tools.py``)."""
+
+    def __init__(self, req, info: RoutingInfo, *, top_logprobs: int | None,
+                 tools: Callable[[], ToolCallParser] | None = None) -> None:
         self.info, self.top = info, top_logprobs
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
         self.id, self.created = new_id(), int(time.time())
+        self.parser, self.calls = (tools() if tools is not None else None), 0
 
     def _chunk(self, delta: DeltaMessage | None, finish=None, **kw) -> str:
         choices = [ChunkChoice(delta=delta, finish_reason=finish, logprobs=kw.pop("logprobs", None))] \
@@ -101,10 +119,29 @@ class ChatChunks:
         logprobs = chat_logprobs(delta.token_ids, delta.logprobs, self.top) \
             if self.top is not None and delta.logprobs is not None else None
         prompt = prompt_logprobs_of(delta.prompt_logprobs) if delta.prompt_logprobs is not None else None
-        return self._chunk(DeltaMessage(content=delta.text), logprobs=logprobs, prompt_logprobs=prompt)
+        if self.parser is None:
+            return self._chunk(DeltaMessage(content=delta.text), logprobs=logprobs, prompt_logprobs=prompt)
+        return self._pieces(self.parser.feed(delta.text), logprobs=logprobs, prompt_logprobs=prompt)
 
     def finish(self, delta: StreamDelta) -> str:
-        return self._chunk(DeltaMessage(), finish=delta.finish_reason)
+        rest = self._pieces(self.parser.finish()) if self.parser is not None else ""
+        return rest + self._chunk(DeltaMessage(), finish=tool_finish(delta.finish_reason, self.calls > 0))
+
+    def _pieces(self, pieces: list[str | ToolCall], **first) -> str:
+        """The chunks of a parser's pieces; the first carries ``first`` (logprobs), which get a
+        chunk of their own when there is no piece to carry them."""
+        events = []
+        for piece in pieces:
+            if isinstance(piece, ToolCall):
+                delta = DeltaMessage(tool_calls=[DeltaToolCall(index=self.calls, **piece.model_dump())])
+                self.calls += 1
+            else:
+                delta = DeltaMessage(content=piece)
+            events.append(self._chunk(delta, **first))
+            first = {}
+        if not events and any(v is not None for v in first.values()):
+            events.append(self._chunk(DeltaMessage(), **first))
+        return "".join(events)
 
     def usage(self, usage: Usage) -> str:
         return self._chunk(None, usage=usage)
@@ -162,7 +199,9 @@ class EventStream:
         delta, usage = first, None
         while delta is not None:
             if delta.text or delta.finish_reason is None or delta.logprobs or delta.prompt_logprobs is not None:
-                yield shape.content(delta)
+                event = shape.content(delta)
+                if event:
+                    yield event
             if delta.finish_reason is not None:
                 usage = usage_of(delta)
                 m.add_tokens(expert, delta.completion_tokens)

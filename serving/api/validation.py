@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from coe.config import ServingConfig
 from coe.errors import InvalidRequestError
+from coe.serving.api.models import CoeOptions
 from coe.types import MAX_LOGPROBS, ResponseFormat, SamplingParams
 
 SEED_MAX = 2**63 - 1
@@ -160,6 +161,25 @@ def sampling_params(req, serving: ServingConfig, *, logprobs: int | None = None,
         first = err.errors()[0]
         field = str(first["loc"][0]) if first.get("loc") else "body"
         raise InvalidRequestError(f"{field}: {first.get('msg', 'invalid')}", param=field) from None
+
+
+def coe_options(value) -> CoeOptions:
+    """The ``coe`` object of a chat request as :class:`CoeOptions` (defaults when absent). 400
+    naming the field (``coe`` or ``coe.<key>``) and the allowed keys for anything else."""
+    allowed = ", ".join(CoeOptions.model_fields)
+    if value is None:
+        return CoeOptions()
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"coe must be an object; allowed keys: {allowed}", param="coe")
+    try:
+        return CoeOptions.model_validate(value)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = "coe" + "".join(f".{x}" for x in first.get("loc", ()))
+        if first.get("type") == "extra_forbidden":
+            raise InvalidRequestError(f"{where} is not a coe option; allowed keys: {allowed}", param=where) from None
+        raise InvalidRequestError(f"{where}: {first.get('msg', 'invalid')}; allowed keys: {allowed}",
+                                  param=where) from None
 
 
 def refuse_unimplemented(req, expert_id: str) -> None:

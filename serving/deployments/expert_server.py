@@ -129,6 +129,7 @@ class ExpertServer:
             "requests": self.requests_served,
             "tokens": self.tokens_generated,
             "engine_running": self.engine.running() if self.engine is not None else None,
+            "engine": self.engine.stats() if self.engine is not None else {},
         }
 
     def host_expert(self, expert_id: str) -> None:
@@ -153,6 +154,8 @@ class ExpertServer:
         self._failed.pop(expert_id, None)
 
     async def remove_adapter(self, expert_id: str) -> None:
+        """Unload a LoRA expert; one that failed to load (its adapter folder gone) is forgotten too."""
+        self._failed.pop(expert_id, None)
         if self._experts.get(expert_id) is None:
             return
         await self.engine.remove_adapter(expert_id)
@@ -210,7 +213,9 @@ class ExpertServer:
                        lazy: str | None = None) -> GenerationRequest:
         eid = request.expert or self.spec.host.id
         request.expert = eid
-        if eid in self._failed:
+        # a LoRA that failed to load at start and was registered again since is served under its
+        # new adapter name (``lazy``, loaded by now): the old failure is not its own
+        if eid in self._failed and lazy is None:
             raise EngineError(self._failed[eid])
         if lazy is not None:  # acquired by the caller (_use): released in generate/stream
             request.adapter = lazy

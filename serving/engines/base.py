@@ -142,6 +142,11 @@ class Engine(abc.ABC):
         """Requests admitted or waiting, for metrics (None: the engine does not count them)."""
         return None
 
+    def stats(self) -> dict:
+        """A snapshot of the engine's own state for metrics and routing (the pool: residency and
+        swap-in costs); plain, picklable values. Default: nothing."""
+        return {}
+
     async def stop(self) -> None:
         """Free the model (default: nothing)."""
 

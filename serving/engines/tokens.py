@@ -30,23 +30,24 @@ def chat_template_of(tokenizer) -> str:
 
 def encode_request(tokenizer, request: GenerationRequest) -> list[int]:
     """Prompt token ids: ``prompt_token_ids`` as given, chat ``messages`` through the chat
-    template (with the request's ``add_generation_prompt`` / ``continue_final_message``), or the
-    raw ``prompt``.
+    template (with the request's ``add_generation_prompt`` / ``continue_final_message`` and
+    ``tools``; messages as :func:`template_messages` gives them), or the raw ``prompt``.
 
     Special tokens (BOS) are added the way the tokenizer is configured; a template that already
     writes BOS itself does not get a second one. Raises InvalidRequestError when the request
     has neither messages nor a prompt, when both chat flags are set or the final message to
-    continue is not the assistant's, and for token ids outside the vocabulary.
+    continue is not the assistant's, for an assistant's malformed ``tool_calls`` and for token
+    ids outside the vocabulary.
     """
     if request.prompt_token_ids is not None:
         return check_token_ids(tokenizer, request.prompt_token_ids)
     if request.messages:
         check_chat_flags(request.messages, request.add_generation_prompt, request.continue_final_message)
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         text = tokenizer.apply_chat_template(
-            messages, chat_template=chat_template_of(tokenizer), tokenize=False,
+            template_messages(request.messages), chat_template=chat_template_of(tokenizer), tokenize=False,
             add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message,
+            **({"tools": request.tools} if request.tools else {}),
         )
     elif request.prompt is not None:
         text = request.prompt
@@ -59,6 +60,46 @@ def encode_request(tokenizer, request: GenerationRequest) -> list[int]:
     if not ids:
         raise InvalidRequestError("the prompt is empty after tokenization")
     return ids
+
+
+def template_messages(messages) -> list[dict]:
+    """Chat messages as chat templates read them: ``role`` and ``content`` (text), plus an
+    assistant's OpenAI ``tool_calls`` with each call's ``arguments`` decoded from its JSON string
+    into an object (templates write ``arguments | tojson``; vLLM decodes them the same way), and a
+    ``tool`` message's ``tool_call_id`` / ``name``. Raises InvalidRequestError naming
+    ``messages[i].tool_calls`` for a call without a function name or with arguments that are not a
+    JSON object."""
+    out = []
+    for i, m in enumerate(messages):
+        message = {"role": m.role, "content": m.text()}
+        extra = m.model_extra or {}
+        if m.role == "assistant" and extra.get("tool_calls"):
+            message["tool_calls"] = [_template_call(call, f"messages[{i}].tool_calls[{k}]")
+                                     for k, call in enumerate(extra["tool_calls"])]
+        elif m.role == "tool":
+            message.update({key: extra[key] for key in ("tool_call_id", "name") if extra.get(key) is not None})
+        out.append(message)
+    return out
+
+
+def _template_call(call, where: str) -> dict:
+    import json
+
+    function = call.get("function") if isinstance(call, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError(f"{where} needs function.name (OpenAI's shape: "
+                                  "{id, type: 'function', function: {name, arguments}})", param="messages")
+    args = function.get("arguments", "{}")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError:
+            args = None
+    if not isinstance(args, dict):
+        raise InvalidRequestError(f"{where}.function.arguments must be a JSON object encoded as a string",
+                                  param="messages")
+    return {"id": call.get("id"), "type": "function", "function": {"name": name, "arguments": args}}
 
 
 def check_chat_flags(messages, add_generation_prompt: bool, continue_final_message: bool) -> None:

@@ -10,17 +10,33 @@ compiles, xgrammar backend, compact JSON as there: ``disable_any_whitespace``). 
 engine at once (a broken adapter fails at registration). Streaming uses
 ``RequestOutputKind.DELTA``; closing the stream aborts the request in the engine.
 
+Prompt log-probabilities run alone. With LoRA enabled, vLLM computes the logits of a request's
+prompt positions (``GPUModelRunner._get_prompt_logprobs_dict``, the CPU runner's too) through
+``LogitsProcessorWithLoRA``, whose LoRA mapping has one entry per *sequence* of the step
+(``sampler_indices``), not one per prompt token. With other sequences in the step,
+``punica_cpu.add_lora_logits`` fails on the shapes and the EngineCore dies, for every expert on it
+(vllm#16668, #29955); on a GPU the kernels apply an lm_head LoRA to the wrong rows (vllm#51594).
+A one-sequence step has a one-entry mapping, which the CPU kernel broadcasts over all prompt
+positions (right), so :class:`PrefillGate` keeps each prompt-logprob request's prefill alone in
+the engine; the GPU kernel still reaches only the first position, so there prompt logprobs under an
+adapter that trains lm_head are refused (400). If the engine dies anyway, every request fails at
+once with an :class:`~coe.errors.EngineError` that says so; vLLM's rejections of a request's content
+(``VLLMClientError``, ``ValueError``/``TypeError`` while it checks the request) are 400s
+(:class:`~coe.errors.InvalidRequestError`).
+
 vLLM starts worker processes with ``spawn``: a script that starts this engine needs an
 ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import uuid
+from collections import deque
 
-from coe.errors import AdapterError, EngineError, NotReadyError
+from coe.errors import AdapterError, EngineError, InvalidRequestError, NotReadyError
 from coe.serving.engines.adapter_check import LoraInfo, validate_lora_adapter
 from coe.serving.engines.base import Capabilities, Engine, register_engine
 from coe.serving.engines.loading import (
@@ -53,6 +69,7 @@ class VLLMEngine(Engine):
         self._max_len = self.config.max_model_len
         self._adapters: dict[str, tuple[int, LoraInfo]] = {}
         self._ids = itertools.count(1)
+        self._gate = PrefillGate()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -152,23 +169,39 @@ class VLLMEngine(Engine):
         return LoRARequest(name, int_id, info.path)
 
     async def stream(self, request: GenerationRequest):
-        """Yield StreamDeltas; raises ContextLengthError / AdapterError before the first one."""
-        if self._engine is None:
-            raise NotReadyError(f"engine for {self.model_path} is not started")
+        """Yield StreamDeltas; raises ContextLengthError / AdapterError / InvalidRequestError (what
+        vLLM rejects in the request) before the first one, EngineError when the engine has died."""
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self._check_alive()
         prompt_ids = self.encode_prompt(request)
         check_context(len(prompt_ids), request.sampling.max_tokens, self.max_model_len)
         lora = self._lora(request.adapter)
-        request_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs unique ids
-        outputs = self._engine.generate(
-            {"prompt_token_ids": prompt_ids}, self._sampling(request), request_id, lora_request=lora
-        )
-        completion, finished, first = 0, False, True
         want_prompt = request.sampling.prompt_logprobs is not None
+        if want_prompt and lora is not None and resolve_device(self.config) != "cpu" \
+                and _trains_lm_head(self._adapters[request.adapter][1]):
+            raise InvalidRequestError(
+                f"prompt_logprobs are not available for adapter {request.adapter!r} on this engine: it trains "
+                "lm_head, which vLLM leaves out of prompt log-probabilities on a GPU (vllm#51594)",
+                param="prompt_logprobs")
         try:
+            params = self._sampling(request)
+        except (ValueError, TypeError, VLLMClientError) as err:  # vLLM checks the values as it builds them
+            raise _rejected(err, request) from None
+        hold = await self._gate.enter(exclusive=want_prompt)
+        outputs, request_id = None, f"{request.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs unique ids
+        completion, finished, first = 0, False, True
+        try:
+            self._check_alive()  # it may have died while this request waited
+            outputs = self._engine.generate({"prompt_token_ids": prompt_ids}, params, request_id, lora_request=lora)
             async for out in outputs:
+                hold.downgrade()  # its prefill is done: the prompt logprobs come with this output
                 piece = out.outputs[0]
                 completion += len(piece.token_ids)
                 finished = out.finished
+                if finished:
+                    hold.release()  # nothing of it is left in the engine
                 delta = StreamDelta(
                     text=piece.text,
                     token_ids=list(piece.token_ids),
@@ -183,12 +216,33 @@ class VLLMEngine(Engine):
                     delta.prompt_token_texts = [self._tokenizer.decode([t]) for t in prompt_ids]
                 first = False
                 yield delta
-        except (ValueError, TypeError) as err:  # vLLM's request validation
-            raise EngineError(f"vLLM rejected the request: {err}") from err
+        except EngineDeadError:
+            raise EngineError(self._dead_message()) from None
+        except VLLMClientError as err:  # vLLM's checks of the request (input processing)
+            raise _rejected(err, request) from None
+        except Exception as err:
+            # before the first output, a ValueError/TypeError (raw, or the cause of vLLM's
+            # EngineGenerateError) comes from checking this request's content
+            cause = err if isinstance(err, (ValueError, TypeError)) else err.__cause__
+            if first and _is_client_error(cause):
+                raise _rejected(cause, request) from None
+            raise
         finally:
-            await outputs.aclose()  # vLLM's generator aborts the request when closed early
-            if not finished and self._engine is not None:
+            if outputs is not None:
+                await outputs.aclose()  # vLLM's generator aborts the request when closed early
+            if not finished and self._engine is not None and not self._engine.errored:
                 await self._engine.abort(request_id)
+            hold.release()  # after the abort: an exclusive request that enters next runs alone
+
+    def _check_alive(self) -> None:
+        if self._engine is None:
+            raise NotReadyError(f"engine for {self.model_path} is not started")
+        if self._engine.errored:
+            raise EngineError(self._dead_message())
+
+    def _dead_message(self) -> str:
+        return (f"the vLLM engine of {self.model_path} has died (its EngineCore failed; the server log has "
+                "the cause); it serves nothing until it is restarted")
 
     # ------------------------------------------------------------------ adapters
 
@@ -200,10 +254,13 @@ class VLLMEngine(Engine):
             raise AdapterError(f"adapter {name!r} is already added (from {self._adapters[name][1].path})")
         from vllm.lora.request import LoRARequest
 
+        self._check_alive()
         int_id = next(self._ids)
         try:
             await self._engine.add_lora(LoRARequest(name, int_id, info.path))
         except Exception as err:  # noqa: BLE001  (vLLM raises many kinds; all mean 'does not fit')
+            if self._engine.errored:
+                raise EngineError(self._dead_message()) from None
             raise AdapterError(
                 f"adapter {info.path} does not fit model {self.model_path}: {type(err).__name__}: {str(err)[:300]}"
             ) from None
@@ -245,3 +302,115 @@ def _positions(entries) -> list:
 def _finish_reason(reason: str | None) -> str:
     """vLLM's finish reasons ('stop', 'length', 'abort') in our vocabulary."""
     return {"abort": "cancelled"}.get(reason or "stop", reason or "stop")
+
+
+def _trains_lm_head(info: LoraInfo) -> bool:
+    """Whether the adapter's LoRA targets the output head (a name, or a regex naming it)."""
+    return any(t.rsplit(".", 1)[-1] == "lm_head" or ("lm_head" in t and not t.isidentifier())
+               for t in info.target_modules)
+
+
+def _is_client_error(err) -> bool:
+    """Whether vLLM raised ``err`` because of the request's content."""
+    from vllm.exceptions import VLLMClientError
+
+    return isinstance(err, (VLLMClientError, ValueError, TypeError))
+
+
+_PARAMS = {"structured_outputs": "response_format", "guided_json": "response_format", "json": "response_format",
+           **{f: f for f in ("max_tokens", "temperature", "top_p", "stop", "seed", "logprobs", "prompt_logprobs")}}
+
+
+def _rejected(err: BaseException, request: GenerationRequest) -> InvalidRequestError:
+    """vLLM's rejection of ``request`` as our 400: vLLM's message (its first line, without the
+    parameter/value dump) and our name of the parameter where vLLM names it or the message is
+    about the request's JSON schema."""
+    message = str(err.args[0]) if err.args else ""
+    message = (message.strip().splitlines() or [type(err).__name__])[0][:300]
+    param = _PARAMS.get(getattr(err, "parameter", None) or "")
+    if param is None and request.sampling.response_format is not None and "schema" in message.lower():
+        param = "response_format"
+    return InvalidRequestError(f"the request was rejected: {message}", param=param)
+
+
+class PrefillGate:
+    """Who may be in the vLLM engine at once: a request holds the gate *shared* (beside the other
+    shared holders) or *exclusive* (alone) while it is in the engine.
+
+    A prompt-logprob request enters exclusive and is downgraded to shared once its prefill is done
+    (its first output); every other request enters shared. Entry is first come, first served, so
+    neither kind starves: an exclusive waiter waits for the holders ahead of it, and everything
+    that arrives after it waits for its prefill. Only for one asyncio loop (not thread-safe).
+    """
+
+    def __init__(self) -> None:
+        self._shared = 0
+        self._exclusive = False
+        self._waiting: deque[tuple[bool, asyncio.Future]] = deque()
+
+    @property
+    def state(self) -> tuple[int, bool, int]:
+        """``(shared holders, held exclusive, waiting)``, for tests and metrics."""
+        return self._shared, self._exclusive, len(self._waiting)
+
+    async def enter(self, *, exclusive: bool) -> PrefillGate.Hold:
+        """Wait for this request's turn; the returned hold must be released (idempotent)."""
+        if not self._waiting and self._free(exclusive):
+            self._take(exclusive)
+            return self.Hold(self, exclusive)
+        entry = (exclusive, asyncio.get_running_loop().create_future())
+        self._waiting.append(entry)
+        try:
+            await entry[1]
+        except asyncio.CancelledError:
+            if entry[1].cancelled():  # still waiting: leave the queue, let those behind move up
+                if entry in self._waiting:
+                    self._waiting.remove(entry)
+                self._wake()
+            else:  # admitted just as it was cancelled
+                self._leave(exclusive)
+            raise
+        return self.Hold(self, exclusive)
+
+    class Hold:
+        """One request's place in the gate."""
+
+        def __init__(self, gate: PrefillGate, exclusive: bool) -> None:
+            self._gate, self.exclusive, self.released = gate, exclusive, False
+
+        def downgrade(self) -> None:
+            """Exclusive to shared (no-op when shared or released)."""
+            if self.exclusive and not self.released:
+                self.exclusive = False
+                self._gate._exclusive = False
+                self._gate._shared += 1
+                self._gate._wake()
+
+        def release(self) -> None:
+            if not self.released:
+                self.released = True
+                self._gate._leave(self.exclusive)
+
+    def _free(self, exclusive: bool) -> bool:
+        return not self._exclusive and (not exclusive or self._shared == 0)
+
+    def _take(self, exclusive: bool) -> None:
+        if exclusive:
+            self._exclusive = True
+        else:
+            self._shared += 1
+
+    def _leave(self, exclusive: bool) -> None:
+        if exclusive:
+            self._exclusive = False
+        else:
+            self._shared -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiting and self._free(self._waiting[0][0]):
+            exclusive, fut = self._waiting.popleft()
+            if fut.cancelled():
+                continue
+            self._take(exclusive)
+            fut.set_result(None)

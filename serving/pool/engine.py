@@ -150,7 +150,8 @@ class PoolEngine(Engine):
             return len(self._queue) + (len(self._batch) if self._batch is not None else 0)
 
     def stats(self) -> dict:
-        """A snapshot for metrics: residency (LRU first), swap counters, queue, sessions served."""
+        """A snapshot for metrics and routing: residency (LRU first), swap counters, swap-in cost per
+        expert (:meth:`ExpertPool.swap_in_s`), queue, sessions served."""
         pool = self.pool
         if pool is None:
             return {"started": False}
@@ -166,6 +167,8 @@ class PoolEngine(Engine):
             "prefetches": st.prefetches,
             "evictions": st.evictions,
             "bytes_swapped": st.bytes_swapped,
+            # what a swap-in would cost now, per expert (0 when resident; None: nothing measured yet)
+            "swap_in_s": {e: pool.swap_in_s(e) for e in pool.experts()},
             "queued": self.queued(),
             "sessions": self.sessions_served,
         }

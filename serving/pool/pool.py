@@ -14,6 +14,10 @@ swapped-in expert waits for its copy through a CUDA event, so :meth:`ExpertPool.
 the next expert overlaps the current expert's compute. On CPU with ``swap='auto'`` no copy is
 needed at all: every expert's skeleton is bound straight to its host buffer (all resident).
 
+Swap-ins are timed: on CPU the copy itself (it is synchronous), on CUDA the copy on the copy
+stream (timing events, read once the copy has finished). :meth:`ExpertPool.swap_in_s` says what
+swapping an expert in would cost now, from those measurements.
+
 Thread-safety: every public method takes the pool's lock; leases may be released from any
 thread. The models it hands out are not themselves thread-safe (one forward at a time).
 """
@@ -96,6 +100,8 @@ class ExpertPool:
         self.dtype = None
         self._lock = threading.RLock()
         self._copy_stream = None
+        self._swap_times: dict[str, list] = {}  # expert id -> [seconds, count] of its timed swap-ins
+        self._untimed: list[tuple[str, object, object]] = []  # CUDA copies in flight: (expert, start, end event)
 
     # ------------------------------------------------------------------ loading
 
@@ -175,6 +181,38 @@ class ExpertPool:
         """Resident experts, least recently used first."""
         with self._lock:
             return list(self.resident)
+
+    def swap_in_s(self, expert_id: str) -> float | None:
+        """Seconds that swapping ``expert_id`` in would take now (read-only): 0.0 when it is
+        resident or the pool does not swap; else the mean of its measured swap-ins, or, before it
+        has one, its size at the rate measured over every expert's swap-ins; None before any swap-in
+        has been measured. Raises ExpertNotFoundError."""
+        host = self.host_expert(expert_id)
+        with self._lock:
+            if not self.swapping or expert_id in self.resident:
+                return 0.0
+            self._read_timings()
+            seconds, count = self._swap_times.get(expert_id, (0.0, 0))
+            if count:
+                return seconds / count
+            total_s = sum(t for t, _ in self._swap_times.values())
+            total_bytes = sum(n * self.host[e].nbytes for e, (_, n) in self._swap_times.items())
+            return total_s * host.nbytes / total_bytes if total_bytes else None
+
+    def _read_timings(self) -> None:
+        """Count the CUDA copies that have finished into the swap-in times."""
+        pending = []
+        for expert_id, start, end in self._untimed:
+            if end.query():
+                self._timed(expert_id, start.elapsed_time(end) / 1000.0)
+            else:
+                pending.append((expert_id, start, end))
+        self._untimed = pending
+
+    def _timed(self, expert_id: str, seconds: float) -> None:
+        entry = self._swap_times.setdefault(expert_id, [0.0, 0])
+        entry[0] += seconds
+        entry[1] += 1
 
     def slot_bytes(self) -> int:
         with self._lock:
@@ -311,6 +349,7 @@ class ExpertPool:
         start = time.perf_counter()
         if self._copy_stream is None:
             slot.flat.copy_(host.flat)
+            self._timed(host.id, time.perf_counter() - start)
         else:
             import torch
 
@@ -322,9 +361,13 @@ class ExpertPool:
                     # a fresh buffer may reuse memory the compute stream still reads (a freed
                     # slot of another shape): order the copy after the compute queued so far
                     self._copy_stream.wait_stream(compute)
+                began = torch.cuda.Event(enable_timing=True)   # after the wait: times the copy alone
+                began.record(self._copy_stream)
                 slot.flat.copy_(host.flat, non_blocking=True)
-                slot.ready = torch.cuda.Event()
+                slot.ready = torch.cuda.Event(enable_timing=True)
                 slot.ready.record(self._copy_stream)
+            self._read_timings()
+            self._untimed.append((host.id, began, slot.ready))
         self.stats.swap_s += time.perf_counter() - start
         self.stats.swaps += 1
         self.stats.bytes_swapped += host.nbytes

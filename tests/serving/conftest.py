@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving.serving_helpers import LoopThread
+from tests.serving.serving_helpers import ADMIN, LoopThread
+
+
+@pytest.fixture(scope="session", autouse=True)
+def admin_key_env():
+    """The admin key where the service reads it, ``$COE_ADMIN_KEY`` (session-wide: module-scoped
+    services are built before any function-scoped fixture runs)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COE_ADMIN_KEY", ADMIN)
+        yield ADMIN
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ import httpx
 from tests.helpers import LoopThread, make_lora  # noqa: F401  (re-exported for the serving tests)
 
 ADMIN = "test-admin-key"
+"""The admin key of the serving tests: in ``$COE_ADMIN_KEY`` for the whole session (``conftest.py``),
+as an operator sets it; a config file never holds it."""
 
 
 @dataclass
@@ -73,7 +75,6 @@ def tiny_config_dict(llama: Path, loras: list[Path], root: Path, *, flaky: bool 
         "router": {"name": "centroid", "default_expert": "tiny"},
         "experts": experts,
         "serving": {
-            "admin_key": ADMIN,
             "registry_path": str(root / "registry.sqlite"),
             "adapter_roots": [str(root / "adapters")],
             "max_tokens_limit": 64,

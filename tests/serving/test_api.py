@@ -11,7 +11,7 @@ import shutil
 import httpx
 import pytest
 
-from tests.serving.serving_helpers import ADMIN, Harness, make_lora, tiny_config_dict
+from tests.serving.serving_helpers import ADMIN, Harness, error_of, make_lora, tiny_config_dict
 
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
@@ -234,6 +234,33 @@ def test_admin_needs_the_key(h):
     assert {e["id"]: e["source"] for e in listed}["tiny-a"] == "config"
 
 
+def test_keys_are_kept_only_as_digests(h, tiny_llama_dir, tiny_loras, monkeypatch):
+    from coe.config import parse_config
+    from coe.errors import ForbiddenError, UnauthorizedError
+    from coe.serving.api.service import CoEService
+
+    def shown(service) -> str:  # what a debugger, a repr or a traceback's locals would show
+        return repr(vars(service)) + repr(service.config)
+
+    assert ADMIN not in shown(h.service)
+    h.service.check_admin(ADMIN)
+    with pytest.raises(ForbiddenError, match="wrong") as wrong:
+        h.service.check_admin(ADMIN[:-1])  # a prefix of the key is just as wrong
+    assert ADMIN not in str(wrong.value)
+    # an inline chat key: the service keeps its digest, and a copy of the config without it
+    data = tiny_config_dict(tiny_llama_dir, tiny_loras, h.root, flaky=False, api_key="chat-s3cret")
+    monkeypatch.delenv("COE_ADMIN_KEY")
+    service = CoEService(parse_config(data), backend=h.backend, router=h.service.router)
+    assert "chat-s3cret" not in shown(service) and service.config.serving.api_key is None
+    service.check_api("chat-s3cret")
+    with pytest.raises(UnauthorizedError):
+        service.check_api(None)
+    with pytest.raises(ForbiddenError, match="wrong"):
+        service.check_api("chat-s3cre")
+    with pytest.raises(ForbiddenError, match=r"no admin key is configured: set \$COE_ADMIN_KEY"):
+        service.check_admin(ADMIN)
+
+
 def test_register_lora_live_routed_persisted_and_removed(h):
     from coe.registry import ExpertRegistry
 
@@ -289,6 +316,86 @@ def test_bad_registrations_are_400_and_register_nothing(h, tiny_llama_dir, tmp_p
     assert not any(e.startswith("bad-") for e in h.service.catalog.ids())
     assert not any(sid.startswith("expert-bad") for sid in h.backend.servers)
     assert h.backend.servers["expert-tiny"].engine.adapters() == ["tiny-a", "tiny-b"]
+
+
+def test_registered_lora_whose_folder_is_gone_is_unavailable_and_holds_nothing(loop_thread, tiny_llama_dir,
+                                                                                 tiny_loras, tmp_path):
+    """As a user met it: register a LoRA, delete its folder, restart. The expert reads as
+    unavailable with its reason; the service is ready; routing skips it; it can be removed."""
+    from coe.config import parse_config
+    from coe.registry import ExpertRegistry
+
+    folder = tmp_path / "adapters" / "c"
+    shutil.copytree(tiny_loras[2], folder)
+    config = parse_config(tiny_config_dict(tiny_llama_dir, tiny_loras, tmp_path, flaky=False))
+    body = {"id": "tiny-c", "base": "tiny", "adapter": str(folder), "description": "physics",
+            "examples": ["what is gravity ?"]}
+    first = Harness(loop_thread, config, tmp_path, ExpertRegistry(tmp_path / "registry.sqlite"))
+    try:
+        assert first.request("POST", "/v1/experts", headers=AUTH, json=body).status_code == 201
+    finally:
+        first.close()
+    shutil.rmtree(folder)
+    h = Harness(loop_thread, config, tmp_path, ExpertRegistry(tmp_path / "registry.sqlite"))  # the restart
+    try:
+        # the first routed request, before any probe: answered by the next-best expert
+        r = h.chat("tiny-c what is gravity ?")
+        assert r.status_code == 200 and r.json()["model"] == "tiny" and r.json()["coe"]["fallback_from"] == "tiny-c"
+        ready = h.request("GET", "/readyz")
+        assert ready.status_code == 200, ready.text
+        assert "does not exist" in ready.json()["experts"]["tiny-c"]
+        assert {k for k, v in ready.json()["experts"].items() if v} == {"tiny-c"}
+        listed = {e["id"]: e for e in h.request("GET", "/v1/experts", headers=AUTH).json()}
+        assert {k: e["state"] for k, e in listed.items()} == {"tiny": "ready", "tiny-a": "ready", "tiny-b": "ready",
+                                                               "tiny-c": "unavailable"}
+        one = h.request("GET", "/v1/experts/tiny-c", headers=AUTH).json()
+        assert one["ready"] is False and one["state"] == "unavailable" and one["source"] == "registry"
+        assert f"adapter folder {folder} does not exist" in one["error"] and "DELETE /v1/experts/tiny-c" in one["error"]
+        # routing never picks it; pinned, it fails at once with a 503 that names it, not its files
+        for _ in range(2):
+            r = h.chat("tiny-c what is gravity ?")
+            assert r.status_code == 200 and r.json()["model"] == "tiny"
+            assert r.json()["coe"]["fallback_from"] == "tiny-c"
+        r = h.chat("hello", model="tiny-c")
+        assert r.status_code == 503 and "'tiny-c' is unavailable" in error_of(r) and "retry-after" in r.headers
+        assert str(folder) not in r.text and "does not exist" not in r.text
+        for model in ("tiny", "tiny-a", "tiny-b"):
+            assert h.chat("hello", model=model).status_code == 200
+        # `coe experts remove` still works on it
+        assert h.request("DELETE", "/v1/experts/tiny-c", headers=AUTH).status_code == 200
+        assert ExpertRegistry(tmp_path / "registry.sqlite").list() == []
+        assert h.request("GET", "/readyz").json() == {"ready": True, "experts": dict.fromkeys(
+            ["tiny", "tiny-a", "tiny-b"])}
+        # its folder back, it registers again and serves
+        shutil.copytree(tiny_loras[2], folder)
+        assert h.request("POST", "/v1/experts", headers=AUTH, json=body).status_code == 201
+        assert h.chat("hello", model="tiny-c").status_code == 200
+        assert h.request("GET", "/v1/experts/tiny-c", headers=AUTH).json()["state"] == "ready"
+    finally:
+        h.close()
+
+
+def test_config_lora_whose_folder_is_gone_holds_readiness(loop_thread, tiny_llama_dir, tiny_loras, tmp_path):
+    """The config file is the operator's contract: a config expert that cannot load keeps
+    /readyz at 503 (a rollout stops there), yet routing skips it and the others serve."""
+    from coe.config import parse_config
+
+    folder = tmp_path / "b"
+    shutil.copytree(tiny_loras[1], folder)
+    config = parse_config(tiny_config_dict(tiny_llama_dir, [tiny_loras[0], folder], tmp_path, flaky=False))
+    shutil.rmtree(folder)
+    h = Harness(loop_thread, config, tmp_path)
+    try:
+        ready = h.request("GET", "/readyz")
+        assert ready.status_code == 503 and "does not exist" in ready.json()["experts"]["tiny-b"]
+        info = h.request("GET", "/v1/experts/tiny-b", headers=AUTH).json()
+        assert info["state"] == "unavailable" and "fix the config file" in info["error"]
+        r = h.chat("tiny-b def f ( ) :")
+        assert r.status_code == 200 and r.json()["model"] == "tiny" and r.json()["coe"]["fallback_from"] == "tiny-b"
+        assert h.chat("hello", model="tiny-a").status_code == 200
+        assert h.request("DELETE", "/v1/experts/tiny-b", headers=AUTH).status_code == 400  # the config's: edit it there
+    finally:
+        h.close()
 
 
 # ------------------------------------------------------------------ the CLI over the same app

@@ -1,5 +1,5 @@
 """The issue's "done when", for real: ``coe serve`` on the embedded default config (SmolLM2 on
-vLLM with its LoRA experts, Gemma 3 on transformers, the fitted kNN router the default config ships), driven by the
+vLLM with its LoRA experts, Qwen2.5-Coder on vLLM, the fitted kNN router the default config ships), driven by the
 official ``openai`` client changed only in ``base_url`` and ``api_key``; a LoRA registered over
 HTTP is listed, receives routed traffic, and is still there after Ctrl-C and a restart."""
 
@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from coe.eval.base import get_scorer, score
+from coe.eval.probes import Probe, mbpp_prompt
 from tests.serving.serving_helpers import make_lora
 from tests.serving.test_ops_service import beyond_loopback, listening, process_tree, still_running
 
@@ -73,7 +75,7 @@ class Service:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, smollm2_dir, gemma3_dir, minilm_dir):
+def env(tmp_path_factory, smollm2_dir, qwen_dir, minilm_dir):
     from coe.paths import models_dir
 
     home = tmp_path_factory.mktemp("coe-home")
@@ -100,7 +102,7 @@ def test_default_config_openai_client_register_restart(env, lora_dir):
     service = Service(environ, port)
     try:
         client = OpenAI(base_url=service.url, api_key="anything")
-        experts = {"smollm2", "smollm2-math", "smollm2-code", "gemma3"}
+        experts = {"smollm2", "smollm2-math", "smollm2-code", "qwen-coder"}
 
         raw = client.chat.completions.with_raw_response.create(
             model="coe", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=16,
@@ -109,6 +111,16 @@ def test_default_config_openai_client_register_restart(env, lora_dir):
         answer = raw.parse()
         assert answer.model in experts and raw.headers["x-coe-expert"] == answer.model
         assert answer.choices[0].message.content and answer.model_extra["coe"]["router"] == "knn"  # the shipped fitted router
+
+        # a code question goes to the real coder, and its first answer passes the task's test (sandboxed)
+        task = mbpp_prompt("Write a python function to reverse a string.", "assert reverse_string('abc') == 'cba'")
+        code = client.chat.completions.create(model="coe", messages=[{"role": "user", "content": task}],
+                                              max_tokens=200, temperature=0)
+        assert code.model == "qwen-coder", code.model_extra["coe"]
+        probe = Probe(id="reverse", query=task, scorer="code_tests", category="code",
+                      tests=["assert reverse_string('abc') == 'cba'", "assert reverse_string('') == ''"])
+        outcome = score(get_scorer("code_tests"), probe, code.choices[0].message.content)
+        assert outcome.score == 1.0, (outcome.reason, code.choices[0].message.content)
 
         stream = client.chat.completions.create(
             model="coe", stream=True, max_tokens=16, temperature=0,

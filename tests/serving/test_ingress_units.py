@@ -110,7 +110,7 @@ def test_admission_server_wait_counts_toward_max_queue_wait():
     _run(go())
 
 
-def test_catalog_ranks_serving_experts_by_score_and_skips_down_ones():
+def test_plan_ranks_serving_experts_by_score_and_skips_down_ones():
     from coe.serving.api.catalog import ExpertCatalog
 
     class Router:
@@ -119,10 +119,19 @@ def test_catalog_ranks_serving_experts_by_score_and_skips_down_ones():
 
     experts = [ModelExpert(id=i, model="m", description="d") for i in ("a", "b", "c", "d")]
     cat = ExpertCatalog(experts, config_ids=["a"], router=Router())
+    from coe.routers.policy import SelectionPolicy
+    from coe.serving.api.admission import Admission
+    from coe.serving.api.live import LiveState
+
+    live = LiveState(cat, Admission(AdmissionConfig()), backend=None)
+
+    def ranked(exclude=()):
+        return live.plan(SelectionPolicy(), cat.ids(), scores, default="d").ranked(exclude, usable=cat.serving)
+
     scores = {"a": 0.1, "b": 0.9, "c": math.nan}
-    assert cat.ranked(scores, default="d") == ["b", "a", "d", "c"]
+    assert ranked() == ["b", "a", "d", "c"]
     cat.health.mark_down(["b"], "test")
-    assert cat.ranked(scores, default="d", exclude={"a"}) == ["d", "c"]
+    assert ranked(exclude={"a"}) == ["d", "c"]
     assert cat.health.retry_after("b") > 0 and not cat.serving("b")
     cat.health.mark_up(["b"])
     assert cat.serving("b")

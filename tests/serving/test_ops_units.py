@@ -46,7 +46,7 @@ def test_default_plan_plus_a_mixture_does_not_fit_two_cpus(shared_default_config
     config = shared_default_config
     specs = plan_servers(config.experts, base_dir=None, batching=config.serving.batching)
     demands = plan_demand(config, specs.values())
-    assert [d.name for d in demands] == ["coe-ingress", "expert-smollm2", "expert-gemma3"]
+    assert [d.name for d in demands] == ["coe-ingress", "expert-smollm2", "expert-qwen-coder"]
     node = [{"CPU": 2.0, "GPU": 0.0, "memory": 10 * GIB}]
     check_capacity(demands, nodes=node)  # the default config fits 2 CPUs
     mixture = demand_of("expert-mix", ResourcesConfig(num_cpus=0.5))

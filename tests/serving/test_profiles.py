@@ -23,8 +23,9 @@ from coe.errors import EngineError
 from coe.registry import ExpertRegistry
 from coe.types import GenerationOutput, Logprob
 from tests.helpers import LoopThread
+from tests.serving.serving_helpers import ADMIN as ADMIN_KEY
 
-ADMIN = {"Authorization": "Bearer k"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 MATH = ["what is 1 + 2 ?", "what is 3 + 4 ?", "what is 5 * 6 ?", "what is 7 - 8 ?"]
 CODE = ["def return x python code", "python code def x y", "def return y python", "code python return x"]
 REFERENCE = {"math": "the answer is 3 .", "code": "def x : return y"}
@@ -123,7 +124,7 @@ def write_world(root, tiny, adapter_roots=()):
         "experts": [{"id": e, "kind": "model", "model": str(tiny), "engine": engine, "description": d,
                      "resources": {"num_cpus": 0.1}}
                     for e, d in (("base", "general questions"), ("other", "other things"))],
-        "serving": {"admin_key": "k", "registry_path": str(root / "registry.sqlite"),
+        "serving": {"registry_path": str(root / "registry.sqlite"),
                     "probe_roots": [str(root / "probes")], "adapter_roots": [str(r) for r in adapter_roots]},
     })
 

@@ -157,8 +157,8 @@ def test_model_that_cannot_be_placed_is_refused_with_503(svc):
 
 
 def test_inline_admin_key_is_not_written_under_the_ray_session(svc):
-    """The tiny config sets serving.admin_key inline: it travels to the ingress as an argument,
-    never through a runtime env or a log."""
+    """The admin key is in the driver's environment (as `coe serve` has it; the local Ray's
+    workers inherit it): it is never written under the Ray session, in a runtime env or a log."""
     files = [f for f in svc["session"].rglob("*") if f.is_file() and not f.is_symlink()]
     assert files
     leaks = [str(f) for f in files if ADMIN.encode() in f.read_bytes()]

@@ -6,6 +6,7 @@ LRU-evictable adapters (what Serve multiplexing drives on a replica)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import httpx
@@ -183,6 +184,23 @@ def test_a_registered_expert_this_replica_cannot_serve_is_not_routed(pair):
     assert b.chat("orphan hello").json()["model"] == "tiny"
 
 
+def test_a_followed_lora_whose_folder_is_gone_is_a_503_never_a_client_error(pair):
+    """Replica B follows a LoRA whose folder is gone by the time B's server first loads it: a
+    routed request goes to the next-best expert, a pinned one gets a 503 naming the expert only."""
+    from coe.config import LoraExpert
+
+    a, b = pair
+    folder = a.root / "adapters" / "vanished"
+    b.service.catalog.registry.add(LoraExpert(id="ghost", base="tiny", adapter=str(folder)))
+    assert a.lt.run(b.sync.sync_once()) is True and "ghost" in b.service.catalog
+    r = b.chat("ghost hello")
+    assert r.status_code == 200 and r.json()["model"] == "tiny" and r.json()["coe"]["fallback_from"] == "ghost"
+    r = b.chat("hello", model="ghost")
+    assert r.status_code == 503 and "'ghost' is unavailable" in r.json()["error"]["message"]
+    assert str(folder) not in r.text
+    assert b.request("DELETE", "/v1/experts/ghost", headers=AUTH).status_code == 200
+
+
 def test_lazy_adapters_load_on_first_use_and_unload_when_idle(loop_thread, tiny_llama_dir, tiny_loras):
     """What a Serve replica does for a LoRA registered through another replica: load it under its
     multiplexed id on the first request, and on LRU eviction unload it once no request uses it."""
@@ -220,5 +238,43 @@ def test_lazy_adapters_load_on_first_use_and_unload_when_idle(loop_thread, tiny_
             assert server.lazy_adapters() == [name]
         finally:
             await server.stop()
+
+    loop_thread.run(go())
+
+
+def test_a_lora_that_failed_at_start_is_removed_and_registered_again_on_a_replica(loop_thread, tiny_llama_dir,
+                                                                                  tiny_loras, tmp_path):
+    """A Serve replica whose start-up LoRA's folder was gone: it reports the failure (the ingress
+    marks the expert unavailable), and once the expert is registered again with a folder that
+    exists it serves under its new multiplexed id, also on a replica the removal never reached."""
+    from coe.config import BatchingConfig, LoraExpert, ModelExpert
+    from coe.serving.deployments.expert_server import ExpertServer
+    from coe.serving.deployments.spec import ServerSpec, adapter_model_id
+    from coe.types import ChatMessage, GenerationRequest, SamplingParams
+
+    host = ModelExpert(id="tiny", model=str(tiny_llama_dir), engine={"kind": "hf", "max_model_len": 128,
+                                                                     "max_lora_rank": 8})
+    gone = LoraExpert(id="tiny-x", base="tiny", adapter=str(tmp_path / "gone"))
+    spec = ServerSpec(server_id="expert-tiny", host=host, loras=[gone], batching=BatchingConfig())
+    removed, missed = ExpertServer(spec), ExpertServer(spec)   # two replicas of one server
+    path = str(tiny_loras[0])
+    request = GenerationRequest(request_id="r", messages=[ChatMessage(role="user", content="hi")],
+                                sampling=SamplingParams(max_tokens=4, temperature=0), expert="tiny-x")
+
+    async def go():
+        for server in (removed, missed):
+            await server.start()
+        try:
+            states = removed.ready()
+            assert states["tiny"] is None and f"adapter folder {tmp_path / 'gone'} does not exist" in states["tiny-x"]
+            await removed.remove_adapter("tiny-x")   # DELETE /v1/experts/tiny-x reaches one replica
+            assert "tiny-x" not in removed.ready()
+            name = adapter_model_id("tiny-x", path)  # registered again, with a folder that exists
+            for server in (removed, missed):
+                served = await server.generate(dataclasses.replace(request), path, name)
+                assert served.expert == "tiny-x" and served.output.completion_tokens >= 1
+        finally:
+            for server in (removed, missed):
+                await server.stop()
 
     loop_thread.run(go())

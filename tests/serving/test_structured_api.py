@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from tests.helpers import make_byte_level_llama
-from tests.serving.serving_helpers import ADMIN, Harness
+from tests.serving.serving_helpers import Harness
 
 
 class Answer(BaseModel):
@@ -33,7 +33,7 @@ def h(loop_thread, tmp_path_factory):
         "router": {"name": "centroid", "default_expert": "bytes"},
         "experts": [{"id": "bytes", "kind": "model", "model": str(model), "engine": engine,
                      "description": "general questions", "resources": {"num_cpus": 0.25}}],
-        "serving": {"admin_key": ADMIN, "registry_path": str(root / "registry.sqlite"),
+        "serving": {"registry_path": str(root / "registry.sqlite"),
                     "max_tokens_limit": 256, "max_tokens_default": 8, "ingress": {"num_cpus": 0.25}},
     }
     harness = Harness(loop_thread, parse_config(config), root, default="bytes")
@@ -102,6 +102,8 @@ def test_tools_refused_naming_the_expert_and_why(h):
             err = r.json()["error"]
             assert err["param"] == "tools" and "'bytes'" in err["message"], err
             assert "chat template" in err["message"] and "does not support tools" in err["message"], err
+            if model == "coe":  # no other expert to re-route to
+                assert "nor does any other serving expert" in err["message"], err
     r = h.chat("hello", tool_choice="required")
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
     r = h.chat("hello", tools=TOOLS, tool_choice="none")
@@ -117,10 +119,18 @@ def test_template_capability_detection():
 
 
 @pytest.mark.slow
-def test_shipped_experts_templates_do_not_take_tools(smollm2_dir, gemma3_dir):
-    """What the refusal rests on: neither shipped chat template renders tools."""
-    from coe.serving.api.tools import model_chat_template, template_takes_tools
+def test_shipped_experts_templates_and_tools(smollm2_dir, gemma3_dir, qwen_dir):
+    """What the refusal rests on: SmolLM2's and gemma's chat templates do not render tools;
+    Qwen2.5-Coder's does, in the Hermes family coe parses."""
+    from coe.serving.api.tools import (
+        HermesToolCalls,
+        model_chat_template,
+        parser_for,
+        template_takes_tools,
+    )
 
     for folder in (smollm2_dir, gemma3_dir):
         template = model_chat_template(str(folder))
-        assert template and not template_takes_tools(template), folder
+        assert template and not template_takes_tools(template) and parser_for(template) is None, folder
+    template = model_chat_template(str(qwen_dir))
+    assert template_takes_tools(template) and parser_for(template) is HermesToolCalls

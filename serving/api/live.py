@@ -1,0 +1,95 @@
+"""The live state the routing policy weighs, gathered at the ingress: load, residency, health.
+
+:class:`LiveState` reads, per expert, the admission queue (queue depth, expected wait from the
+measured service time: :class:`coe.serving.api.admission.Admission`), the health the catalog
+keeps (:meth:`coe.serving.api.catalog.ExpertCatalog.serving`) and, for pooled experts, the pool's
+residency and measured swap-in times (the pool engine's ``stats()``: ``resident``, ``swap_in_s``,
+as the pool server reports them).
+It only gathers; the ranking is :meth:`coe.routers.policy.SelectionPolicy.plan`'s.
+
+The pool's state lives on its server (another process under Ray), so it is read in the
+background, at most every ``refresh_s`` seconds while routed requests come, and a decision uses
+the last answer (None before the first: residency unknown). Runs on the ingress's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from coe.config import ModelExpert
+from coe.routers.policy import ExpertLoad, Plan, SelectionPolicy
+from coe.serving.deployments.spec import POOL_SERVER
+
+log = logging.getLogger("coe.serving")
+
+
+class LiveState:
+    """Per-expert :class:`ExpertLoad` from ``admission``, ``catalog`` and ``backend`` (see module doc)."""
+
+    def __init__(self, catalog, admission, backend, *, refresh_s: float = 1.0) -> None:
+        self.catalog = catalog
+        self.admission = admission
+        self.backend = backend
+        self.refresh_s = refresh_s
+        self._pool: dict | None = None        # the pool server's last stats
+        self._pool_at = -float("inf")         # when they were asked for (monotonic)
+        self._refresh: asyncio.Task | None = None
+
+    def plan(self, policy: SelectionPolicy, experts, scores, *, uncertainty=None, head: str | None = None,
+             default: str | None = None) -> Plan:
+        """``policy``'s :class:`Plan` over ``experts`` (ids in the catalog) now: the router's
+        ``scores`` and ``uncertainty`` (expert id -> value), each expert's configured ``cost`` and
+        live state; ``head`` as for :meth:`SelectionPolicy.plan`. Exact ties go to ``default``
+        first, then to the catalog's order."""
+        ids = [e for e in self.catalog.ids() if e in set(experts)]
+        if default in ids:
+            ids.remove(default)
+            ids.insert(0, default)
+        costs = {e: float(self.catalog.get(e).cost) for e in ids}
+        return policy.plan(ids, scores, costs, uncertainty=uncertainty, load=self.loads(ids), head=head)
+
+    def loads(self, expert_ids) -> dict[str, ExpertLoad]:
+        """The live state of each of ``expert_ids`` (all in the catalog) now."""
+        pooled = {e for e in expert_ids if _pooled(self.catalog.get(e))}
+        if pooled:
+            self._refresh_pool()
+        return {e: self._load(e, e in pooled) for e in expert_ids}
+
+    def _load(self, expert_id: str, pooled: bool) -> ExpertLoad:
+        adm = self.admission
+        resident, swap_s = True, None
+        if pooled:
+            pool = self._pool or {}
+            resident = expert_id in pool["resident"] if "resident" in pool else None
+            swap_s = None if resident is not False else (pool.get("swap_in_s") or {}).get(expert_id)
+        return ExpertLoad(healthy=self.catalog.serving(expert_id), queue_depth=adm.queue_depth(expert_id),
+                          running=adm.running(expert_id), expected_wait_s=adm.expected_wait_s(expert_id),
+                          resident=resident, swap_s=swap_s)
+
+    def _refresh_pool(self) -> None:
+        """Ask the pool server for its state in the background when the last answer is old."""
+        if time.monotonic() - self._pool_at < self.refresh_s or (self._refresh and not self._refresh.done()):
+            return
+        self._pool_at = time.monotonic()
+        self._refresh = asyncio.get_running_loop().create_task(self._read_pool())
+
+    async def _read_pool(self) -> None:
+        try:
+            stats = await asyncio.wait_for(self.backend.stats(), timeout=10)
+        except Exception as err:  # noqa: BLE001  (routing goes on with the last state)
+            log.warning("the expert pool's state could not be read: %s", type(err).__name__)
+            return
+        self._pool = (stats.get(POOL_SERVER) or {}).get("engine") or None
+
+    async def close(self) -> None:
+        """Stop a refresh in flight."""
+        if self._refresh is not None:
+            self._refresh.cancel()
+            await asyncio.gather(self._refresh, return_exceptions=True)
+            self._refresh = None
+
+
+def _pooled(expert) -> bool:
+    return isinstance(expert, ModelExpert) and expert.pooled
