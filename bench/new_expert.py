@@ -144,7 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wave", type=int, default=5)
     p.add_argument("--no-cv", dest="cv", action="store_false", help="the router's default params (no CV on train)")
     p.add_argument("--embedder", default="minilm-l6")
+    p.add_argument("--name", default="new_expert", help="results name: bench/results/<name>.{json,md}")
+    p.add_argument("--from-reports", action="store_true",
+                   help="run nothing: summarise the per-set reports already under bench/results/new_expert/")
     args = p.parse_args(argv)
+    if args.from_reports:
+        return summarise_saved(args)
     rec = RunRecord.start(note=f"router {args.router} (params by {'5-fold CV on train' if args.cv else 'default'}), "
                                f"fill `{args.impute}`, {args.seeds} random seeds, {args.bootstrap} bootstrap replicates.")
     from coe.routers.embedding import Embedder
@@ -165,33 +170,53 @@ def write_summary(rec: RunRecord, args, reports: dict, *, done: bool) -> None:
     strategies = args.strategies.split(",")
     data, table = summarise(reports, strategies)
     t = data["targets"]
+    met = {True: "met", False: "not met"}
+    t90 = ", ".join(f"{n}: {v}" for n, v in t["adaptive_recovers_90_at_50"].items())
+    beats = ", ".join(t["sets_where_adaptive_beats_random_at_50"]) or "none"
     body = [
-        "What share of the AIQ gain of a new expert's full profile comes back when it is profiled on only b train "
-        "probes (`coe eval new-expert`, each model left out in turn; ratio of sums over the models whose full profile "
-        "moves test AIQ by ≥ 0.002; 95% paired-bootstrap CIs over test queries, and over seeds for random). "
-        "Per-set reports: `bench/results/new_expert/<set>/report.md`. rdc7 sets carry no costs: every model costs 1, "
-        "so their AIQ is the top quality. Dev sets only: the router's params and every choice below were made on "
-        "these sets, so the figures are in-distribution.",
+        ("What share of the AIQ gain of a new expert's full profile comes back when it is profiled on only b train "
+         "probes (`coe eval new-expert`, each model left out in turn; ratio of sums over the models whose full "
+         "profile moves test AIQ by ≥ 0.002; 95% paired-bootstrap CIs over test queries, and over seeds for random). "
+         "Per-set reports: `bench/results/new_expert/<set>/report.md`. rdc7 sets carry no costs: every model costs "
+         "1, so their AIQ is the top quality. Dev sets only: the router's params and every choice below were made "
+         "on these sets, so the figures are in-distribution."),
         "",
         table,
         "",
-        "`*`: the CI includes zero. A set whose counted models gain little (gain sum near 0.002 × models) has a "
-        "noisy ratio: read its CI, not its point.",
+        ("`*`: the CI includes zero. A set whose counted models gain little (gain sum near 0.002 × models) has a "
+         "noisy ratio: read its CI, not its point."),
         "",
         "## Targets",
         "",
-        f"- adaptive recovers ≥ 90% at b = 50 on every set with ≥ 5 models: **{'met' if t['all_sets_recover_90'] else 'not met'}** "
-        f"({', '.join(f'{n}: {v}' for n, v in t['adaptive_recovers_90_at_50'].items())})",
-        f"- adaptive beats random at b = 50 with a paired CI (AIQ) above zero on ≥ 2 sets: "
-        f"**{'met' if t['beats_random_on_two_sets'] else 'not met'}** (sets: {', '.join(t['sets_where_adaptive_beats_random_at_50']) or 'none'})",
+        (f"- adaptive recovers ≥ 90% at b = 50 on every set with ≥ 5 models: "
+         f"**{met[t['all_sets_recover_90']]}** ({t90})"),
+        (f"- adaptive beats random at b = 50 with a paired CI (AIQ) above zero on ≥ 2 sets: "
+         f"**{met[t['beats_random_on_two_sets']]}** (sets: {beats})"),
     ]
     if not done:
         body.insert(0, f"**Partial: {len(reports)} set(s) so far ({', '.join(reports)}).**\n")
     result = rec.finish({"settings": vars(args), **data})
-    write_results("new_expert", result, rec.markdown_header("New expert: probes needed before it is routed well")
+    write_results(args.name, result, rec.markdown_header("New expert: probes needed before it is routed well")
                   + "\n".join(body))
     if done:
         print("\n".join(body))
+
+
+
+def summarise_saved(args) -> int:
+    """The summary from the per-set ``report.json`` files (a run split over processes, or a re-read)."""
+    import json
+
+    rec = RunRecord.start(note="Summary of the per-set reports below (each records its own date, machine and "
+                               "settings); the runs that made them are in `bench/results/new_expert_run*.md`.")
+    reports = {d.name: json.loads((d / "report.json").read_text()) for d in sorted(OUT.iterdir())
+               if (d / "report.json").is_file()}
+    order = list(dev_sets())
+    reports = {n: reports[n] for n in sorted(reports, key=lambda n: order.index(n) if n in order else len(order))}
+    first = next(iter(reports.values()))["setup"]
+    args.strategies = ",".join(first["strategies"])
+    write_summary(rec, args, reports, done=True)
+    return 0
 
 
 if __name__ == "__main__":

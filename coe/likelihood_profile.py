@@ -16,7 +16,9 @@ log-probabilities (:func:`scoring_prompt`). Token ids rather than chat messages:
 (``continue_final_message``) renders the same tokens for SmolLM2 but not for every template (Gemma
 3's plain template puts a space after ``Answer:`` that ``encode_chat`` does not), and the
 outcomes must be comparable with the fitted data. :func:`answer_nll` checks that the engine scored
-exactly those tokens and averages the answer's NLL.
+exactly those tokens and averages the answer's NLL; :func:`answer_logprobs` gives the answer's
+per-token log-probabilities, which :class:`MeasuredLikelihood` hands to the ``choice`` scorer
+(multiple choice by option likelihood, each option scored by the same request).
 """
 
 from __future__ import annotations
@@ -76,6 +78,13 @@ def answer_nll(prompt_logprobs: Sequence | None, sp: ScoringPrompt) -> float:
     """Mean NLL per answer token from an engine's ``prompt_logprobs`` (one entry per prompt token,
     None first). Raises :class:`ScoringError` when they are missing or the engine scored other
     tokens than ``sp.token_ids``."""
+    lps = answer_logprobs(prompt_logprobs, sp)
+    return -sum(lps) / len(lps)
+
+
+def answer_logprobs(prompt_logprobs: Sequence | None, sp: ScoringPrompt) -> list[float]:
+    """The log-probability of each answer token (eos included) from an engine's ``prompt_logprobs``;
+    raises :class:`ScoringError` as :func:`answer_nll` does."""
     if not prompt_logprobs:
         raise ScoringError("the engine returned no prompt log-probabilities")
     seen = [_entry(p) for p in prompt_logprobs[1:]]
@@ -86,7 +95,7 @@ def answer_nll(prompt_logprobs: Sequence | None, sp: ScoringPrompt) -> float:
         raise ScoringError(
             f"the engine scored {len(prompt_logprobs)} prompt tokens, not the {len(sp.token_ids)} of encode_chat "
             f"(first difference at token {first + 1}), so the likelihood would not be comparable")
-    return _mean_nll([lp for _, lp in seen], sp)
+    return _answer_lps([lp for _, lp in seen], sp)
 
 
 def answer_nll_from_completion(choice: Mapping, sp: ScoringPrompt) -> float:
@@ -96,12 +105,26 @@ def answer_nll_from_completion(choice: Mapping, sp: ScoringPrompt) -> float:
     if len(values) < len(sp.token_ids):
         raise ScoringError(f"the service returned {len(values)} token log-probabilities for a prompt of "
                            f"{len(sp.token_ids)} tokens")
-    return _mean_nll(values[1:len(sp.token_ids)], sp)
+    lps = _answer_lps(values[1:len(sp.token_ids)], sp)
+    return -sum(lps) / len(lps)
 
 
-def _mean_nll(prompt_lps: Sequence, sp: ScoringPrompt) -> float:
+def _answer_lps(prompt_lps: Sequence, sp: ScoringPrompt) -> list[float]:
     """``prompt_lps``: the log-probability of each prompt token after the first."""
     lps = [float(v) if v is not None else math.nan for v in prompt_lps[-sp.answer_tokens:]]
     if any(not math.isfinite(v) for v in lps):
         raise ScoringError("a log-probability of the answer is missing or not finite")
-    return -sum(lps) / len(lps)
+    return lps
+
+
+class MeasuredLikelihood:
+    """A :class:`coe.eval.likelihood.Likelihood` over log-probabilities an engine already returned
+    (``{(user message, answer): [logprob per answer token]}``), so a likelihood scorer
+    (``choice``) runs unchanged on a served expert. An item not in the table gives None (the
+    scorer fails that probe with a reason). Read-only, thread-safe."""
+
+    def __init__(self, table: Mapping[tuple[str, str], list[float]]) -> None:
+        self.table = dict(table)
+
+    def continuation_logprobs(self, items, adapters=None) -> list[list[float] | None]:
+        return [self.table.get((q, a)) for q, a in items]

@@ -12,6 +12,8 @@ sandboxed subprocess, never in the service). The result is the native routing JS
      "detail": {"smollm2": {"tokens": 212, "reason": "AssertionError ..."}, ...}}
 
 ``costs`` are the measured tokens (prompt + completion) times the expert's configured ``cost``.
+One cell (outcome, cost, detail) is :func:`task_cell`, shared with the service's background
+profile of a newly registered expert (``serving/api/profiles.py``, kind ``task``).
 
 The run is resumable: a line is appended (and flushed) only when a probe has an outcome for
 every expert, and a re-run skips the probe ids already in the output. Requests run
@@ -40,6 +42,29 @@ from typing import Any
 from coe.errors import CoEError, ExpertNotFoundError, InvalidRequestError
 
 GENERATION_SCORERS = ("exact_number", "code_tests")
+TASK_SCORERS = ("exact_number", "code_tests", "choice")   # 0/1 outcomes: the ``task`` outcome kind
+
+
+def task_cell(probe, answer: str | None, usage: dict, cost: float, *, error: str | None = None, scorer=None,
+              keep_answer: bool = False, **context: Any) -> tuple[float, float, dict]:
+    """``(outcome, cost, detail)`` of one expert on one task probe: the probe's scorer on
+    ``answer`` (``scorer``: an instance to reuse, else a new one of ``probe.scorer``; ``context``
+    goes to it, e.g. ``likelihood=`` for ``choice``), or 0 with ``error`` as the reason when the
+    request failed; ``usage["tokens"] x cost``; ``{**usage, "reason"}`` (and ``answer``).
+
+    Never raises for what the scorer does (:func:`coe.eval.base.score`). Blocking (``code_tests``
+    waits for its sandboxed subprocess): call it in a worker thread from async code."""
+    from coe.eval.base import get_scorer, score
+
+    if error is not None:
+        outcome, reason = 0.0, error
+    else:
+        result = score(scorer or get_scorer(probe.scorer), probe, answer, **context)
+        outcome, reason = float(result.score), result.reason
+    detail = {**usage, "reason": reason}
+    if keep_answer:
+        detail["answer"] = answer
+    return outcome, usage["tokens"] * cost, detail
 
 
 @dataclass
@@ -139,7 +164,7 @@ async def profile_experts(
     import httpx
     from tqdm import tqdm
 
-    from coe.eval.base import get_scorer, score
+    from coe.eval.base import get_scorer
 
     if not experts:
         raise InvalidRequestError("no experts to profile")
@@ -163,16 +188,11 @@ async def profile_experts(
         async with gate:
             answer, usage, error = await _ask(client, expert, probe.query, max_tokens)
         if error is not None:
-            outcome_score, reason = 0.0, error
             run.failures[expert] = run.failures.get(expert, 0) + 1
-        else:
-            result = await asyncio.to_thread(score, scorers[probe.scorer], probe, answer)
-            outcome_score, reason = float(result.score), result.reason
+        cell = await asyncio.to_thread(task_cell, probe, answer, usage, experts[expert], error=error,
+                                       scorer=scorers[probe.scorer], keep_answer=keep_answers)
         bar.update(1)
-        detail = {**usage, "reason": reason}
-        if keep_answers:
-            detail["answer"] = answer
-        return outcome_score, usage["tokens"] * experts[expert], detail
+        return cell
 
     async def probe_line(client, probe) -> None:
         results = await asyncio.gather(*(one(client, probe, e) for e in experts))

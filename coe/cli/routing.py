@@ -83,6 +83,7 @@ def _embed_all(embedder, train, test):
 def _fit(args) -> int:
     from coe.config import load_config
     from coe.errors import ConfigError
+    from coe.profile_records import data_outcome_kind
     from coe.routers.base import FitContext, router_class, save_router
     from coe.routers.datasets import load_routing_data
     from coe.routers.embedding import Embedder
@@ -120,6 +121,7 @@ def _fit(args) -> int:
     extra = {
         "calibrated_policy": policy,
         "data": str(Path(args.data).resolve()),
+        "outcome_kind": data_outcome_kind(args.data),   # runtime profiles must measure the same kind
         "rows": len(data),
         "skipped": dict(data.skipped),
         "stripped_prefix_chars": len(prefix),
@@ -225,7 +227,8 @@ def _eval(args, parser=None) -> int:
 
 
 def _register_new_expert(ev) -> None:
-    cmds = ev.add_subparsers(dest="eval_command", metavar="SIMULATION")
+    cmds = ev.add_subparsers(dest="eval_command", metavar="[new-expert]",
+                             title="simulations (optional; without one, `coe eval` evaluates routers)")
     ne = cmds.add_parser("new-expert", help="how many probes a new expert needs: leave each model out, profile it "
                          "on a budget of probes chosen by a strategy, route the test queries")
     ne.add_argument("--train", required=True, help="training routing dataset (the candidate probes)")

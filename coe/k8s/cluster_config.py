@@ -74,7 +74,7 @@ class _Paths:
                 f"{where} is {value!r}, which resolves to {local}: outside the repository, so it is not "
                 f"in the image. Allowed on Kubernetes: a path in {project}inside coe's repository (at "
                 f"{APP_DIR}), or an absolute path under the state volume {STATE_DIR}. For files of your own "
-                "project, render with --project DIR and an image built FROM the coe image (README: Kubernetes)"
+                "project, render with --project DIR and an image built FROM the coe image (docs/kubernetes.md)"
             )
         return mapped
 

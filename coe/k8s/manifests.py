@@ -297,7 +297,7 @@ def render_cluster(
         raise ConfigError(
             f"{', '.join(cc.project_files)} name files of your project, which the stock image {image} does not "
             f"hold: build an image FROM {image} that copies your project to {PROJECT_DIR} and render with "
-            "--image (README: Kubernetes, your own project)"
+            "--image (docs/kubernetes.md, your own project)"
         )
     return [state_claim(opts), ray_service(cc, opts, gpu=gpu)]
 

@@ -43,7 +43,8 @@ class LiveState:
         ``scores`` and ``uncertainty`` (expert id -> value), each expert's configured ``cost`` and
         live state; ``head`` as for :meth:`SelectionPolicy.plan`. Exact ties go to ``default``
         first, then to the catalog's order."""
-        ids = [e for e in self.catalog.ids() if e in set(experts)]
+        wanted = set(experts)
+        ids = [e for e in self.catalog.ids() if e in wanted]
         if default in ids:
             ids.remove(default)
             ids.insert(0, default)

@@ -66,10 +66,10 @@ class ChatCompletionRequest(_Open):
     tool_choice: str | dict[str, Any] | None = Field(
         None, description="'auto' (the default with tools: the model may call tools) or 'none' (tools are not "
                           "rendered; plain text); 'required' and a named function get a 400 naming tool_choice.")
-    coe: dict[str, Any] | None = Field(
-        None, description="coe's own options (checked by serving/api/validation.py: an unknown key or a bad value "
-                          "gets a 400 naming it). {trace: true}: the response's coe field carries the routing plan "
-                          "(candidates).")
+    coe: Any = Field(
+        None, description="coe's own options, an object (checked by serving/api/validation.py, so that anything else, "
+                          "an unknown key or a bad value gets a 400 naming it). {trace: true}: the response's coe "
+                          "field carries the routing plan (candidates).")
 
 
 class CoeOptions(BaseModel):

@@ -140,7 +140,8 @@ def create_api(service: CoEService) -> FastAPI:
 
     @app.post("/v1/route", responses=_errors(400, 401, 403, 404, 413, 415, 422, 503))
     async def route(body: RouteRequest, creds=api_key):
-        """The expert the router picks for a query, with the scores (nothing is generated)."""
+        """The expert the router picks for a query, with the scores and the plan: ``candidates``, every
+        expert best first with its live state (nothing is generated)."""
         service.check_api(_token(creds))
         decision = await service.route(body)
         return JSONResponse(decision, headers={EXPERT_HEADER: decision["expert"]})

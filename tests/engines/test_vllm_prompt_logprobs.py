@@ -72,12 +72,12 @@ def test_mixed_lora_prompt_logprobs_keep_the_engine_up_and_match_transformers(bo
 
     scored, chatted = loop.run(at_once())
     assert not [o for o in scored if isinstance(o, BaseException)], scored
-    expected = loop.run(hf.generate_batch(reqs))
-    got = {}
-    for adapter, out, ref in zip(adapters, scored, expected):
+    expected = dict(zip(adapters[:3], loop.run(hf.generate_batch(reqs[:3]))))  # the prompts repeat after 3
+    for adapter, out in zip(adapters, scored):
+        ref = expected[adapter]
         assert out.prompt_token_ids == ref.prompt_token_ids == ids
         assert prompt_lps(out) == pytest.approx(prompt_lps(ref), abs=PARITY_ABS), adapter
-        got.setdefault(adapter, prompt_lps(out))
+    got = {a: prompt_lps(o) for a, o in zip(adapters[:3], scored)}
     # each adapter moves the logprobs far beyond the tolerance: a wrong LoRA mapping would show
     for a, b in [(None, "attn"), (None, "mlp"), ("attn", "mlp")]:
         assert max(abs(x - y) for x, y in zip(got[a], got[b])) > 10 * PARITY_ABS, (a, b)

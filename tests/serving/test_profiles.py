@@ -208,6 +208,7 @@ def test_a_registered_expert_is_profiled_in_the_background_and_wins_what_it_is_b
     prof = w.wait("new")
     assert prof["state"] == "done" and prof["done"] == prof["total"] == 6 and prof["failed"] == 0, prof
     assert prof["started_at"] <= prof["finished_at"]
+    assert prof["kind"] == "likelihood"   # the kind of the fitted data (detail.nll), by default
     assert set(w.backend.calls) == {"new"}   # the probes are the fitted data's: nobody else is re-measured
     # the probes went round-robin over the categories; the outcomes are exp(-mean NLL), on the data's scale
     stored = w.registry.profile_outcomes()
