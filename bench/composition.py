@@ -168,11 +168,15 @@ def analyse(rows: list[dict], routes: dict[str, str], nll: dict | None = None) -
     systems["coe"], systems["oracle"] = pick_coe, pick_oracle
     scorers = sorted({r.get("scorer") or r["category"] for r in rows})
     out: dict = {"n": len(rows), "experts": experts, "systems": {}}
+    measured = {k: np.array([[r["detail"][e].get(k, np.nan) for e in experts] for r in rows], dtype=float)
+                for k in ("completion_tokens", "latency_ms")}                  # [N, E]; nan: a failed request
     for name, pick in systems.items():
         acc = q[idx, pick]
         entry = {"accuracy": float(acc.mean()), "accuracy_ci": _boot(acc[:, None], lambda m: m.mean()),
                  "cost": float(c[idx, pick].mean()), "cost_ci": _boot(c[idx, pick][:, None], lambda m: m.mean()),
                  "share": {e: float((pick == i).mean()) for i, e in enumerate(experts)}}
+        for k, m in measured.items():
+            entry[f"mean_{k}"] = float(np.nanmean(m[idx, pick]))
         for s in scorers:
             mask = np.array([(r.get("scorer") or r["category"]) == s for r in rows])
             entry[f"accuracy[{s}]"] = float(acc[mask].mean())
@@ -215,13 +219,13 @@ def markdown(res: dict) -> str:
 
     experts = res["experts"]
     keys = [k for k in res["systems"]["coe"] if k.startswith("accuracy[") and not k.endswith("_ci")]
-    head = "| system | accuracy (95% CI) | " + " | ".join(keys) + " | mean cost | " + (
+    head = "| system | accuracy (95% CI) | " + " | ".join(keys) + " | mean cost | mean tokens | mean latency (s) | " + (
         "mean ref. NLL | " if "nll" in res["systems"]["coe"] else "") + "routing share |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, s in res["systems"].items():
         share = ", ".join(f"{e} {s['share'][e]:.0%}" for e in experts if s["share"][e] > 0)
         cells = [f"{s['accuracy']:.3f} {ci(s['accuracy_ci'])}"] + [f"{s[k]:.3f} {ci(s[k + '_ci'])}" for k in keys]
-        cells.append(f"{s['cost']:.1f}")
+        cells += [f"{s['cost']:.1f}", f"{s['mean_completion_tokens']:.0f}", f"{s['mean_latency_ms'] / 1000:.1f}"]
         if "nll" in s:
             cells.append(f"{s['nll']:.3f} {ci(s['nll_ci'])}")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {share} |")
@@ -265,7 +269,7 @@ def run(args) -> int:
             service.stop()
     nll = reference_nll_table(probes, args.config, list(experts)) if args.nll else None
     res = analyse(rows, routes, nll)
-    res["verify"] = verify
+    res["verify"], res["routes"] = verify, routes
     body = markdown(res)
     if verify:
         body += (f"\nCheck of `model: \"coe\"` on {verify['checked']} probes: same expert as `/v1/route` "

