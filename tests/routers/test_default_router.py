@@ -1,6 +1,6 @@
-"""The router the default config ships: kNN fitted on the experts' measured reference likelihood
-(configs/fitted/default, from configs/profiles/default_likelihood.jsonl), with queries unlike
-every profiled one routed by the experts' descriptions (router.min_profile_similarity)."""
+"""The router the default config ships: kNN fitted on the experts' measured task outcomes (exact final
+number on GSM8K, unit tests on MBPP; configs/fitted/default, from configs/profiles/default_tasks.jsonl),
+with queries unlike every profiled one routed by the experts' descriptions (router.min_profile_similarity)."""
 
 from __future__ import annotations
 
@@ -29,28 +29,30 @@ def test_default_config_ships_a_fitted_router(shipped):
     cfg, router = shipped
     assert cfg.router.name == "knn" and cfg.router.fitted and router.name == "knn"
     assert cfg.router.min_profile_similarity is not None
-    profile = default_config_path().parent / "profiles" / "default_likelihood.jsonl"
+    profile = default_config_path().parent / "profiles" / "default_tasks.jsonl"
     rows = [json.loads(line) for line in profile.read_text().splitlines()]
     assert {e.id for e in cfg.experts} == set(rows[0]["outcomes"])
+    assert {o for r in rows for o in r["outcomes"].values()} <= {0.0, 1.0}   # task outcomes, not likelihoods
 
 
-def test_profiled_domains_go_to_their_measured_experts(shipped):
+def test_profiled_domains_go_to_the_measured_best_expert(shipped):
+    """Qwen2.5-Coder solves more of both profiled domains than every SmolLM2 expert, LoRAs included."""
     _, router = shipped
     out = router.route([
         "A baker made 24 muffins and sold 3/4 of them. How many are left?",
         ("Write a python function to remove duplicates from a list.\nYour code should pass this test:\n"
          "assert remove_dups([1, 1, 2]) == [1, 2]"),
     ])
-    assert [d.expert for d in out] == ["smollm2-math", "smollm2-code"]
+    assert [d.expert for d in out] == ["qwen-coder", "qwen-coder"]
 
 
 def test_queries_outside_the_profiles_are_routed_by_description(shipped):
     cfg, router = shipped
     queries = ["What is the capital of France?",
                "Continue the story. Once upon a time, in a small village by the river,"]
-    assert [d.expert for d in router.route(queries)] == ["smollm2", "gemma3"]
-    # without the floor, the fitted router alone sends them to a profiled specialist
+    assert [d.expert for d in router.route(queries)] == ["smollm2", "smollm2"]   # the cheap chat expert
+    # without the floor, the fitted router alone sends them to the expert best on the profiled domains
     bare = build_online_router(cfg.router.model_copy(update={"min_profile_similarity": None}), cfg.experts)
-    assert {d.expert for d in bare.route(queries)} <= {"smollm2-math", "smollm2-code"}
+    assert [d.expert for d in bare.route(queries)] == ["qwen-coder", "qwen-coder"]
     cov = bare.fitted.coverage(QueryBatch(queries, bare.embedder.encode(queries)))
     assert np.all(cov < cfg.router.min_profile_similarity)
