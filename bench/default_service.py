@@ -7,9 +7,11 @@ Two configs, each started with ``coe serve`` (bench.soak.Service) one after the 
 
 - ``with-qwen``: the embedded default (``configs/default.yaml``: SmolLM2 with its two LoRAs on
   vLLM, Qwen2.5-Coder-0.5B-Instruct on vLLM);
-- ``without-qwen``: the same file with the Qwen expert left out and nothing else changed.
+- ``without-qwen``: the same file with the Qwen expert left out and nothing else changed;
+- ``with-qwen, cpu_bind auto``: the shipped file with vLLM's own thread binding (``engine.cpu_bind:
+  auto``, what coe did before ``cpu_bind`` existed), which pins every vLLM engine to the same core.
 
-For each: seconds from launch to "serving at" (every engine up), the RSS of the whole ``coe serve``
+The RSS is summed over processes, so pages they share count once per process. For each: seconds from launch to "serving at" (every engine up), the RSS of the whole ``coe serve``
 process tree once ready (Ray's own daemons included), and, per served model expert, ``--pairs``
 streamed greedy requests (one at a time, experts interleaved, the same prompts for every expert):
 the time to the first content token and the decode rate (completion tokens after the first over
@@ -19,6 +21,7 @@ the time after it). Medians with bootstrap 95% intervals (bench.stats).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import tempfile
@@ -62,8 +65,14 @@ def configs(folder: Path) -> dict[str, Path]:
 
     without = absolute(json.loads(json.dumps(data)))
     without["experts"] = [e for e in without["experts"] if e["id"] != QWEN]
-    out = {"with-qwen": src, "without-qwen": folder / "without-qwen.yaml"}
+    pinned = absolute(json.loads(json.dumps(data)))   # vLLM's own thread binding, coe's default before cpu_bind
+    for e in pinned["experts"]:
+        if (e.get("engine") or {}).get("kind") == "vllm":
+            e["engine"]["cpu_bind"] = "auto"
+    out = {"with-qwen": src, "without-qwen": folder / "without-qwen.yaml",
+           "with-qwen, cpu_bind auto": folder / "with-qwen-auto.yaml"}
     out["without-qwen"].write_text(yaml.safe_dump(without, sort_keys=False))
+    out["with-qwen, cpu_bind auto"].write_text(yaml.safe_dump(pinned, sort_keys=False))
     return out
 
 
@@ -106,7 +115,30 @@ def stream_once(client, expert: str, prompt: str, max_tokens: int) -> dict:
             "tok_s": (tokens - 1) / (end - first) if tokens > 1 and end > first else float("nan")}
 
 
-def measure(name: str, config: Path, pairs: int, max_tokens: int) -> dict:
+async def concurrent_load(url: str, experts: list[str], clients: int, max_tokens: int, rounds: int = 3) -> dict:
+    """Every model expert busy at once: ``clients`` closed-loop clients per expert, ``rounds`` requests
+    each; completion tokens per second of wall time, over all experts and per expert."""
+    import httpx
+
+    tokens = {e: 0 for e in experts}
+
+    async def client(http, expert: str, k: int) -> None:
+        for r in range(rounds):
+            body = {"model": expert, "max_tokens": max_tokens, "temperature": 0,
+                    "messages": [{"role": "user", "content": PROMPTS[(k + r) % len(PROMPTS)]}]}
+            resp = await http.post("/v1/chat/completions", json=body)
+            resp.raise_for_status()
+            tokens[expert] += resp.json()["usage"]["completion_tokens"]
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http, e, k) for e in experts for k in range(clients)))
+        wall = time.perf_counter() - t0
+    return {"clients_per_expert": clients, "wall_s": round(wall, 1), "tok_s": round(sum(tokens.values()) / wall, 1),
+            "tok_s_by_expert": {e: round(t / wall, 1) for e, t in tokens.items()}}
+
+
+def measure(name: str, config: Path, pairs: int, max_tokens: int, clients: int) -> dict:
     import httpx
 
     from coe.config import load_config
@@ -127,6 +159,7 @@ def measure(name: str, config: Path, pairs: int, max_tokens: int) -> dict:
             out["experts"][e] = {"ttft_ms": summary([r["ttft_ms"] for r in rs]),
                                  "tok_s": summary([r["tok_s"] for r in rs if r["tok_s"] == r["tok_s"]]),
                                  "mean_tokens": sum(r["tokens"] for r in rs) / len(rs)}
+        out["concurrent"] = asyncio.run(concurrent_load(service.url, experts, clients, max_tokens))
         out["rss_after_mib"] = tree_rss_mib(service.proc.pid)
     finally:
         out_stop = service.stop()
@@ -147,8 +180,14 @@ def markdown(res: dict) -> str:
             ci_t, ci_s = s["ttft_ms"]["ci"], s["tok_s"]["ci"]
             lines.append(f"| {name} | {e} | {s['ttft_ms']['median']:.0f} [{ci_t[0]:.0f}, {ci_t[1]:.0f}] | "
                          f"{s['tok_s']['median']:.1f} [{ci_s[0]:.1f}, {ci_s[1]:.1f}] | {s['mean_tokens']:.0f} |")
+    lines += ["", "| config | all experts busy: tokens/s (wall) | per expert |", "|---|---|---|"]
+    for name, r in res["configs"].items():
+        c = r["concurrent"]
+        per = ", ".join(f"{e} {v}" for e, v in c["tok_s_by_expert"].items())
+        lines.append(f"| {name} | {c['tok_s']} ({c['wall_s']} s) | {per} |")
     lines.append(f"\n{res['pairs']} streamed requests per expert, one at a time, experts interleaved; "
-                 f"max_tokens {res['max_tokens']}, greedy.")
+                 f"max_tokens {res['max_tokens']}, greedy. Load phase: {res['clients']} closed-loop clients per model "
+                 "expert at once, 3 requests each, tokens/s over the phase's wall time.")
     return "\n".join(lines) + "\n"
 
 
@@ -156,13 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--clients", type=int, default=4, help="concurrent clients per expert in the load phase")
     ap.add_argument("--name", default="default_service")
     args = ap.parse_args(argv)
     stop_on_sigterm()
     rec = RunRecord.start(note="default service with and without qwen-coder")
     with tempfile.TemporaryDirectory() as tmp:
-        res = {"pairs": args.pairs, "max_tokens": args.max_tokens,
-               "configs": {name: measure(name, cfg, args.pairs, args.max_tokens)
+        res = {"pairs": args.pairs, "max_tokens": args.max_tokens, "clients": args.clients,
+               "configs": {name: measure(name, cfg, args.pairs, args.max_tokens, args.clients)
                            for name, cfg in configs(Path(tmp)).items()}}
     body = markdown(res)
     write_results(args.name, rec.finish(res),
