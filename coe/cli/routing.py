@@ -171,6 +171,24 @@ def _calibrate(args, cfg, router, data, x) -> dict:
             "max_uncertainty": cal.max_uncertainty, "costs_from": source}
 
 
+
+def _train_test(args, train):
+    """``(train, test)``: ``--test FILE`` in ``train``'s model order, or ``train`` cut by ``--split``."""
+    from coe.errors import DatasetError
+    from coe.routers.datasets import load_routing_data
+    from coe.routers.report import split_data
+
+    if args.test and args.split is not None:
+        raise DatasetError("give either --test or --split, not both")
+    if args.test:
+        return train, load_routing_data(args.test, args.format, args.costs).reordered(train.models)
+    if args.split is None:
+        raise DatasetError("give --test FILE, or --split FRACTION to cut --train into train and test")
+    skipped = train.skipped
+    train, test = split_data(train, args.split, args.seed)
+    train.skipped = test.skipped = skipped
+    return train, test
+
 def _eval(args, parser=None) -> int:
     missing = [f"--{k}" for k in ("train", "out") if not getattr(args, k)]
     if missing and parser is not None:
@@ -179,7 +197,7 @@ def _eval(args, parser=None) -> int:
     from coe.routers.base import router_class, router_names
     from coe.routers.datasets import load_routing_data
     from coe.routers.embedding import Embedder
-    from coe.routers.report import EvalInputs, run_eval, split_data, write_report
+    from coe.routers.report import EvalInputs, run_eval, write_report
 
     if args.bootstrap < 10:
         raise DatasetError(f"--bootstrap must be at least 10 replicates, got {args.bootstrap}")
@@ -189,16 +207,7 @@ def _eval(args, parser=None) -> int:
     for n in names:
         router_class(n)   # unknown names fail before any work, listing the available ones
     train = load_routing_data(args.train, args.format, args.costs)
-    if args.test and args.split is not None:
-        raise DatasetError("give either --test or --split, not both")
-    if args.test:
-        test = load_routing_data(args.test, args.format, args.costs).reordered(train.models)
-    elif args.split is not None:
-        skipped = train.skipped
-        train, test = split_data(train, args.split, args.seed)
-        train.skipped = test.skipped = skipped
-    else:
-        raise DatasetError("give --test FILE, or --split FRACTION to cut --train into train and test")
+    train, test = _train_test(args, train)
     embedder = Embedder(args.embedder, disk_cache=True, progress=not args.quiet)
     if not args.quiet:
         print(f"embedding {len(train) + len(test)} queries (cached under {embedder.disk_path})", file=sys.stderr)
@@ -265,29 +274,18 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def _eval_new_expert(args) -> int:
-    from coe.errors import DatasetError
     from coe.routers.base import FitContext
     from coe.routers.datasets import load_routing_data
     from coe.routers.embedding import Embedder
     from coe.routers.new_expert import NewExpertSetup, simulate
     from coe.routers.new_expert_report import write_new_expert_report
-    from coe.routers.report import split_data
 
     setup = NewExpertSetup(strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
                            budgets=_int_list(args.budgets, "--budgets"), seeds=args.seeds, router=args.router,
                            impute=args.impute, wave=args.wave, n_boot=args.bootstrap, seed=args.seed)
     train = load_routing_data(args.train, args.format, args.costs)
     setup.check(len(train.models))       # bad options fail before any embedding
-    if args.test and args.split is not None:
-        raise DatasetError("give either --test or --split, not both")
-    if args.test:
-        test = load_routing_data(args.test, args.format, args.costs).reordered(train.models)
-    elif args.split is not None:
-        skipped = train.skipped
-        train, test = split_data(train, args.split, args.seed)
-        train.skipped = test.skipped = skipped
-    else:
-        raise DatasetError("give --test FILE, or --split FRACTION to cut --train into train and test")
+    train, test = _train_test(args, train)
     embedder = Embedder(args.embedder, disk_cache=True, progress=not args.quiet)
     xtr, xte, _ = _embed_all(embedder, train, test)
     ctx = FitContext(seed=args.seed, embed=embedder.encode)
