@@ -117,6 +117,11 @@ def write_world(root, tiny, adapter_roots=()):
     foreign = [{**p, "id": "f" + p["id"], "query": p["query"] + " ?"} for p in probes]
     (root / "probes" / "foreign.jsonl").write_text("".join(json.dumps(p) + "\n" for p in foreign))
     (root / "outside.jsonl").write_text((root / "probes" / "same.jsonl").read_text())
+    return world_config(root, tiny, root / "probes", adapter_roots=[str(r) for r in adapter_roots])
+
+
+def world_config(root, tiny, probes, **serving):
+    """Experts base/other on the tiny model, the kNN fitted under ``root / "fitted"``, probes under ``probes``."""
     engine = {"kind": "hf", "max_model_len": 128}
     return parse_config({
         "router": {"name": "knn", "fitted": str(root / "fitted"), "embedder": "hash", "default_expert": "base",
@@ -124,8 +129,7 @@ def write_world(root, tiny, adapter_roots=()):
         "experts": [{"id": e, "kind": "model", "model": str(tiny), "engine": engine, "description": d,
                      "resources": {"num_cpus": 0.1}}
                     for e, d in (("base", "general questions"), ("other", "other things"))],
-        "serving": {"registry_path": str(root / "registry.sqlite"),
-                    "probe_roots": [str(root / "probes")], "adapter_roots": [str(r) for r in adapter_roots]},
+        "serving": {"registry_path": str(root / "registry.sqlite"), "probe_roots": [str(probes)], **serving},
     })
 
 

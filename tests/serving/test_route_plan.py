@@ -14,7 +14,13 @@ from coe.config import AdmissionConfig, ModelExpert
 from coe.errors import ConfigError
 from coe.routers.policy import ExpertLoad, SelectionPolicy
 from coe.serving.api.admission import Admission, Deadline
-from tests.serving.serving_helpers import Decision, Harness, error_of, tiny_config_dict
+from tests.serving.serving_helpers import (
+    Decision,
+    Harness,
+    KeywordRouter,
+    error_of,
+    tiny_config_dict,
+)
 
 FIELDS = ["expert", "quality", "uncertainty", "cost", "queue_depth", "running", "expected_wait_ms",
           "resident", "swap_ms", "healthy"]
@@ -136,25 +142,17 @@ def test_admission_measures_service_time_and_expected_wait():
 # ------------------------------------------------------------------ the service
 
 
-class ScoredRouter:
-    """A router double with fixed, close scores: 'tiny-a' best, 'tiny-b' a near second."""
+class ScoredRouter(KeywordRouter):
+    """A router double with fixed, close scores: 'tiny-a' best, 'tiny-b' a near second (the expert
+    bookkeeping is KeywordRouter's)."""
 
     name = "scored-test"
 
     def __init__(self, expert_ids):
-        self.ids = list(expert_ids)
+        super().__init__(expert_ids, default="tiny-a")
 
     def route(self, queries):
         return [Decision("tiny-a", {"tiny-a": 0.80, "tiny-b": 0.79, "tiny": 0.30}, self.name) for _ in queries]
-
-    def add_expert(self, expert):
-        self.ids.append(expert.id)
-
-    def remove_expert(self, expert_id):
-        self.ids.remove(expert_id)
-
-    def experts(self):
-        return list(self.ids)
 
 
 @pytest.fixture(scope="module")

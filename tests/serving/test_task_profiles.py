@@ -14,11 +14,18 @@ import time
 import numpy as np
 import pytest
 
-from coe.config import parse_config
 from coe.profile_records import ProfileOutcome
 from coe.types import GenerationOutput
 from tests.helpers import LoopThread
-from tests.serving.test_profiles import CODE, MATH, FakeBackend, HashEmbedder, World, _new
+from tests.serving.test_profiles import (
+    CODE,
+    MATH,
+    FakeBackend,
+    HashEmbedder,
+    World,
+    _new,
+    world_config,
+)
 
 CHOICE_Q = "what is 2 + 2 ?"
 GOLD = {q: str(eval(q.removeprefix("what is ").removesuffix(" ?"))) for q in MATH}
@@ -76,15 +83,7 @@ def write_task_world(root, tiny):
     _write(probes / "notests.jsonl", [{"id": "c", "query": CODE[0], "scorer": "code_tests", "category": "code",
                                        "reference": DOUBLE}])
     _write(probes / "references.jsonl", [{"id": "r", "query": MATH[0], "scorer": "reference_nll", "reference": "3"}])
-    engine = {"kind": "hf", "max_model_len": 128}
-    return parse_config({
-        "router": {"name": "knn", "fitted": str(root / "fitted"), "embedder": "hash", "default_expert": "base",
-                   "min_profile_similarity": None},
-        "experts": [{"id": e, "kind": "model", "model": str(tiny), "engine": engine, "description": d,
-                     "resources": {"num_cpus": 0.1}}
-                    for e, d in (("base", "general questions"), ("other", "other things"))],
-        "serving": {"registry_path": str(root / "registry.sqlite"), "probe_roots": [str(probes)]},
-    })
+    return world_config(root, tiny, probes)
 
 
 def _write(path, rows):
