@@ -20,7 +20,6 @@ Thread-safe after construction (the refit runs in a worker thread).
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -29,7 +28,6 @@ import numpy as np
 from coe.errors import ConfigError
 
 IMPUTE_K = 10
-LIKELIHOOD_DETAIL = "nll"   # native rows of a likelihood profile carry detail[expert]["nll"]
 
 
 def fitted_folder(cfg, base_dir: Path | None) -> Path | None:
@@ -86,15 +84,6 @@ class ProfiledData:
 
     def queries(self) -> set[str]:
         return set(self.base.queries)
-
-    def is_likelihood(self) -> bool:
-        """Whether the data's outcomes are reference likelihoods (its rows carry ``detail.nll``)."""
-        with self.path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    detail = json.loads(line).get("detail") or {}
-                    return bool(detail) and all(LIKELIHOOD_DETAIL in (d or {}) for d in detail.values())
-        return False
 
     def _embed(self, queries: list[str]) -> np.ndarray:
         from coe.routers.datasets import routing_texts

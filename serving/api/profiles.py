@@ -110,18 +110,13 @@ def scorable(probe, kind: OutcomeKind) -> bool:
 
 
 def choose_probes(probes: list, budget: int, kind: OutcomeKind = "likelihood") -> list:
-    """The first ``budget`` probes a ``kind`` profile can score, round-robin over categories in file order."""
-    by_cat: dict[str, list] = {}
-    for p in probes:
-        if scorable(p, kind):
-            by_cat.setdefault(p.category or "", []).append(p)
-    queues = list(by_cat.values())
-    out: list = []
-    while len(out) < budget and any(queues):
-        for q in queues:
-            if q and len(out) < budget:
-                out.append(q.pop(0))
-    return out
+    """The first ``budget`` probes a ``kind`` profile can score, round-robin over categories in file order
+    (:func:`coe.routers.probe_selection.round_robin_order`, the order the offline simulation uses)."""
+    from coe.routers.probe_selection import round_robin_order
+
+    usable = [p for p in probes if scorable(p, kind)]
+    order = round_robin_order(len(usable), [p.category or "" for p in usable])
+    return [usable[i] for i in order[:budget]]
 
 
 class ProfileJobs:
