@@ -214,6 +214,36 @@ Expert = Annotated[ModelExpert | LoraExpert | MixtureExpert, Field(discriminator
 # --------------------------------------------------------------------------- router
 
 
+class RecruitConfig(Strict):
+    """Recruit and aggregate by default (Symbolic-MoE, Mixture-of-Agents; ``serving/api/recruit.py``): the
+    ``k`` best experts of a routed chat request's plan answer concurrently and ``aggregate`` makes one
+    answer of theirs. A request's ``coe.recruit``/``coe.aggregate`` override it."""
+
+    k: int = Field(1, ge=1, description="Experts recruited per routed request; 1 is off (one expert answers). "
+                                        "At most the number of experts.")
+    aggregate: str = Field(
+        "vote", description="'vote': the majority of the normalized final answers, ties to the higher predicted "
+        "quality; or an expert id: that expert writes the final answer from the question and the k answers.",
+    )
+    answer: Literal["auto", "choice", "number", "text"] = Field(
+        "auto", description="What a vote compares (coe.scoring.answers): choice letters, final numbers or folded "
+        "text; 'auto' takes the first of these that every answer gives.",
+    )
+    when: Literal["always", "margin", "uncertainty"] = Field(
+        "always", description="'always'; 'margin': recruit only when the predicted quality of the plan's first "
+        "expert exceeds the second's by less than threshold; 'uncertainty': only when the first expert's "
+        "predicted-quality standard error exceeds threshold (routers that report it: irt, knn, learned). "
+        "Mediator's recruit-when-unsure, as `coe eval --recruit` evaluates it (recruit-k-margin, recruit-k-unc).",
+    )
+    threshold: float | None = Field(None, ge=0, description="The trigger of `when` (needed unless 'always').")
+
+    @model_validator(mode="after")
+    def _trigger(self) -> RecruitConfig:
+        if self.when != "always" and self.threshold is None:
+            raise ValueError(f"router.policy.recruit.threshold is needed with when: {self.when}")
+        return self
+
+
 class PolicyConfig(Strict):
     """How predicted quality and cost become one choice (shared by every router)."""
 
@@ -240,6 +270,8 @@ class PolicyConfig(Strict):
         "at the ingress's admission queue (queued requests x the measured service time of the expert's server) "
         "plus, for a pooled expert that is not resident, its measured swap-in time. 0: load is ignored.",
     )
+    recruit: RecruitConfig = Field(default_factory=RecruitConfig,
+                                   description="Recruit and aggregate by default (k: 1 is off).")
 
 
 class RouterConfig(Strict):
@@ -434,6 +466,11 @@ class ServingConfig(Strict):
         2, ge=1, description="Scoring requests that runtime profiles send at once per ingress replica (they go "
         "through admission control like any request).",
     )
+    refit_budget_s: float = Field(
+        20.0, ge=0, description="Seconds the refit after a runtime profile may spend cross-validating the fitted "
+        "router's params (the grid `coe eval` searches) on the fitted data plus the stored profiles; over budget "
+        "(or 0) it keeps the current params. Runs in a worker thread: the ingress keeps answering.",
+    )
     registry_poll_s: float = Field(
         2.0, gt=0, description="How often each ingress replica checks the registry's revision; a registration or "
         "removal through one replica is served by every other within this period plus its reload time.",
@@ -502,6 +539,12 @@ class CoEConfig(Strict):
             on_it = sorted(x.id for x in self.experts if x.kind in ("lora", "mixture") and x.base == eid)
             if on_it:
                 raise ValueError(f"experts[{eid}].pooled: pooled models host no adapters, but {', '.join(on_it)} use it as base")
+        recruit = self.router.policy.recruit
+        if recruit.k > len(ids):
+            raise ValueError(f"router.policy.recruit.k is {recruit.k}; allowed: 1 to {len(ids)} (the number of experts)")
+        if recruit.aggregate != "vote" and recruit.aggregate not in by_id:
+            raise ValueError(f"router.policy.recruit.aggregate is {recruit.aggregate!r}; allowed: vote or an expert "
+                             f"id: {', '.join(sorted(by_id))}")
         if self.router.default_expert is not None and self.router.default_expert not in by_id:
             raise ValueError(
                 f"router.default_expert is {self.router.default_expert!r}; allowed: {', '.join(sorted(by_id))}"

@@ -92,6 +92,32 @@ class ProfileOutcome(BaseModel):
         return query_key(self.query)
 
 
+class AbilityEstimate(BaseModel):
+    """The new expert's ability on the probe set's IRT scale (:class:`coe.routers.probe_selection.ItemBank`):
+    the posterior mean ``theta``, its standard error ``se`` and the outcomes it rests on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    theta: float
+    se: float
+    answered: int
+
+
+class RefitReport(BaseModel):
+    """How the router was refitted after a profile: its params, and whether cross-validation chose them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    params: dict[str, Any] = Field(description="the router's params after the refit")
+    selected_by: Literal["cv", "kept"] = Field(description="cv: best mean held-out AIQ over the router's grid (as "
+                                                           "`coe eval` selects); kept: the fitted router's own params")
+    cv_aiq: float | None = Field(None, description="the chosen params' mean held-out AIQ (cv only)")
+    scored: int = Field(0, description="grid combinations scored")
+    grid: int = Field(0, description="grid combinations in all")
+    seconds: float = Field(0.0, description="time spent cross-validating")
+    note: str | None = Field(None, description="why the params were kept (over serving.refit_budget_s, too few rows)")
+
+
 class ProfileJob(BaseModel):
     """Where one expert's profile stands (the ``profile`` field of an expert in the admin API)."""
 
@@ -112,6 +138,15 @@ class ProfileJob(BaseModel):
     finished_at: float | None = None
     updated_at: float | None = Field(None, description="last progress (a heartbeat while running)")
     error: str | None = Field(None, description="why the job failed, or the first failed request's reason")
+    strategy: str = Field("round_robin", description="how the probes were chosen: adaptive, round_robin or random "
+                                                     "(adaptive falls back to round_robin, saying so in note)")
+    stop_se: float | None = Field(None, description="stop_when.se: stop once the ability's standard error is at most this")
+    probes_done: int = Field(0, description="probes the expert was asked so far (at most the budget)")
+    phase: Literal["measuring", "refitting"] | None = Field(None, description="what an active job is doing")
+    ability: AbilityEstimate | None = Field(None, description="the expert's ability estimate so far (None without the "
+                                                              "fitted experts' outcomes on the probes)")
+    note: str | None = Field(None, description="e.g. why adaptive fell back to round_robin, or why the job stopped early")
+    refit: RefitReport | None = Field(None, description="the refit that ended the job")
 
     @property
     def active(self) -> bool:

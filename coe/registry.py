@@ -181,15 +181,19 @@ class ExpertRegistry:
             raise ExpertNotFoundError(f"expert {expert_id!r} is not in the registry; registered: {available(self.ids())}")
 
     # -- profiles (coe.profile_records) -----------------------------------------------------
-    def put_profile_outcomes(self, outcomes: list[ProfileOutcome]) -> None:
-        """Store measured outcomes in one transaction, replacing any of the same (expert, query);
-        bumps the revision so other replicas rebuild their router."""
+    def put_profile_outcomes(self, outcomes: list[ProfileOutcome], job: ProfileJob | None = None) -> None:
+        """Store measured outcomes in one transaction, replacing any of the same (expert, query),
+        and with them ``job``'s final state when given: a profile's outcomes and its ``done`` are
+        written together or not at all. Bumps the revision so other replicas rebuild their router."""
         now = time.time()
         with self._transaction(write=True) as conn:
             for o in outcomes:
                 conn.execute(delete(_outcomes).where((_outcomes.c.expert_id == o.expert) & (_outcomes.c.query_key == o.key)))
                 conn.execute(insert(_outcomes).values(expert_id=o.expert, query_key=o.key, body=o.model_dump_json(),
                                                       created_at=now))
+            if job is not None:
+                conn.execute(update(_jobs).where(_jobs.c.expert_id == job.expert)
+                             .values(state=job.state, body=job.model_dump_json()))
             _bump(conn)
 
     def profile_outcomes(self) -> list[ProfileOutcome]:

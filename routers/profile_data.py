@@ -13,14 +13,19 @@ names (``data``). :class:`ProfiledData` reads it once and, given the stored prof
   (``irt``) ignore it; the others see a value that says no more than the expert's own measured
   neighbours do. An expert with no measured row gets no column (it stays routed by description).
 
-The refit keeps the fitted router's class and params (no cross-validation: the service must not
-retune while serving); with no outcome at all the fitted router itself is returned unchanged.
-Thread-safe after construction (the refit runs in a worker thread).
+The refit keeps the fitted router's class and chooses its params by the offline selection rule
+(:func:`select_params`): K-fold cross-validation over the router's ``cv_grid`` on the refit data
+(:func:`coe.routers.tuning.cross_validate`, the CV ``coe eval`` uses), best mean held-out AIQ,
+within a time budget; over budget, the fitted router's own params are kept. With no outcome at
+all the fitted router itself is returned unchanged. Thread-safe after construction (the refit
+runs in a worker thread; it is CPU-bound and must stay off the event loop).
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -137,19 +142,62 @@ class ProfiledData:
                            observed=None if observed.all() else observed)
         return data, emb
 
-    def refit(self, outcomes: list, live: set[str], ctx=None):
-        """The fitted router refitted on :meth:`with_outcomes` (same class, same params); the
-        fitted router itself when no outcome applies."""
+    def refit(self, outcomes: list, live: set[str], ctx=None, *, budget_s: float = 0.0):
+        """The fitted router refitted on :meth:`with_outcomes` (same class; params by
+        :func:`select_params` within ``budget_s`` seconds, 0: the fitted params); the fitted router
+        itself when no outcome applies. ``notes["profiled"]["refit"]`` says how the params were
+        chosen (:class:`coe.profile_records.RefitReport` fields)."""
         from coe.routers.base import create_router
 
         data, emb = self.with_outcomes(outcomes, live)
         if list(data.models) == list(self.base.models) and len(data) == len(self.base):
             return self.router
-        router = create_router(self.router.name, self.router.params).fit(data, emb, ctx)
+        params, report = select_params(self.router.name, self.router.params.model_dump(), data, emb, ctx,
+                                       budget_s=budget_s)
+        router = create_router(self.router.name, params).fit(data, emb, ctx)
         router.notes = {**self.router.notes, "profiled": {"rows": len(data), "experts": list(data.models),
                                                           "imputed_cells": int((~data.observed).sum())
-                                                          if data.observed is not None else 0}}
+                                                          if data.observed is not None else 0,
+                                                          "refit": {**report, "params": router.params.model_dump()}}}
         return router
+
+
+def select_params(name: str, params: dict, data, emb: np.ndarray, ctx=None, *, budget_s: float, folds: int = 5,
+                  seed: int = 0) -> tuple[dict, dict]:
+    """``(params, report)``: the combination of router ``name``'s ``cv_grid`` (over ``params``) with the
+    best mean held-out AIQ in ``folds``-fold CV on ``data`` (:func:`coe.routers.tuning.cross_validate`),
+    or ``params`` unchanged when the whole grid is not scored within ``budget_s`` seconds (checked
+    between combinations, so one combination may overrun it), when ``budget_s`` is 0, or when
+    ``data`` has too few rows for the folds. ``report``: selected_by (cv | kept), cv_aiq, scored,
+    grid, seconds, note. Blocking and CPU-bound."""
+    from coe.routers.base import router_class
+    from coe.routers.tuning import cross_validate
+
+    cls = router_class(name)
+    grid = {} if cls.needs_labels else dict(cls.cv_grid or {})
+    keys = sorted(grid)
+    combos = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    report = {"selected_by": "kept", "cv_aiq": None, "scored": 0, "grid": len(combos), "seconds": 0.0, "note": None}
+    if budget_s <= 0 or not combos:
+        report["note"] = "serving.refit_budget_s is 0" if combos else f"router {name} has no grid to cross-validate"
+        return params, report
+    if len(data) < 2 * folds:
+        report["note"] = f"{len(data)} rows are too few for {folds}-fold cross-validation"
+        return params, report
+    t0, table = time.monotonic(), []
+    for combo in combos:
+        if time.monotonic() - t0 > budget_s:
+            report.update(seconds=round(time.monotonic() - t0, 3), scored=len(table),
+                          note=f"over serving.refit_budget_s ({budget_s:g} s) after {len(table)} of {len(combos)} "
+                               "combinations: the fitted params are kept")
+            return params, report
+        res = cross_validate(name, data, emb, grid={k: [v] for k, v in combo.items()}, base_params=params,
+                             folds=folds, seed=seed, ctx=ctx)
+        table.append((res.params, res.score))
+    best = max(range(len(table)), key=lambda i: table[i][1] if np.isfinite(table[i][1]) else -np.inf)
+    report.update(selected_by="cv", cv_aiq=float(table[best][1]), scored=len(table),
+                  seconds=round(time.monotonic() - t0, 3))
+    return table[best][0], report
 
 
 def impute_missing(quality: np.ndarray, cost: np.ndarray, observed: np.ndarray, emb: np.ndarray) -> None:

@@ -1,37 +1,32 @@
 """Runtime profiles: measure a newly registered expert on probe queries, in the background, and
 refit the served router on its outcomes so it wins the queries it is measurably best at.
 
-``POST /v1/experts`` with ``profile: {probe, budget, kind, max_tokens}`` (or ``POST
-/v1/experts/{id}/profile``) answers at once; :class:`ProfileJobs` then measures the expert on
-``budget`` probes through the ingress's own admission control and backend, at most
-``serving.profile_concurrency`` at a time, so other traffic keeps flowing. Then it stores the
-outcomes in the registry (``profile_outcomes``) and refits the fitted router on its data plus
-every stored profile of the same outcome kind (:mod:`coe.routers.profile_data`).
+``POST /v1/experts`` with ``profile: {probe, budget, kind, max_tokens, strategy, stop_when}`` (or
+``POST /v1/experts/{id}/profile``) answers at once; :class:`ProfileJobs` then asks the expert the
+probes in waves of ``serving.profile_concurrency``, each wave chosen by the strategy from what
+is known so far (:mod:`coe.serving.api.profile_plan`: ``round_robin`` by default, ``random``, or
+``adaptive``, which reads the fitted experts' outcomes on the same probes), through the
+ingress's own admission control and backend (:mod:`coe.serving.api.profile_measure`), so other
+traffic keeps flowing. After each wave the job records the expert's ability estimate and its
+standard error; ``stop_when: {se}`` ends the job early once the error is small enough.
 
 The outcome kind (:mod:`coe.profile_records`) is the fitted router's data's (``outcome_kind`` in
 its router.json, inferred for older files); a request for the other kind is refused (400), since a
-router must not mix them:
+router must not mix them. A probe that is not in the fitted router's data (another probe set)
+has no outcome of the fitted experts to compare with, so the job measures the fitted experts on
+it too (``total`` counts those requests). A request that fails is counted with its reason and the
+job goes on (an answer that fails its scorer is an outcome of 0).
 
-- ``task``: a pinned greedy chat request (``max_tokens``), the answer scored by the probe's own
-  scorer, as ``coe experts profile`` does (:func:`coe.profiling.task_cell`): ``exact_number``,
-  ``code_tests`` (in the sandbox of :mod:`coe.eval.sandbox`, never in this process), ``choice``
-  (each option's likelihood by a scoring request, no generation); outcome 0/1. Scoring runs in a
-  worker thread, so the event loop keeps answering.
-- ``likelihood``: a scoring request (:mod:`coe.likelihood_profile`: the reference answer's
-  ``exp(-mean NLL)`` from the engine's prompt log-probabilities).
-
-Which probes: the first ``budget`` probes the kind can score (a task scorer; a reference), taken
-round-robin over the probe set's categories (so a small budget still covers every domain). A
-probe that is not in the fitted router's data (another probe set) has no outcome of the fitted
-experts to compare with (and likelihoods of different references are not comparable); so the job
-measures the fitted experts on it too (``total`` counts those requests). A request that fails is
-counted with its reason and the job goes on (an answer that fails its scorer is an outcome of 0,
-with the reason in ``detail``); the job fails when the expert got no outcome, when it is removed,
-or when the refit fails. A failed job leaves the router as it was: the expert stays routed by
-its description. Progress (``queued``/``running``/``done``/``failed``, done/total, times, the
-error) is stored in the registry (``profile_jobs``), so every replica shows it; a job whose
-replica stopped (no heartbeat for :attr:`ProfileJobs.stale_after_s`) reads as failed and may be
-restarted. Runs on the ingress's event loop; the refit runs in a worker thread.
+At the end the router is refitted, in a worker thread, on its data plus every stored profile of
+the same kind, its params chosen by cross-validation within ``serving.refit_budget_s``
+(:func:`coe.routers.profile_data.select_params`); then, with no await in between, the outcomes
+and the job's ``done`` are stored in one transaction and the new router is installed. So a job
+stopped midway (cancelled, its replica shut down or killed) stores no outcome: it reads
+``failed`` (at once when it could say so, else once its heartbeat is older than
+:attr:`ProfileJobs.stale_after_s`) and may be restarted. The job fails when the expert got no
+outcome, when it is removed, or when the refit fails; a failed job leaves the router as it was
+(the expert stays routed by its description). Progress is stored in the registry
+(``profile_jobs``), so every replica shows it.
 """
 
 from __future__ import annotations
@@ -39,9 +34,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from pathlib import Path
-from typing import ClassVar
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -51,15 +45,33 @@ from coe.errors import (
     ConfigError,
     ExpertNotFoundError,
     InvalidRequestError,
-    OverloadedError,
     ProfileRunningError,
     available,
 )
-from coe.profile_records import OutcomeKind, ProfileJob, ProfileOutcome, fitted_outcome_kind
+from coe.profile_records import (
+    OutcomeKind,
+    ProfileJob,
+    ProfileOutcome,
+    RefitReport,
+    fitted_outcome_kind,
+)
+from coe.serving.api.profile_measure import ProbeMeasurer
+from coe.serving.api.profile_plan import MIN_STOP_PROBES, ProbePlan
 
 log = logging.getLogger("coe.serving")
 BUILTIN_PROBES = "probes"   # folder of coe.configs holding the built-in probe sets (name = file stem)
 DEFAULT_MAX_TOKENS = 512
+
+
+class StopWhen(BaseModel):
+    """``profile.stop_when``: end the profile before its budget once the expert is measured well enough."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    se: float = Field(gt=0, description="Stop once the standard error of the expert's ability estimate (IRT "
+                                        "scale, see GET /v1/experts/{id} `profile.ability`) is at most this.")
+    min_probes: int = Field(MIN_STOP_PROBES, ge=1, strict=True,
+                            description="Outcomes needed before the rule applies.")
 
 
 class ProfileRequest(BaseModel):
@@ -76,6 +88,12 @@ class ProfileRequest(BaseModel):
                                      "router's data; the other kind is refused (a router must not mix them).")
     max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, strict=True, description="Longest answer to a task probe (greedy), 1 to "
                             "serving.max_tokens_limit; by default 512 or that limit if lower.")
+    strategy: Literal["adaptive", "round_robin", "random"] = Field(
+        "round_robin", description="How each next wave of probes is chosen: `round_robin` over the set's categories "
+        "in file order; `random`; `adaptive`, the most informative probes given the fitted experts' outcomes on "
+        "them and the expert's outcomes so far (falls back to round_robin, saying so, without those outcomes).")
+    stop_when: StopWhen | None = Field(None, description="Stop early: `{se: x}` once the ability's standard error "
+                                                         "is at most x.")
 
 
 def builtin_probe_sets() -> dict[str, Path]:
@@ -98,47 +116,41 @@ def parse_profile(data) -> ProfileRequest:
         e = err.errors()[0]
         field = ".".join(str(x) for x in e["loc"])
         msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
-        fields = ", ".join(ProfileRequest.model_fields)
+        model = StopWhen if e["loc"][:1] == ("stop_when",) and len(e["loc"]) > 1 else ProfileRequest
+        fields = ", ".join(model.model_fields)
         raise InvalidRequestError(f"profile.{field}: {msg} (fields: {fields})", param=f"profile.{field}") from None
 
 
 def scorable(probe, kind: OutcomeKind) -> bool:
     """Whether a ``kind`` profile can score ``probe``: a task scorer (``task``), a reference (``likelihood``)."""
-    from coe.profiling import TASK_SCORERS
+    from coe.scoring.cells import TASK_SCORERS
 
     return probe.scorer in TASK_SCORERS if kind == "task" else bool((probe.reference or "").strip())
 
 
-def choose_probes(probes: list, budget: int, kind: OutcomeKind = "likelihood") -> list:
-    """The first ``budget`` probes a ``kind`` profile can score, round-robin over categories in file order
-    (:func:`coe.routers.probe_selection.round_robin_order`, the order the offline simulation uses)."""
-    from coe.routers.probe_selection import round_robin_order
-
-    usable = [p for p in probes if scorable(p, kind)]
-    order = round_robin_order(len(usable), [p.category or "" for p in usable])
-    return [usable[i] for i in order[:budget]]
+def usable_probes(probes: list, kind: OutcomeKind) -> list:
+    """The probes a ``kind`` profile can score, in file order."""
+    return [p for p in probes if scorable(p, kind)]
 
 
 class ProfileJobs:
     """The profiles of one ingress replica (see the module docstring). ``concurrency`` defaults
     to ``serving.profile_concurrency``."""
 
-    retries = 20             # an overloaded expert (429) is retried, not failed
-    heartbeat_s = 5.0
-    scorer_options: ClassVar[dict[str, dict]] = {}   # scorer name -> options, e.g. code_tests' timeout_s
-
     def __init__(self, service, *, concurrency: int | None = None) -> None:
         self.service = service
         s = service.config.serving
         self.concurrency = concurrency or s.profile_concurrency
-        self.stale_after_s = 2 * s.request_timeout_s + 60
+        self.refit_budget_s = s.refit_budget_s
+        self.stale_after_s = 2 * s.request_timeout_s + 60 + s.refit_budget_s
+        self.measurer = ProbeMeasurer(service)
         self._gate: asyncio.Semaphore | None = None
+        self._refit_lock: asyncio.Lock | None = None
         self._tasks: dict[str, asyncio.Task] = {}
         self._jobs: dict[str, ProfileJob] = {}           # this replica's jobs (and all of them without a registry)
         self._outcomes: list[ProfileOutcome] = []        # without a registry only
         self._data = None
         self._kind: OutcomeKind | None = None
-        self._tokenizers: dict[str, object] = {}
         if self._stored_outcomes():
             try:
                 self.refit()
@@ -150,6 +162,15 @@ class ProfileJobs:
     @property
     def registry(self):
         return self.service.catalog.registry
+
+    @property
+    def scorer_options(self) -> dict[str, dict]:
+        """Scorer name -> options for this replica's task profiles, e.g. code_tests' ``timeout_s``."""
+        return self.measurer.scorer_options
+
+    @scorer_options.setter
+    def scorer_options(self, options: dict[str, dict]) -> None:
+        self.measurer.scorer_options = dict(options)
 
     def status(self, expert_id: str) -> ProfileJob | None:
         return self.statuses().get(expert_id)
@@ -208,7 +229,7 @@ class ProfileJobs:
         """Check a profile request for ``expert`` (a config object, registered or not yet) before
         anything starts: 400 naming the field. Returns the request (``kind`` and ``max_tokens``
         resolved) and the chosen probes."""
-        from coe.profiling import check_probe_file
+        from coe.scoring.probes import check_probe_file
 
         req = parse_profile(body)
         if not isinstance(expert, (ModelExpert, LoraExpert)):
@@ -234,13 +255,14 @@ class ProfileJobs:
             probes = check_probe_file(path)
         except CoEError as err:   # DatasetError naming the line, or an empty file
             raise InvalidRequestError(f"profile.probe: {err.message}", param="profile.probe") from None
-        usable = sum(1 for p in probes if scorable(p, kind))
+        candidates = usable_probes(probes, kind)
+        usable = len(candidates)
         if req.budget > usable:
             what = ("a task scorer (exact_number, code_tests, choice)" if kind == "task" else "a reference answer")
             raise InvalidRequestError(f"profile.budget is {req.budget}, but {req.probe} has {usable} probes with "
                                       f"{what}; allowed: 1 to {usable}", param="profile.budget")
         req = req.model_copy(update={"kind": kind, "max_tokens": min(req.max_tokens, limit)})
-        return req, choose_probes(probes, req.budget, kind)
+        return req, candidates
 
     def _probe_path(self, probe: str) -> Path:
         from coe.serving.deployments.spec import resolve_path
@@ -269,19 +291,22 @@ class ProfileJobs:
             raise ProfileRunningError(f"a profile of expert {expert_id!r} is still {current.state} "
                                       f"({current.done}/{current.total}); wait for it to finish")
         data = self.data()
+        stop = req.stop_when
+        plan = ProbePlan(probes, req.strategy, req.budget, data.base, stop_se=stop.se if stop else None,
+                         min_probes=stop.min_probes if stop else MIN_STOP_PROBES)
         known = data.queries()
-        foreign = [p for p in probes if p.query not in known]
         others = [e for e in data.experts if isinstance(self.service.catalog.get(e), (ModelExpert, LoraExpert))]
+        foreign = sum(1 for p in plan.planned() if p.query not in known)
         now = time.time()
-        job = ProfileJob(expert=expert_id, probe=req.probe, kind=req.kind, budget=req.budget,
-                         total=len(probes) + len(foreign) * len(others), created_at=now, updated_at=now)
+        job = ProfileJob(expert=expert_id, probe=req.probe, kind=req.kind, budget=plan.budget,
+                         total=plan.budget + foreign * len(others), created_at=now, updated_at=now,
+                         strategy=plan.strategy, stop_se=plan.stop_se, note=plan.note)
         if self.registry is not None:
             self.registry.start_profile_job(job, stale_before=now - self.stale_after_s)
         self._jobs[expert_id] = job
-        work = [(p, expert_id) for p in probes] + [(p, e) for p in foreign for e in others]
-        self._tasks[expert_id] = asyncio.get_running_loop().create_task(self._run(job, work, req))
-        log.info("profiling expert %s on %d probe(s) of %s by %s (%d request(s))", expert_id, len(probes), req.probe,
-                 req.kind, job.total)
+        self._tasks[expert_id] = asyncio.get_running_loop().create_task(self._run(job, plan, req, others))
+        log.info("profiling expert %s on up to %d probe(s) of %s by %s, %s (%d request(s))%s", expert_id, plan.budget,
+                 req.probe, req.kind, plan.strategy, job.total, f": {plan.note}" if plan.note else "")
         return job
 
     async def cancel(self, expert_id: str) -> None:
@@ -308,157 +333,73 @@ class ProfileJobs:
             except CoEError as err:   # progress is best effort; the outcomes are what matters
                 log.warning("could not record the progress of profile %s: %s", job.expert, err.message)
 
-    async def _run(self, job: ProfileJob, work: list, req: ProfileRequest) -> None:
+    async def _run(self, job: ProfileJob, plan: ProbePlan, req: ProfileRequest, others: list[str]) -> None:
         if self._gate is None:
             self._gate = asyncio.Semaphore(self.concurrency)
+            self._refit_lock = asyncio.Lock()
         outcomes: list[ProfileOutcome] = []
+        known = self.data().queries()
 
-        async def one(probe, eid):
+        async def one(index, probe, eid):
             async with self._gate:
                 if job.state == "queued":
-                    self._save(job, state="running", started_at=time.time())
+                    self._save(job, state="running", phase="measuring", started_at=time.time())
+                got = None
                 try:
-                    outcomes.append(await self._measure(eid, probe, job.expert, req))
+                    got = await self.measurer.measure(eid, probe, job.expert, req.kind, req.max_tokens)
+                    outcomes.append(got)
                 except CoEError as err:
                     job.failed += 1
                     job.error = job.error or f"{eid} on {probe.id}: {err.message}"
                     log.warning("profile %s: %s on %s failed: %s", job.expert, eid, probe.id, err.message)
-                self._save(job, done=job.done + 1)
+                if eid == job.expert:
+                    plan.record(index, got.outcome if got is not None else None)
+                self._save(job, done=job.done + 1, probes_done=len(plan.asked), ability=plan.ability())
 
         try:
-            await asyncio.gather(*(one(p, e) for p, e in work))
+            await asyncio.to_thread(plan.fit)   # the item bank: an L-BFGS fit, off the event loop
+            if plan.note != job.note:
+                self._save(job, strategy=plan.strategy, note=plan.note)
+            while wave := plan.next_wave(self.concurrency):
+                work = [(i, p, job.expert) for i, p in wave]
+                work += [(i, p, e) for i, p in wave if p.query not in known for e in others]
+                await asyncio.gather(*(one(i, p, e) for i, p, e in work))
+            if plan.stopped:
+                note = f"{job.note}; {plan.stopped}" if job.note else plan.stopped
+                self._save(job, total=job.done, note=note)
             mine = [o for o in outcomes if o.expert == job.expert]
             if not mine:
                 raise InvalidRequestError(f"no probe could be scored ({job.error or 'no probes'})")
-            if job.expert not in self.service.catalog:
-                raise ExpertNotFoundError(f"expert {job.expert!r} was removed during its profile")
-            if self.registry is not None:
-                self.registry.put_profile_outcomes(outcomes)
-            else:
-                self._outcomes += outcomes
-            await asyncio.to_thread(self.refit)
-            self._save(job, state="done", finished_at=time.time())
-            log.info("profile of %s done: %d outcome(s), %d failed request(s)", job.expert, len(mine), job.failed)
+            self._save(job, phase="refitting")
+            async with self._refit_lock:   # one refit at a time: each sees the outcomes the previous stored
+                router = await asyncio.to_thread(self._refitted, outcomes)
+                # from here to the end no await: the outcomes, the job's end and the router go together
+                if job.expert not in self.service.catalog:
+                    raise ExpertNotFoundError(f"expert {job.expert!r} was removed during its profile")
+                report = router.notes.get("profiled", {}).get("refit")
+                end = {"state": "done", "phase": None, "finished_at": time.time(), "updated_at": time.time(),
+                       "refit": RefitReport(**report) if report else None}
+                for k, v in end.items():
+                    setattr(job, k, v)
+                if self.registry is not None:
+                    self.registry.put_profile_outcomes(outcomes, job)
+                else:
+                    self._outcomes += outcomes
+                self.service.router.replace_fitted(router)
+            log.info("profile of %s done: %d outcome(s), %d failed request(s); router params %s", job.expert,
+                     len(mine), job.failed, "kept" if not report else f"{report['selected_by']} {report['params']}")
         except asyncio.CancelledError:
+            self._save(job, state="failed", phase=None, finished_at=time.time(),
+                       error="the profile was stopped midway (its replica shut down, or it was cancelled); no outcome "
+                             f"was stored; restart it with POST /v1/experts/{job.expert}/profile")
             raise
         except Exception as err:  # noqa: BLE001  (any failure ends the job, never the service)
             why = err.message if isinstance(err, CoEError) else f"{type(err).__name__}: {err}"
             log.warning("profile of %s failed: %s", job.expert, why)
-            self._save(job, state="failed", finished_at=time.time(), error=why)
+            self._save(job, state="failed", phase=None, finished_at=time.time(), error=why)
         finally:
             if self._tasks.get(job.expert) is asyncio.current_task():
                 self._tasks.pop(job.expert, None)
-
-    async def _measure(self, expert_id: str, probe, profiled_by: str, req: ProfileRequest) -> ProfileOutcome:
-        """One outcome of ``expert_id`` on ``probe``, scored as ``req.kind`` (see the module docstring)."""
-        from coe.profiling import task_cell
-
-        expert = self.service.catalog.get(expert_id)
-        if expert is None:
-            raise ExpertNotFoundError(f"expert {expert_id!r} was removed")
-        if req.kind == "likelihood":
-            from coe.likelihood_profile import likelihood_cell
-
-            lps, _ = await self._answer_logprobs(expert, probe.query, probe.reference)
-            nll = -sum(lps) / len(lps)
-            cell = likelihood_cell(nll, len(lps), float(expert.cost))
-        elif probe.scorer == "choice":   # option likelihoods, no generation
-            from coe.likelihood_profile import MeasuredLikelihood
-
-            table, tokens = {}, 0
-            for option in probe.choices:   # one at a time: the job's concurrency bounds this expert's load
-                table[(probe.query, option)], n = await self._answer_logprobs(expert, probe.query, option)
-                tokens = max(tokens, n)
-            cell = await asyncio.to_thread(task_cell, probe, None, {"tokens": tokens}, float(expert.cost),
-                                           scorer=self._scorer(probe.scorer), likelihood=MeasuredLikelihood(table))
-        else:
-            from coe.types import ChatMessage
-
-            greedy = {"max_tokens": req.max_tokens, "temperature": 0.0}
-            out = await self._send(expert, self._request(expert, greedy,
-                                                         messages=[ChatMessage(role="user", content=probe.query)]))
-            usage = {"tokens": out.prompt_tokens + out.completion_tokens, "completion_tokens": out.completion_tokens}
-            # code_tests waits for its sandboxed subprocess: off the event loop
-            cell = await asyncio.to_thread(task_cell, probe, out.text, usage, float(expert.cost),
-                                           scorer=self._scorer(probe.scorer))
-        outcome, cost, detail = cell
-        return ProfileOutcome(expert=expert_id, probe_id=probe.id, query=probe.query, category=probe.category,
-                              kind=req.kind, outcome=outcome, cost=cost, detail=detail, profiled_by=profiled_by)
-
-    def _scorer(self, name: str):
-        from coe.eval.base import get_scorer
-
-        return get_scorer(name, **self.scorer_options.get(name, {}))
-
-    async def _answer_logprobs(self, expert, query: str, answer: str) -> tuple[list[float], int]:
-        """The log-probability of each token of ``answer`` after ``query`` under ``expert`` (one
-        scoring request, :mod:`coe.likelihood_profile`), and the prompt's tokens."""
-        from coe.likelihood_profile import (
-            SCORING_SAMPLING,
-            ScoringError,
-            answer_logprobs,
-            scoring_prompt,
-        )
-
-        sp = scoring_prompt(await self._tokenizer(expert), query, answer)
-        out = await self._send(expert, self._request(expert, SCORING_SAMPLING, prompt_token_ids=list(sp.token_ids)))
-        try:
-            return answer_logprobs(out.prompt_logprobs, sp), len(sp.token_ids)
-        except ScoringError as err:
-            raise InvalidRequestError(str(err)) from None
-
-    @staticmethod
-    def _request(expert, sampling: dict, *, messages=None, prompt_token_ids=None):
-        """A request pinned to ``expert`` (its adapter for a LoRA): chat ``messages`` or ``prompt_token_ids``."""
-        from coe.types import GenerationRequest, SamplingParams
-
-        return GenerationRequest(request_id=f"profile-{uuid.uuid4().hex[:16]}", messages=messages,
-                                 prompt_token_ids=prompt_token_ids, sampling=SamplingParams(**sampling),
-                                 adapter=expert.id if isinstance(expert, LoraExpert) else None, expert=expert.id)
-
-    async def _send(self, expert, request):
-        """One request through admission control and the backend (no fallback: the measurement
-        must be of this expert); its GenerationOutput. An overloaded expert is retried."""
-        from coe.serving.api.admission import Deadline
-        from coe.serving.deployments.spec import server_id_of
-
-        service = self.service
-        lora = isinstance(expert, LoraExpert)
-        deadline = Deadline(service.config.serving.request_timeout_s)
-        for attempt in range(self.retries):
-            try:
-                await service.admission.acquire(expert.id, deadline)
-                break
-            except OverloadedError:
-                if attempt == self.retries - 1:
-                    raise
-                await asyncio.sleep(min(self.heartbeat_s, max(0.05, deadline.left() / self.retries)))
-        try:
-            served = await deadline.run(service.backend.generate(server_id_of(expert), request,
-                                                                 expert.adapter if lora else None))
-        except CoEError:
-            raise
-        except Exception as raw:  # noqa: BLE001  (a transport error counts as a failed request)
-            from coe.serving.api.errors import as_coe_error
-
-            raise as_coe_error(raw) or InvalidRequestError(f"{type(raw).__name__}: {raw}") from None
-        finally:
-            service.admission.release(expert.id)
-        return served.output
-
-    async def _tokenizer(self, expert):
-        """The tokenizer of the expert's model (a LoRA's base), loaded once: the ingress renders
-        nothing with it, it only knows which tokens the engine must score."""
-        from coe.serving.deployments.spec import resolve_model
-        from coe.serving.engines.tokens import load_tokenizer
-
-        host = self.service.catalog.get(expert.base) if isinstance(expert, LoraExpert) else expert
-        if host is None:
-            raise ExpertNotFoundError(f"the base of {expert.id!r} was removed")
-        ref = resolve_model(host.model, self.service.base_dir)
-        if ref not in self._tokenizers:
-            self._tokenizers[ref] = await asyncio.to_thread(load_tokenizer, ref)
-        return self._tokenizers[ref]
 
     # ------------------------------------------------------------------ the router
 
@@ -473,19 +414,24 @@ class ProfileJobs:
                         "profile them again", len(stored) - len(usable), ", ".join(experts), kind)
         return usable
 
-    def refit(self) -> None:
-        """Refit the served router on the fitted data plus every stored profile of a live expert
-        and of the data's outcome kind (blocking: call in a worker thread while serving)."""
-        data = self.data()
-        live = set(self.service.catalog.ids())
+    def _refitted(self, extra: list[ProfileOutcome] = ()):
+        """The served router refitted on the fitted data plus every stored profile of a live expert
+        and of the data's outcome kind, plus ``extra`` (not yet stored), its params chosen by CV
+        within ``serving.refit_budget_s``. Blocking: call in a worker thread while serving."""
         from coe.routers.base import FitContext
 
+        data = self.data()
+        live = set(self.service.catalog.ids())
         experts = self.service.catalog.snapshot().values()
         ctx = FitContext(descriptions={e.id: [e.description, *e.examples] for e in experts},
                          skills={e.id: list(e.skills) for e in experts},
                          categories={e.id: e.category for e in experts if e.category}, embed=data.embed)
-        router = data.refit(self._usable_outcomes(), live, ctx)
-        self.service.router.replace_fitted(router)
+        return data.refit([*self._usable_outcomes(), *extra], live, ctx, budget_s=self.refit_budget_s)
+
+    def refit(self) -> None:
+        """Refit the served router on the stored profiles (see :meth:`_refitted`) and install it
+        (blocking: call in a worker thread while serving)."""
+        self.service.router.replace_fitted(self._refitted())
 
     async def refresh(self) -> None:
         """Refit after the stored outcomes changed (an expert removed, here or on another replica)."""

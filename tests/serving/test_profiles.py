@@ -21,7 +21,7 @@ import pytest
 from coe.config import parse_config
 from coe.errors import EngineError
 from coe.registry import ExpertRegistry
-from coe.types import GenerationOutput, Logprob
+from coe.types import Logprob, StreamDelta
 from tests.helpers import LoopThread
 from tests.serving.serving_helpers import ADMIN as ADMIN_KEY
 
@@ -57,23 +57,28 @@ class FakeBackend:
         self.gate: asyncio.Event | None = None
         self.calls: list[str] = []
 
-    async def generate(self, server_id, request, adapter_path):
-        from coe.serving.deployments.expert_server import Served
+    async def stream(self, dispatch):
+        """The Backend protocol: the whole answer as one delta."""
+        yield await self.answer(dispatch)
 
-        self.calls.append(request.expert)
+    async def answer(self, dispatch):
+        self.calls.append(dispatch.expert)
         if self.gate is not None:
             await self.gate.wait()
-        if request.expert in self.fail:
-            raise EngineError(f"engine of {request.expert} failed")
+        if dispatch.expert in self.fail:
+            raise EngineError(f"engine of {dispatch.expert} failed")
+        return self.score(dispatch)
+
+    def score(self, dispatch):
+        request = dispatch.request
         assert request.sampling.prompt_logprobs == 0 and request.sampling.max_tokens == 1
         ids = list(request.prompt_token_ids)
         text = self.tok.decode(ids)
         cat = "math" if any(c in text for c in "+-*") else "code"
-        lp = self.LOGPROB.get(request.expert, {"math": -2.0, "code": -2.0})[cat]
+        lp = self.LOGPROB.get(dispatch.expert, {"math": -2.0, "code": -2.0})[cat]
         plp = [None] + [{t: Logprob(lp, 1, "w")} for t in ids[1:]]
-        out = GenerationOutput(text="", finish_reason="length", prompt_tokens=len(ids), completion_tokens=1,
-                               prompt_logprobs=plp, prompt_token_ids=ids)
-        return Served(output=out, expert=request.expert, batch_size=1, queue_ms=0.0)
+        return StreamDelta(text="", finish_reason="length", prompt_tokens=len(ids), completion_tokens=1,
+                           prompt_logprobs=plp, prompt_token_ids=ids)
 
     async def add_server(self, spec):
         pass

@@ -4,7 +4,7 @@ likelihood outcomes; the profile's outcome kind must be the fitted router's.
 
 The ingress is real (as in test_profiles.py); the expert servers are a fake backend that answers
 chat requests from a table and scores token-id prompts like test_profiles.FakeBackend. Code
-answers run in the real sandbox (coe.eval.sandbox)."""
+answers run in the real sandbox (coe.scoring.sandbox)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from coe.profile_records import ProfileOutcome
-from coe.types import GenerationOutput
+from coe.types import StreamDelta
 from tests.helpers import LoopThread
 from tests.serving.test_profiles import (
     CODE,
@@ -40,16 +40,14 @@ class TaskBackend(FakeBackend):
         self.answers = answers
         self.chats: list[tuple[str, str, object]] = []   # (expert, query, sampling)
 
-    async def generate(self, server_id, request, adapter_path):
+    async def answer(self, dispatch):
+        request = dispatch.request
         if request.prompt_token_ids is not None:
-            return await super().generate(server_id, request, adapter_path)
-        from coe.serving.deployments.expert_server import Served
-
+            return await super().answer(dispatch)
         query = request.messages[-1].content
-        self.chats.append((request.expert, query, request.sampling))
-        out = GenerationOutput(text=self.answers[request.expert][query], finish_reason="stop", prompt_tokens=3,
-                               completion_tokens=2)
-        return Served(output=out, expert=request.expert, batch_size=1, queue_ms=0.0)
+        self.chats.append((dispatch.expert, query, request.sampling))
+        return StreamDelta(text=self.answers[dispatch.expert][query], finish_reason="stop", prompt_tokens=3,
+                           completion_tokens=2)
 
 
 def write_task_world(root, tiny):
@@ -208,9 +206,9 @@ def test_outcome_kinds_of_data_files_fitted_routers_and_stored_rows(tmp_path):
 
 
 def test_router_fit_records_the_outcome_kind(tmp_path, monkeypatch):
-    from coe.cli import main
     from coe.routers import embedding
     from coe.routers.base import load_router
+    from coe.tools.cli import main
 
     class Stub(HashEmbedder):
         def __init__(self, *args, **kwargs):
@@ -228,7 +226,7 @@ def test_router_fit_records_the_outcome_kind(tmp_path, monkeypatch):
 
 
 def test_the_builtin_default_probe_set_serves_both_kinds():
-    from coe.eval.probes import load_probes
+    from coe.scoring.probes import load_probes
     from coe.serving.api.profiles import builtin_probe_sets, scorable
 
     probes = load_probes(builtin_probe_sets()["default"])
@@ -237,8 +235,8 @@ def test_the_builtin_default_probe_set_serves_both_kinds():
 
 
 def test_task_cell_scores_an_answer_or_records_the_failed_request():
-    from coe.eval.probes import Probe
-    from coe.profiling import task_cell
+    from coe.scoring.cells import task_cell
+    from coe.scoring.probes import Probe
 
     p = Probe(id="m", query="what is 1 + 2 ?", scorer="exact_number", answer="3")
     assert task_cell(p, "#### 3", {"tokens": 4}, 2.0) == (1.0, 8.0, {"tokens": 4, "reason": None})

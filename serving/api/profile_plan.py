@@ -1,0 +1,132 @@
+"""Which probes a runtime profile asks next, wave by wave, and what it knows of the expert so far.
+
+A :class:`ProbePlan` holds the candidate probes of one profile job (the probe set's probes the
+job's kind can score), the strategy (:data:`coe.routers.probe_selection.STRATEGIES`) and the new
+expert's outcomes so far. Each wave comes from :func:`coe.routers.probe_selection.next_probes`,
+the rule the offline simulation (``coe eval new-expert``) measures:
+
+- ``round_robin`` (the default): file order, round-robin over the categories;
+- ``random``: a fixed permutation (seed 0);
+- ``adaptive``: the probes with the most Fisher information about the new expert under a 2PL
+  IRT model (:class:`coe.routers.probe_selection.ItemBank`) fitted on the outcomes the fitted
+  router's experts had on the same probes (its data), updated by the new expert's outcomes.
+
+The item bank needs those outcomes. When every candidate has them (the built-in probe set is the
+fitted data's, or a subset), any strategy also reports the ability estimate and its standard
+error (what ``stop_when.se`` reads). When only some do, ``adaptive`` asks among those, provided
+they cover the budget; otherwise (a user's own probe file) it falls back to ``round_robin``, and
+:attr:`ProbePlan.note` says so. Not thread-safe: one job uses it, on the event loop (only
+:meth:`ProbePlan.fit` may run in a worker thread, before the first wave).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from coe.profile_records import AbilityEstimate
+
+MIN_STOP_PROBES = 5   # stop_when.min_probes by default: an SE from fewer outcomes rests mostly on the prior
+
+
+class ProbePlan:
+    """The probes of one profile (see the module docstring).
+
+    ``probes``: the candidates the kind can score, in file order; ``fitted``: the fitted router's
+    data (``RoutingData``: ``queries``, ``quality [n, m]``, ``observed``); ``budget``: probes to ask
+    at most; ``stop_se``/``min_probes``: the early stop. Construction is cheap; :meth:`fit` fits the
+    item bank (blocking, tens of milliseconds for a hundred probes)."""
+
+    def __init__(self, probes: list, strategy: str, budget: int, fitted, *, stop_se: float | None = None,
+                 min_probes: int = MIN_STOP_PROBES) -> None:
+        row_of = {q: i for i, q in enumerate(fitted.queries)}
+        covered = [i for i, p in enumerate(probes) if p.query in row_of]
+        self.requested, self.strategy, self.note = strategy, strategy, None
+        banked = len(covered) == len(probes) and len(fitted.models) >= 2
+        if not banked and strategy == "adaptive":
+            if len(covered) >= budget and len(fitted.models) >= 2:
+                self.note = (f"adaptive chose among the {len(covered)} probes the fitted experts have outcomes on "
+                             f"(of {len(probes)} in the set)")
+                probes = [probes[i] for i in covered]
+                banked = True
+            else:
+                self.strategy = "round_robin"
+                self.note = (f"adaptive fell back to round_robin: the fitted experts have outcomes on {len(covered)} "
+                             f"of the {len(probes)} probes (the item bank needs at least the budget, {budget})")
+        self.probes = probes
+        self.budget = min(budget, len(probes))
+        self.stop_se, self.min_probes = stop_se, min_probes
+        if stop_se is not None and not banked:
+            extra = "stop_when is not applied: no ability estimate without the fitted experts' outcomes on the probes"
+            self.note = f"{self.note}; {extra}" if self.note else extra
+        rows = [row_of[p.query] for p in probes] if banked else []
+        self._rows = np.asarray(fitted.quality, dtype=np.float64)[rows] if banked else None          # [N, M]
+        obs = getattr(fitted, "observed", None)
+        self._observed = np.asarray(obs, dtype=bool)[rows] if banked and obs is not None else None
+        self.bank = None
+        self.asked: list[int] = []          # candidate indices asked, in order (failed ones too)
+        self._answered: list[int] = []      # those with an outcome
+        self._outcomes: list[float] = []
+        self.stopped: str | None = None     # why the plan stopped before the budget
+
+    @property
+    def categories(self) -> list[str]:
+        return [p.category or "" for p in self.probes]
+
+    def fit(self) -> None:
+        """Fit the item bank on the fitted experts' outcomes (blocking). A bank that cannot be fitted
+        (e.g. every outcome the same) turns ``adaptive`` into ``round_robin``, saying so in ``note``."""
+        if self._rows is None or self.bank is not None:
+            return
+        from coe.routers.probe_selection import ItemBank
+
+        try:
+            self.bank = ItemBank.fit(self._rows, self._observed)
+        except ValueError as err:
+            self._rows = None
+            if self.strategy == "adaptive":
+                self.strategy = "round_robin"
+            self.note = f"no item bank ({err}); probes taken round_robin and no ability estimate"
+
+    def planned(self) -> list:
+        """The probes a strategy that ignores outcomes will ask (round_robin, random); for adaptive,
+        the first wave's choice extended to the budget (the real waves depend on the outcomes)."""
+        return [self.probes[i] for i in self._next(self.budget, asked=[], outcomes=[], failed=[])]
+
+    def next_wave(self, width: int) -> list:
+        """The next at most ``width`` probes to ask (none once the budget is spent or the stop rule
+        holds); they count as asked from now on."""
+        width = min(width, self.budget - len(self.asked))
+        if width <= 0 or self.stopped is not None:
+            return []
+        failed = sorted(set(self.asked) - set(self._answered))
+        idx = self._next(width, asked=self._answered, outcomes=self._outcomes, failed=failed)
+        self.asked += idx
+        return [(i, self.probes[i]) for i in idx]
+
+    def _next(self, width: int, *, asked: list[int], outcomes: list[float], failed: list[int]) -> list[int]:
+        from coe.routers.probe_selection import next_probes
+
+        # next_probes reads the outcomes of ``asked``; a probe that failed has none, so it is asked
+        # for past the failed ones and those are dropped (the order of the rest is kept)
+        idx = next_probes(self.strategy, len(self.probes), asked, outcomes, width + len(failed),
+                          bank=self.bank if self.strategy == "adaptive" else None, categories=self.categories, seed=0)
+        skip = set(failed)
+        return [int(i) for i in idx if int(i) not in skip][:width]
+
+    def record(self, index: int, outcome: float | None) -> None:
+        """The new expert's outcome on candidate ``index`` (None: the request failed)."""
+        if outcome is not None:
+            self._answered.append(index)
+            self._outcomes.append(float(outcome))
+        ability = self.ability()
+        if (self.stop_se is not None and ability is not None and ability.answered >= self.min_probes
+                and ability.se <= self.stop_se and self.stopped is None and len(self.asked) < self.budget):
+            self.stopped = (f"stopped after {ability.answered} outcomes: the ability's standard error "
+                            f"{ability.se:.3f} is at most stop_when.se {self.stop_se:g}")
+
+    def ability(self) -> AbilityEstimate | None:
+        """The ability estimate from the outcomes so far (None without an item bank)."""
+        if self.bank is None:
+            return None
+        a = self.bank.ability(self._answered, self._outcomes)
+        return AbilityEstimate(theta=round(a.theta, 4), se=round(a.se, 4), answered=a.answered)
