@@ -141,7 +141,7 @@ class ProfileJob(BaseModel):
     strategy: str = Field("round_robin", description="how the probes were chosen: adaptive, round_robin or random "
                                                      "(adaptive falls back to round_robin, saying so in note)")
     stop_se: float | None = Field(None, description="stop_when.se: stop once the ability's standard error is at most this")
-    probes_done: int = Field(0, description="probes the expert was asked so far (at most the budget)")
+    probes_done: int = Field(0, description="probes the expert was measured on so far (at most the budget)")
     phase: Literal["measuring", "refitting"] | None = Field(None, description="what an active job is doing")
     ability: AbilityEstimate | None = Field(None, description="the expert's ability estimate so far (None without the "
                                                               "fitted experts' outcomes on the probes)")

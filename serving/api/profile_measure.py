@@ -17,13 +17,11 @@ An overloaded expert (429 at admission) is retried; any other failure raises a C
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 
 from coe.config import LoraExpert
 from coe.errors import CoEError, ExpertNotFoundError, InvalidRequestError, OverloadedError
 from coe.profile_records import ProfileOutcome
-from coe.types import Dispatch, GenerationOutput
 
 
 class ProbeMeasurer:
@@ -98,7 +96,7 @@ class ProbeMeasurer:
 
     @staticmethod
     def _request(expert, sampling: dict, *, messages=None, prompt_token_ids=None):
-        """A request for ``expert``: chat ``messages`` or ``prompt_token_ids``."""
+        """A request for ``expert`` (:meth:`CoEService.dispatch` aims it): chat ``messages`` or ``prompt_token_ids``."""
         from coe.types import GenerationRequest, SamplingParams
 
         return GenerationRequest(request_id=f"profile-{uuid.uuid4().hex[:16]}", messages=messages,
@@ -107,10 +105,9 @@ class ProbeMeasurer:
     async def _send(self, expert, request):
         """One request through admission control and the backend (no fallback); its GenerationOutput."""
         from coe.serving.api.admission import Deadline
-        from coe.serving.deployments.spec import server_id_of
+        from coe.serving.api.service import joined
 
         service = self.service
-        lora = isinstance(expert, LoraExpert)
         deadline = Deadline(service.config.serving.request_timeout_s)
         for attempt in range(self.retries):
             try:
@@ -120,11 +117,8 @@ class ProbeMeasurer:
                 if attempt == self.retries - 1:
                     raise
                 await asyncio.sleep(min(self.retry_pause_s, max(0.05, deadline.left() / self.retries)))
-        dispatch = Dispatch(request=request, expert=expert.id, server_id=server_id_of(expert),
-                            adapter=expert.id if lora else None, adapter_path=expert.adapter if lora else None,
-                            deadline=time.monotonic() + deadline.left())
-        try:
-            out = await deadline.run(_collect(service.backend.stream(dispatch)))
+        try:   # the service's one request shape, no fallbacks: the measurement must be of this expert
+            out = await deadline.run(joined(service.backend.stream(service.dispatch(expert.id, request, deadline))))
         except CoEError:
             raise
         except Exception as raw:  # noqa: BLE001  (a transport error counts as a failed request)
@@ -149,13 +143,3 @@ class ProbeMeasurer:
             self._tokenizers[ref] = await asyncio.to_thread(load_tokenizer, ref)
         return self._tokenizers[ref]
 
-
-async def _collect(stream) -> GenerationOutput:
-    """The whole answer of ``stream`` (closed however it ends)."""
-    deltas = []
-    try:
-        async for delta in stream:
-            deltas.append(delta)
-    finally:
-        await stream.aclose()
-    return GenerationOutput.from_deltas(deltas)

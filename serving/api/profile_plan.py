@@ -88,9 +88,14 @@ class ProbePlan:
             self.note = f"no item bank ({err}); probes taken round_robin and no ability estimate"
 
     def planned(self) -> list:
-        """The probes a strategy that ignores outcomes will ask (round_robin, random); for adaptive,
-        the first wave's choice extended to the budget (the real waves depend on the outcomes)."""
-        return [self.probes[i] for i in self._next(self.budget, asked=[], outcomes=[], failed=[])]
+        """The probes the job asks at most: the order of ``round_robin`` and ``random``, which ignore
+        the outcomes. For ``adaptive`` the choice depends on them, but every candidate has the fitted
+        experts' outcomes, so only which probes are foreign matters (none): its round-robin order."""
+        from coe.routers.probe_selection import next_probes
+
+        strategy = "round_robin" if self.strategy == "adaptive" else self.strategy
+        idx = next_probes(strategy, len(self.probes), [], [], self.budget, categories=self.categories, seed=0)
+        return [self.probes[int(i)] for i in idx]
 
     def next_wave(self, width: int) -> list:
         """The next at most ``width`` probes to ask (none once the budget is spent or the stop rule

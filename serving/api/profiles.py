@@ -354,7 +354,8 @@ class ProfileJobs:
                     log.warning("profile %s: %s on %s failed: %s", job.expert, eid, probe.id, err.message)
                 if eid == job.expert:
                     plan.record(index, got.outcome if got is not None else None)
-                self._save(job, done=job.done + 1, probes_done=len(plan.asked), ability=plan.ability())
+                    job.probes_done += 1
+                self._save(job, done=job.done + 1, ability=plan.ability())
 
         try:
             await asyncio.to_thread(plan.fit)   # the item bank: an L-BFGS fit, off the event loop
