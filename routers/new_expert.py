@@ -39,7 +39,7 @@ MIN_GAIN = 0.002
 class NewExpertSetup:
     """What to simulate (``coe eval new-expert``'s options)."""
 
-    strategies: list[str] = field(default_factory=lambda: ["adaptive", "round_robin", "random"])
+    strategies: list[str] = field(default_factory=lambda: ["adaptive", "information", "round_robin", "random"])
     budgets: list[int] = field(default_factory=lambda: [10, 25, 50, 100, 200])
     seeds: int = 5                 # seeds of the random strategy (the others are deterministic)
     router: str = "knn"
@@ -154,7 +154,8 @@ def simulate(train, test, train_emb: np.ndarray, test_emb: np.ndarray, setup: Ne
         others = [k for k in everyone if k != j]
         routed(f"{m}|without", columns(train, others), train_emb, others, None)
         routed(f"{m}|full", train, train_emb, everyone, j)
-        bank = ItemBank.fit(train.quality[:, others], None if train.observed is None else train.observed[:, others])
+        bank = ItemBank.fit(train.quality[:, others], None if train.observed is None else train.observed[:, others],
+                            embeddings=train_emb)
         for strategy in setup.strategies:
             for s in range(setup.seeds if strategy == "random" else 1):
                 asked, got = choose_probes(strategy, train.quality[:, others], lambda idx, j=j: train.quality[idx, j],

@@ -1,27 +1,34 @@
-"""Which probes to measure a new expert on: ``adaptive``, ``round_robin`` or ``random``, in waves.
+"""Which probes to measure a new expert on: ``adaptive``, ``information``, ``round_robin`` or ``random``, in waves.
 
-The same small API serves the offline simulation (``coe eval new-expert``) and, later, the live
-profile job: given the fitted experts' outcomes on the candidate probes ``[N, M]``, the probes
-the new expert has answered so far and its outcomes on them, :func:`next_probes` returns the
-indices of the next wave; :meth:`ItemBank.ability` gives the ability estimate and its standard
-error (what a ``stop_when`` rule reads), :meth:`ItemBank.predict` the expected outcome on every
-candidate (what the unmeasured cells of the new expert's column can be filled with).
+The same small API serves the offline simulation (``coe eval new-expert``) and the live profile
+job: given the candidate probes' :class:`ItemBank` (fitted on the already-fitted experts' outcomes
+``[N, M]``), the probes the new expert has answered so far and its outcomes on them,
+:func:`next_probes` returns the indices of the next wave; :meth:`ItemBank.ability` gives the
+ability estimate and its standard error (what a ``stop_when`` rule reads), :meth:`ItemBank.predict`
+the expected outcome on every candidate.
 
 - ``random``: a seeded permutation of the candidates.
-- ``round_robin``: the live profile job's rule: file order, round-robin over categories.
-- ``adaptive``: computerized adaptive testing under a two-parameter logistic (2PL) IRT model.
-  :class:`ItemBank` fits, by MAP, a discrimination ``a_i`` and an intercept ``d_i`` per
-  candidate probe and an ability ``θ_j`` per fitted expert, ``P(y_ij = 1) = σ(a_i θ_j − d_i)``
-  (outcomes rescaled to 0..1; soft outcomes such as a multiple-choice probability are
-  fractional targets). The new expert's ability posterior (EAP on a grid, prior: the fitted
-  experts' abilities) is updated from its outcomes so far; each wave takes the unasked probes
-  with the largest Fisher information ``a_i² p_i (1 − p_i)`` averaged over that posterior
-  (= the information at the current ability once the posterior is narrow).
+- ``round_robin``: file order, round-robin over categories.
+- ``adaptive`` (anchor points, after tinyBenchmarks, arXiv 2402.14992): each wave extends, greedily,
+  the set of probes that best *covers* the candidates, in a space where two probes are close when
+  their queries embed alike *and* the fitted experts did alike on them (facility location:
+  maximise ``Σ_i max_{s ∈ asked} sim(i, s)``, so every prefix is a good set of its size). The
+  new expert's outcomes on a covering set predict its other cells best: the router fills an
+  unmeasured cell from its nearest measured probes, so what matters is that every candidate has
+  a near, like-behaving measured probe.
+- ``information``: computerized adaptive testing under a 2PL IRT model: the unasked probes with
+  the largest Fisher information ``a_i² p_i (1 − p_i)``, averaged over the new expert's ability
+  posterior. It pins the *ability* down fastest, but its probes cluster at the new expert's
+  difficulty level, and on the routing dev sets that biased the filled cells (on winogrande at
+  b = 50 it lost AIQ against random; ``bench/results/new_expert.md``). Kept for comparison.
 
-The item parameters are free per probe, not predicted from the query embedding as in the
-``irt`` router: what matters here is the probes themselves, and their outcome matrix says more
-about them than an embedding-linear head regularised to generalise to unseen queries.
-Pure numpy/scipy; no state beyond the fitted bank; thread-safe.
+:class:`ItemBank` fits, by MAP, a discrimination ``a_i`` and an intercept ``d_i`` per candidate
+probe and an ability ``θ_j`` per fitted expert, ``P(y_ij = 1) = σ(a_i θ_j − d_i)`` (outcomes
+rescaled to 0..1; soft outcomes are fractional targets); the new expert's ability posterior (EAP
+on a grid, prior: the fitted experts' abilities) is updated from its outcomes so far. It also
+holds the candidates' coverage features (:func:`coverage_features`). The item parameters are free
+per probe, not predicted from the query embedding as in the ``irt`` router. Pure numpy/scipy;
+no state beyond the fitted bank; thread-safe.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-STRATEGIES = ("adaptive", "round_robin", "random")
+STRATEGIES = ("adaptive", "information", "round_robin", "random")
+OUTCOME_WEIGHT = 0.5                     # weight of the outcome pattern beside the query embedding
+_POOL = 3000                              # coverage is measured against at most this many candidates
 _GRID = np.linspace(-6.0, 6.0, 121)     # ability grid of the EAP posterior
 
 
@@ -57,11 +66,14 @@ class ItemBank:
     d: np.ndarray
     theta: np.ndarray
     bounds: tuple[float, float]
+    features: np.ndarray          # [N, F] unit-norm coverage features of the candidates
 
     @classmethod
-    def fit(cls, outcomes: np.ndarray, observed: np.ndarray | None = None, *, a_sd: float = 0.5,
-            d_sd: float = 3.0, max_iter: int = 300) -> ItemBank:
+    def fit(cls, outcomes: np.ndarray, observed: np.ndarray | None = None, *, embeddings: np.ndarray | None = None,
+            a_sd: float = 0.5, d_sd: float = 3.0, max_iter: int = 300) -> ItemBank:
         """MAP fit on ``outcomes`` ``[N, M]`` (cells where ``observed`` is False are ignored).
+        ``embeddings`` ``[N, D]``: the probes' query embeddings, for the coverage features (without
+        them ``adaptive`` covers the outcome patterns alone).
 
         Priors: ``θ_j ~ N(0, 1)`` (fixes the scale), ``a_i ~ N(1, a_sd²)``, ``d_i ~ N(0, d_sd²)``:
         with a handful of experts a probe's discrimination is barely identified, so it stays near 1
@@ -97,7 +109,8 @@ class ItemBank:
 
         res = minimize(loss_grad, init, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
         v = res.x
-        return cls(a=v[:n].copy(), d=v[n:2 * n].copy(), theta=v[2 * n:].copy(), bounds=(lo, hi))
+        return cls(a=v[:n].copy(), d=v[n:2 * n].copy(), theta=v[2 * n:].copy(), bounds=(lo, hi),
+                   features=coverage_features(np.where(mask, t, np.nan), embeddings))
 
     def __len__(self) -> int:
         return len(self.a)
@@ -143,6 +156,47 @@ class ItemBank:
         return out
 
 
+def coverage_features(outcomes: np.ndarray, embeddings: np.ndarray | None = None) -> np.ndarray:
+    """Unit-norm features ``[N, F]`` in which probes are close when their queries embed alike and
+    the fitted experts did alike on them: the unit query embedding beside the probe's centred,
+    unit-norm outcome pattern (weight :data:`OUTCOME_WEIGHT`). NaN outcomes count as the probe's mean."""
+    y = np.asarray(outcomes, dtype=np.float64)
+    row = np.nanmean(np.where(np.isfinite(y), y, np.nan), axis=1, keepdims=True) if y.size else y
+    y = np.where(np.isfinite(y), y, np.nan_to_num(row))
+    y = y - y.mean(axis=0, keepdims=True)
+    parts = [OUTCOME_WEIGHT * y / (np.linalg.norm(y, axis=1, keepdims=True) + 1e-9)]
+    if embeddings is not None:
+        e = np.asarray(embeddings, dtype=np.float64)
+        if len(e) != len(y):
+            raise ValueError(f"{len(e)} probe embeddings for {len(y)} probes")
+        parts.insert(0, e / (np.linalg.norm(e, axis=1, keepdims=True) + 1e-9))
+    z = np.concatenate(parts, axis=1)
+    return z / (np.linalg.norm(z, axis=1, keepdims=True) + 1e-9)
+
+
+def cover(features: np.ndarray, asked: Sequence[int], k: int, *, seed: int = 0) -> np.ndarray:
+    """``k`` more probes that, with ``asked``, best cover every candidate (greedy facility
+    location on cosine similarity, clipped at 0). Over :data:`_POOL` candidates, the coverage is
+    measured against a seeded sample of them (the picks still come from every candidate)."""
+    z = np.asarray(features, dtype=np.float64)
+    n = len(z)
+    ref = z if n <= _POOL else z[np.sort(np.random.default_rng(seed).choice(n, _POOL, replace=False))]
+    sim = np.maximum(ref @ z.T, 0.0)                                               # [R, N]
+    idx = np.asarray(asked, dtype=np.int64)
+    best = sim[:, idx].max(axis=1) if idx.size else np.zeros(len(ref))             # [R] coverage so far
+    free = np.ones(n, dtype=bool)
+    free[idx] = False
+    out: list[int] = []
+    for _ in range(min(k, int(free.sum()))):
+        gain = np.maximum(sim - best[:, None], 0.0).sum(axis=0)
+        gain[~free] = -1.0
+        c = int(np.argmax(gain))
+        out.append(c)
+        free[c] = False
+        best = np.maximum(best, sim[:, c])
+    return np.asarray(out, dtype=np.int64)
+
+
 # ------------------------------------------------------------------------------ strategies
 
 
@@ -164,7 +218,7 @@ def next_probes(strategy: str, n: int, asked: Sequence[int], outcomes: Sequence[
                 seed: int = 0) -> np.ndarray:
     """Indices (into the ``n`` candidates) of the next ``wave`` probes to measure, none in ``asked``.
 
-    ``adaptive`` needs ``bank`` (an :class:`ItemBank` over the same candidates); ``random`` is a
+    ``adaptive`` and ``information`` need ``bank`` (an :class:`ItemBank` over the same candidates); ``random`` is a
     fixed permutation per ``seed`` (so successive waves never repeat); ``round_robin`` reads
     ``categories``. Fewer than ``wave`` come back when the candidates run out. Raises ValueError
     for an unknown strategy.
@@ -176,9 +230,11 @@ def next_probes(strategy: str, n: int, asked: Sequence[int], outcomes: Sequence[
     wave = min(int(wave), int((~done).sum()))
     if wave <= 0:
         return np.zeros(0, dtype=np.int64)
-    if strategy == "adaptive":
+    if strategy in ("adaptive", "information"):
         if bank is None or len(bank) != n:
-            raise ValueError("the adaptive strategy needs an ItemBank fitted on the same candidates")
+            raise ValueError(f"the {strategy} strategy needs an ItemBank fitted on the same candidates")
+        if strategy == "adaptive":
+            return cover(bank.features, asked, wave, seed=seed)
         info = np.where(done, -np.inf, bank.information(asked, outcomes))
         return np.argsort(-info, kind="stable")[:wave]
     order = np.random.default_rng(seed).permutation(n) if strategy == "random" else round_robin_order(n, categories)
@@ -187,16 +243,22 @@ def next_probes(strategy: str, n: int, asked: Sequence[int], outcomes: Sequence[
 
 def choose_probes(strategy: str, others: np.ndarray, answer: Callable[[np.ndarray], np.ndarray], budget: int, *,
                   wave: int = 5, categories: Sequence[str] | None = None, seed: int = 0,
-                  bank: ItemBank | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  bank: ItemBank | None = None, embeddings: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Run a strategy to ``budget`` probes: ``(asked [b], outcomes [b])`` in the order asked.
 
     ``others`` ``[N, M]``: the fitted experts' outcomes on the candidates (the adaptive bank is
     fitted on it unless ``bank`` is given); ``answer(indices) -> outcomes`` measures the new
     expert. The first ``k · wave`` entries are what the strategy had chosen after ``k`` waves.
+    ``embeddings``: the candidates' query embeddings, for the bank fitted here.
     """
     n = len(others)
-    if strategy == "adaptive" and bank is None:
-        bank = ItemBank.fit(others)
+    if strategy in ("adaptive", "information") and bank is None:
+        bank = ItemBank.fit(others, embeddings=embeddings)
+    if strategy == "adaptive":            # the new expert's outcomes don't steer the cover: one greedy run
+        asked = cover(bank.features, [], min(budget, n), seed=seed)
+        got = np.concatenate([np.asarray(answer(asked[i:i + wave]), dtype=np.float64)
+                              for i in range(0, len(asked), max(1, wave))]) if len(asked) else np.zeros(0)
+        return asked, got
     asked: list[int] = []
     got: list[float] = []
     while len(asked) < min(budget, n):

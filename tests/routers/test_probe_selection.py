@@ -43,26 +43,56 @@ def test_soft_outcomes_on_any_scale():
         ItemBank.fit(y[:, :1])
 
 
-def test_adaptive_waves_pin_down_the_ability_faster_than_random():
+def test_information_waves_pin_down_the_ability_faster_than_random():
     y, _, _ = two_pl(400, seed=1)
     bank = ItemBank.fit(y)
-    se = {"adaptive": [], "random": []}
+    se = {"information": [], "random": []}
     for k, theta in enumerate((-1.0, 0.0, 1.0, 2.0)):
         truth, _, _ = two_pl(400, thetas=(theta,), seed=1)
-        for strategy in ("adaptive", "random"):
+        for strategy in ("information", "random"):
             asked, got = choose_probes(strategy, y, lambda idx, t=truth: t[idx, 0], 30, wave=5, bank=bank, seed=k)
             assert len(asked) == 30 == len(set(asked.tolist())) and np.array_equal(got, truth[asked, 0])
             se[strategy].append(bank.ability(asked, got).se)
-    assert np.mean(se["adaptive"]) < 0.9 * np.mean(se["random"])
+    assert np.mean(se["information"]) < 0.9 * np.mean(se["random"])
 
 
-def test_adaptive_skips_probes_every_expert_agrees_on():
+def test_information_skips_probes_every_expert_agrees_on():
     y, _, _ = two_pl(200, seed=2)
     y[:50] = 1.0                               # everyone right: tells nothing about a new expert
     y[50:100] = 0.0
     bank = ItemBank.fit(y)
-    first = next_probes("adaptive", len(y), [], [], 20, bank=bank)
+    first = next_probes("information", len(y), [], [], 20, bank=bank)
     assert (first >= 100).all()
+
+
+def test_adaptive_covers_every_cluster_before_repeating_one():
+    rng = np.random.default_rng(0)
+    centres = np.eye(8)                                         # 8 well-separated query clusters
+    sizes = [60, 40, 20, 10, 10, 5, 5, 3]
+    emb = np.concatenate([c + 0.05 * rng.normal(size=(k, 8)) for c, k in zip(centres, sizes)])
+    label = np.repeat(np.arange(8), sizes)
+    pattern, _, _ = two_pl(8, seed=3)                           # the experts do alike within a cluster
+    y = pattern[label]
+    bank = ItemBank.fit(y, embeddings=emb)
+    first = next_probes("adaptive", len(emb), [], [], 8, bank=bank)
+    assert sorted(label[first].tolist()) == list(range(8))    # one probe per cluster, small ones included
+    # waves continue the same greedy cover: two waves of 4 are one wave of 8
+    a = next_probes("adaptive", len(emb), [], [], 4, bank=bank)
+    b = next_probes("adaptive", len(emb), a, y[a, 0], 4, bank=bank)
+    assert np.array_equal(np.concatenate([a, b]), first)
+    asked, got = choose_probes("adaptive", y, lambda idx: y[idx, 0], 8, wave=3, bank=bank)
+    assert np.array_equal(asked, first) and np.array_equal(got, y[first, 0])
+
+
+def test_adaptive_without_embeddings_covers_the_outcome_patterns():
+    y, _, _ = two_pl(120, seed=4)
+    y[:60] = 1.0                                                # half the probes: everyone right
+    bank = ItemBank.fit(y)
+    assert bank.features.shape == (120, y.shape[1])
+    first = next_probes("adaptive", 120, [], [], 10, bank=bank)
+    assert len(set(first.tolist())) == 10 and (first >= 60).sum() >= 5
+    with pytest.raises(ValueError, match="3 probe embeddings for 120 probes"):
+        ItemBank.fit(y, embeddings=np.ones((3, 4)))
 
 
 def test_random_and_round_robin_are_fixed_orders_that_never_repeat():
@@ -81,5 +111,6 @@ def test_random_and_round_robin_are_fixed_orders_that_never_repeat():
 def test_bad_strategy_or_missing_bank():
     with pytest.raises(ValueError, match="unknown probe strategy 'best'"):
         next_probes("best", 10, [], [], 2)
-    with pytest.raises(ValueError, match="needs an ItemBank"):
-        next_probes("adaptive", 10, [], [], 2)
+    for strategy in ("adaptive", "information"):
+        with pytest.raises(ValueError, match="needs an ItemBank"):
+            next_probes(strategy, 10, [], [], 2)
