@@ -7,7 +7,8 @@ ingress per expert), ``batch_size{expert}`` (histogram of the grouped batch each
 served in), ``generated_tokens_total{expert}`` (its rate is tokens/s), ``tokens_per_second{expert}``
 (over the last ``window_s`` seconds), ``request_latency_seconds{expert}``,
 ``time_to_first_token_seconds{expert}``, ``fallbacks_total{expert,fallback}``,
-``cancelled_total{expert}``, ``expert_ready{expert}`` and ``server_queue_depth{server}`` (requests
+``cancelled_total{expert}``, ``recruited_total{expert,role}`` (calls of recruit-and-aggregate requests,
+role ``answer`` or ``aggregate``), ``expert_ready{expert}`` and ``server_queue_depth{server}`` (requests
 waiting in an expert server's batcher, read at scrape time).
 """
 
@@ -48,6 +49,7 @@ class ServiceMetrics:
         self.ttft = Histogram("coe_time_to_first_token_seconds", "Time to the first streamed token", ["expert"], buckets=_LATENCY, registry=r)
         self.fallbacks = Counter("coe_fallbacks_total", "Requests retried on a fallback expert", ["expert", "fallback"], registry=r)
         self.cancelled = Counter("coe_cancelled_total", "Streams cancelled because the client went away", ["expert"], registry=r)
+        self.recruited = Counter("coe_recruited_total", "Calls of recruit-and-aggregate requests per expert (role: answer or aggregate)", ["expert", "role"], registry=r)
         self.server_queue = Gauge("coe_server_queue_depth", "Requests waiting for a batch in an expert server", ["server"], registry=r)
         self.ready = Gauge("coe_expert_ready", "1 when the expert's engine has loaded", ["expert"], registry=r)
         self._window_s = window_s

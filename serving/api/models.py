@@ -79,6 +79,17 @@ class CoeOptions(BaseModel):
 
     trace: bool = Field(False, description="Add the routing plan (every candidate expert, best first, with its "
                                            "live state) to the response's coe field as candidates.")
+    recruit: int | None = Field(
+        None, description="Recruit and aggregate (serving/api/recruit.py): the k best experts of the plan answer "
+                          "concurrently and their answers are aggregated; 1 turns router.policy.recruit off for this "
+                          "request. 1 to the number of experts; routed requests (model 'coe') only.")
+    aggregate: str | None = Field(
+        None, description="How recruited answers become one: 'vote' (majority of the normalized final answers, "
+                          "ties to the higher predicted quality) or an expert id (that expert writes the final "
+                          "answer from the question and the candidates).")
+    answer: Literal["auto", "choice", "number", "text"] | None = Field(
+        None, description="What a vote compares: choice letters, final numbers or folded text; 'auto' takes the "
+                          "first of those that every answer gives.")
 
 
 class RouteRequest(_Open):
@@ -87,6 +98,13 @@ class RouteRequest(_Open):
     messages: list[ChatMessage] | None = None
     query: str | None = None
     model: str = "coe"
+
+
+class RecruitFailure(BaseModel):
+    """A recruited expert (or aggregator) that gave no answer, and why, in the request's terms."""
+
+    expert: str
+    error: str
 
 
 class RoutingInfo(BaseModel):
@@ -102,6 +120,15 @@ class RoutingInfo(BaseModel):
         None, description="The routing plan, when the request asked for it (coe: {trace: true}): every candidate "
                           "expert, best first, with its predicted quality and uncertainty, cost, queue depth, "
                           "expected wait, residency (pooled experts) and health.")
+    recruited: list[str] | None = Field(
+        None, description="Recruit and aggregate: the experts whose answers were aggregated, best first.")
+    failed: list[RecruitFailure] | None = Field(
+        None, description="Recruit and aggregate: the recruited experts (or the aggregator) that did not answer.")
+    aggregate: str | None = Field(None, description="Recruit and aggregate: 'vote' or the aggregator's id.")
+    votes: dict[str, str | None] | None = Field(
+        None, description="A vote: each recruited expert's normalized final answer (null: none found).")
+    cost: float | None = Field(
+        None, description="Recruit and aggregate: the summed configured cost of the experts that answered.")
     _plan: Plan | None = PrivateAttr(None)   # the plan the fallbacks follow (routed requests)
 
 

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from coe.profile_records import ProfileJob
-from coe.serving.api import admin, completions
+from coe.serving.api import admin, completions, recruit
 from coe.serving.api.errors import install_error_handlers
 from coe.serving.api.limits import BodyLimits
 from coe.serving.api.models import (
@@ -112,13 +112,14 @@ def create_api(service: CoEService) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
               responses=_errors(400, 401, 403, 404, 413, 415, 422, 429, 503, 504))
     async def chat_completions(body: ChatCompletionRequest, request: Request, creds=api_key):
-        """An answer from the routed (``model: coe``) or pinned expert; ``stream: true`` gives SSE."""
+        """An answer from the routed (``model: coe``) or pinned expert; ``stream: true`` gives SSE.
+        ``coe: {recruit: k, aggregate}`` aggregates the answers of k experts (``serving/api/recruit.py``)."""
         service.check_api(_token(creds))
         if body.stream:
-            info, events = await service.chat_stream(body)
+            info, events = await recruit.chat_stream(service, body)
             return _ClosingStream(events, media_type="text/event-stream",
                                   headers={EXPERT_HEADER: info.expert, "cache-control": "no-cache"})
-        result = await until_disconnect(request, service.chat(body))
+        result = await until_disconnect(request, recruit.chat(service, body))
         if result is None:
             return Response(status_code=CLIENT_GONE)
         return JSONResponse(result.model_dump(mode="json"), headers={EXPERT_HEADER: result.model})
