@@ -303,6 +303,50 @@ def test_a_recruit_whose_server_is_down_is_left_out_and_named(h, router, down):
     assert again["coe"]["recruited"] == ["tiny-a", "tiny", "tiny-b"] and again["coe"]["failed"] == []
 
 
+def test_a_recruit_answered_by_its_fallback_votes_once(h, router, down):
+    twin = h.service.catalog.get("twin")
+    twin.fallback = "tiny"                                       # twin's own fallback: an expert already recruited
+    try:
+        down("twin")
+        body = _ok(h.chat(Q, coe={"recruit": 3, "answer": "text"}))
+    finally:
+        twin.fallback = None
+    coe = body["coe"]
+    assert coe["recruited"] == ["tiny-a", "tiny"] and set(coe["votes"]) == {"tiny-a", "tiny"}
+    assert coe["failed"] == [{"expert": "twin", "error": "it failed; its fallback 'tiny' answered, which had "
+                                                         "already answered (left out of the vote)"}]
+    tiny = _alone(h, "tiny")
+    assert body["usage"] == _sum(_alone(h, "tiny-a"), tiny, tiny) and coe["cost"] == 3.0   # paid for, all three
+
+
+def test_a_failed_aggregator_leaves_the_vote(h, router, down):
+    down("twin")
+    for stream in (False, True):
+        resp = h.chat(Q, coe={"recruit": 2, "aggregate": "twin", "answer": "text"}, stream=stream)
+        coe = _events(resp)[0]["coe"] if stream else _ok(resp)["coe"]
+        assert coe["recruited"] == ["tiny-a", "tiny"] and coe["aggregate"] == "vote" and coe["expert"] == "tiny-a"
+        assert coe["failed"][0]["expert"] == "twin" and coe["failed"][0]["error"].startswith("aggregator: ")
+
+
+def test_the_recruits_are_asked_at_once(h, router, monkeypatch):
+    """The k calls are in flight together (each then joins its own server's batch, as any pinned
+    request does)."""
+    real, live, peak, asked = h.service.chat, [0], [0], []
+
+    async def spy(req):
+        asked.append(req.model)
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        try:
+            return await real(req)
+        finally:
+            live[0] -= 1
+
+    monkeypatch.setattr(h.service, "chat", spy)
+    _ok(h.chat(Q, coe={"recruit": 3}, max_tokens=20))
+    assert asked == ["tiny-a", "tiny", "twin"] and peak[0] == 3
+
+
 def test_when_no_recruit_answers_the_usual_fallback_serves(h, router, down):
     down("tiny")                                                 # tiny, tiny-a and tiny-b's server
     body = _ok(h.chat(Q, coe={"recruit": 2}))
