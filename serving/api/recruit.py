@@ -262,6 +262,11 @@ def _aggregator_request(req: ChatCompletionRequest, got: Gathered, **update) -> 
     return pinned(req, got.rec.aggregate, messages=aggregator_messages(req.messages, texts), **update)
 
 
+def _aggregated(got: Gathered, served: str) -> RoutingInfo:
+    """The aggregator's ``coe`` (``served``: who wrote the answer, the aggregator or its own fallback)."""
+    return got.coe(served, got.rec.aggregate, fallback_from=got.rec.aggregate if served != got.rec.aggregate else None)
+
+
 def _aggregator_failed(got: Gathered, err: CoEError) -> None:
     got.failed.append(RecruitFailure(expert=got.rec.aggregate, error=f"aggregator: {err.message}; the answers "
                                                                       "were voted on instead"))
@@ -293,7 +298,7 @@ async def chat(service, req: ChatCompletionRequest) -> ChatCompletionResponse:
         _aggregator_failed(got, err)
         return _voted(got)
     got.add(out, _cost(service, out.model))
-    return out.model_copy(update={"usage": got.usage, "coe": got.coe(out.model, rec.aggregate)})
+    return out.model_copy(update={"usage": got.usage, "coe": _aggregated(got, out.model)})
 
 
 async def chat_stream(service, req: ChatCompletionRequest) -> tuple[RoutingInfo, AsyncIterator[str]]:
@@ -316,12 +321,12 @@ async def chat_stream(service, req: ChatCompletionRequest) -> tuple[RoutingInfo,
         service.metrics.recruited.labels(rec.aggregate, "aggregate").inc()
         agg = _aggregator_request(req, got, stream=True, stream_options=req.stream_options)
         try:
-            _, events = await deadline.run(service.chat_stream(agg))
+            info, events = await deadline.run(service.chat_stream(agg))
         except CoEError as err:
             _aggregator_failed(got, err)
         else:
-            got.cost += _cost(service, rec.aggregate)
-            coe = got.coe(rec.aggregate, rec.aggregate)
+            got.cost += _cost(service, info.expert)
+            coe = _aggregated(got, info.expert)
             return coe, Annotated(events, coe, got.usage)
     voted = _voted(got)
     return voted.coe, _chunks(voted, include_usage)
