@@ -11,10 +11,10 @@ the rule the offline simulation (``coe eval new-expert``) measures:
   IRT model (:class:`coe.routers.probe_selection.ItemBank`) fitted on the outcomes the fitted
   router's experts had on the same probes (its data), updated by the new expert's outcomes.
 
-The item bank needs those outcomes. When every candidate has them (the built-in probe set is the
-fitted data's, or a subset), any strategy also reports the ability estimate and its standard
-error (what ``stop_when.se`` reads). When only some do, ``adaptive`` asks among those, provided
-they cover the budget; otherwise (a user's own probe file) it falls back to ``round_robin``, and
+The item bank needs those outcomes; it is fitted on the candidates that have them, and every
+strategy reports the ability estimate and its standard error from the new expert's outcomes on
+those (what ``stop_when.se`` reads). ``adaptive`` asks only among them, provided they cover the
+budget; otherwise (a user's own probe file) it falls back to ``round_robin``, and
 :attr:`ProbePlan.note` says so. Not thread-safe: one job uses it, on the event loop (only
 :meth:`ProbePlan.fit` may run in a worker thread, before the first wave).
 """
@@ -40,14 +40,13 @@ class ProbePlan:
                  min_probes: int = MIN_STOP_PROBES) -> None:
         row_of = {q: i for i, q in enumerate(fitted.queries)}
         covered = [i for i, p in enumerate(probes) if p.query in row_of]
+        experts = len(fitted.models) >= 2
         self.requested, self.strategy, self.note = strategy, strategy, None
-        banked = len(covered) == len(probes) and len(fitted.models) >= 2
-        if not banked and strategy == "adaptive":
-            if len(covered) >= budget and len(fitted.models) >= 2:
+        if strategy == "adaptive" and (len(covered) < len(probes) or not experts):
+            if len(covered) >= budget and experts:
                 self.note = (f"adaptive chose among the {len(covered)} probes the fitted experts have outcomes on "
                              f"(of {len(probes)} in the set)")
                 probes = [probes[i] for i in covered]
-                banked = True
             else:
                 self.strategy = "round_robin"
                 self.note = (f"adaptive fell back to round_robin: the fitted experts have outcomes on {len(covered)} "
@@ -55,11 +54,14 @@ class ProbePlan:
         self.probes = probes
         self.budget = min(budget, len(probes))
         self.stop_se, self.min_probes = stop_se, min_probes
+        # the item bank: the candidates the fitted experts answered (all of them for adaptive)
+        banked = [i for i, p in enumerate(probes) if p.query in row_of] if experts else []
+        self._bank_of = {c: k for k, c in enumerate(banked)}      # candidate index -> bank row
         if stop_se is not None and not banked:
             extra = "stop_when is not applied: no ability estimate without the fitted experts' outcomes on the probes"
             self.note = f"{self.note}; {extra}" if self.note else extra
-        rows = [row_of[p.query] for p in probes] if banked else []
-        self._rows = np.asarray(fitted.quality, dtype=np.float64)[rows] if banked else None          # [N, M]
+        rows = [row_of[probes[i].query] for i in banked]
+        self._rows = np.asarray(fitted.quality, dtype=np.float64)[rows] if banked else None          # [B, M]
         obs = getattr(fitted, "observed", None)
         self._observed = np.asarray(obs, dtype=bool)[rows] if banked and obs is not None else None
         self.bank = None
@@ -130,8 +132,10 @@ class ProbePlan:
                             f"{ability.se:.3f} is at most stop_when.se {self.stop_se:g}")
 
     def ability(self) -> AbilityEstimate | None:
-        """The ability estimate from the outcomes so far (None without an item bank)."""
+        """The ability estimate from the outcomes so far on the probes the fitted experts answered
+        (None without an item bank)."""
         if self.bank is None:
             return None
-        a = self.bank.ability(self._answered, self._outcomes)
+        pairs = [(self._bank_of[i], y) for i, y in zip(self._answered, self._outcomes) if i in self._bank_of]
+        a = self.bank.ability([k for k, _ in pairs], [y for _, y in pairs])
         return AbilityEstimate(theta=round(a.theta, 4), se=round(a.se, 4), answered=a.answered)
