@@ -56,14 +56,26 @@ def workloads(n_prompts: int, batch: int = 16) -> dict[str, list[str]]:
 
 
 def requests(prompts: list[str], max_tokens: int, adapter: str | None, tag: str):
-    from coe.types import ChatMessage, GenerationRequest, SamplingParams
+    from coe.types import ChatMessage, Dispatch, GenerationRequest, SamplingParams
 
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0)
     return [
-        GenerationRequest(request_id=f"{tag}{i}", messages=[ChatMessage(role="user", content=p)], sampling=sampling,
-                          adapter=adapter)
+        Dispatch(GenerationRequest(request_id=f"{tag}{i}", messages=[ChatMessage(role="user", content=p)],
+                                   sampling=sampling), adapter=adapter)
         for i, p in enumerate(prompts)
     ]
+
+
+async def answer(engine, dispatch):
+    """The whole answer of one engine stream."""
+    from coe.types import GenerationOutput
+
+    return GenerationOutput.from_deltas([d async for d in engine.stream(dispatch)])
+
+
+async def answers(engine, dispatches) -> list:
+    """The dispatches sent together (the engine batches them), each one's answer or exception."""
+    return list(await asyncio.gather(*(answer(engine, d) for d in dispatches), return_exceptions=True))
 
 
 async def start_engine(name: str, args, lora: Path):
@@ -87,9 +99,9 @@ async def one_round(engine, loads: dict[str, list[str]], args, tag: str) -> dict
         reqs = requests(prompts, args.max_tokens, adapter, f"{tag}-{wl}-")
         t0 = time.perf_counter()
         if wl == "batch1":
-            outs = [await engine.generate(r) for r in reqs]
+            outs = [await answer(engine, r) for r in reqs]
         else:
-            outs = await engine.generate_batch(reqs)
+            outs = await answers(engine, reqs)
         wall = time.perf_counter() - t0
         errors = [o for o in outs if isinstance(o, Exception)]
         if errors:
@@ -110,7 +122,7 @@ async def run(args, lora: Path) -> dict:
         for name in names:
             engines[name] = await start_engine(name, args, lora)
         for engine, _ in engines.values():  # warm-up
-            await engine.generate_batch(requests(loads["batch1"][:2], 8, ADAPTER, "warm"))
+            await answers(engine, requests(loads["batch1"][:2], 8, ADAPTER, "warm"))
         rounds: dict[str, list[dict]] = {n: [] for n in names}
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[: r % len(names)]:

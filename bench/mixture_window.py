@@ -4,11 +4,11 @@ The mixture engine (``coe.serving.engines.mixture``) runs one batch at a time. T
 it ``--clients`` concurrent clients (closed loop: each sends its next request when the last is
 answered, ``--per-client`` requests each):
 
-- ``direct``: every request goes straight to ``engine.generate`` (a batch of one each; the
-  engine runs them one after another);
-- ``window_<ms>``: the service's batching window (``ExpertGroupedBatcher``, ``max_concurrent=1``,
-  ``max_batch_size`` = ``--batch``) hands each group to ``engine.generate_batch``; requests keep
-  collecting while a batch runs.
+- ``direct``: the engine's window holds one request (``max_batch_size`` 1, 0 ms: a batch of one
+  each; the engine runs them one after another);
+- ``window_<ms>``: the engine's batching window (``MixtureEngine.set_window``: ``<ms>``,
+  ``max_batch_size`` = ``--batch``, one batch at a time); requests keep collecting while a batch
+  runs.
 
 Reported per mode (median [min–max] over ``--rounds`` interleaved rounds, order rotated):
 completion tokens/s over the wall time, latency p50 / p99, mean batch; and the ratio to
@@ -61,43 +61,35 @@ def model_and_adapters(preset: str, work: Path) -> tuple[str, list[tuple[str, st
 
 async def one_mode(engine, mode: str, args) -> dict:
     from bench.stats import percentile
-    from coe.serving.deployments.batcher import ExpertGroupedBatcher
-    from coe.types import ChatMessage, GenerationRequest, SamplingParams
+    from coe.config import BatchingConfig
+    from coe.types import ChatMessage, Dispatch, GenerationOutput, GenerationRequest, SamplingParams
 
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0)
-    batcher = None
-    if mode != "direct":
-        batcher = ExpertGroupedBatcher(lambda _key, reqs: engine.generate_batch(reqs), max_batch_size=args.batch,
-                                       window_ms=float(mode.split("_")[1]), max_concurrent=1)
-    latencies, answers, sizes, tokens = [], {}, [], []
+    direct = mode == "direct"
+    engine.set_window(BatchingConfig(max_batch_size=1 if direct else args.batch,
+                                     window_ms=0 if direct else float(mode.split("_")[1])))
+    latencies, answers, tokens = [], {}, []
 
     async def client(c: int) -> None:
         for k in range(args.per_client):
             i = c * args.per_client + k
-            req = GenerationRequest(f"{mode}-{i}", messages=[ChatMessage(role="user", content=QUESTIONS[i % len(QUESTIONS)])],
-                                    sampling=sampling)
+            req = Dispatch(GenerationRequest(f"{mode}-{i}", sampling=sampling, messages=[
+                ChatMessage(role="user", content=QUESTIONS[i % len(QUESTIONS)])]))
             t0 = time.perf_counter()
-            if batcher is None:
-                out, size = await engine.generate(req), 1
-            else:
-                out, size = await batcher.submit("mixture", req)
-                if isinstance(out, Exception):
-                    raise out
+            out = GenerationOutput.from_deltas([delta async for delta in engine.stream(req)])
             latencies.append(time.perf_counter() - t0)
             answers[i] = out.text
-            sizes.append(size)
             tokens.append(out.completion_tokens)
 
     t0 = time.perf_counter()
     try:
         await asyncio.gather(*(client(c) for c in range(args.clients)))
     finally:
-        if batcher is not None:
-            await batcher.close()
+        await engine.window.close()
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "requests": len(answers), "tokens": sum(tokens), "tokens_per_s": sum(tokens) / wall,
             "latency_p50_s": percentile(latencies, 50),
-            "latency_p99_s": percentile(latencies, 99), "mean_batch": sum(sizes) / len(sizes),
+            "latency_p99_s": percentile(latencies, 99), "mean_batch": len(answers) / max(1, engine.window.batches_dispatched),
             "answers": [answers[i] for i in sorted(answers)]}
 
 

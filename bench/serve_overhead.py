@@ -98,11 +98,11 @@ class Bare:
             await self.engine.add_adapter(e.id, e.adapter)
 
     def request(self, i, expert, q, max_tokens):
-        from coe.types import ChatMessage, GenerationRequest, SamplingParams
+        from coe.types import ChatMessage, Dispatch, GenerationRequest, SamplingParams
 
-        return GenerationRequest(request_id=f"b{i}", messages=[ChatMessage(role="user", content=q)],
-                                 sampling=SamplingParams(max_tokens=max_tokens, temperature=0),
-                                 adapter=None if expert == self.host.id else expert, expert=expert)
+        return Dispatch(GenerationRequest(request_id=f"b{i}", messages=[ChatMessage(role="user", content=q)],
+                                          sampling=SamplingParams(max_tokens=max_tokens, temperature=0)),
+                        adapter=None if expert == self.host.id else expert, expert=expert)
 
     async def ttft_ms(self, i, expert, q) -> float:
         t0 = time.perf_counter()
@@ -114,7 +114,10 @@ class Bare:
         return ms
 
     async def answer(self, i, expert, q) -> tuple[int, str, str]:
-        out = await self.engine.generate(self.request(i, expert, q, self.args.max_tokens))
+        from coe.types import GenerationOutput
+
+        out = GenerationOutput.from_deltas([d async for d in self.engine.stream(self.request(i, expert, q,
+                                                                                         self.args.max_tokens))])
         return out.completion_tokens, out.text, expert
 
 

@@ -50,7 +50,7 @@ def workload(n: int, experts: list[str], zipf: float, rate: float, seed: int) ->
 async def run_policy(policy: str, experts: dict[str, str], args, load) -> dict:
     from coe.config import EngineConfig, PoolConfig
     from coe.serving.pool.engine import PoolEngine
-    from coe.types import ChatMessage, GenerationRequest, SamplingParams
+    from coe.types import ChatMessage, Dispatch, GenerationOutput, GenerationRequest, SamplingParams
 
     engine = PoolEngine(
         experts,
@@ -66,9 +66,9 @@ async def run_policy(policy: str, experts: dict[str, str], args, load) -> dict:
     async def one(i: int, at: float, expert: str, question: str, t0: float) -> None:
         await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
         arrived = time.perf_counter()
-        req = GenerationRequest(f"q{i}", messages=[ChatMessage(role="user", content=question)],
-                                sampling=sampling, expert=expert)
-        out = await engine.generate(req)
+        req = Dispatch(GenerationRequest(f"q{i}", messages=[ChatMessage(role="user", content=question)],
+                                         sampling=sampling), expert=expert)
+        out = GenerationOutput.from_deltas([d async for d in engine.stream(req)])
         latencies.append(time.perf_counter() - arrived)
         outputs[i] = out.token_ids
 

@@ -87,31 +87,65 @@ class SamplingParams(BaseModel):
         return self.temperature == 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationRequest:
-    """One generation for an engine: either chat ``messages`` or a raw ``prompt``.
-
-    ``adapter`` names a LoRA adapter already added to the engine (None: the base model).
-    ``expert`` names the target expert where one engine hosts several whole models (the
-    expert pool); single-model engines ignore it.
+    """What to generate, as the client asked for it: either chat ``messages`` or a raw ``prompt``.
 
     Chat rendering (vLLM's extra chat fields): ``add_generation_prompt`` appends the assistant
     turn's opening; ``continue_final_message`` leaves the last (assistant) message open so the
     model continues it (the two are exclusive). ``prompt_token_ids`` is a prompt given as token
     ids (the completions endpoint); it wins over ``prompt`` and ``messages``. ``tools``: OpenAI
     function tools the chat template renders (``apply_chat_template(tools=...)``); None: none.
+    Who serves it is not part of it: that is the :class:`Dispatch`'s.
     """
 
     request_id: str
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    adapter: str | None = None
-    expert: str | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     prompt_token_ids: list[int] | None = None
     tools: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """One generation, decided once and carried unchanged to the engine: the request below the API.
+
+    The ingress (``CoEService.dispatch``) builds it after routing: ``request`` (with the expert's
+    system prompt), the ``expert`` and its ``server_id``, the LoRA ``adapter`` (the name the
+    engine knows it by: the expert id; None for the base model) and its ``adapter_path``, the
+    ``deadline`` (``time.monotonic()`` by which the answer is due), the ranked ``fallbacks``
+    (what comes next if this expert fails, best first: the expert's own ``fallback`` chain,
+    then the routing plan's order) and the decision's ``trace`` (the plan's candidates, when
+    asked for). Every layer below takes it whole in one call, ``stream(dispatch)``.
+
+    Tokenized once, in the expert server: the ingress has no tokenizer for every expert (a
+    model registered at runtime, the pool's per-expert tokenizers live with their engines), so
+    the server has its engine fill ``prompt_token_ids`` (``Engine.prepare``: the chat template,
+    the vocabulary and the context length checked, once) and the engine decodes those ids
+    without tokenizing again. The one other binding a server makes is the adapter's name on a
+    replica that loaded a runtime-registered LoRA under its multiplexed id.
+    """
+
+    request: GenerationRequest
+    expert: str | None = None
+    server_id: str | None = None
+    adapter: str | None = None
+    adapter_path: str | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    deadline: float | None = None
+    fallbacks: tuple[str, ...] = ()
+    trace: tuple[Any, ...] = ()
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.request.sampling
 
 
 @dataclass

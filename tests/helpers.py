@@ -7,6 +7,29 @@ import threading
 from pathlib import Path
 
 
+def dispatch_of(request, **aim):
+    """``request`` (a GenerationRequest or a Dispatch) as a :class:`~coe.types.Dispatch` aimed by
+    ``aim`` (``expert``, ``adapter``, ``adapter_path``)."""
+    import dataclasses
+
+    from coe.types import Dispatch
+
+    return dataclasses.replace(request, **aim) if isinstance(request, Dispatch) else Dispatch(request=request, **aim)
+
+
+async def generate(streamer, request, *args, **aim):
+    """The whole answer of ``streamer.stream(dispatch, *args)`` (an engine or an expert server):
+    the tests' join of the one streaming call."""
+    from coe.types import GenerationOutput
+
+    return GenerationOutput.from_deltas([d async for d in streamer.stream(dispatch_of(request, **aim), *args)])
+
+
+async def generate_batch(engine, requests) -> list:
+    """Each request's whole answer, sent together (an exception in place of a failed one)."""
+    return list(await asyncio.gather(*(generate(engine, r) for r in requests), return_exceptions=True))
+
+
 class LoopThread:
     """An asyncio loop running forever on a daemon thread; ``run`` waits for a coroutine.
 

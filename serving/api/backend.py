@@ -1,7 +1,7 @@
 """Where the ingress sends generations: expert servers in-process or as Ray Serve deployments.
 
 :class:`Backend` is the small protocol the ingress logic (:class:`coe.serving.api.service.CoEService`)
-talks to; :class:`LocalBackend` hosts :class:`ExpertServer` objects in the same process (tests,
+talks to: one call per generation, ``stream(dispatch)`` (the expert server is ``dispatch.server_id``); :class:`LocalBackend` hosts :class:`ExpertServer` objects in the same process (tests,
 benchmarks of the bare logic); ``coe.serving.deployments.ray_deployments.ServeBackend`` calls Ray
 Serve deployment handles. Both raise the servers' :class:`coe.errors.CoEError` s unchanged
 (the Ray one after unwrapping).
@@ -13,15 +13,15 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from coe.errors import EngineError, ServerDownError, available
-from coe.serving.deployments.expert_server import ExpertServer, Served
+from coe.serving.deployments.expert_server import ExpertServer
 from coe.serving.deployments.spec import ServerSpec
-from coe.types import GenerationRequest, StreamDelta
+from coe.types import Dispatch, StreamDelta
 
 
 class Backend(Protocol):
-    async def generate(self, server_id: str, request: GenerationRequest, adapter_path: str | None) -> Served: ...
-
-    def stream(self, server_id: str, request: GenerationRequest, adapter_path: str | None) -> AsyncIterator[StreamDelta]: ...
+    def stream(self, dispatch: Dispatch) -> AsyncIterator[StreamDelta]:
+        """The answer of ``dispatch`` from its server, delta by delta (the last one carries the
+        finish reason and usage); closing it cancels the generation."""
 
     async def add_adapter(self, server_id: str, expert_id: str, path: str) -> None: ...
 
@@ -69,11 +69,8 @@ class LocalBackend:
         except KeyError:
             raise ServerDownError(f"no expert server {server_id!r}; running: {available(self.servers)}") from None
 
-    async def generate(self, server_id, request, adapter_path):
-        return await self._server(server_id).generate(request, adapter_path)
-
-    async def stream(self, server_id, request, adapter_path):
-        agen = self._server(server_id).stream(request, adapter_path)
+    async def stream(self, dispatch):
+        agen = self._server(dispatch.server_id).stream(dispatch)
         try:
             async for delta in agen:
                 yield delta

@@ -10,6 +10,11 @@ A request is checked whole before it is routed (``serving/api/validation.py``: 4
 field), carries a deadline (``serving.request_timeout_s``: 504 past it), waits in its expert's
 bounded queue (429 with ``Retry-After`` past it), and on an engine failure (503) is retried per
 the fault policy on the next expert on a healthy server. Client errors never trigger a fallback.
+
+After routing, each try is one :class:`~coe.types.Dispatch` (:meth:`CoEService.dispatch`): the
+expert, its server and adapter, the request, the deadline, the decision's ranked fallbacks and
+trace. Below this module there is one call, ``backend.stream(dispatch)``; a whole answer is the
+stream joined here, at the HTTP edge.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ from coe.serving.api.validation import (
 from coe.serving.deployments.spec import server_id_of
 from coe.serving.engines.tokens import check_chat_flags
 from coe.serving.metrics import ServiceMetrics
-from coe.types import ChatMessage, GenerationOutput, GenerationRequest, SamplingParams
+from coe.types import ChatMessage, Dispatch, GenerationOutput, GenerationRequest, SamplingParams
 
 log = logging.getLogger("coe.serving")
 ROUTED = "coe"
@@ -245,10 +250,11 @@ class CoEService:
         logprobs, prompt_logprobs = chat_logprobs(req)
         return sampling_params(req, self.config.serving, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
-    def target(self, expert_id: str, request: GenerationRequest) -> tuple[str, GenerationRequest, str | None]:
-        """(server id, a copy of ``request`` aimed at ``expert_id``, adapter path): the copy names the
-        expert and its adapter, and chat messages get the expert's system prompt when they have none.
-        Raises ExpertNotFoundError when the expert was removed meanwhile."""
+    def dispatch(self, expert_id: str, request: GenerationRequest, deadline: Deadline, *,
+                 fallbacks: tuple[str, ...] = (), trace: tuple = ()) -> Dispatch:
+        """The one request shape below the API: ``request`` (under a new request id) aimed at
+        ``expert_id``, its server and adapter; chat messages get the expert's system prompt when
+        they have none. Raises ExpertNotFoundError when the expert was removed meanwhile."""
         expert = self.catalog.get(expert_id)
         if expert is None:  # removed while the request was on its way
             raise ExpertNotFoundError(f"expert {expert_id!r} was removed; available: {available(self.catalog.ids())}")
@@ -256,11 +262,29 @@ class CoEService:
         system = getattr(expert, "system_prompt", None)
         if messages is not None and system and not any(m.role == "system" for m in messages):
             messages.insert(0, ChatMessage(role="system", content=system))
-        aimed = dataclasses.replace(request, request_id=new_id(), messages=messages,
-                                    sampling=request.sampling.model_copy(),
-                                    adapter=expert_id if isinstance(expert, LoraExpert) else None, expert=expert_id)
-        adapter_path = expert.adapter if isinstance(expert, LoraExpert) else None
-        return server_id_of(expert), aimed, adapter_path
+        lora = isinstance(expert, LoraExpert)
+        return Dispatch(request=dataclasses.replace(request, request_id=new_id(), messages=messages),
+                        expert=expert_id, server_id=server_id_of(expert), adapter=expert_id if lora else None,
+                        adapter_path=expert.adapter if lora else None, deadline=deadline.end,
+                        fallbacks=fallbacks, trace=trace)
+
+    def fallbacks(self, info: RoutingInfo) -> tuple[str, ...]:
+        """Who takes ``info``'s request if its expert fails, best first: each expert's own
+        ``fallback`` chain, then (routed requests) the plan's other healthy candidates, each
+        followed by its own chain. Walked by :meth:`on_experts`, which skips the ones no longer
+        serving and those on a server that just failed."""
+        order: list[str] = []
+
+        def chain(expert_id: str | None) -> None:
+            while expert_id is not None and expert_id not in order:
+                order.append(expert_id)
+                expert = self.catalog.get(expert_id)
+                expert_id = expert.fallback if expert is not None else None
+
+        chain(info.expert)
+        for candidate in [] if info.pinned else self._ranked(info):
+            chain(candidate)
+        return tuple(order[1:])
 
     def model_ref(self, expert_id: str) -> str | None:
         """The model an expert runs on (a LoRA's or mixture's base model's), None when unknown."""
@@ -278,26 +302,17 @@ class CoEService:
                                  continue_final_message=req.continue_final_message,
                                  tools=req.tools if tools is not None else None)
 
-    def _next_expert(self, expert_id: str, err: Exception, tried: list[str], info: RoutingInfo) -> str | None:
+    def _next_expert(self, err: Exception, fallbacks: tuple[str, ...], tried: list[str],
+                     failed_servers: set[str]) -> str | None:
         """Where to retry after ``err``: only after an engine failure (503), never after a client
-        error; the expert's own ``fallback``, else (routed requests) the next-best expert by the
-        router's scores; never one on the failed server (unless only the expert's adapter failed
-        to load there) or one whose server is down. None: give up."""
+        error (nor after a server found down when ``serving.faults.on_server_down`` is 'fail'):
+        the first of ``fallbacks`` not tried, serving now and not on a failed server. None: give up."""
         if not isinstance(err, EngineError):
             return None
         if isinstance(err, ServerDownError) and self.config.serving.faults.on_server_down == "fail":
             return None
-        expert = self.catalog.get(expert_id)
-        exclude = set(tried)
-        if expert is not None and not isinstance(err, _AdapterFailed):
-            exclude |= set(self.catalog.on_server(server_id_of(expert)))
-        if expert is not None and expert.fallback and expert.fallback not in exclude \
-                and self.catalog.serving(expert.fallback):
-            return expert.fallback
-        if info.pinned:
-            return None
-        ranked = self._ranked(info, exclude)
-        return ranked[0] if ranked else None
+        return next((e for e in fallbacks if e not in tried and self.catalog.serving(e)
+                     and self.catalog.server_of(e) not in failed_servers), None)
 
     def _public(self, err: Exception, expert_id: str) -> Exception:
         """What the client sees: engine failures name the expert, not the engine's internals
@@ -318,12 +333,14 @@ class CoEService:
         return ServerDownError(f"expert {expert_id!r} is unavailable: {why}; retry later or pick another model",
                                retry_after_s=retry)
 
-    async def on_experts(self, info: RoutingInfo, endpoint: str, attempt: Callable[[str], Awaitable[T]]) -> T:
-        """``attempt(expert)`` on ``info.expert``, then on fallbacks after engine failures (the
-        one fallback loop of plain and streamed requests). An expert whose server is down fails
-        fast, and so does an unavailable one (its server failed to load it). Sets
+    async def on_experts(self, info: RoutingInfo, request: GenerationRequest, deadline: Deadline, endpoint: str,
+                         attempt: Callable[[Dispatch], Awaitable[T]]) -> T:
+        """``attempt(dispatch)`` on ``info.expert``, then on the decision's fallbacks after engine
+        failures (the one fallback loop of plain and streamed requests). An expert whose server
+        is down fails fast, and so does an unavailable one (its server failed to load it). Sets
         ``info.expert``/``info.fallback_from``; raises the public error when out of options."""
-        expert, tried, health = info.expert, [], self.catalog.health
+        fallbacks, trace = self.fallbacks(info), tuple(info.candidates or ())
+        expert, tried, failed_servers, health = info.expert, [], set(), self.catalog.health
         while True:
             self.metrics.requests.labels(expert, endpoint).inc()
             wait = health.retry_after(expert)
@@ -333,7 +350,7 @@ class CoEService:
                     raise ServerDownError(f"expert {expert} is unavailable: {broken}")
                 if wait is not None:
                     raise ServerDownError(f"expert {expert} is marked down: {health.why(expert)}", retry_after_s=wait)
-                result = await attempt(expert)
+                result = await attempt(self.dispatch(expert, request, deadline, fallbacks=fallbacks, trace=trace))
                 health.mark_up([expert])
                 info.expert = expert
                 return result
@@ -349,7 +366,9 @@ class CoEService:
                     health.mark_down(self.catalog.on_server(self.catalog.server_of(expert)), err.message,
                                      err.retry_after_s)
                 tried.append(expert)
-                nxt = self._next_expert(expert, err, tried, info)
+                if expert in self.catalog and not isinstance(err, _AdapterFailed):
+                    failed_servers.add(self.catalog.server_of(expert))  # (only the adapter failed: others may serve)
+                nxt = self._next_expert(err, fallbacks, tried, failed_servers)
                 if nxt is None:
                     raise self._public(err, expert) from None
                 log.warning("expert %s failed (%s); retrying on %s", expert, err.code, nxt)
@@ -378,17 +397,17 @@ class CoEService:
 
     async def generate(self, info: RoutingInfo, request: GenerationRequest, deadline: Deadline, t0: float,
                        endpoint: str) -> GenerationOutput:
-        """``request``'s whole answer from ``info.expert`` (or a fallback, see :meth:`on_experts`),
-        through the expert's admission queue, within ``deadline``; metrics recorded under ``endpoint``.
-        Cancelling the call cancels the generation on the expert server."""
+        """``request``'s whole answer from ``info.expert`` (or a fallback, see :meth:`on_experts`):
+        its stream joined, through the expert's admission queue, within ``deadline``; metrics
+        recorded under ``endpoint``. Cancelling the call cancels the generation on the expert server."""
 
-        async def attempt(expert: str):
-            target = self.target(expert, request)
+        async def attempt(dispatch: Dispatch) -> GenerationOutput:
+            expert = dispatch.expert
             await self.admission.acquire(expert, deadline)
             queued = self.metrics.queue.labels(expert)
             queued.inc()
             try:
-                return await deadline.run(self.backend.generate(*target))
+                return await deadline.run(joined(self.backend.stream(dispatch)))
             except asyncio.CancelledError:
                 self.metrics.cancelled.labels(expert).inc()
                 raise
@@ -396,12 +415,11 @@ class CoEService:
                 queued.dec()
                 self.admission.release(expert)
 
-        served = await self.on_experts(info, endpoint, attempt)
+        out = await self.on_experts(info, request, deadline, endpoint, attempt)
         m = self.metrics
-        m.batch.labels(info.expert).observe(served.batch_size)
-        m.add_tokens(info.expert, served.output.completion_tokens)
+        m.add_tokens(info.expert, out.completion_tokens)
         m.latency.labels(info.expert).observe(time.perf_counter() - t0)
-        return served.output
+        return out
 
     async def chat_stream(self, req: ChatCompletionRequest) -> tuple[RoutingInfo, EventStream]:
         """Start a streamed answer. Errors before the first token raise here (so the HTTP status
@@ -419,10 +437,10 @@ class CoEService:
         token raise here; the returned :class:`EventStream` (SSE lines in ``shape``'s chunks) owns the
         generation and the admission slot (see :meth:`chat_stream`)."""
 
-        async def attempt(expert: str):
-            target = self.target(expert, request)
+        async def attempt(dispatch: Dispatch):
+            expert = dispatch.expert
             await self.admission.acquire(expert, deadline)
-            upstream = self.backend.stream(*target)
+            upstream = self.backend.stream(dispatch)
             try:
                 first = await deadline.run(upstream.__anext__())
             except StopAsyncIteration:
@@ -433,7 +451,7 @@ class CoEService:
                 raise
             return upstream, first
 
-        upstream, first = await self.on_experts(info, endpoint, attempt)
+        upstream, first = await self.on_experts(info, request, deadline, endpoint, attempt)
         self.metrics.ttft.labels(info.expert).observe(time.perf_counter() - t0)
         return EventStream(info, shape, first, upstream, t0=t0, deadline=deadline, metrics=self.metrics,
                            public_error=lambda err: self._public(err, info.expert),
@@ -508,6 +526,14 @@ class CoEService:
         for sid, st in stats.items():
             if "queue_depth" in st:
                 self.metrics.server_queue.labels(sid).set(st["queue_depth"])
+
+
+async def joined(stream) -> GenerationOutput:
+    """The whole answer of a stream of deltas (closed when cancelled or failed)."""
+    try:
+        return GenerationOutput.from_deltas([delta async for delta in stream])
+    finally:
+        await _close(stream)
 
 
 async def _close(agen) -> None:

@@ -1,5 +1,5 @@
-"""Ray Serve deployments: the ingress, the expert servers, expert-grouped batching.
+"""Ray Serve deployments: the ingress and the expert servers.
 
-``spec``, ``batcher`` and ``expert_server`` are plain Python (usable without Ray);
-``ray_deployments`` and ``ingress`` import ``ray.serve``.
+``spec`` and ``expert_server`` are plain Python (usable without Ray); ``ray_deployments`` and
+``ingress`` import ``ray.serve``.
 """

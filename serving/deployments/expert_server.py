@@ -1,14 +1,13 @@
 """The expert server: one engine and every expert it hosts.
 
 A server runs one engine: a ``model`` expert's (together with all LoRA experts on that base,
-added at start or at runtime), a ``mixture`` expert's, or the expert pool. Requests name their
-expert in ``GenerationRequest.expert`` (and the LoRA in ``.adapter``, which is the expert id),
-so one engine may host several experts, LoRA or whole models alike. The engine is built with
-``engine_cls.from_spec(spec.engine_spec())`` and its declared ``capabilities`` decide the path
-of plain (non-streamed) requests: an engine that runs one batch at a time (``batching ==
-"window"``) gets them through :class:`ExpertGroupedBatcher` (one ``generate_batch`` per expert
-per window); every other engine gets each request at once (it batches continuously, or groups
-by expert itself). Streamed requests always go straight to ``engine.stream``.
+added at start or at runtime), a ``mixture`` expert's, or the expert pool. Requests are
+:class:`~coe.types.Dispatch` es naming their expert (and the LoRA in ``.adapter``, which is the
+expert id), so one engine may host several experts, LoRA or whole models alike. The engine is
+built with ``engine_cls.from_spec(spec.engine_spec())``. Every request takes one path,
+``stream(dispatch)``: checked here, tokenized once by the engine (``Engine.prepare``), then
+straight to ``engine.stream`` (each engine batches its own way: continuously, by expert, or in
+a window).
 
 This class is plain Python, usable in-process; ``coe.serving.deployments.ray_deployments`` wraps it
 as a Ray Serve deployment. Methods are coroutines on one asyncio loop.
@@ -17,42 +16,28 @@ as a Ray Serve deployment. Methods are coroutines on one asyncio loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from coe.errors import CoEError, EngineError, ExpertNotFoundError, available
-from coe.serving.deployments.batcher import ExpertGroupedBatcher
 from coe.serving.deployments.spec import ServerSpec, resolve_path
-from coe.types import GenerationOutput, GenerationRequest, StreamDelta
+from coe.types import Dispatch, StreamDelta
 
 log = logging.getLogger("coe.serving")
-
-
-@dataclass
-class Served:
-    """A finished generation plus how it was served (for metrics)."""
-
-    output: GenerationOutput
-    expert: str
-    batch_size: int
-    queue_ms: float
 
 
 class ExpertServer:
     """Hosts one engine for the experts of a :class:`ServerSpec`.
 
     ``engine_cls`` is injected (``coe.serving.engines.get_engine_class(spec.engine_kind)`` when
-    None). ``window`` overrides the engine's declared batching (True: every plain request goes
-    through the batching window; False: none does); None, the default, follows the engine. Engine failures surface as :class:`EngineError` (HTTP 503); request errors
-    (context too long, bad adapter) keep their own :class:`CoEError` type.
+    None). Engine failures surface as :class:`EngineError` (HTTP 503); request errors (context
+    too long, bad adapter) keep their own :class:`CoEError` type.
     """
 
-    def __init__(self, spec: ServerSpec, *, engine_cls=None, window: bool | None = None) -> None:
+    def __init__(self, spec: ServerSpec, *, engine_cls=None) -> None:
         self.spec = spec
         self._engine_cls = engine_cls
-        self._window_override = window
         self.engine = None
         self._experts: dict[str, str | None] = {}  # expert id -> adapter path (None: the engine's own model)
         # LoRAs registered at runtime, loaded on demand under their adapter_model_id (the
@@ -62,14 +47,6 @@ class ExpertServer:
         self._idle = asyncio.Condition()
         self._failed: dict[str, str] = {}  # expert id -> why it cannot serve
         self.load_error: str | None = None
-        b = spec.batching
-        self.batcher: ExpertGroupedBatcher[GenerationRequest, GenerationOutput] = ExpertGroupedBatcher(
-            self._run_batch,
-            max_batch_size=b.max_batch_size,
-            window_ms=b.window_ms,
-            max_concurrent=b.max_concurrent_batches,
-        )
-        self._windowed = False  # set at start from the engine's declared capabilities
         self.tokens_generated = 0
         self.requests_served = 0
 
@@ -94,12 +71,10 @@ class ExpertServer:
             for eid in spec.expert_ids():
                 self._failed[eid] = f"the engine of {spec.server_id} failed to load: {self.load_error}"
             return
-        caps = engine_cls.capabilities
-        self._windowed = caps.batching == "window" if self._window_override is None else self._window_override
         self._experts[host.id] = None
         for pooled in spec.pooled:
             self.host_expert(pooled.id)
-        if not caps.runtime_adapters:
+        if not engine_cls.capabilities.runtime_adapters:
             return
         for lora in spec.loras:
             try:
@@ -109,7 +84,6 @@ class ExpertServer:
                 self._failed[lora.id] = f"LoRA expert {lora.id} failed to load: {err}"
 
     async def stop(self) -> None:
-        await self.batcher.close()
         if self.engine is not None:
             try:
                 await self.engine.stop()
@@ -123,18 +97,20 @@ class ExpertServer:
         return out
 
     def stats(self) -> dict:
+        """Requests and tokens served; ``queue_depth``: requests waiting in the engine's own
+        window (the mixture's; 0 for the others); the engine's own stats."""
+        engine = self.engine.stats() if self.engine is not None else {}
         return {
-            "queue_depth": self.batcher.queue_depth(),
-            "batches": self.batcher.batches_dispatched,
+            "queue_depth": engine.get("queue_depth", 0),
             "requests": self.requests_served,
             "tokens": self.tokens_generated,
             "engine_running": self.engine.running() if self.engine is not None else None,
-            "engine": self.engine.stats() if self.engine is not None else {},
+            "engine": engine,
         }
 
     def host_expert(self, expert_id: str) -> None:
         """Answer for another whole-model expert on this engine (for engines hosting several
-        models, such as the expert pool, which read ``GenerationRequest.expert``)."""
+        models, such as the expert pool, which read ``Dispatch.expert``)."""
         self._experts.setdefault(expert_id, None)
 
     # ------------------------------------------------------------------ adapters
@@ -209,87 +185,33 @@ class ExpertServer:
 
     # ------------------------------------------------------------------ requests
 
-    async def _prepare(self, request: GenerationRequest, adapter_path: str | None,
-                       lazy: str | None = None) -> GenerationRequest:
-        eid = request.expert or self.spec.host.id
-        request.expert = eid
-        # a LoRA that failed to load at start and was registered again since is served under its
-        # new adapter name (``lazy``, loaded by now): the old failure is not its own
+    async def _bind(self, dispatch: Dispatch, lazy: str | None) -> Dispatch:
+        """``dispatch`` as this server's engine decodes it: tokenized once (``Engine.prepare``: the
+        context checked too) and, for a runtime-registered LoRA this replica loaded lazily, under
+        that adapter name. Raises EngineError for an expert that failed to load here (a LoRA
+        registered again since is served under its new name, ``lazy``: the old failure is not its
+        own), ExpertNotFoundError for one this server does not serve."""
+        eid = dispatch.expert or self.spec.host.id
         if eid in self._failed and lazy is None:
             raise EngineError(self._failed[eid])
-        if lazy is not None:  # acquired by the caller (_use): released in generate/stream
-            request.adapter = lazy
-        elif eid not in self._experts:
-            if adapter_path is None:
+        self._require_engine()
+        if lazy is None and eid not in self._experts:
+            if dispatch.adapter_path is None:
                 raise ExpertNotFoundError(
                     f"expert {eid!r} is not served by {self.spec.server_id}; served: {available(self._experts)}"
                 )
-            await self.add_adapter(eid, adapter_path)  # a replica that missed a runtime registration
-        if lazy is None:
-            request.adapter = eid if self._experts[eid] is not None else None
-        prompt_tokens = self.engine.count_prompt_tokens(request)
-        from coe.serving.engines.tokens import check_context
+            await self.add_adapter(eid, dispatch.adapter_path)  # a replica that missed a runtime registration
+        return self.engine.prepare(dataclasses.replace(dispatch, expert=eid, adapter=lazy or dispatch.adapter))
 
-        check_context(prompt_tokens, request.sampling.max_tokens, self.engine.max_model_len)
-        return request
-
-    async def generate(self, request: GenerationRequest, adapter_path: str | None = None,
-                       lazy: str | None = None) -> Served:
-        """One whole answer: through the batching window for an engine that runs one batch at a
-        time (``batch_size`` is that batch's), else straight to the engine (``batch_size`` 1: the
-        engine batches it with the requests in flight). ``lazy``: the runtime-registered LoRA is
-        served under that adapter name, loaded now if it is not (:meth:`load_lazy`)."""
+    async def stream(self, dispatch: Dispatch, lazy: str | None = None) -> AsyncIterator[StreamDelta]:
+        """Stream ``dispatch``'s answer; errors in the request raise before the first delta.
+        Closing the iterator (the client went away) cancels the generation. ``lazy``: the
+        runtime-registered LoRA is served under that adapter name, loaded now if it is not
+        (:meth:`load_lazy`), and kept loaded until the stream ends."""
         if lazy is not None:
-            await self._use(lazy, adapter_path)
-            try:
-                return await self._generate(request, adapter_path, lazy)
-            finally:
-                await self._done(lazy)
-        return await self._generate(request, adapter_path, None)
-
-    async def _generate(self, request: GenerationRequest, adapter_path: str | None, lazy: str | None) -> Served:
-        t0 = time.monotonic()
-        request = await self._prepare(request, adapter_path, lazy)
-        if self._windowed:
-            output, batch_size = await self.batcher.submit(request.expert, request)
-        else:
-            output, batch_size = await self._run_one(request), 1
-        self.requests_served += 1
-        self.tokens_generated += output.completion_tokens
-        return Served(output, request.expert, batch_size, (time.monotonic() - t0) * 1000.0)
-
-    async def _run_one(self, request: GenerationRequest) -> GenerationOutput:
+            await self._use(lazy, dispatch.adapter_path)
         try:
-            return await self.engine.generate(request)
-        except CoEError:
-            raise
-        except Exception as err:
-            log.exception("engine of %s failed on a request for %s", self.spec.server_id, request.expert)
-            raise EngineError(f"the engine of expert {request.expert!r} failed: {type(err).__name__}: {err}") from None
-
-    async def _run_batch(self, expert_id: str, requests: list[GenerationRequest]) -> list[GenerationOutput | Exception]:
-        try:
-            outputs = await self.engine.generate_batch(requests)
-            return [
-                EngineError(f"the engine of expert {expert_id!r} failed: {type(o).__name__}: {o}")
-                if isinstance(o, Exception) and not isinstance(o, CoEError) else o
-                for o in outputs
-            ]
-        except CoEError:
-            raise
-        except Exception as err:
-            log.exception("engine of %s failed on a batch for %s", self.spec.server_id, expert_id)
-            raise EngineError(f"the engine of expert {expert_id!r} failed: {type(err).__name__}: {err}") from None
-
-    async def stream(self, request: GenerationRequest, adapter_path: str | None = None,
-                     lazy: str | None = None) -> AsyncIterator[StreamDelta]:
-        """Stream one answer; errors in the request raise before the first delta. Closing the
-        iterator (the client went away) cancels the generation. ``lazy`` as for :meth:`generate`."""
-        if lazy is not None:
-            await self._use(lazy, adapter_path)
-        try:
-            request = await self._prepare(request, adapter_path, lazy)
-            agen = self.engine.stream(request)
+            agen = self.engine.stream(await self._bind(dispatch, lazy))
         except BaseException:
             if lazy is not None:
                 await self._done(lazy)
@@ -304,7 +226,7 @@ class ExpertServer:
             raise
         except Exception as err:
             log.exception("engine of %s failed while streaming", self.spec.server_id)
-            raise EngineError(f"the engine of expert {request.expert!r} failed: {type(err).__name__}: {err}") from None
+            raise EngineError(f"the engine of expert {dispatch.expert!r} failed: {type(err).__name__}: {err}") from None
         finally:
             await agen.aclose()
             if lazy is not None:

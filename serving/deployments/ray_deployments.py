@@ -75,21 +75,20 @@ class ExpertServerDeployment:
         await self.server.load_lazy(model_id, self._paths[model_id])
         return _Resident(self.server, model_id)
 
-    async def _lazy(self, request, adapter_path) -> str | None:
+    async def _lazy(self, dispatch) -> str | None:
         """The adapter name a runtime-registered LoRA is served under on this replica (loaded
         through Serve multiplexing, LRU-bounded), or None when the server hosts it itself."""
         model_id = serve.get_multiplexed_model_id()
-        if not model_id or adapter_path is None or self.server.pins(request.expert, adapter_path):
+        path = dispatch.adapter_path
+        if not model_id or path is None or self.server.pins(dispatch.expert, path):
             return None
-        self._paths[model_id] = adapter_path
+        self._paths[model_id] = path
         await self._load_adapter(model_id)
         return model_id
 
-    async def generate(self, request, adapter_path=None):
-        return await self.server.generate(request, adapter_path, await self._lazy(request, adapter_path))
-
-    async def stream(self, request, adapter_path=None):
-        agen = self.server.stream(request, adapter_path, await self._lazy(request, adapter_path))
+    async def stream(self, dispatch):
+        """The one call: :meth:`ExpertServer.stream` of ``dispatch`` (a :class:`~coe.types.Dispatch`)."""
+        agen = self.server.stream(dispatch, await self._lazy(dispatch))
         try:
             async for delta in agen:
                 yield delta
@@ -254,20 +253,16 @@ class ServeBackend:
         except Exception as err:  # noqa: BLE001
             raise self._error(err, server_id) from None
 
-    async def generate(self, server_id, request, adapter_path):
-        handle = self._handle_for(server_id, request.expert, adapter_path)
-        return await self._call(server_id, "generate", request, adapter_path, handle=handle)
-
-    async def stream(self, server_id, request, adapter_path):
-        handle = self._handle_for(server_id, request.expert, adapter_path)
-        gen = handle.options(stream=True).stream.remote(request, adapter_path)
+    async def stream(self, dispatch):
+        handle = self._handle_for(dispatch.server_id, dispatch.expert, dispatch.adapter_path)
+        gen = handle.options(stream=True).stream.remote(dispatch)
         done = False
         try:
             try:
                 async for delta in gen:
                     yield delta
             except Exception as err:  # noqa: BLE001
-                raise self._error(err, server_id) from None
+                raise self._error(err, dispatch.server_id) from None
             done = True
         finally:
             if not done:

@@ -75,6 +75,7 @@ class ServerSpec(BaseModel):
                 adapters=[(a, paths[a]) for a in host.adapters],
                 checkpoint=str(resolve_path(host.checkpoint, self.base_dir)) if host.checkpoint else None,
                 top_k=host.top_k,
+                window=self.batching,
             )
             return EngineSpec(model=model, config=base.engine, mixture=mixture)
         return EngineSpec(model=model, config=base.engine)

@@ -13,14 +13,15 @@ importing every module of :data:`ENGINE_PACKAGES` (this module imports no engine
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from coe.config import EngineConfig
 from coe.errors import ConfigError
-from coe.plugins import Registry
-from coe.types import GenerationOutput, GenerationRequest, StreamDelta
+from coe.plugins import Plugins
+from coe.types import Dispatch, StreamDelta
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -28,24 +29,22 @@ if TYPE_CHECKING:
     from coe.serving.engines.spec import EngineSpec
 
 ENGINE_PACKAGES = ("coe.serving.engines", "coe.serving.pool")
-_ENGINES: Registry[type[Engine]] = Registry("engine", packages=ENGINE_PACKAGES, error=ConfigError)
+_ENGINES: Plugins[type[Engine]] = Plugins("engine", packages=ENGINE_PACKAGES, error=ConfigError)
 
 
 @dataclass(frozen=True)
 class Capabilities:
     """What an engine declares about itself (read by the expert server).
 
-    ``batching``: how requests should reach it.
+    ``batching``: how the engine batches the streams it is given (each reaches it at once).
 
-    - ``"continuous"``: straight to the engine, which batches in-flight requests at every
-      decode step (transformers, vLLM): a window before dispatch only adds latency.
-    - ``"grouped"``: straight to the engine, which groups requests by expert itself because a
-      swap is paid per group (the expert pool).
-    - ``"window"``: the engine runs one batch at a time (the mixture), so the server collects
-      requests for a short window and hands each group to ``generate_batch``.
+    - ``"continuous"``: in-flight requests join the batch at every decode step (transformers, vLLM).
+    - ``"grouped"``: requests are grouped by expert, because a swap is paid per group (the pool).
+    - ``"window"``: one batch runs at a time (the mixture), so the engine collects requests for
+      a short window (:mod:`coe.serving.engines.window`) and decodes each window as one batch.
 
     ``runtime_adapters``: LoRA adapters can be added and removed while serving.
-    ``multi_model``: one engine hosts several whole models, chosen by ``request.expert``.
+    ``multi_model``: one engine hosts several whole models, chosen by ``dispatch.expert``.
     """
 
     batching: Literal["continuous", "grouped", "window"] = "continuous"
@@ -71,10 +70,11 @@ def get_engine_class(name: str) -> type[Engine]:
 class Engine(abc.ABC):
     """One model, its LoRA adapters, generation.
 
-    Lifecycle: ``Engine.from_spec(spec)``, ``await start()`` once, then ``generate``/``stream``
-    concurrently, then ``await stop()``. ``stream`` yields :class:`StreamDelta` s; the last one
-    carries the finish reason and usage. Closing the stream early (the caller went away)
-    cancels the generation and frees its slot.
+    Lifecycle: ``Engine.from_spec(spec)``, ``await start()`` once, then ``stream`` concurrently,
+    then ``await stop()``. There is one call per generation, ``stream(dispatch)``: it yields
+    :class:`StreamDelta` s, the last one carrying the finish reason, the usage and (when asked
+    for) the logprobs; a whole answer is the caller's to join (``GenerationOutput.from_deltas``).
+    Closing the stream early (the caller went away) cancels the generation and frees its slot.
     """
 
     name: ClassVar[str] = "engine"
@@ -96,24 +96,44 @@ class Engine(abc.ABC):
         """Load the model. Raises ModelNotFoundError / EngineError."""
 
     @abc.abstractmethod
-    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        """Generate, yielding text deltas as they are decoded."""
+    def stream(self, dispatch: Dispatch) -> AsyncIterator[StreamDelta]:
+        """Generate ``dispatch``, yielding deltas as they are decoded; errors in the request
+        (context, adapter, content) raise before the first delta. Decodes
+        ``dispatch.prompt_token_ids`` (see :meth:`prompt_ids`)."""
 
-    async def generate(self, request: GenerationRequest) -> GenerationOutput:
-        """Generate the whole answer, logprobs included when asked for (default: drain :meth:`stream`)."""
-        return GenerationOutput.from_deltas([delta async for delta in self.stream(request)])
+    @abc.abstractmethod
+    def tokenizer_of(self, dispatch: Dispatch):
+        """The tokenizer of the dispatch's model (NotReadyError before :meth:`start`)."""
 
-    async def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationOutput | Exception]:
-        """Generate several requests as one batch: one entry per request, in order.
+    def encode_prompt(self, dispatch: Dispatch) -> list[int]:
+        """Token ids of the prompt after the chat template (InvalidRequestError for a bad one)."""
+        from coe.serving.engines.tokens import encode_request
 
-        A request that fails gets its exception in its place; the others are unaffected
-        (default: concurrent :meth:`generate`)."""
-        import asyncio
+        return encode_request(self.tokenizer_of(dispatch), dispatch.request)
 
-        return list(await asyncio.gather(*(self.generate(r) for r in requests), return_exceptions=True))
+    def context_length(self, dispatch: Dispatch) -> int:
+        """The context the dispatch's model has (default: :attr:`max_model_len`)."""
+        return self.max_model_len
+
+    def prepare(self, dispatch: Dispatch) -> Dispatch:
+        """``dispatch`` with ``prompt_token_ids`` set: the one place a prompt is tokenized and its
+        context checked (ContextLengthError, InvalidRequestError). The expert server calls it
+        once per request, before the engine's queue."""
+        from coe.serving.engines.tokens import check_context
+
+        ids = self.encode_prompt(dispatch)
+        check_context(len(ids), dispatch.sampling.max_tokens, self.context_length(dispatch))
+        return dataclasses.replace(dispatch, prompt_token_ids=tuple(ids))
+
+    def prompt_ids(self, dispatch: Dispatch) -> list[int]:
+        """The prompt ``stream`` decodes: the ids :meth:`prepare` set; a dispatch not prepared (a
+        caller of the engine alone: a script, a test) is prepared now."""
+        if dispatch.prompt_token_ids is None:
+            dispatch = self.prepare(dispatch)
+        return list(dispatch.prompt_token_ids)
 
     async def add_adapter(self, name: str, path: str | Path) -> None:
-        """Make a PEFT LoRA adapter available as ``request.adapter == name``.
+        """Make a PEFT LoRA adapter available as ``dispatch.adapter == name``.
 
         Raises AdapterError (unreadable, not a LoRA, rank above ``max_lora_rank``)."""
         from coe.errors import AdapterError
@@ -125,14 +145,6 @@ class Engine(abc.ABC):
 
     def adapters(self) -> list[str]:
         return []
-
-    def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        """Tokens the request's prompt takes after the chat template (used for context checks)."""
-        return len(self.encode_prompt(request))
-
-    @abc.abstractmethod
-    def encode_prompt(self, request: GenerationRequest) -> list[int]:
-        """Token ids of the prompt after the chat template."""
 
     @property
     def max_model_len(self) -> int:

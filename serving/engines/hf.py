@@ -31,8 +31,8 @@ from coe.serving.engines.loading import (
     resolve_dtype,
 )
 from coe.serving.engines.rows import Row, StreamBridge
-from coe.serving.engines.tokens import check_context, encode_request, load_tokenizer, stop_ids
-from coe.types import GenerationRequest
+from coe.serving.engines.tokens import load_tokenizer, stop_ids
+from coe.types import Dispatch
 
 
 @register_engine("hf")
@@ -114,24 +114,23 @@ class HFEngine(Engine):
 
     # ------------------------------------------------------------------ requests
 
-    def encode_prompt(self, request: GenerationRequest) -> list[int]:
+    def tokenizer_of(self, dispatch: Dispatch):
         if self._tokenizer is None:
             raise NotReadyError(f"engine for {self.model_path} is not started")
-        return encode_request(self._tokenizer, request)
+        return self._tokenizer
 
-    async def stream(self, request: GenerationRequest):
+    async def stream(self, dispatch: Dispatch):
         """Yield StreamDeltas; raises ContextLengthError / AdapterError / InvalidRequestError
         (an unusable seed) before the first one."""
         if self._thread is None:
             raise NotReadyError(f"engine for {self.model_path} is not started")
-        prompt_ids = self.encode_prompt(request)
-        params = request.sampling
-        check_context(len(prompt_ids), params.max_tokens, self.max_model_len)
-        if request.adapter is not None and request.adapter not in self._adapters:
-            raise AdapterError(f"unknown adapter {request.adapter!r}; added: {sorted(self._adapters) or '(none)'}")
+        prompt_ids = self.prompt_ids(dispatch)
+        params = dispatch.sampling
+        if dispatch.adapter is not None and dispatch.adapter not in self._adapters:
+            raise AdapterError(f"unknown adapter {dispatch.adapter!r}; added: {sorted(self._adapters) or '(none)'}")
         bridge = StreamBridge()
         row = await _maybe_off_loop(params.response_format is not None, Row.create, self._tokenizer, prompt_ids,
-                                    params, device=self._device, sink=bridge.emit, adapter=request.adapter)
+                                    params, device=self._device, sink=bridge.emit, adapter=dispatch.adapter)
         with self._cond:
             self._pending.append(row)
             self._cond.notify()

@@ -7,10 +7,10 @@ same :class:`~coe.serving.engines.rows.Row` s, sampled by the same sampler
 (:func:`~coe.serving.engines.decode_batch.sample_rows`) and streamed through the same
 :class:`~coe.serving.engines.rows.StreamBridge`.
 
-Batches: ``generate_batch`` decodes its requests as one left-padded batch; ``stream`` runs a
-batch of one. One batch runs at a time (the mixture keeps one KV cache), so the engine declares
-``batching="window"``: the expert server collects requests for a short window and hands them
-over together. The work happens in a worker thread so the asyncio loop stays free. A stream
+Batches: one batch runs at a time (the mixture keeps one KV cache), so the engine keeps a
+batching window (:class:`~coe.serving.engines.window.ExpertGroupedBatcher`, ``window`` of its
+spec: ``serving.batching``) in front of it: the streams that arrive within the window are
+decoded as one left-padded batch, in a worker thread so the asyncio loop stays free. A stream
 closed early stops its batch row; a batch whose rows are all gone stops. A request that fails
 (a bad seed, a context overflow) fails alone; the other requests of its batch are served.
 
@@ -26,13 +26,15 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from coe.config import BatchingConfig
 from coe.errors import AdapterError, ConfigError, InvalidRequestError, NotReadyError
 from coe.serving.engines.base import Capabilities, Engine, register_engine
 from coe.serving.engines.decode_batch import row_error, sample_rows
 from coe.serving.engines.loading import model_max_len, resolve_dtype
 from coe.serving.engines.rows import Row, StreamBridge
-from coe.serving.engines.tokens import check_context, encode_request, load_tokenizer, stop_ids
-from coe.types import GenerationOutput, GenerationRequest, StreamDelta
+from coe.serving.engines.tokens import load_tokenizer, stop_ids
+from coe.serving.engines.window import ExpertGroupedBatcher
+from coe.types import Dispatch
 
 if TYPE_CHECKING:
     from coe.serving.engines.spec import EngineSpec
@@ -56,6 +58,7 @@ class MixtureEngine(Engine):
         adapters: list[tuple[str, str | Path]] | None = None,
         checkpoint: str | Path | None = None,
         top_k: int | None = None,
+        window: BatchingConfig | None = None,
     ) -> None:
         super().__init__(model_path, config)
         if method not in ("mole", "xlora"):
@@ -72,6 +75,14 @@ class MixtureEngine(Engine):
         self._tokenizer = None
         self._lock = threading.Lock()
         self._max_len = self.config.max_model_len
+        self.set_window(window or BatchingConfig())
+
+    def set_window(self, window: BatchingConfig) -> None:
+        """Collect requests for ``window`` from now on (a benchmark compares windows on one loaded
+        engine). One batch runs at a time whatever ``max_concurrent_batches`` says: the mixture
+        has one KV cache."""
+        self.window = ExpertGroupedBatcher(self._run_batch, max_batch_size=window.max_batch_size,
+                                           window_ms=window.window_ms, max_concurrent=1)
 
     @classmethod
     def from_spec(cls, spec: EngineSpec) -> MixtureEngine:
@@ -80,7 +91,7 @@ class MixtureEngine(Engine):
             raise ConfigError("the mixture engine needs `mixture` in its spec (a `kind: mixture` expert)")
         m = spec.mixture
         return cls(spec.model, spec.config, method=m.method, adapters=list(m.adapters),
-                   checkpoint=m.checkpoint, top_k=m.top_k)
+                   checkpoint=m.checkpoint, top_k=m.top_k, window=m.window)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -112,7 +123,12 @@ class MixtureEngine(Engine):
         self._eos, self._pad_id = stop_ids(model.generation_config.eos_token_id, self._tokenizer)
 
     async def stop(self) -> None:
+        await self.window.close()
         self.mixture = None
+
+    def stats(self) -> dict:
+        """The window's queue: requests waiting for a batch, batches run."""
+        return {"queue_depth": self.window.queue_depth(), "batches": self.window.batches_dispatched}
 
     @property
     def max_model_len(self) -> int:
@@ -124,26 +140,24 @@ class MixtureEngine(Engine):
     async def add_adapter(self, name: str, path) -> None:
         raise AdapterError("a mixture engine serves a fixed set of experts; adapters cannot be added at runtime")
 
-    def encode_prompt(self, request: GenerationRequest) -> list[int]:
+    def tokenizer_of(self, dispatch: Dispatch):
         if self._tokenizer is None:
             raise NotReadyError(f"mixture engine for {self.model_path} is not started")
-        return encode_request(self._tokenizer, request)
+        return self._tokenizer
 
     # ------------------------------------------------------------------ generation
-    def _admit(self, request: GenerationRequest, sink) -> Row:
+    def _admit(self, dispatch: Dispatch, sink) -> Row:
         if self.mixture is None:
             raise NotReadyError(f"mixture engine for {self.model_path} is not started")
-        if request.adapter is not None:
+        if dispatch.adapter is not None:
             raise AdapterError("a mixture expert mixes its own adapters; requests cannot name one")
-        if request.sampling.prompt_logprobs is not None:
+        if dispatch.sampling.prompt_logprobs is not None:
             raise InvalidRequestError(
                 "prompt_logprobs is not supported by the mixture engine (it keeps only the last position's "
                 "logits); leave prompt_logprobs/echo out, or pin an expert served by the hf or vllm engine",
                 param="prompt_logprobs",
             )
-        ids = self.encode_prompt(request)
-        check_context(len(ids), request.sampling.max_tokens, self.max_model_len)
-        return Row.create(self._tokenizer, ids, request.sampling, device=DEVICE, sink=sink)
+        return Row.create(self._tokenizer, self.prompt_ids(dispatch), dispatch.sampling, device=DEVICE, sink=sink)
 
     def _run(self, rows: list[Row]) -> None:
         """Decode ``rows`` as one batch (worker thread); each row's output goes to its sink."""
@@ -172,36 +186,28 @@ class MixtureEngine(Engine):
             for r in rows:
                 r.fail(row_error(err))
 
-    async def stream(self, request: GenerationRequest):
-        """Yield StreamDeltas (the last one has the finish reason and usage)."""
+    async def _run_batch(self, _key: str, rows: list[Row]) -> list[None]:
+        """The window's batch: ``rows`` decoded together (each row's output goes to its stream)."""
+        live = [r for r in rows if not r.cancelled]
+        if live:
+            await asyncio.to_thread(self._run_safely, live)
+        return [None] * len(rows)
+
+    async def stream(self, dispatch: Dispatch):
+        """Yield StreamDeltas (the last one has the finish reason and usage); the request waits
+        in the window and is decoded with the others of its batch."""
         bridge = StreamBridge()
-        row = self._admit(request, bridge.emit)
-        task = asyncio.get_running_loop().run_in_executor(None, self._run_safely, [row])
+        row = self._admit(dispatch, bridge.emit)
+        batch = asyncio.ensure_future(self.window.submit(dispatch.expert or "mixture", row))
+
+        def failed(done: asyncio.Future) -> None:  # the window itself failed: this stream must end
+            if not done.cancelled() and done.exception() is not None:
+                row.fail(row_error(done.exception()))
+
+        batch.add_done_callback(failed)
         try:
             async for delta in bridge.deltas():
                 yield delta
         finally:
-            row.cancelled = True
-            await asyncio.shield(task)
-
-    async def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationOutput | Exception]:
-        """All requests decoded together as one batch; a request that fails gets its exception
-        in its place (the others are served)."""
-        outs: list[list[StreamDelta | BaseException]] = [[] for _ in requests]
-        results: list[GenerationOutput | Exception | None] = [None] * len(requests)
-        rows = []
-        for i, req in enumerate(requests):
-            try:
-                rows.append(self._admit(req, outs[i].append))
-            except Exception as err:  # noqa: BLE001  (this request only)
-                results[i] = row_error(err)
-        if rows:
-            await asyncio.to_thread(self._run_safely, rows)
-        for i, deltas in enumerate(outs):
-            if results[i] is not None:
-                continue
-            if not deltas or isinstance(deltas[-1], BaseException):
-                results[i] = row_error(deltas[-1]) if deltas else row_error(RuntimeError("no output"))
-                continue
-            results[i] = GenerationOutput.from_deltas(deltas)
-        return results
+            row.cancelled = True  # waiting: leaves the window; decoding: its batch drops the row
+            batch.cancel()

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from coe.config import EngineConfig, PoolConfig
+from coe.config import BatchingConfig, EngineConfig, PoolConfig
 
 
 class MixtureSpec(BaseModel):
@@ -26,6 +26,8 @@ class MixtureSpec(BaseModel):
     )
     checkpoint: str | None = Field(None, description="Folder of a saved, trained mixture (mixture.json).")
     top_k: int | None = Field(None, ge=1, description="MoLE: keep only the top-k experts per layer.")
+    window: BatchingConfig = Field(default_factory=BatchingConfig,
+                                   description="The batching window in front of the mixture's one batch at a time.")
 
 
 class EngineSpec(BaseModel):

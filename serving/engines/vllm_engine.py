@@ -45,8 +45,8 @@ from coe.serving.engines.loading import (
     resolve_device,
     resolve_dtype,
 )
-from coe.serving.engines.tokens import check_context, encode_request, load_tokenizer
-from coe.types import GenerationRequest, Logprob, StreamDelta
+from coe.serving.engines.tokens import load_tokenizer
+from coe.types import Dispatch, Logprob, StreamDelta
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 
@@ -138,16 +138,16 @@ class VLLMEngine(Engine):
 
     # ------------------------------------------------------------------ requests
 
-    def encode_prompt(self, request: GenerationRequest) -> list[int]:
+    def tokenizer_of(self, dispatch: Dispatch):
         if self._tokenizer is None:
             raise NotReadyError(f"engine for {self.model_path} is not started")
-        return encode_request(self._tokenizer, request)
+        return self._tokenizer
 
-    def _sampling(self, request: GenerationRequest):
+    def _sampling(self, dispatch: Dispatch):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        s = request.sampling
+        s = dispatch.sampling
         return SamplingParams(
             temperature=s.temperature,
             top_p=s.top_p,
@@ -170,29 +170,28 @@ class VLLMEngine(Engine):
         int_id, info = self._adapters[name]
         return LoRARequest(name, int_id, info.path)
 
-    async def stream(self, request: GenerationRequest):
+    async def stream(self, dispatch: Dispatch):
         """Yield StreamDeltas; raises ContextLengthError / AdapterError / InvalidRequestError (what
         vLLM rejects in the request) before the first one, EngineError when the engine has died."""
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         self._check_alive()
-        prompt_ids = self.encode_prompt(request)
-        check_context(len(prompt_ids), request.sampling.max_tokens, self.max_model_len)
-        lora = self._lora(request.adapter)
-        want_prompt = request.sampling.prompt_logprobs is not None
+        prompt_ids = self.prompt_ids(dispatch)
+        lora = self._lora(dispatch.adapter)
+        want_prompt = dispatch.sampling.prompt_logprobs is not None
         if want_prompt and lora is not None and resolve_device(self.config) != "cpu" \
-                and _trains_lm_head(self._adapters[request.adapter][1]):
+                and _trains_lm_head(self._adapters[dispatch.adapter][1]):
             raise InvalidRequestError(
-                f"prompt_logprobs are not available for adapter {request.adapter!r} on this engine: it trains "
+                f"prompt_logprobs are not available for adapter {dispatch.adapter!r} on this engine: it trains "
                 "lm_head, which vLLM leaves out of prompt log-probabilities on a GPU (vllm#51594)",
                 param="prompt_logprobs")
         try:
-            params = self._sampling(request)
+            params = self._sampling(dispatch)
         except (ValueError, TypeError, VLLMClientError) as err:  # vLLM checks the values as it builds them
-            raise _rejected(err, request) from None
+            raise _rejected(err, dispatch) from None
         hold = await self._gate.enter(exclusive=want_prompt)
-        outputs, request_id = None, f"{request.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs unique ids
+        outputs, request_id = None, f"{dispatch.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs unique ids
         completion, finished, first = 0, False, True
         try:
             self._check_alive()  # it may have died while this request waited
@@ -210,7 +209,7 @@ class VLLMEngine(Engine):
                     finish_reason=_finish_reason(piece.finish_reason) if finished else None,
                     prompt_tokens=len(prompt_ids),
                     completion_tokens=completion,
-                    logprobs=_positions(piece.logprobs) if request.sampling.logprobs is not None else None,
+                    logprobs=_positions(piece.logprobs) if dispatch.sampling.logprobs is not None else None,
                 )
                 if first and want_prompt:  # DELTA mode: all prompt logprobs come with the first output
                     delta.prompt_logprobs = _positions(out.prompt_logprobs or [])
@@ -221,13 +220,13 @@ class VLLMEngine(Engine):
         except EngineDeadError:
             raise EngineError(self._dead_message()) from None
         except VLLMClientError as err:  # vLLM's checks of the request (input processing)
-            raise _rejected(err, request) from None
+            raise _rejected(err, dispatch) from None
         except Exception as err:
             # before the first output, a ValueError/TypeError (raw, or the cause of vLLM's
             # EngineGenerateError) comes from checking this request's content
             cause = err if isinstance(err, (ValueError, TypeError)) else err.__cause__
             if first and _is_client_error(cause):
-                raise _rejected(cause, request) from None
+                raise _rejected(cause, dispatch) from None
             raise
         finally:
             if outputs is not None:
@@ -323,14 +322,14 @@ _PARAMS = {"structured_outputs": "response_format", "guided_json": "response_for
            **{f: f for f in ("max_tokens", "temperature", "top_p", "stop", "seed", "logprobs", "prompt_logprobs")}}
 
 
-def _rejected(err: BaseException, request: GenerationRequest) -> InvalidRequestError:
-    """vLLM's rejection of ``request`` as our 400: vLLM's message (its first line, without the
+def _rejected(err: BaseException, dispatch: Dispatch) -> InvalidRequestError:
+    """vLLM's rejection of ``dispatch`` as our 400: vLLM's message (its first line, without the
     parameter/value dump) and our name of the parameter where vLLM names it or the message is
     about the request's JSON schema."""
     message = str(err.args[0]) if err.args else ""
     message = (message.strip().splitlines() or [type(err).__name__])[0][:300]
     param = _PARAMS.get(getattr(err, "parameter", None) or "")
-    if param is None and request.sampling.response_format is not None and "schema" in message.lower():
+    if param is None and dispatch.sampling.response_format is not None and "schema" in message.lower():
         param = "response_format"
     return InvalidRequestError(f"the request was rejected: {message}", param=param)
 

@@ -2,7 +2,7 @@
 
 ``PoolEngine(experts, pool_config, engine_config)`` (or ``PoolEngine.from_spec``): ``experts``
 maps expert id → model reference (alias, folder or hub id), requests name their expert in
-``GenerationRequest.expert``. One worker thread serves *sessions*: it asks the
+``Dispatch.expert``. One worker thread serves *sessions*: it asks the
 :class:`~coe.serving.pool.scheduler.GroupedQueue` for the next expert and its requests, leases the
 expert from the :class:`~coe.serving.pool.pool.ExpertPool` (swapping it in if needed), starts
 copying the expert scheduled after it (CUDA), and decodes the group with the one decode core
@@ -27,10 +27,10 @@ from coe.serving.engines.base import Capabilities, Engine, register_engine
 from coe.serving.engines.decode_batch import DecodeBatch, causal_lm_forward, row_error
 from coe.serving.engines.loading import model_max_len
 from coe.serving.engines.rows import Row, StreamBridge
-from coe.serving.engines.tokens import check_context, encode_request, stop_ids
+from coe.serving.engines.tokens import stop_ids
 from coe.serving.pool.pool import ExpertPool
 from coe.serving.pool.scheduler import GroupedQueue
-from coe.types import GenerationRequest
+from coe.types import Dispatch
 
 if TYPE_CHECKING:
     from coe.config import CoEConfig
@@ -54,7 +54,7 @@ class PoolEngine(Engine):
     ``experts``: expert id → model reference. ``pool``: residency and scheduling
     (:class:`~coe.config.PoolConfig`); ``config``: device, dtype, ``max_num_seqs`` (the batch
     size of one session) and ``max_model_len``. ``stream`` raises ExpertNotFoundError when
-    ``request.expert`` is missing or unknown; the other contracts are :class:`Engine`'s.
+    ``dispatch.expert`` is missing or unknown; the other contracts are :class:`Engine`'s.
     ``sessions`` keeps the last :attr:`SESSION_LOG` sessions as ``(expert, rows served)``;
     ``sessions_served`` counts them all.
     """
@@ -180,32 +180,34 @@ class PoolEngine(Engine):
 
     # ------------------------------------------------------------------ requests
 
-    def _model_of(self, request: GenerationRequest) -> PooledModel:
+    def _model_of(self, dispatch: Dispatch) -> PooledModel:
         if self.pool is None:
             raise NotReadyError("the pool engine is not started")
-        if request.expert is None or request.expert not in self._models:
+        if dispatch.expert is None or dispatch.expert not in self._models:
             raise ExpertNotFoundError(
-                f"request {request.request_id!r} names expert {request.expert!r}; this pool serves: "
+                f"request {dispatch.request_id!r} names expert {dispatch.expert!r}; this pool serves: "
                 f"{available(self._models)}",
                 param="expert",
             )
-        return self._models[request.expert]
+        return self._models[dispatch.expert]
 
-    def encode_prompt(self, request: GenerationRequest) -> list[int]:
-        return encode_request(self._model_of(request).tokenizer, request)
+    def tokenizer_of(self, dispatch: Dispatch):
+        return self._model_of(dispatch).tokenizer
 
-    async def stream(self, request: GenerationRequest):
+    def context_length(self, dispatch: Dispatch) -> int:
+        return self._model_of(dispatch).max_model_len
+
+    async def stream(self, dispatch: Dispatch):
         """Yield StreamDeltas once the request's expert is scheduled; errors come before the first."""
-        model = self._model_of(request)
+        model = self._model_of(dispatch)
         if self._thread is None:
             raise NotReadyError("the pool engine is not started")
-        prompt_ids = encode_request(model.tokenizer, request)
-        params = request.sampling
-        check_context(len(prompt_ids), params.max_tokens, model.max_model_len)
+        prompt_ids = self.prompt_ids(dispatch)
+        params = dispatch.sampling
         bridge = StreamBridge()
         row = Row.create(model.tokenizer, prompt_ids, params, device=self.pool.device, sink=bridge.emit)
         with self._cond:
-            self._queue.put(request.expert, row)
+            self._queue.put(dispatch.expert, row)
             self._cond.notify()
         try:
             async for delta in bridge.deltas():

@@ -10,15 +10,16 @@ import torch
 from coe.config import EngineConfig
 from coe.errors import AdapterError, ConfigError
 from coe.serving.engines.base import get_engine_class
-from coe.types import ChatMessage, GenerationRequest, SamplingParams
+from coe.types import ChatMessage, Dispatch, GenerationRequest, SamplingParams
+from tests.helpers import generate, generate_batch
 
 
-def _req(text: str, **sampling) -> GenerationRequest:
-    return GenerationRequest(
+def _req(text: str, **sampling) -> Dispatch:
+    return Dispatch(GenerationRequest(
         request_id=text,
         messages=[ChatMessage(role="user", content=text)],
         sampling=SamplingParams(**{"max_tokens": 5, "temperature": 0, **sampling}),
-    )
+    ))
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +49,12 @@ def test_streams_greedy_tokens_of_the_mixture_with_usage(tiny_llama_dir, saved_m
     async def run():
         await engine.start()
         deltas = [d async for d in engine.stream(_req("what is the capital of france ?"))]
-        batch = await engine.generate_batch([_req("hello world"), _req("what is 2 + 2 ?", max_tokens=3)])
-        return deltas, batch
+        before = engine.window.batches_dispatched
+        batch = await generate_batch(engine, [_req("hello world"), _req("what is 2 + 2 ?", max_tokens=3)])
+        return deltas, batch, engine.window.batches_dispatched - before
 
-    deltas, batch = asyncio.run(run())
+    deltas, batch, batches = asyncio.run(run())
+    assert batches == 1  # the two streams arrived within the engine's window: one batch
     req = _req("what is the capital of france ?")
     ids = engine.encode_prompt(req)
     mix = load_mixture(saved_mole, AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval())
@@ -62,7 +65,7 @@ def test_streams_greedy_tokens_of_the_mixture_with_usage(tiny_llama_dir, saved_m
     assert last.finish_reason in ("stop", "length") and last.prompt_tokens == len(ids)
     assert last.completion_tokens == len(want)
     assert batch[1].completion_tokens <= 3 and batch[0].prompt_tokens == len(engine.encode_prompt(_req("hello world")))
-    single = asyncio.run(engine.generate(_req("hello world")))
+    single = asyncio.run(generate(engine, _req("hello world")))
     assert single.token_ids == batch[0].token_ids  # batching (left padding) does not change the answer
     assert engine.adapters() == ["a", "b"]
 
@@ -75,7 +78,7 @@ def test_uniform_mixture_without_checkpoint_and_config_errors(tiny_llama_dir, ti
     with pytest.raises(ConfigError, match="needs a `checkpoint`"):
         cls(tiny_llama_dir, method="xlora", adapters=[("a", tiny_loras[0]), ("c", tiny_loras[2])])
     with pytest.raises(AdapterError, match="cannot name one"):
-        asyncio.run(engine.generate(GenerationRequest(request_id="x", prompt="hello", adapter="a")))
+        asyncio.run(generate(engine, GenerationRequest(request_id="x", prompt="hello"), adapter="a"))
     wrong = cls(tiny_llama_dir, method="xlora", checkpoint=saved_mole)
     with pytest.raises(ConfigError, match="holds a 'mole' mixture"):
         asyncio.run(wrong.start())
@@ -83,13 +86,14 @@ def test_uniform_mixture_without_checkpoint_and_config_errors(tiny_llama_dir, ti
 
 async def _start_and_generate(engine):
     await engine.start()
-    return await engine.generate(_req("hello"))
+    return await generate(engine, _req("hello"))
 
 
-def _unseedable(text: str) -> GenerationRequest:
+def _unseedable(text: str) -> Dispatch:
     """A request whose seed torch cannot use, built past the API's validation."""
     params = SamplingParams.model_construct(max_tokens=5, temperature=0.7, top_p=1.0, stop=[], seed=2**64)
-    return GenerationRequest(request_id="bad", messages=[ChatMessage(role="user", content=text)], sampling=params)
+    return Dispatch(GenerationRequest(request_id="bad", messages=[ChatMessage(role="user", content=text)],
+                                      sampling=params))
 
 
 def test_one_bad_request_does_not_fail_its_batch(tiny_llama_dir, saved_mole):
@@ -101,8 +105,8 @@ def test_one_bad_request_does_not_fail_its_batch(tiny_llama_dir, saved_mole):
 
     async def run():
         await engine.start()
-        batch = await engine.generate_batch([_req(p) for p in prompts[:2]] + [_unseedable("x")] + [_req(p) for p in prompts[2:]])
-        alone = [await engine.generate(_req(p)) for p in prompts]
+        batch = await generate_batch(engine, [_req(p) for p in prompts[:2]] + [_unseedable("x")] + [_req(p) for p in prompts[2:]])
+        alone = [await generate(engine, _req(p)) for p in prompts]
         return batch, alone
 
     batch, alone = asyncio.run(run())
@@ -112,7 +116,7 @@ def test_one_bad_request_does_not_fail_its_batch(tiny_llama_dir, saved_mole):
     assert [o.token_ids for o in good] == [o.token_ids for o in alone]
 
 
-def test_the_expert_server_collects_a_window_for_the_mixture(tiny_llama_dir, tiny_loras, saved_mole):
+def test_the_mixture_engine_keeps_the_window_of_its_server_spec(tiny_llama_dir, tiny_loras, saved_mole):
     from coe.config import BatchingConfig, LoraExpert, MixtureExpert, ModelExpert
     from coe.serving.deployments.expert_server import ExpertServer
     from coe.serving.deployments.spec import ServerSpec
@@ -126,11 +130,12 @@ def test_the_expert_server_collects_a_window_for_the_mixture(tiny_llama_dir, tin
     async def run():
         server = ExpertServer(spec)
         await server.start()
-        served = await asyncio.gather(*(server.generate(_req(p)) for p in ["hello", "paris", "math"]))
+        served = await asyncio.gather(*(generate(server, _req(p), expert="mix") for p in ["hello", "paris", "math"]))
+        stats = server.stats()
         await server.stop()
-        return server, served
+        return server, served, stats
 
-    server, served = asyncio.run(run())
+    server, served, stats = asyncio.run(run())
     assert server.ready() == {"mix": None}
-    assert [s.batch_size for s in served] == [3, 3, 3] and server.batcher.batches_dispatched == 1
-    assert all(s.output.completion_tokens >= 1 and s.expert == "mix" for s in served)
+    assert stats["engine"]["batches"] == 1 and stats["queue_depth"] == 0  # the three streams: one window
+    assert all(s.completion_tokens >= 1 for s in served)

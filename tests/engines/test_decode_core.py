@@ -11,6 +11,7 @@ import torch
 
 from coe.errors import AdapterError, EngineError, InvalidRequestError
 from coe.types import GenerationOutput, GenerationRequest, SamplingParams, StreamDelta
+from tests.helpers import generate, generate_batch
 
 GOOD = ["hello world", "def x return 1 + 2", "the city of paris is in france", "math",
         "what is the capital of france ? the capital is", "1 2 3 + 4", "world hello", "paris"]
@@ -23,11 +24,11 @@ def raw(prompt: str, **sampling) -> GenerationRequest:
 
 def test_seven_good_requests_and_one_bad_seed_in_one_batch(tiny_hf, loop):
     reqs = [raw(p) for p in GOOD[:7]]
-    outs = loop.run(tiny_hf.generate_batch(reqs[:3] + [bad_seed()] + reqs[3:]))
+    outs = loop.run(generate_batch(tiny_hf, reqs[:3] + [bad_seed()] + reqs[3:]))
     assert isinstance(outs[3], InvalidRequestError) and outs[3].param == "seed"
     good = [o for i, o in enumerate(outs) if i != 3]
     assert all(isinstance(o, GenerationOutput) and o.completion_tokens >= 1 for o in good)
-    assert [o.token_ids for o in good] == [loop.run(tiny_hf.generate(raw(p))).token_ids for p in GOOD[:7]]
+    assert [o.token_ids for o in good] == [loop.run(generate(tiny_hf, raw(p))).token_ids for p in GOOD[:7]]
 
 
 def bad_seed() -> GenerationRequest:

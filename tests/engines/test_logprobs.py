@@ -10,15 +10,16 @@ import torch
 
 from coe.config import EngineConfig
 from coe.errors import InvalidRequestError
-from coe.types import ChatMessage, GenerationRequest, SamplingParams
+from coe.types import ChatMessage, Dispatch, GenerationRequest, SamplingParams
+from tests.helpers import generate, generate_batch
 
 PROMPT = "what is the capital of france ? the capital is"
 
 
-def req(prompt=PROMPT, *, messages=None, ids=None, **sampling) -> GenerationRequest:
+def req(prompt=PROMPT, *, messages=None, ids=None, expert=None, **sampling) -> Dispatch:
     params = SamplingParams(**{"max_tokens": 6, "temperature": 0.0, **sampling})
-    return GenerationRequest(request_id="lp", prompt=None if messages or ids else prompt, messages=messages,
-                             prompt_token_ids=ids, sampling=params)
+    return Dispatch(GenerationRequest(request_id="lp", prompt=None if messages or ids else prompt, messages=messages,
+                                      prompt_token_ids=ids, sampling=params), expert=expert)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def check_position(entry, token: int, logp_row, n: int) -> None:
 
 def test_greedy_logprobs_are_log_softmax_of_the_logits(tiny_hf, tiny_model, loop):
     model, tok = tiny_model
-    out = loop.run(tiny_hf.generate(req(logprobs=3)))
+    out = loop.run(generate(tiny_hf, req(logprobs=3)))
     prompt = tiny_hf.encode_prompt(req())
     assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids) == out.completion_tokens
     logp = reference_logp(model, prompt + out.token_ids)  # [T, V]
@@ -64,7 +65,7 @@ def test_greedy_logprobs_are_log_softmax_of_the_logits(tiny_hf, tiny_model, loop
 
 def test_sampled_tokens_get_their_true_rank(tiny_hf, tiny_model, loop):
     model, _ = tiny_model
-    out = loop.run(tiny_hf.generate(req(max_tokens=12, temperature=2.0, seed=3, logprobs=0)))
+    out = loop.run(generate(tiny_hf, req(max_tokens=12, temperature=2.0, seed=3, logprobs=0)))
     prompt = tiny_hf.encode_prompt(req())
     logp = reference_logp(model, prompt + out.token_ids)
     for i, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
@@ -80,7 +81,7 @@ def test_prompt_logprobs_equal_the_teacher_forced_likelihood(tiny_hf, tiny_model
     query, answer = "what is the capital of france ?", "paris is the capital"
     ids, n = encode_chat(tok, query, answer)
     expected = HFLikelihood(model, tok).continuation_logprobs([(query, answer)])[0]
-    out = loop.run(tiny_hf.generate(req(ids=ids, max_tokens=1, prompt_logprobs=0)))
+    out = loop.run(generate(tiny_hf, req(ids=ids, max_tokens=1, prompt_logprobs=0)))
     assert out.prompt_token_ids == ids and out.prompt_tokens == len(ids)
     assert out.prompt_token_texts == [tok.decode([t]) for t in ids]
     assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
@@ -88,7 +89,7 @@ def test_prompt_logprobs_equal_the_teacher_forced_likelihood(tiny_hf, tiny_model
     got = [out.prompt_logprobs[p][ids[p]].logprob for p in range(len(ids) - n, len(ids))]
     assert got == pytest.approx(expected, abs=1e-4)
     logp = reference_logp(model, ids)
-    out = loop.run(tiny_hf.generate(req(ids=ids, max_tokens=1, prompt_logprobs=4)))
+    out = loop.run(generate(tiny_hf, req(ids=ids, max_tokens=1, prompt_logprobs=4)))
     for p in range(1, len(ids)):
         check_position(out.prompt_logprobs[p], ids[p], logp[p - 1], 4)
 
@@ -96,8 +97,8 @@ def test_prompt_logprobs_equal_the_teacher_forced_likelihood(tiny_hf, tiny_model
 def test_prompt_logprob_rows_batch_with_plain_rows_without_changing_them(tiny_hf, loop):
     plain = [req(p) for p in ("hello world", PROMPT, "1 + 2 = ?")]
     scored = [req(p, prompt_logprobs=2, logprobs=1) for p in ("hello world", PROMPT)]
-    outs = loop.run(tiny_hf.generate_batch(plain + scored))
-    alone = [loop.run(tiny_hf.generate(r)) for r in plain + scored]
+    outs = loop.run(generate_batch(tiny_hf, plain + scored))
+    alone = [loop.run(generate(tiny_hf, r)) for r in plain + scored]
     assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
     assert outs[3].prompt_logprobs[1:] and outs[4].logprobs
     for a, b in zip(outs[3:], alone[3:]):
@@ -120,18 +121,19 @@ def test_chat_rendering_flags_and_token_id_prompts(tiny_hf):
     msgs = [ChatMessage(role="user", content="hello"), ChatMessage(role="assistant", content="the capital")]
     default = tok.decode(tiny_hf.encode_prompt(req(messages=msgs)))
     assert default.rstrip().endswith("<|assistant|>")
-    plain = GenerationRequest("f", messages=msgs, add_generation_prompt=False)
+    plain = Dispatch(GenerationRequest("f", messages=msgs, add_generation_prompt=False))
     assert not tok.decode(tiny_hf.encode_prompt(plain)).rstrip().endswith("<|assistant|>")
-    cont = GenerationRequest("f", messages=msgs, add_generation_prompt=False, continue_final_message=True)
+    cont = Dispatch(GenerationRequest("f", messages=msgs, add_generation_prompt=False, continue_final_message=True))
     text = tok.apply_chat_template([m.model_dump() for m in msgs], tokenize=False, continue_final_message=True)
     assert text.endswith("the capital")  # left open: no end-of-message newline
     assert tiny_hf.encode_prompt(cont) == tok(text)["input_ids"]
     assert tok.decode(tiny_hf.encode_prompt(cont)).endswith("capital")
-    both = GenerationRequest("f", messages=msgs, continue_final_message=True)
+    both = Dispatch(GenerationRequest("f", messages=msgs, continue_final_message=True))
     with pytest.raises(InvalidRequestError, match="add_generation_prompt") as err:
         tiny_hf.encode_prompt(both)
     assert err.value.param == "continue_final_message"
-    user_last = GenerationRequest("f", messages=msgs[:1], add_generation_prompt=False, continue_final_message=True)
+    user_last = Dispatch(GenerationRequest("f", messages=msgs[:1], add_generation_prompt=False,
+                                           continue_final_message=True))
     with pytest.raises(InvalidRequestError, match="assistant"):
         tiny_hf.encode_prompt(user_last)
     ids = tiny_hf.encode_prompt(req())
@@ -146,16 +148,15 @@ def test_pool_engine_gives_the_same_logprobs_as_hf(tiny_hf, tiny_llama_dir, loop
     from coe.config import PoolConfig
     from coe.serving.pool.engine import PoolEngine
 
-    request = req(logprobs=2, prompt_logprobs=2)
-    expected = loop.run(tiny_hf.generate(request))
+    expected = loop.run(generate(tiny_hf, req(logprobs=2, prompt_logprobs=2)))
     engine = PoolEngine({"e": str(tiny_llama_dir)}, PoolConfig(),
                         EngineConfig(kind="hf", device="cpu", max_num_seqs=4, max_model_len=128))
-    request.expert = "e"
+    request = req(logprobs=2, prompt_logprobs=2, expert="e")
 
     async def run():
         await engine.start()
         try:
-            return await engine.generate(request)
+            return await generate(engine, request)
         finally:
             await engine.stop()
 
@@ -174,7 +175,7 @@ def test_mixture_engine_reports_generated_logprobs_and_refuses_prompt_logprobs(t
 
     async def run():
         await engine.start()
-        return await engine.generate_batch([req(logprobs=3), req(prompt_logprobs=0)])
+        return await generate_batch(engine, [req(logprobs=3), req(prompt_logprobs=0)])
 
     out, refused = loop.run(run())
     assert len(out.logprobs) == len(out.token_ids)

@@ -14,7 +14,7 @@ import pytest
 
 from coe.errors import EngineError, InvalidRequestError
 from coe.serving.engines.vllm_engine import PrefillGate
-from tests.engines.engine_helpers import chat
+from tests.engines.engine_helpers import chat, generate
 
 
 def run(coro):
@@ -182,12 +182,12 @@ def test_a_dead_engine_fails_every_request_at_once_with_a_clear_error(tiny_llama
     engine._max_len = 128
     engine._engine = DeadAsyncLLM(dead_after_add=True)  # dies under the first request
     with pytest.raises(EngineError, match="has died") as err:
-        run(engine.generate(chat("what is the capital of france ?", prompt_logprobs=0)))
+        run(generate(engine, chat("what is the capital of france ?", prompt_logprobs=0)))
     assert "EngineCore" in err.value.message and err.value.status_code == 503
     assert engine._gate.state == (0, False, 0)  # the gate was given back
     assert engine._engine.aborted == []  # no abort sent to a dead engine
     with pytest.raises(EngineError, match="has died"):  # later requests fail before the gate
-        run(engine.generate(chat("hello")))
+        run(generate(engine, chat("hello")))
     with pytest.raises(EngineError, match="has died"):
         run(engine.add_adapter("a", tiny_loras[0]))
     assert run(engine.healthy()) is False
@@ -212,8 +212,8 @@ def test_prompt_logprobs_under_an_lm_head_lora_are_refused_on_a_gpu(tiny_llama_d
     engine._adapters = {"head": (1, LoraInfo(str(tiny_loras[0]), 4, ["q_proj", "lm_head"], None)),
                         "attn": (2, LoraInfo(str(tiny_loras[1]), 8, ["q_proj", "v_proj"], None))}
     with pytest.raises(InvalidRequestError, match="lm_head") as err:
-        run(engine.generate(chat("hello", adapter="head", prompt_logprobs=0)))
+        run(generate(engine, chat("hello", adapter="head", prompt_logprobs=0)))
     assert err.value.param == "prompt_logprobs" and engine._gate.state == (0, False, 0)
     assert not engine._engine.dead
     with pytest.raises(EngineError, match="has died"):
-        run(engine.generate(chat("hello", adapter="attn", prompt_logprobs=0)))
+        run(generate(engine, chat("hello", adapter="attn", prompt_logprobs=0)))

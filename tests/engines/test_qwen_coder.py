@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from coe.config import EngineConfig
-from coe.types import ChatMessage, GenerationRequest, SamplingParams
-from tests.engines.engine_helpers import chat, make_lora
+from coe.types import ChatMessage, Dispatch, GenerationRequest, SamplingParams
+from tests.engines.engine_helpers import chat, generate, generate_batch, make_lora
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +46,8 @@ def qwen_vllm(qwen_dir, loop):
 
 def test_both_engines_give_the_same_greedy_tokens(qwen_hf, qwen_vllm, loop):
     reqs = [chat(p, max_tokens=16) for p in PROMPTS]
-    hf = loop.run(qwen_hf.generate_batch(reqs))
-    vl = loop.run(qwen_vllm.generate_batch(reqs))
+    hf = loop.run(generate_batch(qwen_hf, reqs))
+    vl = loop.run(generate_batch(qwen_vllm, reqs))
     for p, a, b in zip(PROMPTS, hf, vl):
         assert a.prompt_tokens == b.prompt_tokens, p
         assert a.token_ids == b.token_ids, (p, a.text, b.text)
@@ -62,7 +62,7 @@ def test_the_shipped_template_with_and_without_a_system_prompt(qwen_hf):
     assert bare.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     sys_req = GenerationRequest(request_id="s", sampling=SamplingParams(max_tokens=4), messages=[
         ChatMessage(role="system", content="Answer in French."), ChatMessage(role="user", content="hi")])
-    own = tok.decode(qwen_hf.encode_prompt(sys_req))
+    own = tok.decode(qwen_hf.encode_prompt(Dispatch(sys_req)))
     assert own.startswith("<|im_start|>system\nAnswer in French.<|im_end|>") and "Qwen" not in own
 
 
@@ -71,9 +71,9 @@ def test_a_lora_on_qwen_agrees_across_engines(qwen_hf, qwen_vllm, qwen_dir, tmp_
     loop.run(qwen_hf.add_adapter("rand", lora))
     loop.run(qwen_vllm.add_adapter("rand", lora))
     try:
-        base = loop.run(qwen_vllm.generate(chat(PROMPTS[2], max_tokens=8)))
-        a = loop.run(qwen_hf.generate(chat(PROMPTS[2], max_tokens=8, adapter="rand")))
-        b = loop.run(qwen_vllm.generate(chat(PROMPTS[2], max_tokens=8, adapter="rand")))
+        base = loop.run(generate(qwen_vllm, chat(PROMPTS[2], max_tokens=8)))
+        a = loop.run(generate(qwen_hf, chat(PROMPTS[2], max_tokens=8, adapter="rand")))
+        b = loop.run(generate(qwen_vllm, chat(PROMPTS[2], max_tokens=8, adapter="rand")))
     finally:
         loop.run(qwen_hf.remove_adapter("rand"))
         loop.run(qwen_vllm.remove_adapter("rand"))

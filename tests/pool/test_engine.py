@@ -10,7 +10,8 @@ pytest.importorskip("torch")
 
 from coe.config import EngineConfig, PoolConfig
 from coe.errors import ContextLengthError, ExpertNotFoundError
-from coe.types import ChatMessage, GenerationRequest, SamplingParams
+from coe.types import ChatMessage, Dispatch, GenerationRequest, SamplingParams
+from tests.helpers import generate, generate_batch
 
 CPU = EngineConfig(kind="hf", device="cpu", max_num_seqs=8, max_model_len=128)
 GREEDY = SamplingParams(max_tokens=6, temperature=0)
@@ -19,13 +20,14 @@ QUESTIONS = ["what is the capital of france ?", "hello world", "1 + 2 = ?", "pyt
 
 def _req(i, expert, question=None, sampling=GREEDY):
     q = question or QUESTIONS[i % len(QUESTIONS)]
-    return GenerationRequest(f"r{i}", messages=[ChatMessage(role="user", content=q)], sampling=sampling, expert=expert)
+    return Dispatch(GenerationRequest(f"r{i}", messages=[ChatMessage(role="user", content=q)], sampling=sampling),
+                    expert=expert)
 
 
 async def _burst(engine, requests):
     """Submit all requests before the worker may pick any (so grouping is deterministic)."""
     with engine._cond:
-        tasks = [asyncio.create_task(engine.generate(r)) for r in requests]
+        tasks = [asyncio.create_task(generate(engine, r)) for r in requests]
         await asyncio.sleep(0.05)  # every stream has enqueued its row by now
     return await asyncio.gather(*tasks)
 
@@ -50,7 +52,7 @@ def test_pool_matches_hf_engine_and_groups_sessions(tiny_experts):
             await hf.start()
             for r in requests:
                 if r.expert == eid:
-                    expected[r.request_id] = (await hf.generate(r)).token_ids
+                    expected[r.request_id] = (await generate(hf, r)).token_ids
             await hf.stop()
         engine = _engine(experts, max_resident=1, swap="always", policy="largest_group")
         await engine.start()
@@ -93,16 +95,16 @@ def test_errors_and_cancellation(tiny_experts):
         engine = _engine(experts)  # CPU 'auto': everyone resident, same API
         await engine.start()
         with pytest.raises(ExpertNotFoundError, match="this pool serves: e0, e1"):
-            await engine.generate(_req(0, "nope"))
+            await generate(engine, _req(0, "nope"))
         with pytest.raises(ExpertNotFoundError):
-            await engine.generate(_req(0, None))
+            await generate(engine, _req(0, None))
         with pytest.raises(ContextLengthError):
-            await engine.generate(_req(0, "e0", sampling=SamplingParams(max_tokens=500)))
+            await generate(engine, _req(0, "e0", sampling=SamplingParams(max_tokens=500)))
         long = SamplingParams(max_tokens=100, temperature=1.0, seed=1)
         stream = engine.stream(_req(1, "e1", sampling=long))
         first = await stream.__anext__()
         await stream.aclose()  # the caller went away
-        out = await engine.generate(_req(2, "e1"))
+        out = await generate(engine, _req(2, "e1"))
         assert out.completion_tokens > 0 and first.completion_tokens == 1
         assert engine.pool.stats.swaps == 0
         await engine.stop()
@@ -125,18 +127,19 @@ def test_one_bad_request_does_not_fail_its_batch_and_sessions_are_bounded(tiny_e
 
     monkeypatch.setattr(PoolEngine, "SESSION_LOG", 2)
     experts = {"e0": tiny_experts["e0"], "e1": tiny_experts["e1"]}
-    bad = GenerationRequest("bad", messages=[ChatMessage(role="user", content="x")], expert="e0",
-                            sampling=SamplingParams.model_construct(max_tokens=6, temperature=0.7, top_p=1.0,
-                                                                    stop=[], seed=2**64))  # past the API's checks
+    bad = Dispatch(GenerationRequest("bad", messages=[ChatMessage(role="user", content="x")],
+                                     sampling=SamplingParams.model_construct(max_tokens=6, temperature=0.7, top_p=1.0,
+                                                                             stop=[], seed=2**64)),  # past the API's checks
+                   expert="e0")
     reqs = [_req(i, "e0") for i in range(7)]
 
     async def main():
         engine = _engine(experts)
         await engine.start()
-        outs = await engine.generate_batch(reqs[:4] + [bad] + reqs[4:])
-        alone = [await engine.generate(r) for r in reqs]
+        outs = await generate_batch(engine, reqs[:4] + [bad] + reqs[4:])
+        alone = [await generate(engine, r) for r in reqs]
         for i in range(3):
-            await engine.generate(_req(i, "e1"))
+            await generate(engine, _req(i, "e1"))
         await engine.stop()
         return engine, outs, alone
 
@@ -211,11 +214,11 @@ async def _serve_pool(spec):
         assert server.ready() == {"a": None, "b": None}
         outs = {}
         for eid in ("a", "b", "a"):
-            req = GenerationRequest(request_id=eid, prompt="the capital of", expert=eid,
+            req = GenerationRequest(request_id=eid, prompt="the capital of",
                                     sampling=SamplingParams(max_tokens=4, temperature=0))
-            served = await server.generate(req)
-            outs.setdefault(eid, []).append(served.output.token_ids)
-            assert served.expert == eid and served.output.completion_tokens >= 1
+            out = await generate(server, req, expert=eid)
+            outs.setdefault(eid, []).append(out.token_ids)
+            assert out.completion_tokens >= 1
         assert outs["a"][0] == outs["a"][1]
         assert server.engine.pool.stats.swaps >= 2  # room for one: a → b → a swaps
     finally:
@@ -267,7 +270,7 @@ def test_same_expert_requests_join_the_running_session(tiny_experts):
         await engine.start()
         long = engine.stream(_req(0, "e0", sampling=SamplingParams(max_tokens=100, temperature=0)))
         await long.__anext__()  # the session is running
-        late = await engine.generate(_req(1, "e0"))
+        late = await generate(engine, _req(1, "e0"))
         async for _ in long:
             pass
         stats = engine.stats()
@@ -289,7 +292,7 @@ def test_stop_fails_queued_and_running_requests_cleanly(tiny_experts):
     async def main():
         engine = _engine(experts, max_resident=1, swap="always", overdue_after_ms=60_000)
         await engine.start()
-        tasks = [asyncio.create_task(engine.generate(_req(i, e, sampling=long))) for i, e in enumerate(["e0", "e1"])]
+        tasks = [asyncio.create_task(generate(engine, _req(i, e, sampling=long))) for i, e in enumerate(["e0", "e1"])]
         while engine.running() <= sum(engine.queued().values()):
             await asyncio.sleep(0.01)  # wait until the first session is decoding
         await engine.stop()

@@ -105,13 +105,13 @@ def test_concurrent_mixed_experts_each_reach_their_adapter(h):
     its own expert (the continuously batching engine gets each request at once)."""
     server = h.backend.servers["expert-tiny"]
     calls = []
-    real = server.engine.generate
+    real = server.engine.stream
 
-    async def spy(request):
-        calls.append(request.expert)
-        return await real(request)
+    def spy(dispatch):
+        calls.append((dispatch.expert, dispatch.adapter))
+        return real(dispatch)
 
-    server.engine.generate = spy
+    server.engine.stream = spy
     try:
         async def burst():
             transport = httpx.ASGITransport(app=h.app)
@@ -122,10 +122,10 @@ def test_concurrent_mixed_experts_each_reach_their_adapter(h):
 
         responses = h.lt.run(burst())
     finally:
-        server.engine.generate = real
+        server.engine.stream = real
     assert all(r.status_code == 200 for r in responses)
     assert [r.json()["model"] for r in responses] == ["tiny-a", "tiny-b", "tiny"] * 3
-    assert sorted(calls) == sorted(["tiny-a", "tiny-b", "tiny"] * 3)
+    assert sorted(calls) == sorted([("tiny-a", "tiny-a"), ("tiny-b", "tiny-b"), ("tiny", None)] * 3)
 
 
 def test_health_ready_metrics(h):

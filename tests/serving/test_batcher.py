@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from coe.serving.deployments.batcher import ExpertGroupedBatcher
+from coe.serving.engines.window import ExpertGroupedBatcher
 
 
 class Recorder:
@@ -148,75 +148,3 @@ def test_a_request_that_fails_alone_fails_only_itself():
     res = run(go())
     assert isinstance(res[3], ValueError) and str(res[3]) == "bad 3"
     assert [r for i, r in enumerate(res) if i != 3] == [(0, 5), (10, 5), (20, 5), (40, 5)]
-
-
-class _Engine:
-    """A stand-in engine that records how requests reach it (the real engines' choice of path is
-    tested with them: tests/adapters/test_mixture_engine.py, tests/serving/test_api.py)."""
-
-    name = "fake"
-    max_model_len = 1024
-
-    def __init__(self):
-        self.batches, self.singles = [], []
-
-    @classmethod
-    def from_spec(cls, spec):
-        return cls()
-
-    async def start(self):
-        pass
-
-    async def stop(self):
-        pass
-
-    def count_prompt_tokens(self, request):
-        return 3
-
-    def running(self):
-        return None
-
-    async def generate(self, request):
-        from coe.types import GenerationOutput
-
-        self.singles.append(request.request_id)
-        return GenerationOutput("x", "stop", 3, 1)
-
-    async def generate_batch(self, requests):
-        from coe.types import GenerationOutput
-
-        self.batches.append([r.request_id for r in requests])
-        return [KeyError("boom") if r.request_id == "r2" else GenerationOutput("x", "stop", 3, 1) for r in requests]
-
-
-@pytest.mark.parametrize(("batching", "override"),
-                         [("continuous", None), ("grouped", None), ("window", None), ("continuous", True)])
-def test_expert_server_uses_the_window_only_for_engines_that_run_one_batch_at_a_time(batching, override, tmp_path):
-    from coe.config import BatchingConfig, ModelExpert
-    from coe.errors import EngineError
-    from coe.serving.deployments.expert_server import ExpertServer
-    from coe.serving.deployments.spec import ServerSpec
-    from coe.serving.engines.base import Capabilities
-    from coe.types import GenerationRequest
-
-    engine_cls = type("Engine", (_Engine,), {"capabilities": Capabilities(batching=batching)})
-    spec = ServerSpec(server_id="expert-m", host=ModelExpert(id="m", model=str(tmp_path)),
-                      batching=BatchingConfig(max_batch_size=8, window_ms=20))
-
-    async def go():
-        server = ExpertServer(spec, engine_cls=engine_cls, window=override)  # override: benchmarks only
-        await server.start()
-        reqs = [GenerationRequest(f"r{i}", prompt="hi") for i in range(4)]
-        res = await asyncio.gather(*(server.generate(r) for r in reqs), return_exceptions=True)
-        await server.stop()
-        return server, res
-
-    server, res = run(go())
-    engine = server.engine
-    if batching == "window" or override:
-        assert engine.batches == [["r0", "r1", "r2", "r3"]] and engine.singles == []
-        assert isinstance(res[2], EngineError) and "KeyError" in str(res[2])  # alone: its batch mates succeed
-        assert [r.batch_size for i, r in enumerate(res) if i != 2] == [4, 4, 4]
-    else:
-        assert engine.batches == [] and sorted(engine.singles) == ["r0", "r1", "r2", "r3"]
-        assert all(r.batch_size == 1 for r in res)

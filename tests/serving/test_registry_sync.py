@@ -6,12 +6,12 @@ LRU-evictable adapters (what Serve multiplexing drives on a replica)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 
 import httpx
 import pytest
 
+from tests.helpers import generate
 from tests.serving.serving_helpers import ADMIN, Harness, KeywordRouter, tiny_config_dict
 
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -207,7 +207,7 @@ def test_lazy_adapters_load_on_first_use_and_unload_when_idle(loop_thread, tiny_
     from coe.config import BatchingConfig, ModelExpert
     from coe.serving.deployments.expert_server import ExpertServer
     from coe.serving.deployments.spec import ServerSpec, adapter_model_id
-    from coe.types import ChatMessage, GenerationRequest, SamplingParams
+    from coe.types import ChatMessage, Dispatch, GenerationRequest, SamplingParams
 
     host = ModelExpert(id="tiny", model=str(tiny_llama_dir), engine={"kind": "hf", "max_model_len": 128,
                                                                      "max_lora_rank": 8})
@@ -217,16 +217,17 @@ def test_lazy_adapters_load_on_first_use_and_unload_when_idle(loop_thread, tiny_
     assert name != adapter_model_id("tiny-x", str(tiny_loras[1])) and name.startswith("tiny-x--")
 
     def req():
-        return GenerationRequest(request_id="r", messages=[ChatMessage(role="user", content="hi")],
-                                 sampling=SamplingParams(max_tokens=8, temperature=0), expert="tiny-x")
+        return Dispatch(GenerationRequest(request_id="r", messages=[ChatMessage(role="user", content="hi")],
+                                          sampling=SamplingParams(max_tokens=8, temperature=0)),
+                        expert="tiny-x", adapter="tiny-x", adapter_path=path)
 
     async def go():
         await server.start()
         try:
-            served = await server.generate(req(), path, name)  # first request: loads it
-            assert served.expert == "tiny-x" and server.lazy_adapters() == [name]
+            served = await generate(server, req(), name)  # first request: loads it
+            assert served.completion_tokens >= 1 and server.lazy_adapters() == [name]
             assert name in server.engine.adapters()
-            stream = server.stream(req(), path, name)
+            stream = server.stream(req(), name)
             await stream.__anext__()  # in use
             unload = asyncio.create_task(server.unload_lazy(name))
             await asyncio.sleep(0.1)
@@ -234,7 +235,7 @@ def test_lazy_adapters_load_on_first_use_and_unload_when_idle(loop_thread, tiny_
             await stream.aclose()
             await asyncio.wait_for(unload, 5)
             assert server.lazy_adapters() == [] and name not in server.engine.adapters()
-            await server.generate(req(), path, name)  # asked for again: loaded again
+            await generate(server, req(), name)  # asked for again: loaded again
             assert server.lazy_adapters() == [name]
         finally:
             await server.stop()
@@ -250,7 +251,7 @@ def test_a_lora_that_failed_at_start_is_removed_and_registered_again_on_a_replic
     from coe.config import BatchingConfig, LoraExpert, ModelExpert
     from coe.serving.deployments.expert_server import ExpertServer
     from coe.serving.deployments.spec import ServerSpec, adapter_model_id
-    from coe.types import ChatMessage, GenerationRequest, SamplingParams
+    from coe.types import ChatMessage, Dispatch, GenerationRequest, SamplingParams
 
     host = ModelExpert(id="tiny", model=str(tiny_llama_dir), engine={"kind": "hf", "max_model_len": 128,
                                                                      "max_lora_rank": 8})
@@ -258,8 +259,9 @@ def test_a_lora_that_failed_at_start_is_removed_and_registered_again_on_a_replic
     spec = ServerSpec(server_id="expert-tiny", host=host, loras=[gone], batching=BatchingConfig())
     removed, missed = ExpertServer(spec), ExpertServer(spec)   # two replicas of one server
     path = str(tiny_loras[0])
-    request = GenerationRequest(request_id="r", messages=[ChatMessage(role="user", content="hi")],
-                                sampling=SamplingParams(max_tokens=4, temperature=0), expert="tiny-x")
+    request = Dispatch(GenerationRequest(request_id="r", messages=[ChatMessage(role="user", content="hi")],
+                                         sampling=SamplingParams(max_tokens=4, temperature=0)),
+                       expert="tiny-x", adapter="tiny-x", adapter_path=path)
 
     async def go():
         for server in (removed, missed):
@@ -271,8 +273,8 @@ def test_a_lora_that_failed_at_start_is_removed_and_registered_again_on_a_replic
             assert "tiny-x" not in removed.ready()
             name = adapter_model_id("tiny-x", path)  # registered again, with a folder that exists
             for server in (removed, missed):
-                served = await server.generate(dataclasses.replace(request), path, name)
-                assert served.expert == "tiny-x" and served.output.completion_tokens >= 1
+                served = await generate(server, request, name)
+                assert served.completion_tokens >= 1
         finally:
             for server in (removed, missed):
                 await server.stop()

@@ -176,9 +176,9 @@ def _scripted_engine_cls():
         split across deltas)."""
 
         async def stream(self, request):
-            prompt = self.encode_prompt(request)
+            prompt = self.prompt_ids(request)
             PROMPTS.append(self._tokenizer.decode(prompt))
-            text = SCRIPTS.get(request.messages[-1].text(), "no tools needed")
+            text = SCRIPTS.get(request.request.messages[-1].text(), "no tools needed")
             pieces = [text[i:i + 3] for i in range(0, len(text), 3)]
             for k, piece in enumerate(pieces):
                 last = k == len(pieces) - 1
