@@ -6,9 +6,10 @@ on the base's running engine; a model must resolve and its new server must start
 the expert written to the registry and handed to the router. Any failure undoes what was done
 and raises (400/404/409/503), so nothing half-registered remains.
 
-A body may carry ``profile: {probe, budget}``: it is checked with the rest (400 naming the
-field), and once the expert is registered its profile starts in the background
-(``serving/api/profiles.py``); the registration does not wait for it.
+A body may carry ``profile: {probe, budget, kind, max_tokens, strategy, stop_when}``: it is
+checked with the rest (400 naming the field, e.g. ``profile.strategy``), and once the expert is
+registered its profile starts in the background (``serving/api/profiles.py``); the registration
+does not wait for it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Runtime and CLI likelihood profiles on the real transformers engine (tiny llama + tiny peft
 LoRA): the engine's prompt log-probabilities on the encode_chat tokens give the same outcome as
-the in-process likelihood (coe.eval.likelihood), so the committed profile data, the CLI through a
+the in-process likelihood (coe.scoring.likelihood), so the committed profile data, the CLI through a
 service and the service's background profile of a new expert measure one thing."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 import pytest
 import yaml
 
-from coe.eval.probes import Probe
+from coe.scoring.probes import Probe
 from tests.helpers import LoopThread
 from tests.serving.test_profiles import MATH, REFERENCE, World, write_world
 
@@ -24,7 +24,7 @@ def test_cli_likelihood_through_the_service_equals_in_process(tmp_path, tiny_lla
     from transformers import AutoTokenizer
 
     from coe.config import parse_config
-    from coe.profiling import likelihood_table, profile_likelihood_service
+    from coe.tools.profiling import likelihood_table, profile_likelihood_service
     from tests.serving.serving_helpers import ADMIN, Harness, tiny_config_dict
 
     data = tiny_config_dict(tiny_llama_dir, tiny_loras, tmp_path, flaky=False)
@@ -52,9 +52,9 @@ def test_cli_likelihood_through_the_service_equals_in_process(tmp_path, tiny_lla
 
 
 def test_background_profile_on_the_real_engine_measures_the_lora(tmp_path, tiny_llama_dir, tiny_loras):
-    from coe.profiling import likelihood_table
     from coe.serving.api.backend import LocalBackend
     from coe.serving.deployments.spec import plan_servers
+    from coe.tools.profiling import likelihood_table
 
     config = write_world(tmp_path, tiny_llama_dir, adapter_roots=[tiny_loras[0].parent])
     backend = LocalBackend(plan_servers(list(config.experts), base_dir=tmp_path, batching=config.serving.batching))
@@ -63,17 +63,18 @@ def test_background_profile_on_the_real_engine_measures_the_lora(tmp_path, tiny_
     w = World(lt, config, tmp_path, backend)
     try:
         body = {"id": "new", "kind": "lora", "base": "base", "adapter": str(tiny_loras[0]), "description": "new",
-                "profile": {"probe": str(tmp_path / "probes" / "same.jsonl"), "budget": 2}}
+                "profile": {"probe": str(tmp_path / "probes" / "same.jsonl"), "budget": 4, "strategy": "adaptive"}}
         r = w.request("POST", "/v1/experts", json=body)
         assert r.status_code == 201, r.text
         prof = w.wait("new", timeout=120)
         assert prof["state"] == "done" and prof["failed"] == 0, prof
+        assert prof["strategy"] == "adaptive" and prof["ability"]["answered"] == prof["probes_done"] == 4, prof
         stored = {o.query: o for o in w.registry.profile_outcomes()}
     finally:
         lt.run(w.app.state.profiles.close())
         lt.run(backend.stop())
         lt.close()
-    assert len(stored) == 2
+    assert len(stored) == 4
     cfg = yaml.safe_load(json.dumps(config.model_dump(mode="json", exclude_unset=True)))
     cfg["experts"].append({"id": "new", "kind": "lora", "base": "base", "adapter": str(tiny_loras[0])})
     (tmp_path / "coe.yaml").write_text(yaml.safe_dump(cfg))
