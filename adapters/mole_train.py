@@ -25,10 +25,10 @@ def train_gates(
     """Adam on the gates only; loss = answer-token cross-entropy + ``balance_coef`` × balance loss.
 
     ``examples`` are ``(token ids, number of trailing answer tokens)`` as made by
-    :func:`coe.eval.likelihood.encode_chat`. Returns one record per step
+    :func:`coe.scoring.likelihood.encode_chat`. Returns one record per step
     (``{"step", "loss", "ce", "balance", "s"}``)."""
     from coe.adapters.experts.train import batches
-    from coe.eval.likelihood import collate
+    from coe.scoring.likelihood import collate
 
     for p in mole.model.parameters():
         p.requires_grad_(False)

@@ -9,7 +9,7 @@ Two probe sets, both held out from the experts' training data (see coe.adapters.
   training, profiling or fitting.
 
 ``run`` sends every eval probe to every expert, pinned (``model: <id>``, greedy), and scores the
-answers (coe.profiling); it asks the service's router for its choice on every probe
+answers (coe.tools.profiling); it asks the service's router for its choice on every probe
 (``POST /v1/route``, the decision ``model: "coe"`` uses); and it checks on a sample that
 ``model: "coe"`` really answers with the expert and the answer the pinned run got (greedy
 decoding makes them equal). From these it reports, with 95% bootstrap CIs over probes:
@@ -51,7 +51,7 @@ def _math_holdout() -> int:
 
 def probe_sets(n_code: int | None = None, n_math: int | None = None) -> dict[str, list]:
     from coe.adapters.experts.data import math_heldout
-    from coe.eval.probes import mbpp_probes
+    from coe.scoring.probes import mbpp_probes
 
     mbpp = REPO.parent / "shared" / "data" / "probes" / "mbpp.jsonl"
     held = math_heldout(_math_holdout())
@@ -63,7 +63,7 @@ def probe_sets(n_code: int | None = None, n_math: int | None = None) -> dict[str
 
 
 def write_probe_files(n_code: int | None, n_math: int | None) -> dict[str, Path]:
-    from coe.eval.probes import write_probes
+    from coe.scoring.probes import write_probes
 
     PROBES.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -241,7 +241,7 @@ def markdown(res: dict) -> str:
 
 
 def run(args) -> int:
-    from coe.profiling import expert_costs, profile_experts
+    from coe.tools.profiling import expert_costs, profile_experts
 
     rec = RunRecord.start(note=f"composition eval, config {args.config or 'default'}")
     probes = probe_sets(args.n_code, args.n_math)["eval"]
@@ -281,8 +281,8 @@ def run(args) -> int:
 
 
 def reference_nll_table(probes: list, config: str | None, experts: list[str]) -> dict:
-    """``{probe id: {expert: mean per-token reference NLL}}`` (coe.profiling.likelihood_table)."""
-    from coe.profiling import likelihood_table
+    """``{probe id: {expert: mean per-token reference NLL}}`` (coe.tools.profiling.likelihood_table)."""
+    from coe.tools.profiling import likelihood_table
 
     return likelihood_table(probes, config, experts)[0]
 

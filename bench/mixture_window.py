@@ -47,7 +47,7 @@ QUESTIONS = [
 def model_and_adapters(preset: str, work: Path) -> tuple[str, list[tuple[str, str]]]:
     """The base model folder and ``[(name, lora folder)]`` for ``preset``."""
     if preset == "smollm2":
-        from coe.models import resolve
+        from coe.model_paths import resolve
 
         experts = Path(__file__).resolve().parents[1] / "adapters" / "experts"
         return str(resolve("smollm2-135m-instruct")), [(n, str(experts / n)) for n in ("math", "code")]

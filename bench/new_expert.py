@@ -59,15 +59,15 @@ def load_set(train_path: Path, test_path: Path | None):
 
 
 def run_set(name: str, paths, embedder, args) -> dict:
-    from coe.cli.routing import _embed_all
     from coe.routers.base import FitContext
+    from coe.routers.datasets import embed_routing_data
     from coe.routers.new_expert import NewExpertSetup, simulate
     from coe.routers.new_expert_report import write_new_expert_report
     from coe.routers.tuning import cross_validate
 
     t0 = time.monotonic()
     train, test = load_set(*paths)
-    xtr, xte, _ = _embed_all(embedder, train, test)
+    xtr, xte, _ = embed_routing_data(embedder, train, test)
     ctx = FitContext(seed=0, embed=embedder.encode)
     params = cross_validate(args.router, train, xtr, seed=0, ctx=ctx).params if args.cv else {}
     setup = NewExpertSetup(strategies=args.strategies.split(","), budgets=[int(b) for b in args.budgets.split(",")],
@@ -135,7 +135,7 @@ def summarise(reports: dict[str, dict], strategies: list[str]) -> tuple[dict, st
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sets", help="comma-separated set names (default: all)")
-    p.add_argument("--strategies", default="adaptive,round_robin,random")
+    p.add_argument("--strategies", default="adaptive,information,round_robin,random")
     p.add_argument("--budgets", default="10,25,50,100,200")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--bootstrap", type=int, default=1000)
@@ -208,7 +208,7 @@ def summarise_saved(args) -> int:
     import json
 
     rec = RunRecord.start(note="Summary of the per-set reports below (each records its own date, machine and "
-                               "settings); the runs that made them are in `bench/results/new_expert_run*.md`.")
+                               "settings).")
     reports = {d.name: json.loads((d / "report.json").read_text()) for d in sorted(OUT.iterdir())
                if (d / "report.json").is_file()}
     order = list(dev_sets())

@@ -3,7 +3,7 @@
     python -m bench.pruned_layers [--layers 1,2,3] [--out ~/.cache/coe/pruned-variants]
 
 Writes, per layer count k, ``OUT/minilm-lK-int8``: MiniLM's first k transformer layers exported
-and quantised as ``minilm-l6-int8`` is (``coe.models.export_onnx_embedder``). Measure them with
+and quantised as ``minilm-l6-int8`` is (``coe.tools.models.export_onnx_embedder``). Measure them with
 ``bench/router_speed.py --embedders FOLDER,...`` (speed: QUIET; quality: deterministic).
 """
 
@@ -21,7 +21,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoModel, AutoTokenizer
 
-    from coe.models import export_onnx_embedder, prepare
+    from coe.tools.models import export_onnx_embedder, prepare
 
     teacher = prepare("minilm-l6", quiet=True)
     for k in (int(x) for x in args.layers.split(",")):

@@ -31,8 +31,7 @@ TEXT_GRID = {**BASE_GRID, "text_dim": [256, 1024], "text_weight": [0.5, 1.0]}
 
 
 def main(names: list[str]) -> None:
-    from coe.cli.routing import _embed_all
-    from coe.routers.datasets import load_routing_data
+    from coe.routers.datasets import embed_routing_data, load_routing_data
     from coe.routers.embedding import Embedder
     from coe.routers.report import split_data
     from coe.routers.tuning import cross_validate
@@ -44,7 +43,7 @@ def main(names: list[str]) -> None:
         data = load_routing_data(path, "auto", costs)
         if split:
             data, _ = split_data(data, split, 0)
-        x, _, _ = _embed_all(emb, data, None)
+        x, _, _ = embed_routing_data(emb, data, None)
         t = time.time()
         plain = cross_validate("learned", data, x, grid=BASE_GRID, folds=5, seed=0)
         text = cross_validate("learned", data, x, grid=TEXT_GRID, folds=5, seed=0)

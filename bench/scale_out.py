@@ -1,9 +1,9 @@
 """Scale-out on a local multi-node Ray cluster (issue #13 item 6, item 4's figures).
 
 A head (no replicas) and two worker nodes on this machine, loopback only
-(``coe.ray_local.LocalCluster``). What runs is the ``serveConfigV2`` that ``coe k8s render``
+(``coe.tools.ray_local.LocalCluster``). What runs is the ``serveConfigV2`` that ``coe k8s render``
 writes for a small project, its container paths mapped back to this machine and applied as
-``serve deploy`` does (``coe.k8s.local``), as in ``tests/serving/test_multinode.py``.
+``serve deploy`` does (``coe.tools.k8s.local``), as in ``tests/serving/test_multinode.py``.
 
 The engine does next to nothing, so that the ingress (HTTP, validation, routing, admission,
 the call to the expert server) is what is measured: the ``hf`` engine on a random 2-layer,
@@ -101,8 +101,8 @@ def project_config(root: Path, ingress_replicas: int, name: str) -> Path:
 
 def rendered(root: Path, state: Path, port: int) -> dict:
     """One serve config holding both applications, each exactly as rendered (paths mapped)."""
-    from coe.k8s.local import localize, rendered_serve_config
-    from coe.k8s.manifests import RenderOptions, render
+    from coe.tools.k8s.local import localize, rendered_serve_config
+    from coe.tools.k8s.manifests import RenderOptions, render
 
     out = None
     for name, replicas, prefix in (("coe", 2, "/"), ("coe1", 1, "/one")):
@@ -235,8 +235,8 @@ def visibility(base: str, root: Path, k: int, timeout_s: float = 30) -> tuple[fl
 def node_failure(local, base: str, clients: int, state: Path) -> dict:
     import httpx
 
-    from coe.ray_local import LocalCluster
     from coe.registry import ExpertRegistry
+    from coe.tools.ray_local import LocalCluster
 
     def registered() -> set[str]:
         """The registry's experts, and every expert a few answers of /v1/models name."""
@@ -303,8 +303,8 @@ def main() -> int:
     args = ap.parse_args()
     rec = RunRecord.start(note="Local multi-node Ray cluster (head + 2 worker nodes, loopback), tiny hf engine.")
 
-    from coe.k8s.local import deploy
-    from coe.ray_local import LocalCluster
+    from coe.tools.k8s.local import deploy
+    from coe.tools.ray_local import LocalCluster
 
     work = Path(tempfile.mkdtemp(prefix="coe-scale-out-"))
     local = LocalCluster(workers=2, cpus_per_worker=2)

@@ -74,7 +74,7 @@ def _random_lora(out: Path, seed: int, rank: int = 8) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from coe.models import resolve
+    from coe.model_paths import resolve
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(resolve("smollm2-135m-instruct"))

@@ -107,7 +107,7 @@ def embedder_config(alias: str, work: Path, *, refit: bool = True, nice: int | N
     fit_cfg = work / f"{stem}-fit.yaml"
     fit_cfg.write_text(yaml.safe_dump({**cfg, "router": {k: v for k, v in cfg["router"].items() if k != "fitted"}},
                                       sort_keys=False))
-    subprocess.run([sys.executable, "-m", "coe.cli", "router", "fit", "--config", str(fit_cfg),
+    subprocess.run([sys.executable, "-m", "coe.tools.cli", "router", "fit", "--config", str(fit_cfg),
                     "--data", str(base / shipped["data"].removeprefix("configs/")), "--router", shipped["router"],
                     "--no-cv", "--quiet", "--out", str(fitted)], check=True, cwd=REPO)
     return path

@@ -55,7 +55,7 @@ class Service:
         if not (home / "models").exists():
             (home / "models").symlink_to(models_dir())
         env = {**os.environ, "COE_HOME": str(home), "COE_ADMIN_KEY": ADMIN_KEY, "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "coe.cli", "serve", "--port", str(port)] + (["--config", config] if config else [])
+        cmd = [sys.executable, "-m", "coe.tools.cli", "serve", "--port", str(port)] + (["--config", config] if config else [])
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)

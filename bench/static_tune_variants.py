@@ -32,10 +32,10 @@ def main() -> None:
     from model2vec import StaticModel
     from model2vec.distill import distill
 
-    from coe.models import MINILM_MAX_SEQ, prepare
     from coe.paths import models_dir
     from coe.routers.embedders import MARKER, load_backend
     from coe.routers.static_tune import collect_corpus, corpus_sha256, tune
+    from coe.tools.models import MINILM_MAX_SEQ, prepare
 
     torch.set_num_threads(2)
     work = Path(args.work)

@@ -26,7 +26,8 @@ def quiet() -> None:
 def tokenizer_source() -> Path | None:
     """SmolLM2's folder when prepared (a real 49k-token tokenizer with a chat template)."""
     try:
-        from coe.models import is_prepared, models_dir
+        from coe.model_paths import is_prepared
+        from coe.paths import models_dir
     except ImportError:  # pragma: no cover - the bench also runs where coe's deps are absent
         return None
     if is_prepared("smollm2-135m-instruct"):

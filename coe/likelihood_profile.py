@@ -3,7 +3,7 @@
 The outcome of an expert on a probe is the reference answer's per-token likelihood
 ``exp(-mean NLL)`` in (0, 1] (higher is better), its cost the answer's tokens times the expert's
 configured ``cost`` (:func:`likelihood_cell`). The tokens are exactly those of
-:func:`coe.eval.likelihood.encode_chat` (the user message through the expert's chat template,
+:func:`coe.scoring.likelihood.encode_chat` (the user message through the expert's chat template,
 then the answer and the end-of-sequence token), so the in-process profile
 (``coe experts profile --likelihood --in-process``), the profile through a running service
 (``coe experts profile --likelihood``) and the service's background profile of a newly
@@ -48,7 +48,7 @@ class ScoringPrompt:
 
 def scoring_prompt(tokenizer, query: str, answer: str) -> ScoringPrompt:
     """The scoring prompt for ``answer`` to ``query`` under ``tokenizer`` (the expert's)."""
-    from coe.eval.likelihood import encode_chat
+    from coe.scoring.likelihood import encode_chat
 
     ids, n = encode_chat(tokenizer, query, answer)
     return ScoringPrompt(ids, n)
@@ -118,7 +118,7 @@ def _answer_lps(prompt_lps: Sequence, sp: ScoringPrompt) -> list[float]:
 
 
 class MeasuredLikelihood:
-    """A :class:`coe.eval.likelihood.Likelihood` over log-probabilities an engine already returned
+    """A :class:`coe.scoring.likelihood.Likelihood` over log-probabilities an engine already returned
     (``{(user message, answer): [logprob per answer token]}``), so a likelihood scorer
     (``choice``) runs unchanged on a served expert. An item not in the table gives None (the
     scorer fails that probe with a reason). Read-only, thread-safe."""

@@ -1,10 +1,10 @@
-"""One plugin registry: register by name with a decorator, refuse duplicates, discover built-ins.
+"""Plugins: register by name with a decorator, refuse duplicates, discover built-ins.
 
 Routers, engines, scorers, embedding backends and skill extractors are all plugins: each
 registers itself in its own module (``@register_router("knn")``) and the code that uses them
-looks them up by name. :class:`Registry` is that pattern once::
+looks them up by name. :class:`Plugins` is that pattern once::
 
-    _ENGINES = Registry("engine", packages=("coe.serving.engines",), error=ConfigError)
+    _ENGINES = Plugins("engine", packages=("coe.serving.engines",), error=ConfigError)
 
     @_ENGINES.register("hf")
     class HFEngine(Engine): ...
@@ -29,7 +29,7 @@ from coe.errors import CoEError, ConfigError, available
 T = TypeVar("T")
 
 
-class Registry(Generic[T]):
+class Plugins(Generic[T]):
     """Named plugins of one ``kind`` (a word for messages: "router", "engine"...).
 
     ``modules``/``packages``: what to import to find the built-ins (dotted names; a package's

@@ -1,12 +1,12 @@
-"""The router protocol, the registry, and saving/loading fitted routers.
+"""The router protocol, the router plugins, and saving/loading fitted routers.
 
 A router only *scores*: for a batch of queries it predicts every expert's quality (and, where it
 knows, cost). Choosing an expert from the scores (argmax, quality − λ·cost, cheapest above τ)
 is the one shared :mod:`coe.routers.policy`. Routers register themselves in their own file with
-``@register_router("name")``; the registry refuses duplicates.
+``@register_router("name")``; registering a name twice is refused.
 
 A fitted router is a folder: ``router.json`` (name, params, experts, costs, embedder, notes)
-and ``state.npz`` (its arrays). :func:`load_router` rebuilds it through the registry.
+and ``state.npz`` (its arrays). :func:`load_router` rebuilds it by its registered name.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from coe.errors import ConfigError, RouterNotFoundError
-from coe.plugins import Registry
+from coe.plugins import Plugins
 
 FORMAT_VERSION = 1
 
@@ -144,9 +144,9 @@ class Router:
         return Scores(experts=list(self.experts), quality=quality, cost=self.costs, uncertainty=uncertainty)
 
 
-# --------------------------------------------------------------------------- registry
+# --------------------------------------------------------------------------- plugins
 
-_ROUTERS: Registry[type[Router]] = Registry(
+_ROUTERS: Plugins[type[Router]] = Plugins(
     "router", packages=("coe.routers.builtin",), error=RouterNotFoundError
 )
 
@@ -166,7 +166,7 @@ def router_class(name: str) -> type[Router]:
 
 
 def check_router_config(cfg) -> RouterParams:
-    """Check a ``coe.config.RouterConfig`` against the registry: ``name`` is a registered router
+    """Check a ``coe.config.RouterConfig`` against the routers: ``name`` is a registered router
     and ``params`` are valid for its own parameter class. Returns the validated params.
 
     The config schema (core) knows no routers; whoever uses a config (``coe config validate``,

@@ -415,3 +415,13 @@ def routing_texts(queries: list[str], prefix: str) -> list[str]:
     """The queries with ``prefix`` removed where they start with it (the text routers embed)."""
     n = len(prefix)
     return [q[n:] if n and q.startswith(prefix) else q for q in queries]
+
+
+def embed_routing_data(embedder, train: RoutingData, test: RoutingData | None = None):
+    """``(train embeddings, test embeddings or None, prefix)``: unit-norm embeddings of the routing
+    texts (:func:`routing_texts`), with the few-shot header shared by the train queries
+    (:func:`shared_prefix`) removed from both sets."""
+    prefix = shared_prefix(train.queries)
+    xtr = embedder.encode(routing_texts(train.queries, prefix))
+    xte = embedder.encode(routing_texts(test.queries, prefix)) if test is not None else None
+    return xtr, xte, prefix

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from coe.errors import ConfigError, available
-from coe.plugins import Registry
+from coe.plugins import Plugins
 
 MARKER = "coe_embedder.json"
 
@@ -42,7 +42,7 @@ class EmbeddingBackend(Protocol):
 
 
 BackendFactory = Callable[..., EmbeddingBackend]
-_BACKENDS: Registry[BackendFactory] = Registry("embedding backend", stamp_name=False)
+_BACKENDS: Plugins[BackendFactory] = Plugins("embedding backend", stamp_name=False)
 
 
 def register_backend(name: str):

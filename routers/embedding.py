@@ -1,6 +1,6 @@
 """Sentence embeddings for routing: batched, cached in memory and on disk, any backend.
 
-The model comes from :func:`coe.models.resolve` (built-in alias ``minilm-l6`` by default); the
+The model comes from :func:`coe.model_paths.resolve` (built-in alias ``minilm-l6`` by default); the
 folder says which :mod:`coe.routers.embedders` backend runs it (PyTorch sentence-transformers,
 ONNX Runtime int8, or a model2vec static embedder). Embeddings are unit-norm ``float32`` rows, so a dot product is the cosine similarity. The
 caches are keyed by the model folder and the SHA-256 of the text: an in-process LRU, and an
@@ -27,7 +27,7 @@ def _build_id(path: str) -> str:
     """What tells two builds of one prepared folder apart (its manifest: checksums of every file),
     so a rebuilt model (``coe models prepare --force``) never reads the old model's cached
     embeddings; empty for a folder without one (a hub id or a user's folder)."""
-    from coe.models import READY
+    from coe.model_paths import READY
 
     try:
         return hashlib.sha256((Path(path) / READY).read_bytes()).hexdigest()[:16]
@@ -55,7 +55,7 @@ class Embedder:
         progress: bool = False,
         threads: int | None = None,
     ) -> None:
-        from coe.models import resolve
+        from coe.model_paths import resolve
 
         self.ref = model
         self.path = resolve(model)

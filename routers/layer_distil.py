@@ -9,8 +9,8 @@ distillation and sentence-transformers' "model distillation" recipe do it.
 The corpus and its targets are :func:`coe.routers.static_tune.teacher_targets`: local training text only, never a
 ``*_test`` split. A ``val_share`` of it (drawn with ``seed``) is held out: the epoch with the
 lowest held-out loss is kept. The student is saved as a plain transformers folder (the
-teacher's architecture with fewer layers) plus its tokenizer; ``coe.models`` exports it to ONNX
-and quantises it like MiniLM itself.
+teacher's architecture with fewer layers) plus its tokenizer; ``coe models prepare``
+(:mod:`coe.tools.models`) exports it to ONNX and quantises it like MiniLM itself.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from coe.models import set_corpus_tuner
 from coe.routers.static_tune import corpus_sha256, teacher_targets
 
 
@@ -158,6 +157,3 @@ def build_distilled(teacher: Path, corpus: Path, out: Path, *, layers: int, epoc
             "epochs": res.epochs, "val_texts": res.val_texts,
             "val_cosine_loss_pruned": round(res.val_loss_pruned, 5),
             "val_cosine_loss_after": round(res.val_loss_after, 5)}
-
-
-set_corpus_tuner("layers", build_distilled)   # coe.models builds minilm-l1-distil-int8 with it

@@ -2,7 +2,7 @@
 
 A single router sends each query to one expert. A *recruit policy* sends it to the ``k`` experts
 with the best utility (predicted quality − λ·cost, the shared policy's ranking), lets each
-answer, and returns the majority answer (:func:`coe.eval.answers.vote`: normalised final
+answer, and returns the majority answer (:func:`coe.scoring.answers.vote`: normalised final
 answers, ties to the answer whose supporter has the higher predicted quality). A query costs the
 sum of its recruited experts' costs, and scores the outcome of the reply that represents the
 voted answer (the highest-ranked expert giving it), so no gold answer column is needed.
@@ -118,7 +118,7 @@ class Ballots:
     vote of each recruited set cached (a λ sweep recruits the same sets over and over)."""
 
     def __init__(self, responses: np.ndarray, kind: str) -> None:
-        from coe.eval.answers import normalize_answer
+        from coe.scoring.answers import normalize_answer
 
         self.kind = kind
         codes: dict[str, int] = {}
@@ -131,7 +131,7 @@ class Ballots:
     def represent(self, mask: np.ndarray, rank: np.ndarray, cache: dict | None = None) -> np.ndarray:
         """``[N]``: the column whose reply stands for each row's voted answer (the best-ranked
         recruited column when all of them abstain). ``cache`` is valid for one ``rank``."""
-        from coe.eval.answers import vote
+        from coe.scoring.answers import vote
 
         cache = {} if cache is None else cache
         rep = np.argmax(np.where(mask, rank, -np.inf), axis=1)
@@ -162,7 +162,7 @@ def consistency(codes: np.ndarray, quality: np.ndarray) -> float:
 
 def detect_kind(responses: np.ndarray, quality: np.ndarray) -> tuple[str, dict[str, float]]:
     """The answer kind whose normalisation best separates right from wrong replies, and each kind's score."""
-    from coe.eval.answers import KINDS
+    from coe.scoring.answers import KINDS
 
     sample = np.arange(min(len(quality), 300))
     scores = {kind: consistency(Ballots(responses[sample], kind).codes, quality[sample]) for kind in KINDS}
@@ -384,7 +384,7 @@ def _any_triple_right(codes: np.ndarray, quality: np.ndarray) -> float:
     3-expert vote with a perfect choice of experts can reach."""
     from itertools import combinations
 
-    from coe.eval.answers import vote
+    from coe.scoring.answers import vote
 
     m = codes.shape[1]
     trip = list(combinations(range(m), 3)) if m >= 3 else [tuple(range(m))]

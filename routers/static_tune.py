@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from coe.errors import ModelNotFoundError
-from coe.models import CORPUS_LAYOUT, set_corpus_tuner
+from coe.model_paths import CORPUS_LAYOUT
 
 _CALC = re.compile(r"<<[^>]*>>")   # GSM8K's calculator annotations
 # The last GSM8K train items are held out: the math expert's ``holdout``
@@ -208,6 +208,3 @@ def build_tuned(teacher: Path, corpus: Path, out: Path, *, dims: int, epochs: in
     return {"corpus_texts": len(texts), "corpus_sha256": corpus_sha256(texts), "dims": res.dims,
             "val_texts": res.val_texts, "val_cosine_loss_before": round(res.val_loss_before, 5),
             "val_cosine_loss_after": round(res.val_loss_after, 5)}
-
-
-set_corpus_tuner("static", build_tuned)   # coe.models builds minilm-l6-m2v-tuned with it (the core imports no router)

@@ -110,7 +110,8 @@ def tiny_loras(tiny_llama_dir, tmp_path_factory) -> list[Path]:
 
 
 def _prepared(alias: str) -> Path:
-    from coe.models import is_prepared, models_dir
+    from coe.model_paths import is_prepared
+    from coe.paths import models_dir
 
     if not is_prepared(alias):
         pytest.skip(f"built-in model {alias} is not prepared: run `coe models prepare {alias}`")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from coe.eval.probes import Probe, gsm8k_probe, mbpp_probes
+from coe.scoring.probes import Probe, gsm8k_probe, mbpp_probes
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 GSM8K = SHARED_DATA / "training" / "gsm8k_train.jsonl"
@@ -49,7 +49,7 @@ def math_heldout(holdout: int) -> list[Probe]:
 
 def math_test() -> list[Probe]:
     """GSM8K test questions with a gold number taken from a response judged correct."""
-    from coe.eval.exact_number import final_number
+    from coe.scoring.answers import final_number
 
     csv.field_size_limit(1 << 30)
     out = []
@@ -76,9 +76,9 @@ def chat_prompt(tok, query: str) -> str:
 
 
 def encode_example(tok, question: str, answer: str, max_len: int) -> tuple[list[int], int] | None:
-    """:func:`coe.eval.likelihood.encode_chat`, or None when the example does not fit in
+    """:func:`coe.scoring.likelihood.encode_chat`, or None when the example does not fit in
     ``max_len`` tokens (it is skipped, not cut, so that no answer is trained without its end)."""
-    from coe.eval.likelihood import encode_chat
+    from coe.scoring.likelihood import encode_chat
 
     ids, n = encode_chat(tok, question, answer)
     return (ids, n) if len(ids) <= max_len else None

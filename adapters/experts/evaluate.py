@@ -59,7 +59,7 @@ def _append(items_file: Path, rows: list[dict]) -> None:
 
 
 def run_nll(like, domain, probes, done, items_file):
-    from coe.eval import get_scorer
+    from coe.scoring import get_scorer
 
     scorer = get_scorer("reference_nll")
     todo = [p for p in probes if ("nll", domain, p.id, "base") not in done or ("nll", domain, p.id, "expert") not in done]
@@ -80,7 +80,7 @@ def run_generation(model, lora, tok, domain, probes, done, items_file, *, batch_
     from coe.adapters.decode import decode
     from coe.adapters.experts.data import chat_prompt
     from coe.adapters.multilora import LoRAStepper
-    from coe.eval import get_scorer, score
+    from coe.scoring import get_scorer, score
 
     scorer = get_scorer("exact_number" if domain == "math" else "code_tests")
     todo = [p for p in probes if ("task", domain, p.id, "expert") not in done]
@@ -114,7 +114,7 @@ def run_generation(model, lora, tok, domain, probes, done, items_file, *, batch_
 
 def summarize(items_file: Path, domains: list[str]) -> dict:
     """Per domain and metric: base/expert means with bootstrap CIs, paired CI of expert − base."""
-    from coe.eval.bootstrap import bootstrap_mean, paired_difference
+    from coe.scoring.bootstrap import bootstrap_mean, paired_difference
 
     recs = _done(items_file)
     out: dict = {}
@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from coe.adapters.multilora import MultiLoRA
-    from coe.eval.likelihood import HFLikelihood
-    from coe.models import resolve
+    from coe.model_paths import resolve
+    from coe.scoring.likelihood import HFLikelihood
 
     torch.set_num_threads(args.threads)
     model_dir = resolve("smollm2-135m-instruct")

@@ -25,7 +25,7 @@ import random
 import time
 from pathlib import Path
 
-from coe.eval.likelihood import (
+from coe.scoring.likelihood import (
     collate,  # the one left-padded answer batching (training and scoring)
 )
 
@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--domain", choices=["math", "code"], required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--ckpt", type=Path, default=None, help="resume state (default bench/results/tmp/expert-<domain>)")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="coe.models.resolve reference")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="coe.model_paths.resolve reference")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from coe.adapters.experts.data import encode_example
-    from coe.models import resolve
+    from coe.model_paths import resolve
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

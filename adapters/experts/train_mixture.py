@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     from coe.adapters.experts.train import plot_loss, training_pairs
     from coe.adapters.mole import MoLE
     from coe.adapters.mole_train import train_gates
-    from coe.eval.likelihood import collate
-    from coe.models import resolve
+    from coe.model_paths import resolve
+    from coe.scoring.likelihood import collate
 
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)

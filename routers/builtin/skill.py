@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import Field
 
 from coe.errors import ConfigError, available
-from coe.plugins import Registry
+from coe.plugins import Plugins
 from coe.routers.base import FitContext, QueryBatch, Router, RouterParams, Scores, register_router
 
 DEFAULT_SKILLS = [
@@ -38,7 +38,7 @@ DEFAULT_SKILLS = [
 ]
 
 # name -> factory(router, ctx) -> callable(texts, embeddings) -> weights [B, K] over router.vocab
-_EXTRACTORS: Registry[Callable] = Registry("skill extractor", stamp_name=False)
+_EXTRACTORS: Plugins[Callable] = Plugins("skill extractor", stamp_name=False)
 
 
 def register_skill_extractor(name: str):

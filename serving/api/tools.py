@@ -52,11 +52,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from coe.errors import ConfigError, InvalidRequestError
-from coe.plugins import Registry
+from coe.plugins import Plugins
 from coe.serving.api.models import FunctionCall, ToolCall
 from coe.serving.engines.tokens import template_messages
 
-TOOL_CALL_PARSERS: Registry[type[ToolCallParser]] = Registry("tool-call parser", error=ConfigError)
+TOOL_CALL_PARSERS: Plugins[type[ToolCallParser]] = Plugins("tool-call parser", error=ConfigError)
 """Template family -> the parser of its models' tool calls."""
 
 ALLOWED_TOOL_CHOICE = "'auto' or 'none'"
@@ -103,7 +103,7 @@ def parser_for(template: str | None) -> type[ToolCallParser] | None:
 def model_chat_template(model_ref: str) -> str | None:
     """The chat template of a model reachable from here (a built-in alias or a local folder:
     ``chat_template.jinja`` or ``tokenizer_config.json``'s ``chat_template``); None when unknown."""
-    from coe.models import resolve
+    from coe.model_paths import resolve
 
     try:
         folder = Path(resolve(model_ref))

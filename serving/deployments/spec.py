@@ -156,8 +156,8 @@ def resolve_path(ref: str, base_dir: str | Path | None) -> Path:
 
 def resolve_model(ref: str, base_dir: str | Path | None) -> str:
     """A model reference: a relative folder resolves against ``base_dir``; everything else goes
-    through :func:`coe.models.resolve` (built-in alias, folder, hub id)."""
-    from coe.models import resolve
+    through :func:`coe.model_paths.resolve` (built-in alias, folder, hub id)."""
+    from coe.model_paths import resolve
 
     if base_dir is not None and not Path(ref).expanduser().is_absolute():
         candidate = Path(base_dir) / ref

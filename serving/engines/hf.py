@@ -44,7 +44,6 @@ class HFEngine(Engine):
     def __init__(self, model_path, config=None) -> None:
         super().__init__(model_path, config)
         self._model = None
-        self._tokenizer = None
         self._device = "cpu"
         self._max_len = self.config.max_model_len
         self._adapters: dict[str, LoraInfo] = {}
@@ -70,7 +69,7 @@ class HFEngine(Engine):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from coe.models import resolve
+        from coe.model_paths import resolve
 
         path = resolve(self.model_path)
         self._device = resolve_device(self.config)
@@ -113,11 +112,6 @@ class HFEngine(Engine):
             return (len(self._batch) if self._batch is not None else 0) + len(self._pending)
 
     # ------------------------------------------------------------------ requests
-
-    def tokenizer_of(self, dispatch: Dispatch):
-        if self._tokenizer is None:
-            raise NotReadyError(f"engine for {self.model_path} is not started")
-        return self._tokenizer
 
     async def stream(self, dispatch: Dispatch):
         """Yield StreamDeltas; raises ContextLengthError / AdapterError / InvalidRequestError

@@ -12,7 +12,7 @@ from coe.errors import ModelNotFoundError
 def model_load_error(model_ref: str, err: Exception) -> ModelNotFoundError:
     """The error for a model (or tokenizer) that failed to load: a folder that exists but is
     unreadable, or a reference that is neither a folder nor a reachable hub id."""
-    from coe.models import hub_error
+    from coe.model_paths import hub_error
 
     if Path(model_ref).exists():
         return ModelNotFoundError(f"model folder {model_ref} cannot be loaded: {type(err).__name__}: {str(err)[:300]}")

@@ -72,7 +72,6 @@ class MixtureEngine(Engine):
         self.method, self.adapter_paths = method, list(adapters or [])
         self.checkpoint, self.top_k = checkpoint, top_k
         self.mixture = None
-        self._tokenizer = None
         self._lock = threading.Lock()
         self._max_len = self.config.max_model_len
         self.set_window(window or BatchingConfig())
@@ -104,7 +103,7 @@ class MixtureEngine(Engine):
 
         from coe.adapters.mixtures import load_mixture
         from coe.adapters.mole import MoLE, read_mixture_meta
-        from coe.models import resolve
+        from coe.model_paths import resolve
 
         path = resolve(self.model_path)
         self._tokenizer = load_tokenizer(path)
@@ -139,11 +138,6 @@ class MixtureEngine(Engine):
 
     async def add_adapter(self, name: str, path) -> None:
         raise AdapterError("a mixture engine serves a fixed set of experts; adapters cannot be added at runtime")
-
-    def tokenizer_of(self, dispatch: Dispatch):
-        if self._tokenizer is None:
-            raise NotReadyError(f"mixture engine for {self.model_path} is not started")
-        return self._tokenizer
 
     # ------------------------------------------------------------------ generation
     def _admit(self, dispatch: Dispatch, sink) -> Row:

@@ -23,7 +23,7 @@ def load_tokenizer(model_ref: str):
 
 def chat_template_of(tokenizer) -> str:
     """The tokenizer's chat template, or the plain Question/Answer one for models without one."""
-    from coe.models import PLAIN_CHAT_TEMPLATE
+    from coe.model_paths import PLAIN_CHAT_TEMPLATE
 
     return getattr(tokenizer, "chat_template", None) or PLAIN_CHAT_TEMPLATE
 

@@ -65,7 +65,6 @@ class VLLMEngine(Engine):
     def __init__(self, model_path, config=None) -> None:
         super().__init__(model_path, config)
         self._engine = None
-        self._tokenizer = None
         self._max_len = self.config.max_model_len
         self._adapters: dict[str, tuple[int, LoraInfo]] = {}
         self._ids = itertools.count(1)
@@ -99,7 +98,7 @@ class VLLMEngine(Engine):
     async def start(self) -> None:
         if self._engine is not None:
             return
-        from coe.models import resolve
+        from coe.model_paths import resolve
 
         path = resolve(self.model_path)
         self._tokenizer = load_tokenizer(path)
@@ -137,11 +136,6 @@ class VLLMEngine(Engine):
         return self._max_len
 
     # ------------------------------------------------------------------ requests
-
-    def tokenizer_of(self, dispatch: Dispatch):
-        if self._tokenizer is None:
-            raise NotReadyError(f"engine for {self.model_path} is not started")
-        return self._tokenizer
 
     def _sampling(self, dispatch: Dispatch):
         from vllm import SamplingParams

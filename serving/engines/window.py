@@ -2,8 +2,7 @@
 dispatch one batch per expert.
 
 Kept by the engines that run one batch at a time (``Capabilities.batching == "window"``: the
-mixture engine) in front of their decoding, as the expert pool keeps its own grouped queue;
-continuously batching engines need none.
+mixture engine) in front of their decoding, as the expert pool keeps its own grouped queue.
 A request waits at most ``window_ms`` after the oldest pending request of its group arrived
 (less when its group reaches ``max_batch_size``). When the window closes every group is handed
 to ``run_batch`` as one call, up to ``max_concurrent`` batches in flight (``max_concurrent=1``:
@@ -50,28 +49,21 @@ class ExpertGroupedBatcher(Generic[Req, Out]):
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.window_s = window_ms / 1000.0
-        self._max_concurrent = max_concurrent
+        self._slots = asyncio.Semaphore(max_concurrent) if max_concurrent else None
         # items are (request, future); "oldest_first" never skips a group within take()
         self._queue = GroupedQueue("oldest_first", window_ms, max_batch_size)
+        self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
         self.batches_dispatched = 0
-
-    def _start(self) -> None:
-        """(Re)start the dispatch loop on the running event loop (an engine may outlive a loop)."""
-        if self._loop_task is not None and not self._loop_task.done() \
-                and self._loop_task.get_loop() is asyncio.get_running_loop():
-            return
-        self._slots = asyncio.Semaphore(self._max_concurrent) if self._max_concurrent else None
-        self._wake = asyncio.Event()
-        self._loop_task = asyncio.create_task(self._loop())
 
     def queue_depth(self) -> int:
         """Requests waiting for a batch (not yet dispatched)."""
         return len(self._queue)
 
     async def submit(self, key: str, request: Req) -> tuple[Out, int]:
-        self._start()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._loop())
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._queue.put(key, (request, fut))
         self._wake.set()
@@ -138,7 +130,7 @@ class ExpertGroupedBatcher(Generic[Req, Out]):
             self._wake.set()
 
     async def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        for task in [self._loop_task, *self._inflight]:
-            if task is not None and task.get_loop() is loop:  # (one of a closed loop is gone with it)
-                task.cancel()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        for task in list(self._inflight):
+            task.cancel()

@@ -116,7 +116,7 @@ class PoolEngine(Engine):
         self._thread.start()
 
     def _load(self) -> None:
-        from coe.models import resolve
+        from coe.model_paths import resolve
 
         pool = ExpertPool({e: str(resolve(ref)) for e, ref in self.experts.items()}, self.pool_config, self.config)
         pool.load()

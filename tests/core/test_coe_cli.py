@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from coe.cli import build_parser, main
+from coe.tools.cli import build_parser, main
 
 
 def test_config_schema_and_validate(capsys, tmp_path):
@@ -37,6 +37,6 @@ def test_commands_are_discovered():
 
 
 def test_import_coe_is_light():
-    code = "import sys, coe, coe.config, coe.cli, coe.models, coe.serving.engines; print(sorted(m for m in ('torch','vllm','ray') if m in sys.modules))"
+    code = "import sys, coe, coe.config, coe.tools.cli, coe.model_paths, coe.tools.models, coe.scoring, coe.serving.engines; print(sorted(m for m in ('torch','vllm','ray') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

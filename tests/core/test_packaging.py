@@ -94,8 +94,8 @@ def test_wheel_installs_alone(tmp_path):
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout
 
-    assert "serve" in run_installed("from coe.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass")
-    assert "valid" in run_installed("from coe.cli import main; sys.exit(main(['config', 'validate']))")
+    assert "serve" in run_installed("from coe.tools.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass")
+    assert "valid" in run_installed("from coe.tools.cli import main; sys.exit(main(['config', 'validate']))")
     # the embedded config's relative paths land in the installed package, and what they name is there
     run_installed(
         "from pathlib import Path\n"
@@ -112,7 +112,7 @@ def test_wheel_installs_alone(tmp_path):
     )
     # `coe k8s render` maps the installed package's files to the repository folders of the image,
     # so it writes what the checkout writes (k8s/base is that render)
-    run_installed("from coe.cli import main; sys.exit(main(['k8s', 'render', '--out', sys.argv[3]]))",
+    run_installed("from coe.tools.cli import main; sys.exit(main(['k8s', 'render', '--out', sys.argv[3]]))",
                   str(tmp_path / "k8s"))
     assert _manifest(tmp_path / "k8s" / "rayservice.yaml") == _manifest(ROOT / "k8s" / "base" / "rayservice.yaml")
 

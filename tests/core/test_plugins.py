@@ -1,4 +1,4 @@
-"""The one plugin registry behind routers, engines, scorers, embedding backends and skill extractors."""
+"""The one plugin table (coe.plugins.Plugins) behind routers, engines, scorers, embedding backends and skill extractors."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import sys
 import pytest
 
 from coe.errors import ConfigError, RouterNotFoundError
-from coe.plugins import Registry
+from coe.plugins import Plugins
 
 
 def test_register_get_names_and_duplicates():
-    reg: Registry[type] = Registry("widget")
+    reg: Plugins[type] = Plugins("widget")
 
     @reg.register("a")
     class A:
@@ -26,7 +26,7 @@ def test_register_get_names_and_duplicates():
 
 
 def test_functions_keep_their_name_and_the_error_type_is_chosen():
-    reg: Registry = Registry("backend", stamp_name=False, error=RouterNotFoundError)
+    reg: Plugins = Plugins("backend", stamp_name=False, error=RouterNotFoundError)
 
     def factory():
         return 1
@@ -40,7 +40,7 @@ def test_functions_keep_their_name_and_the_error_type_is_chosen():
 def test_builtins_are_discovered_lazily(tmp_path, monkeypatch):
     pkg = tmp_path / "coe_plugin_probe"
     pkg.mkdir()
-    (pkg / "__init__.py").write_text("from coe.plugins import Registry\nREG = Registry('thing', packages=[__name__])\n")
+    (pkg / "__init__.py").write_text("from coe.plugins import Plugins\nREG = Plugins('thing', packages=[__name__])\n")
     (pkg / "one.py").write_text("from coe_plugin_probe import REG\n@REG.register('one')\nclass One:\n    pass\n")
     (pkg / "_private.py").write_text("raise RuntimeError('private modules are not plugins')\n")
     monkeypatch.syspath_prepend(str(tmp_path))

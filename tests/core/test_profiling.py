@@ -1,4 +1,4 @@
-"""``coe experts profile``'s core (coe.profiling) against an in-process OpenAI-shaped endpoint
+"""``coe experts profile``'s core (coe.tools.profiling) against an in-process OpenAI-shaped endpoint
 (httpx.MockTransport, a unit-test double): outcomes, costs, failures, resumption. The real
 service path is exercised by bench/composition.py."""
 
@@ -10,8 +10,8 @@ import json
 import httpx
 import pytest
 
-from coe.eval.probes import Probe
-from coe.profiling import done_ids, expert_costs, profile_experts
+from coe.scoring.probes import Probe
+from coe.tools.profiling import done_ids, expert_costs, profile_experts
 
 ANSWERS = {"good": "so the answer is 42", "bad": "I think 7"}
 
@@ -92,7 +92,7 @@ def test_likelihood_profile_on_the_tiny_model(tmp_path, tiny_llama_dir, tiny_lor
 
     import yaml
 
-    from coe.profiling import likelihood_table, profile_likelihood
+    from coe.tools.profiling import likelihood_table, profile_likelihood
     from tests.serving.serving_helpers import tiny_config_dict
 
     cfg = tiny_config_dict(tiny_llama_dir, tiny_loras, tmp_path, flaky=False)

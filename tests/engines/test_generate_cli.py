@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coe.cli import main
+from coe.tools.cli import main
 
 
 def _run(capsys, *argv):

@@ -75,7 +75,7 @@ def test_sampled_tokens_get_their_true_rank(tiny_hf, tiny_model, loop):
 
 
 def test_prompt_logprobs_equal_the_teacher_forced_likelihood(tiny_hf, tiny_model, loop):
-    from coe.eval.likelihood import HFLikelihood, encode_chat
+    from coe.scoring.likelihood import HFLikelihood, encode_chat
 
     model, tok = tiny_model
     query, answer = "what is the capital of france ?", "paris is the capital"

@@ -11,11 +11,11 @@ import yaml
 
 from coe.config import load_config
 from coe.errors import ConfigError
-from coe.k8s import render
-from coe.k8s.kustomize import build, diff_json6902
-from coe.k8s.sizing import Unit, size_groups, units
-from coe.k8s.validate import ManifestError, validate_objects
 from coe.paths import REPO_ROOT
+from coe.tools.k8s import render
+from coe.tools.k8s.kustomize import build, diff_json6902
+from coe.tools.k8s.sizing import Unit, size_groups, units
+from coe.tools.k8s.validate import ManifestError, validate_objects
 from tests.k8s.conftest import portable
 
 DOCKER = REPO_ROOT / "k8s" / "docker"
@@ -160,7 +160,7 @@ def test_units_are_the_builders_deployments(default_config):
 def test_autoscaling_bounds_size_the_worker_group(tmp_path, default_config):
     auto = "resources: {num_cpus: 1, num_gpus: 0.5, memory_gib: 12, autoscaling: {min_replicas: 1, max_replicas: 6}}"
     path = _config(tmp_path, default_config, **{"resources: {num_cpus: 1}": auto})
-    from coe.k8s.cluster_config import cluster_config
+    from coe.tools.k8s.cluster_config import cluster_config
 
     (cpu, gpu) = size_groups(cluster_config(path, gpu=True).config, gpu=True)
     smol = next(u for u in gpu.units if u.name == "expert-smollm2")
@@ -174,7 +174,7 @@ def test_autoscaling_bounds_size_the_worker_group(tmp_path, default_config):
 
 
 def test_unit_fit_counts_every_resource():
-    from coe.k8s.sizing import PodShape
+    from coe.tools.k8s.sizing import PodShape
 
     u = Unit("x", "expert", cpus=2, gpus=0, memory_gib=None, min_replicas=0, max_replicas=3)
     assert PodShape(cpus=5, gpus=0, memory_gib=16).fits(u) == 2  # 4 usable CPUs
@@ -214,7 +214,7 @@ def _readme_steps() -> list[str]:
 
 @pytest.mark.parametrize("kind, extra", [("cpu", "cpu"), ("cuda", "gpu")])
 def test_dockerfiles_install_as_the_readme_does(kind, extra):
-    from coe.k8s.manifests import RAY_VERSION
+    from coe.tools.k8s.manifests import RAY_VERSION
 
     text = (DOCKER / f"Dockerfile.{kind}").read_text()
     runs = " ".join(
@@ -234,6 +234,6 @@ def test_dockerfiles_install_as_the_readme_does(kind, extra):
 def test_ray_version_matches_the_installed_ray():
     from importlib.metadata import version
 
-    from coe.k8s.manifests import RAY_VERSION
+    from coe.tools.k8s.manifests import RAY_VERSION
 
     assert version("ray") == RAY_VERSION

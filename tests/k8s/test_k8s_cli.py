@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import yaml
 
-from coe.cli import main
-from coe.k8s import render
+from coe.tools.cli import main
+from coe.tools.k8s import render
 
 
 def test_render_to_stdout_is_the_render(capsys, default_config):

@@ -9,12 +9,12 @@ import pytest
 import yaml
 
 from coe.config import load_config
-from coe.k8s import RenderOptions, render
-from coe.k8s.cluster_config import ADAPTERS_DIR, APP_DIR, REGISTRY_PATH, cluster_config
-from coe.k8s.kustomize import build
-from coe.k8s.manifests import IMPORT_PATH, RAY_VERSION
-from coe.k8s.validate import validate_objects, validate_serve_config
 from coe.paths import REPO_ROOT
+from coe.tools.k8s import RenderOptions, render
+from coe.tools.k8s.cluster_config import ADAPTERS_DIR, APP_DIR, REGISTRY_PATH, cluster_config
+from coe.tools.k8s.kustomize import build
+from coe.tools.k8s.manifests import IMPORT_PATH, RAY_VERSION
+from coe.tools.k8s.validate import validate_objects, validate_serve_config
 from tests.k8s.conftest import portable
 
 K8S = REPO_ROOT / "k8s"
@@ -50,10 +50,10 @@ def test_overlays_are_the_renders_of_the_default_config(target, default_config, 
 
 
 def test_committed_tree_is_current():
-    from coe.k8s.tree import K8S_DIR, expected_tree
+    from coe.tools.k8s.tree import K8S_DIR, expected_tree
 
     stale = [rel for rel, text in expected_tree().items() if (K8S_DIR / rel).read_text() != text]
-    assert not stale, f"k8s/ is stale ({stale}); regenerate with `python -m coe.k8s.tree`"
+    assert not stale, f"k8s/ is stale ({stale}); regenerate with `python -m coe.tools.k8s.tree`"
 
 
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu-target", "gpu-target"])

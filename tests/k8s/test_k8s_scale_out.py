@@ -9,12 +9,12 @@ import shutil
 import pytest
 import yaml
 
-from coe.cli import main
 from coe.errors import ConfigError
-from coe.k8s import RenderOptions, render
-from coe.k8s.cluster_config import PROJECT_DIR, REGISTRY_PATH, cluster_config
-from coe.k8s.validate import validate_objects, validate_serve_config
 from coe.paths import REPO_ROOT
+from coe.tools.cli import main
+from coe.tools.k8s import RenderOptions, render
+from coe.tools.k8s.cluster_config import PROJECT_DIR, REGISTRY_PATH, cluster_config
+from coe.tools.k8s.validate import validate_objects, validate_serve_config
 from tests.k8s.conftest import portable
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from coe.cli import main
+from coe.tools.cli import main
 
 
 def _slice(src, dst, rows):

@@ -17,7 +17,7 @@ from coe.routers.base import QueryBatch
 
 @pytest.fixture(scope="module")
 def shipped(minilm_dir):
-    from coe.models import is_prepared
+    from coe.model_paths import is_prepared
 
     cfg = load_config()
     if not is_prepared(cfg.router.embedder):

@@ -50,8 +50,8 @@ def reference(minilm_dir):
 
 
 def _check(alias: str, reference: np.ndarray, min_cos: float) -> None:
-    from coe import models
     from coe.routers.embedding import Embedder
+    from coe.tools import models
 
     folder = models.prepare(alias, quiet=True)
     emb = Embedder(str(folder), memory_items=0)
@@ -80,8 +80,8 @@ def test_bf16_embedder_matches_minilm(reference):
 @pytest.mark.slow
 def test_static_embedder_distilled_from_minilm(reference):
     """model2vec distillation runs ~1-2 minutes the first time (then it is prepared)."""
-    from coe import models
     from coe.routers.embedding import Embedder
+    from coe.tools import models
 
     _check("minilm-l6-m2v", reference, 0.0)
     emb = Embedder(str(models.prepare("minilm-l6-m2v", quiet=True)), memory_items=0)
@@ -109,7 +109,7 @@ def test_encode_tracked_reports_cache_hits(minilm_dir):
 def test_a_rebuilt_model_never_reads_the_old_builds_cached_embeddings(tmp_path):
     """The disk cache is keyed by the folder's build (its manifest), not only by its path:
     `coe models prepare --force` may produce different vectors in the same folder."""
-    from coe.models import READY
+    from coe.model_paths import READY
     from coe.routers.embedding import Embedder
 
     folder = tmp_path / "emb"

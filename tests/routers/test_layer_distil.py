@@ -50,9 +50,8 @@ def test_layers_out_of_range_are_refused(tiny_bert_dir, tiny_sentences):
 
 def test_prepare_distils_exports_and_checksums(tmp_path, monkeypatch):
     """The real build: MiniLM's first layer, distilled on a small corpus, exported to ONNX int8."""
-    import coe.routers.layer_distil  # noqa: F401  (installs the builder, as the CLI does)
-    from coe import models
     from coe.routers.embedding import Embedder
+    from coe.tools import models
     from tests.routers.conftest import synthetic_rows
 
     monkeypatch.setenv("COE_HOME", str(tmp_path / "home"))
@@ -74,8 +73,8 @@ def test_prepare_distils_exports_and_checksums(tmp_path, monkeypatch):
 
 
 def test_prepare_without_a_corpus_says_how_to_give_one(monkeypatch, tmp_path):
-    from coe import models
+    from coe.tools import models
 
     monkeypatch.setattr(models, "default_corpus", lambda: None)
     with pytest.raises(ModelNotFoundError, match=r"minilm-l1-distil-int8 --corpus DIR` \(or set COE_CORPUS\)"):
-        models.BUILTIN["minilm-l1-distil-int8"].build(tmp_path, models.Progress(quiet=True), corpus=None)
+        models.BUILDERS["minilm-l1-distil-int8"](tmp_path, models.Progress(quiet=True), corpus=None)

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from coe.eval.answers import normalize_answer, vote
 from coe.routers.base import Scores
 from coe.routers.datasets import RoutingData
 from coe.routers.recruit import Ballots, RecruitPolicy, cross_validate_recruit, detect_kind, sweep
+from coe.scoring.answers import normalize_answer, vote
 
 
 @pytest.mark.parametrize("kind, same, different", [
@@ -117,7 +117,7 @@ def _slice(src, dst, rows):
 
 
 def test_coe_eval_recruit_end_to_end(shared_data, minilm_dir, tmp_path):
-    from coe.cli import main
+    from coe.tools.cli import main
 
     src = shared_data / "routing"
     train = _slice(src / "winograde_train.csv", tmp_path / "train.csv", 120)

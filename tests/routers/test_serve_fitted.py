@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import yaml
 
-from coe.cli import main
 from coe.config import load_config
 from coe.routers import FitContext, QueryBatch, build_online_router, create_router
+from coe.tools.cli import main
 from tests.routers.conftest import MODELS, synthetic_rows
 
 SERVABLE = ["knn", "learned", "skill", "category", "centroid", "irt", "stacked"]

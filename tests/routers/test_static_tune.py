@@ -44,12 +44,12 @@ def test_no_corpus_names_what_it_needs(tmp_path):
 
 
 def test_prepare_without_a_corpus_says_how_to_give_one(monkeypatch, tmp_path):
-    from coe import models
+    from coe.tools import models
 
     monkeypatch.delenv(models.CORPUS_ENV, raising=False)
     monkeypatch.setattr(models, "default_corpus", lambda: None)
     with pytest.raises(ModelNotFoundError, match=r"minilm-l6-m2v-tuned --corpus DIR` \(or set COE_CORPUS\)"):
-        models.BUILTIN["minilm-l6-m2v-tuned"].build(tmp_path, models.Progress(quiet=True), corpus=None)
+        models.BUILDERS["minilm-l6-m2v-tuned"](tmp_path, models.Progress(quiet=True), corpus=None)
 
 
 def test_prepare_all_builds_the_corpus_model_only_on_request(monkeypatch, capsys):
@@ -57,13 +57,14 @@ def test_prepare_all_builds_the_corpus_model_only_on_request(monkeypatch, capsys
     of MiniLM over a corpus for a model that is not the default."""
     import argparse
 
-    from coe import models
-    from coe.cli.models import _prepare
+    from coe import model_paths
+    from coe.tools import models
+    from coe.tools.cli.models import _prepare
 
     built = []
-    spec = models.BUILTIN["minilm-l6-m2v-tuned"]
-    monkeypatch.setattr(models, "BUILTIN", {spec.alias: spec})
-    monkeypatch.setattr(models, "is_prepared", lambda alias: False)
+    spec = model_paths.BUILTIN["minilm-l6-m2v-tuned"]
+    monkeypatch.setattr(model_paths, "BUILTIN", {spec.alias: spec})
+    monkeypatch.setattr(model_paths, "is_prepared", lambda alias: False)
     monkeypatch.setattr(models, "prepare", lambda alias, **kw: built.append(alias))
     args = argparse.Namespace(aliases=[], corpus=None, force=False, no_verify=True, quiet=True)
     assert _prepare(args) == 0

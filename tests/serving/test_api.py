@@ -414,8 +414,8 @@ class _LoopTransport(httpx.BaseTransport):
 
 
 def test_cli_experts_list_add_remove(h, monkeypatch, capsys):
-    import coe.cli.experts as cli
-    from coe.cli import main
+    import coe.tools.cli.experts as cli
+    from coe.tools.cli import main
 
     def client(args):
         key = args.admin_key or ""

@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coe.eval.base import get_scorer, score
-from coe.eval.probes import Probe, mbpp_prompt
+from coe.scoring.base import get_scorer, score
+from coe.scoring.probes import Probe, mbpp_prompt
 from tests.serving.serving_helpers import make_lora
 from tests.serving.test_ops_service import beyond_loopback, listening, process_tree, still_running
 
@@ -41,7 +41,7 @@ class Service:
         self.port = port
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "coe.cli", "serve", "--port", str(port)], cwd=REPO, env=env,
+            [sys.executable, "-m", "coe.tools.cli", "serve", "--port", str(port)], cwd=REPO, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         self.url: str | None = None

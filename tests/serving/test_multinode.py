@@ -1,10 +1,10 @@
 """The service on a real multi-node Ray cluster on this machine (loopback only): a head that runs
-no replicas and two worker nodes (``coe.ray_local.LocalCluster``, Ray's ``cluster_utils``).
+no replicas and two worker nodes (``coe.tools.ray_local.LocalCluster``, Ray's ``cluster_utils``).
 
 What runs is the ``serveConfigV2`` that ``coe k8s render`` writes for a small user project (tiny
 llama on the hf engine, a tiny LoRA, the centroid router on the model2vec embedder; 2 ingress
 replicas, 2 replicas of the model expert), its container paths mapped back to this machine and
-applied as ``serve deploy`` does (``coe.k8s.local``). The default config's 135M-270M models do
+applied as ``serve deploy`` does (``coe.tools.k8s.local``). The default config's 135M-270M models do
 not fit two replicas each on 2 cores; the rendering path is the same.
 
 Shows: replicas spread over both workers; a registration through one ingress replica is served
@@ -63,8 +63,8 @@ def project_config(project: Path, tiny_llama_dir: Path, tiny_loras: list[Path]) 
 
 
 def rendered_for_this_machine(config_path: Path, project: Path, state: Path, port: int) -> dict:
-    from coe.k8s.local import localize, rendered_serve_config
-    from coe.k8s.manifests import RenderOptions, render
+    from coe.tools.k8s.local import localize, rendered_serve_config
+    from coe.tools.k8s.manifests import RenderOptions, render
 
     manifests = render(config_path, options=RenderOptions(project=str(project), image_cpu="example.com/me/coe:1"))
     return localize(rendered_serve_config(manifests), project=project, state=state, port=port)
@@ -90,8 +90,8 @@ def wait_running(client: httpx.Client, timeout_s: float = 240) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_llama_dir, tiny_loras):
-    from coe.k8s.local import deploy
-    from coe.ray_local import LocalCluster
+    from coe.tools.k8s.local import deploy
+    from coe.tools.ray_local import LocalCluster
 
     root = tmp_path_factory.mktemp("multinode")
     project, state = root / "project", root / "state"
@@ -126,7 +126,7 @@ def _chat(client, content, model="coe", **kw):
 def test_the_rendered_config_is_what_runs_spread_over_both_workers(cluster):
     from ray import serve
 
-    from coe.ray_local import LocalCluster
+    from coe.tools.ray_local import LocalCluster
 
     app = cluster["serve_config"]["applications"][0]
     assert app["import_path"] == "coe.serving.app:app_builder"
@@ -169,7 +169,7 @@ def test_a_killed_worker_node_costs_only_its_in_flight_requests(cluster):
     are answered at once (503 with Retry-After when an expert replica died; Serve's proxy's bare
     500 when the ingress replica itself died); none hangs; Serve re-places the replicas on the surviving node; new requests
     succeed; the registered experts are all still there."""
-    from coe.ray_local import LocalCluster
+    from coe.tools.ray_local import LocalCluster
 
     c, local = cluster["client"], cluster["local"]
     before = {m["id"] for m in c.get("/v1/models").json()["data"]}

@@ -112,7 +112,7 @@ def background_service(tmp_path_factory, tiny_llama_dir, tiny_loras, serving_roo
     port = _free_port()
     log = folder / "serve.log"
     env = {**os.environ, "COE_HOME": str(_home(folder)), "COE_ADMIN_KEY": key, "PYTHONUNBUFFERED": "1"}
-    cmd = (f"{sys.executable} -m coe.cli serve --config {config} --port {port} --num-cpus 2 "
+    cmd = (f"{sys.executable} -m coe.tools.cli serve --config {config} --port {port} --num-cpus 2 "
            f"> {log} 2>&1 & echo $!")
     pid = int(subprocess.run(["sh", "-c", cmd], cwd=REPO, env=env, capture_output=True, text=True,
                              check=True).stdout)
@@ -182,7 +182,7 @@ def test_plan_that_does_not_fit_fails_at_once(tmp_path, tiny_llama_dir, tiny_lor
     config = _config_file(tmp_path, tiny_llama_dir, tiny_loras, serving_root, tiny={"num_cpus": 4})
     env = {**os.environ, "COE_HOME": str(_home(tmp_path)), "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
-    out = subprocess.run([sys.executable, "-m", "coe.cli", "serve", "--config", str(config), "--port",
+    out = subprocess.run([sys.executable, "-m", "coe.tools.cli", "serve", "--config", str(config), "--port",
                           str(_free_port()), "--num-cpus", "2"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300, check=False)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]

@@ -77,7 +77,7 @@ def test_check_capacity_takes_server_specs(tiny_llama_dir):
 
 
 def test_forwarded_env_never_carries_the_admin_key():
-    from coe.ray_local import forwarded_env
+    from coe.tools.ray_local import forwarded_env
 
     env = {"COE_HOME": "/h", "COE_ADMIN_KEY": "s3cret", "MY_KEY": "x", "VLLM_CPU_KVCACHE_SPACE": "1"}
     assert forwarded_env(env) == {"COE_HOME": "/h", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -87,7 +87,7 @@ def test_stop_handlers_override_an_inherited_ignored_sigint():
     """A shell starting a job in the background leaves SIGINT ignored; the handlers install anyway."""
     code = (
         "import os, signal, sys, time\n"
-        "from coe.cli.serve import install_stop_handlers\n"
+        "from coe.tools.cli.serve import install_stop_handlers\n"
         "assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
         "install_stop_handlers()\n"
         "try:\n    print('ready', flush=True)\n    time.sleep(60)\nexcept KeyboardInterrupt as e:\n"
@@ -107,7 +107,7 @@ def test_janitor_ends_orphaned_grandchildren():
     """A grandchild whose parent died comes back to the subreaper and is ended by stop()."""
     code = (
         "import subprocess, sys, time\n"
-        "from coe.ray_local import ProcessJanitor\n"
+        "from coe.tools.ray_local import ProcessJanitor\n"
         "j = ProcessJanitor(); assert j.start()\n"
         "mid = subprocess.Popen([sys.executable, '-c', "
         "'import subprocess,sys; p=subprocess.Popen([\"sleep\",\"300\"]); print(p.pid, flush=True)'],"
@@ -143,7 +143,7 @@ def _app(status, **deps):
 
 
 def test_wait_running_returns_fails_and_times_out():
-    from coe.cli.serve import wait_running
+    from coe.tools.cli.serve import wait_running
 
     wait_running(_FakeServe([None, _app("DEPLOYING"), _app("RUNNING")]), "coe", timeout_s=5, poll_s=0)
     failed = _app("DEPLOY_FAILED", **{"expert-x": ("UNHEALTHY", "the model folder is missing"),
@@ -158,7 +158,7 @@ def test_wait_running_returns_fails_and_times_out():
 
 
 def test_replica_grpc_server_is_bound_to_loopback(monkeypatch):
-    from coe.ray_local import _patch_replica, loopback_worker
+    from coe.tools.ray_local import _patch_replica, loopback_worker
 
     bound = []
     module = SimpleNamespace(add_port_to_grpc_server=lambda server, address: bound.append(address) or 1)
@@ -175,7 +175,7 @@ def test_replica_grpc_server_is_bound_to_loopback(monkeypatch):
 def test_janitor_ends_orphans_but_not_the_known_children():
     code = (
         "import subprocess, sys, time\n"
-        "from coe.ray_local import ProcessJanitor\n"
+        "from coe.tools.ray_local import ProcessJanitor\n"
         "j = ProcessJanitor(); assert j.start()\n"
         "keep = subprocess.Popen(['sleep', '300'])\n"
         "known = j.children()\n"

@@ -1,5 +1,0 @@
-import sys
-
-from coe.cli import main
-
-sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from coe.tools.cli import main
+
+sys.exit(main())
