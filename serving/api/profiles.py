@@ -145,7 +145,7 @@ class ProfileJobs:
         self.stale_after_s = 2 * s.request_timeout_s + 60 + s.refit_budget_s
         self.measurer = ProbeMeasurer(service)
         self._gate: asyncio.Semaphore | None = None
-        self._refit_lock: asyncio.Lock | None = None
+        self._refit_lock = asyncio.Lock()   # one refit at a time on this replica (a job's, or a refresh)
         self._tasks: dict[str, asyncio.Task] = {}
         self._jobs: dict[str, ProfileJob] = {}           # this replica's jobs (and all of them without a registry)
         self._outcomes: list[ProfileOutcome] = []        # without a registry only
@@ -336,7 +336,6 @@ class ProfileJobs:
     async def _run(self, job: ProfileJob, plan: ProbePlan, req: ProfileRequest, others: list[str]) -> None:
         if self._gate is None:
             self._gate = asyncio.Semaphore(self.concurrency)
-            self._refit_lock = asyncio.Lock()
         outcomes: list[ProfileOutcome] = []
         known = self.data().queries()
 
@@ -439,6 +438,7 @@ class ProfileJobs:
         if self._data is None and not self._stored_outcomes():
             return
         try:
-            await asyncio.to_thread(self.refit)
+            async with self._refit_lock:   # never installs a router older than a job's that ends meanwhile
+                await asyncio.to_thread(self.refit)
         except Exception:
             log.exception("could not refit the router on the stored profiles")
