@@ -1,4 +1,7 @@
-"""Shared request/response types between the API, the router and the engines."""
+"""Shared request/response types between the API, the router and the engines.
+
+Below the API a request is one :class:`Dispatch`, tokenized once by the expert server's engine
+(the ingress has no tokenizer for every expert; see :class:`Dispatch`)."""
 
 from __future__ import annotations
 
@@ -116,10 +119,11 @@ class Dispatch:
     The ingress (``CoEService.dispatch``) builds it after routing: ``request`` (with the expert's
     system prompt), the ``expert`` and its ``server_id``, the LoRA ``adapter`` (the name the
     engine knows it by: the expert id; None for the base model) and its ``adapter_path``, the
-    ``deadline`` (``time.monotonic()`` by which the answer is due), the ranked ``fallbacks``
-    (what comes next if this expert fails, best first: the expert's own ``fallback`` chain,
-    then the routing plan's order) and the decision's ``trace`` (the plan's candidates, when
-    asked for). Every layer below takes it whole in one call, ``stream(dispatch)``.
+    ``deadline`` (``time.time()`` by which the answer is due: wall clock, the server may be on
+    another node), the ranked ``fallbacks`` (who comes next if this expert fails, best first:
+    the expert's own ``fallback`` chain, then the routing plan's order) and the decision's
+    ``trace`` (the plan's candidates, when asked for). Every layer below takes it whole in one
+    call, ``stream(dispatch)``.
 
     Tokenized once, in the expert server: the ingress has no tokenizer for every expert (a
     model registered at runtime, the pool's per-expert tokenizers live with their engines), so

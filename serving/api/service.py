@@ -11,10 +11,8 @@ field), carries a deadline (``serving.request_timeout_s``: 504 past it), waits i
 bounded queue (429 with ``Retry-After`` past it), and on an engine failure (503) is retried per
 the fault policy on the next expert on a healthy server. Client errors never trigger a fallback.
 
-After routing, each try is one :class:`~coe.types.Dispatch` (:meth:`CoEService.dispatch`): the
-expert, its server and adapter, the request, the deadline, the decision's ranked fallbacks and
-trace. Below this module there is one call, ``backend.stream(dispatch)``; a whole answer is the
-stream joined here, at the HTTP edge.
+Each try is one :class:`~coe.types.Dispatch` (:meth:`CoEService.dispatch`); below this module
+there is one call, ``backend.stream(dispatch)``, and a whole answer is that stream joined here.
 """
 
 from __future__ import annotations
@@ -265,25 +263,18 @@ class CoEService:
         lora = isinstance(expert, LoraExpert)
         return Dispatch(request=dataclasses.replace(request, request_id=new_id(), messages=messages),
                         expert=expert_id, server_id=server_id_of(expert), adapter=expert_id if lora else None,
-                        adapter_path=expert.adapter if lora else None, deadline=deadline.end,
+                        adapter_path=expert.adapter if lora else None, deadline=time.time() + deadline.left(),
                         fallbacks=fallbacks, trace=trace)
 
     def fallbacks(self, info: RoutingInfo) -> tuple[str, ...]:
-        """Who takes ``info``'s request if its expert fails, best first: each expert's own
+        """Who takes ``info``'s request if its expert fails, best first: the expert's own
         ``fallback`` chain, then (routed requests) the plan's other healthy candidates, each
-        followed by its own chain. Walked by :meth:`on_experts`, which skips the ones no longer
-        serving and those on a server that just failed."""
+        followed by its own chain. :meth:`on_experts` walks them."""
         order: list[str] = []
-
-        def chain(expert_id: str | None) -> None:
-            while expert_id is not None and expert_id not in order:
-                order.append(expert_id)
-                expert = self.catalog.get(expert_id)
-                expert_id = expert.fallback if expert is not None else None
-
-        chain(info.expert)
-        for candidate in [] if info.pinned else self._ranked(info):
-            chain(candidate)
+        for head in [info.expert, *([] if info.pinned else self._ranked(info))]:
+            while head is not None and head not in order:
+                order.append(head)
+                head = getattr(self.catalog.get(head), "fallback", None)
         return tuple(order[1:])
 
     def model_ref(self, expert_id: str) -> str | None:
@@ -301,18 +292,6 @@ class CoEService:
                                  add_generation_prompt=req.add_generation_prompt,
                                  continue_final_message=req.continue_final_message,
                                  tools=req.tools if tools is not None else None)
-
-    def _next_expert(self, err: Exception, fallbacks: tuple[str, ...], tried: list[str],
-                     failed_servers: set[str]) -> str | None:
-        """Where to retry after ``err``: only after an engine failure (503), never after a client
-        error (nor after a server found down when ``serving.faults.on_server_down`` is 'fail'):
-        the first of ``fallbacks`` not tried, serving now and not on a failed server. None: give up."""
-        if not isinstance(err, EngineError):
-            return None
-        if isinstance(err, ServerDownError) and self.config.serving.faults.on_server_down == "fail":
-            return None
-        return next((e for e in fallbacks if e not in tried and self.catalog.serving(e)
-                     and self.catalog.server_of(e) not in failed_servers), None)
 
     def _public(self, err: Exception, expert_id: str) -> Exception:
         """What the client sees: engine failures name the expert, not the engine's internals
@@ -335,9 +314,12 @@ class CoEService:
 
     async def on_experts(self, info: RoutingInfo, request: GenerationRequest, deadline: Deadline, endpoint: str,
                          attempt: Callable[[Dispatch], Awaitable[T]]) -> T:
-        """``attempt(dispatch)`` on ``info.expert``, then on the decision's fallbacks after engine
-        failures (the one fallback loop of plain and streamed requests). An expert whose server
-        is down fails fast, and so does an unavailable one (its server failed to load it). Sets
+        """``attempt(dispatch)`` on ``info.expert``, then on the decision's :meth:`fallbacks` (the
+        one fallback loop of plain and streamed requests): only after an engine failure (503),
+        never after a client error nor, with ``serving.faults.on_server_down: fail``, after a
+        server found down; the next is the first fallback not tried, serving now and not on a
+        server that failed (unless only its adapter did). An expert whose server is down fails
+        fast, and so does an unavailable one (its server failed to load it). Sets
         ``info.expert``/``info.fallback_from``; raises the public error when out of options."""
         fallbacks, trace = self.fallbacks(info), tuple(info.candidates or ())
         expert, tried, failed_servers, health = info.expert, [], set(), self.catalog.health
@@ -367,8 +349,11 @@ class CoEService:
                                      err.retry_after_s)
                 tried.append(expert)
                 if expert in self.catalog and not isinstance(err, _AdapterFailed):
-                    failed_servers.add(self.catalog.server_of(expert))  # (only the adapter failed: others may serve)
-                nxt = self._next_expert(err, fallbacks, tried, failed_servers)
+                    failed_servers.add(self.catalog.server_of(expert))
+                retry = isinstance(err, EngineError) and not (
+                    isinstance(err, ServerDownError) and self.config.serving.faults.on_server_down == "fail")
+                nxt = next((e for e in fallbacks if retry and e not in tried and self.catalog.serving(e)
+                            and self.catalog.server_of(e) not in failed_servers), None)
                 if nxt is None:
                     raise self._public(err, expert) from None
                 log.warning("expert %s failed (%s); retrying on %s", expert, err.code, nxt)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 
-from coe.errors import CoEError, EngineError, ExpertNotFoundError, available
+from coe.errors import CoEError, DeadlineExceededError, EngineError, ExpertNotFoundError, available
 from coe.serving.deployments.spec import ServerSpec, resolve_path
 from coe.types import Dispatch, StreamDelta
 
@@ -190,7 +191,10 @@ class ExpertServer:
         context checked too) and, for a runtime-registered LoRA this replica loaded lazily, under
         that adapter name. Raises EngineError for an expert that failed to load here (a LoRA
         registered again since is served under its new name, ``lazy``: the old failure is not its
-        own), ExpertNotFoundError for one this server does not serve."""
+        own), ExpertNotFoundError for one this server does not serve, DeadlineExceededError for
+        one whose deadline passed while it waited for this server (the ingress has answered it)."""
+        if dispatch.deadline is not None and time.time() > dispatch.deadline:
+            raise DeadlineExceededError(f"the request's deadline passed before {self.spec.server_id} took it")
         eid = dispatch.expert or self.spec.host.id
         if eid in self._failed and lazy is None:
             raise EngineError(self._failed[eid])

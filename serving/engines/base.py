@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from coe.config import EngineConfig
-from coe.errors import ConfigError
+from coe.errors import ConfigError, NotReadyError
 from coe.plugins import Plugins
 from coe.types import Dispatch, StreamDelta
 
@@ -83,6 +83,7 @@ class Engine(abc.ABC):
     def __init__(self, model_path: str | Path, config: EngineConfig | None = None) -> None:
         self.model_path = str(model_path)
         self.config = config or EngineConfig()
+        self._tokenizer = None  # the model's, set by start()
 
     @classmethod
     def from_spec(cls, spec: EngineSpec) -> Engine:
@@ -101,9 +102,11 @@ class Engine(abc.ABC):
         (context, adapter, content) raise before the first delta. Decodes
         ``dispatch.prompt_token_ids`` (see :meth:`prompt_ids`)."""
 
-    @abc.abstractmethod
     def tokenizer_of(self, dispatch: Dispatch):
         """The tokenizer of the dispatch's model (NotReadyError before :meth:`start`)."""
+        if self._tokenizer is None:
+            raise NotReadyError(f"engine {self.name!r} for {self.model_path} is not started")
+        return self._tokenizer
 
     def encode_prompt(self, dispatch: Dispatch) -> list[int]:
         """Token ids of the prompt after the chat template (InvalidRequestError for a bad one)."""

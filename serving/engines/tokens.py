@@ -36,19 +36,27 @@ def encode_request(tokenizer, request: GenerationRequest) -> list[int]:
     Special tokens (BOS) are added the way the tokenizer is configured; a template that already
     writes BOS itself does not get a second one. Raises InvalidRequestError when the request
     has neither messages nor a prompt, when both chat flags are set or the final message to
-    continue is not the assistant's, for an assistant's malformed ``tool_calls`` and for token
-    ids outside the vocabulary.
+    continue is not the assistant's, for an assistant's malformed ``tool_calls``, for messages
+    the model's chat template refuses (its ``raise_exception``) and for token ids outside the
+    vocabulary.
     """
+    from jinja2 import TemplateError
+
     if request.prompt_token_ids is not None:
         return check_token_ids(tokenizer, request.prompt_token_ids)
     if request.messages:
         check_chat_flags(request.messages, request.add_generation_prompt, request.continue_final_message)
-        text = tokenizer.apply_chat_template(
-            template_messages(request.messages), chat_template=chat_template_of(tokenizer), tokenize=False,
-            add_generation_prompt=request.add_generation_prompt,
-            continue_final_message=request.continue_final_message,
-            **({"tools": request.tools} if request.tools else {}),
-        )
+        try:
+            text = tokenizer.apply_chat_template(
+                template_messages(request.messages), chat_template=chat_template_of(tokenizer), tokenize=False,
+                add_generation_prompt=request.add_generation_prompt,
+                continue_final_message=request.continue_final_message,
+                **({"tools": request.tools} if request.tools else {}),
+            )
+        except (TemplateError, ValueError, TypeError) as err:  # the request's content, not the engine
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise InvalidRequestError(f"the model's chat template refused the messages: {why}",
+                                      param="messages") from None
     elif request.prompt is not None:
         text = request.prompt
     else:

@@ -51,9 +51,10 @@ def test_streams_greedy_tokens_of_the_mixture_with_usage(tiny_llama_dir, saved_m
         deltas = [d async for d in engine.stream(_req("what is the capital of france ?"))]
         before = engine.window.batches_dispatched
         batch = await generate_batch(engine, [_req("hello world"), _req("what is 2 + 2 ?", max_tokens=3)])
-        return deltas, batch, engine.window.batches_dispatched - before
+        batches = engine.window.batches_dispatched - before
+        return deltas, batch, batches, await generate(engine, _req("hello world"))
 
-    deltas, batch, batches = asyncio.run(run())
+    deltas, batch, batches, single = asyncio.run(run())
     assert batches == 1  # the two streams arrived within the engine's window: one batch
     req = _req("what is the capital of france ?")
     ids = engine.encode_prompt(req)
@@ -65,7 +66,6 @@ def test_streams_greedy_tokens_of_the_mixture_with_usage(tiny_llama_dir, saved_m
     assert last.finish_reason in ("stop", "length") and last.prompt_tokens == len(ids)
     assert last.completion_tokens == len(want)
     assert batch[1].completion_tokens <= 3 and batch[0].prompt_tokens == len(engine.encode_prompt(_req("hello world")))
-    single = asyncio.run(generate(engine, _req("hello world")))
     assert single.token_ids == batch[0].token_ids  # batching (left padding) does not change the answer
     assert engine.adapters() == ["a", "b"]
 

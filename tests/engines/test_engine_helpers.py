@@ -109,3 +109,20 @@ def test_real_peft_adapter_validates(tiny_loras):
 
 def test_vllm_rank_rounding():
     assert [vllm_lora_rank(r) for r in (1, 2, 8, 9, 16, 300)] == [1, 8, 8, 16, 16, 320]
+
+
+def test_messages_the_chat_template_refuses_are_a_client_error(smol_tok):
+    import copy
+
+    from coe.errors import InvalidRequestError
+    from coe.types import ChatMessage, GenerationRequest
+
+    strict = copy.copy(smol_tok)
+    strict.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}"
+                            "{{ raise_exception('System role not supported') }}{% endif %}{{ m.content }}{% endfor %}")
+    req = GenerationRequest("x", messages=[ChatMessage(role="system", content="be brief"),
+                                           ChatMessage(role="user", content="Hi")])
+    with pytest.raises(InvalidRequestError, match="refused the messages: System role not supported") as err:
+        encode_request(strict, req)
+    assert err.value.param == "messages" and err.value.status_code == 400
+    assert encode_request(strict, GenerationRequest("y", messages=req.messages[1:]))  # the user turn alone is fine
