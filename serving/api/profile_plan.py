@@ -7,15 +7,18 @@ the rule the offline simulation (``coe eval new-expert``) measures:
 
 - ``round_robin`` (the default): file order, round-robin over the categories;
 - ``random``: a fixed permutation (seed 0);
-- ``adaptive``: the probes with the most Fisher information about the new expert under a 2PL
-  IRT model (:class:`coe.routers.probe_selection.ItemBank`) fitted on the outcomes the fitted
-  router's experts had on the same probes (its data), updated by the new expert's outcomes.
+- ``adaptive``: anchor points: each wave extends the set of probes that best covers the
+  candidates, where two probes are close when their queries embed alike (the service router's
+  embedder) and the fitted router's experts did alike on them (its data);
+- ``information``: the probes with the most Fisher information about the new expert under the
+  2PL IRT model of :class:`coe.routers.probe_selection.ItemBank`, fitted on those outcomes and
+  updated by the new expert's outcomes so far.
 
 The item bank needs those outcomes; it is fitted on the candidates that have them, and every
 strategy reports the ability estimate and its standard error from the new expert's outcomes on
-those (what ``stop_when.se`` reads). ``adaptive`` asks only among them, provided they cover the
-budget; otherwise (a user's own probe file) it falls back to ``round_robin``, and
-:attr:`ProbePlan.note` says so. Not thread-safe: one job uses it, on the event loop (only
+those (what ``stop_when.se`` reads). ``adaptive`` and ``information`` ask only among them,
+provided they cover the budget; otherwise (a user's own probe file) they fall back to
+``round_robin``, and :attr:`ProbePlan.note` says so. Not thread-safe: one job uses it, on the event loop (only
 :meth:`ProbePlan.fit` may run in a worker thread, before the first wave).
 """
 
@@ -26,6 +29,7 @@ import numpy as np
 from coe.profile_records import AbilityEstimate
 
 MIN_STOP_PROBES = 5   # stop_when.min_probes by default: an SE from fewer outcomes rests mostly on the prior
+BANKED = ("adaptive", "information")   # the strategies that choose by the item bank
 
 
 class ProbePlan:
@@ -42,25 +46,26 @@ class ProbePlan:
         covered = [i for i, p in enumerate(probes) if p.query in row_of]
         experts = len(fitted.models) >= 2
         self.requested, self.strategy, self.note = strategy, strategy, None
-        if strategy == "adaptive" and (len(covered) < len(probes) or not experts):
+        if strategy in BANKED and (len(covered) < len(probes) or not experts):
             if len(covered) >= budget and experts:
-                self.note = (f"adaptive chose among the {len(covered)} probes the fitted experts have outcomes on "
+                self.note = (f"{strategy} chose among the {len(covered)} probes the fitted experts have outcomes on "
                              f"(of {len(probes)} in the set)")
                 probes = [probes[i] for i in covered]
             else:
                 self.strategy = "round_robin"
-                self.note = (f"adaptive fell back to round_robin: the fitted experts have outcomes on {len(covered)} "
+                self.note = (f"{strategy} fell back to round_robin: the fitted experts have outcomes on {len(covered)} "
                              f"of the {len(probes)} probes (the item bank needs at least the budget, {budget})")
         self.probes = probes
         self.budget = min(budget, len(probes))
         self.stop_se, self.min_probes = stop_se, min_probes
-        # the item bank: the candidates the fitted experts answered (all of them for adaptive)
+        # the item bank: the candidates the fitted experts answered (all of them for a BANKED strategy)
         banked = [i for i, p in enumerate(probes) if p.query in row_of] if experts else []
+        self._bank_rows = [row_of[probes[i].query] for i in banked]   # rows of the fitted data
         self._bank_of = {c: k for k, c in enumerate(banked)}      # candidate index -> bank row
         if stop_se is not None and not banked:
             extra = "stop_when is not applied: no ability estimate without the fitted experts' outcomes on the probes"
             self.note = f"{self.note}; {extra}" if self.note else extra
-        rows = [row_of[probes[i].query] for i in banked]
+        rows = self._bank_rows
         self._rows = np.asarray(fitted.quality, dtype=np.float64)[rows] if banked else None          # [B, M]
         obs = getattr(fitted, "observed", None)
         self._observed = np.asarray(obs, dtype=bool)[rows] if banked and obs is not None else None
@@ -74,28 +79,31 @@ class ProbePlan:
     def categories(self) -> list[str]:
         return [p.category or "" for p in self.probes]
 
-    def fit(self) -> None:
-        """Fit the item bank on the fitted experts' outcomes (blocking). A bank that cannot be fitted
-        (e.g. every outcome the same) turns ``adaptive`` into ``round_robin``, saying so in ``note``."""
+    def fit(self, embeddings: np.ndarray | None = None) -> None:
+        """Fit the item bank on the fitted experts' outcomes (blocking). ``embeddings``: the fitted
+        data's query embeddings ``[n, D]`` (row order), for ``adaptive``'s coverage; without them it
+        covers the outcome patterns alone. A bank that cannot be fitted turns a BANKED strategy
+        into ``round_robin``, saying so in ``note``."""
         if self._rows is None or self.bank is not None:
             return
         from coe.routers.probe_selection import ItemBank
 
+        emb = None if embeddings is None else np.asarray(embeddings)[self._bank_rows]                  # [B, D]
         try:
-            self.bank = ItemBank.fit(self._rows, self._observed)
+            self.bank = ItemBank.fit(self._rows, self._observed, embeddings=emb)
         except ValueError as err:
             self._rows = None
-            if self.strategy == "adaptive":
+            if self.strategy in BANKED:
                 self.strategy = "round_robin"
             self.note = f"no item bank ({err}); probes taken round_robin and no ability estimate"
 
     def planned(self) -> list:
         """The probes the job asks at most: the order of ``round_robin`` and ``random``, which ignore
-        the outcomes. For ``adaptive`` the choice depends on them, but every candidate has the fitted
-        experts' outcomes, so only which probes are foreign matters (none): its round-robin order."""
+        the outcomes. For a BANKED strategy the choice depends on the bank, but every candidate has the
+        fitted experts' outcomes, so only which probes are foreign matters (none): its round-robin order."""
         from coe.routers.probe_selection import next_probes
 
-        strategy = "round_robin" if self.strategy == "adaptive" else self.strategy
+        strategy = "round_robin" if self.strategy in BANKED else self.strategy
         idx = next_probes(strategy, len(self.probes), [], [], self.budget, categories=self.categories, seed=0)
         return [self.probes[int(i)] for i in idx]
 
@@ -116,7 +124,7 @@ class ProbePlan:
         # next_probes reads the outcomes of ``asked``; a probe that failed has none, so it is asked
         # for past the failed ones and those are dropped (the order of the rest is kept)
         idx = next_probes(self.strategy, len(self.probes), asked, outcomes, width + len(failed),
-                          bank=self.bank if self.strategy == "adaptive" else None, categories=self.categories, seed=0)
+                          bank=self.bank if self.strategy in BANKED else None, categories=self.categories, seed=0)
         skip = set(failed)
         return [int(i) for i in idx if int(i) not in skip][:width]
 

@@ -55,6 +55,7 @@ from coe.profile_records import (
     RefitReport,
     fitted_outcome_kind,
 )
+from coe.routers.probe_selection import STRATEGIES
 from coe.serving.api.profile_measure import ProbeMeasurer
 from coe.serving.api.profile_plan import MIN_STOP_PROBES, ProbePlan
 
@@ -88,10 +89,12 @@ class ProfileRequest(BaseModel):
                                      "router's data; the other kind is refused (a router must not mix them).")
     max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, strict=True, description="Longest answer to a task probe (greedy), 1 to "
                             "serving.max_tokens_limit; by default 512 or that limit if lower.")
-    strategy: Literal["adaptive", "round_robin", "random"] = Field(
+    strategy: Literal[STRATEGIES] = Field(
         "round_robin", description="How each next wave of probes is chosen: `round_robin` over the set's categories "
-        "in file order; `random`; `adaptive`, the most informative probes given the fitted experts' outcomes on "
-        "them and the expert's outcomes so far (falls back to round_robin, saying so, without those outcomes).")
+        "in file order; `random`; `adaptive`, anchor points: the probes that best cover the set, by query embedding "
+        "and the fitted experts' outcomes on them; `information`, the most informative probes about the expert's "
+        "ability under an IRT model of those outcomes. The last two fall back to round_robin, saying so, on probes "
+        "the fitted experts have no outcomes on.")
     stop_when: StopWhen | None = Field(None, description="Stop early: `{se: x}` once the ability's standard error "
                                                          "is at most x.")
 
@@ -357,7 +360,8 @@ class ProfileJobs:
                 self._save(job, done=job.done + 1, ability=plan.ability())
 
         try:
-            await asyncio.to_thread(plan.fit)   # the item bank: an L-BFGS fit, off the event loop
+            data = self.data()   # the item bank (the fitted data's embeddings, an L-BFGS fit): off the event loop
+            await asyncio.to_thread(lambda: plan.fit(data.base_embeddings() if plan.strategy == "adaptive" else None))
             if plan.note != job.note:
                 self._save(job, strategy=plan.strategy, note=plan.note)
             while wave := plan.next_wave(self.concurrency):

@@ -240,10 +240,14 @@ def test_a_probe_plan_asks_each_probe_once_in_its_strategy_order():
     fitted = SimpleNamespace(queries=queries, models=["a", "b", "c"], quality=quality, observed=None)
     rr = ProbePlan(probes, "round_robin", 8, fitted)
     assert [probes.index(p) for p in rr.planned()] == list(round_robin_order(8, [p.category for p in probes]))
+    emb = HashEmbedder().encode(queries)
+    info = ProbePlan(probes, "information", 6, fitted)
+    info.fit()
+    assert [i for i, _ in info.next_wave(3)] == list(next_probes("information", 8, [], [], 3, bank=ItemBank.fit(quality)))
     plan = ProbePlan(probes, "adaptive", 6, fitted)
-    plan.fit()
+    plan.fit(emb)
     first = [i for i, _ in plan.next_wave(2)]
-    bank = ItemBank.fit(quality)
+    bank = ItemBank.fit(quality, embeddings=emb)
     assert first == list(next_probes("adaptive", 8, [], [], 2, bank=bank))
     plan.record(first[0], 1.0)
     plan.record(first[1], None)   # a failed request: not asked again, no outcome
