@@ -8,7 +8,7 @@ import pytest
 
 from coe.config import LoraExpert
 from coe.errors import ProfileRunningError
-from coe.profile_records import ProfileJob, ProfileOutcome
+from coe.profile_records import AbilityEstimate, ProfileJob, ProfileOutcome, RefitReport
 
 NEW = LoraExpert(id="new", base="base", adapter="/a/new", description="new")
 
@@ -38,6 +38,16 @@ def check_profiles_persist_and_go_with_the_expert(make_registry) -> None:
     got = {(o.expert, o.query): o.outcome for o in again.profile_outcomes()}
     assert got == {("new", "q1"): 0.6, ("new", "q2"): 0.7, ("base", "q2"): 0.2}
     assert again.profile_jobs()["new"].state == "running" and again.profile_jobs()["new"].done == 1
+
+    # a job's end: its outcomes and its 'done' in one transaction (the ability, strategy and refit kept)
+    job.state, job.done, job.probes_done, job.strategy = "done", 2, 2, "adaptive"
+    job.ability = AbilityEstimate(theta=0.5, se=0.4, answered=2)
+    job.refit = RefitReport(params={"k": 10}, selected_by="cv", cv_aiq=0.1, scored=16, grid=16)
+    reg.put_profile_outcomes([outcome("new", "q3", 0.9)], job)
+    stored = again.profile_jobs()["new"]
+    assert stored.state == "done" and stored.ability.se == 0.4 and stored.refit.params == {"k": 10}
+    assert ("new", "q3") in {(o.expert, o.query) for o in again.profile_outcomes()}
+    assert reg.revision() == rev + 3
 
     again.remove("new")                                       # its job and its outcomes go with it
     assert [(o.expert, o.query) for o in reg.profile_outcomes()] == [("base", "q2")]
