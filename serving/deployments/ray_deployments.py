@@ -26,6 +26,7 @@ from coe.errors import (
 )
 from coe.serving.deployments.capacity import check_capacity
 from coe.serving.deployments.expert_server import ExpertServer
+from coe.serving.deployments.memtrace import MemTrace, memory_report
 from coe.serving.deployments.spec import ServerSpec, adapter_model_id
 
 log = logging.getLogger("coe.serving")
@@ -55,6 +56,7 @@ class ExpertServerDeployment:
 
     async def __init__(self, spec: ServerSpec) -> None:
         logging.basicConfig(level=logging.INFO)
+        self.memtrace = MemTrace.from_env()   # COE_TRACEMALLOC (off: None)
         nice = spec.model_expert.engine.nice if spec.model_expert is not None else 0
         if nice:
             lower_priority(nice)   # this replica and the engine processes it starts (routing runs first)
@@ -119,6 +121,10 @@ class ExpertServerDeployment:
 
     async def stats(self) -> dict:
         return {**self.server.stats(), "nice": os.getpriority(os.PRIO_PROCESS, 0)}   # this thread's niceness
+
+    async def memory_diff(self, limit: int = 20) -> dict:
+        """This replica's RSS and, under ``COE_TRACEMALLOC``, its heap diff (serving/deployments/memtrace.py)."""
+        return memory_report(self.memtrace, limit)
 
     async def check_health(self) -> None:
         """Fail (Serve restarts the replica) only when a loaded engine stops being healthy; an

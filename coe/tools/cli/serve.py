@@ -60,11 +60,13 @@ def _serve(args) -> int:
     from coe.config import load_config
     from coe.paths import default_config_path
     from coe.routers import check_router_config
+    from coe.serving.deployments.memtrace import frames_from_env
     from coe.tools.ray_local import WORKER_HOOK, ProcessJanitor, forwarded_env, use_loopback
 
     path = Path(args.config or default_config_path()).expanduser().resolve()
     config = load_config(path)
     check_router_config(config.router)  # before Ray starts: the ingress would refuse it only at start-up
+    frames_from_env()  # a bad COE_TRACEMALLOC is refused here, not by every replica
     host = args.host or config.serving.host
     port = args.port or config.serving.port
     local = args.address is None
