@@ -98,6 +98,7 @@ async def send(http, prompt: str, model: str, max_tokens: int) -> dict:
             cands = info.get("candidates") or []
             q = {c["expert"]: c.get("quality") for c in cands}
             out["quality"] = q.get(out["expert"])
+            out["resident"] = next((c.get("resident") for c in cands if c["expert"] == out["expert"]), None)
             known = [v for v in q.values() if v is not None]
             out["best_quality"] = max(known) if known else None
             if cands:   # the live state the policy weighed for the expert it ranked first

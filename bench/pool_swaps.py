@@ -1,6 +1,6 @@
 """Swaps per 100 requests in the expert pool: quality-only against swap-aware routing (issue #25).
 
-    python -m bench.pool_swaps [--experts 6] [--resident 2] [--requests 100] [--rounds 3]
+    python -m bench.pool_swaps [--experts 8] [--resident 2] [--requests 100] [--rounds 3]
     python -m bench.pool_swaps --smoke          # a few requests: does the pipeline run?
 
 More experts than fit: ``--experts`` pooled copies of SmolLM2-135M-Instruct (real weights,
@@ -73,20 +73,21 @@ DOMAINS = [
     ("pets", "Caring for dogs, cats and other pets.",
      ["How often should I walk my dog?", "What should I feed a kitten?"]),
 ]
-# questions between two of those domains
+# questions between two of those domains, the two a few hundredths apart by the centroid router
+# (0.006 to 0.048, 0.027 on average, over all eight experts)
 MIX = [
     "What should I eat before a long run?",
-    "Healthy meal prep ideas for a busy week?",
-    "How much should I budget for a two-week trip to Japan?",
-    "Is it safe to exercise when I have a cold?",
-    "Which vitamins help muscles recover after training?",
-    "What medicines should I pack for a trip abroad?",
-    "How can I save money on groceries and cooking?",
-    "Can I grow my own herbs for cooking on a balcony?",
+    "How do I cook the vegetables from my garden?",
+    "What vegetables are easy to grow and cook?",
+    "Which garden plants are poisonous to cats?",
+    "How do I avoid getting sick on a long flight?",
+    "What human food is healthy for dogs?",
+    "How do I cook healthy meals on a budget?",
     "Is it safe to feed my dog vegetables from the garden?",
-    "How do I stay fit while travelling?",
-    "Is travel insurance worth the money?",
-    "What is a healthy breakfast for weight loss?",
+    "Which vitamins help muscles recover after training?",
+    "What should I eat after a workout?",
+    "What medicines should I pack for a trip abroad?",
+    "Is coffee bad for your health?",
 ]
 
 
@@ -175,7 +176,9 @@ async def one_round(svc: InProcessService, prompts: list[str], rate: float, max_
             "swaps_per_100": 100 * swaps / len(records), "wall_s": round(time.monotonic() - t0, 1),
             "mean_quality": sum(quality) / len(quality) if quality else float("nan"),
             "mean_best_quality": sum(best) / len(best) if best else float("nan"),
-            "share": dict(Counter(r["expert"] for r in ok).most_common())}
+            "share": dict(Counter(r["expert"] for r in ok).most_common()),
+            # what the plan knew of the answering expert's residency when it decided (None: not read yet)
+            "planned_resident": dict(Counter(str(r.get("resident")) for r in ok))}
 
 
 async def measure(args) -> dict:
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="every pooled expert's model (alias or folder)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--embedder", default="minilm-l6-int8")
-    ap.add_argument("--experts", type=int, default=6)
+    ap.add_argument("--experts", type=int, default=len(DOMAINS))
     ap.add_argument("--resident", type=int, default=2)
     ap.add_argument("--requests", type=int, default=100, help="routed requests per round and arm")
     ap.add_argument("--rounds", type=int, default=3)
