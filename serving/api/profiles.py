@@ -260,8 +260,15 @@ class ProfileJobs:
             raise InvalidRequestError(f"profile.probe: {err.message}", param="profile.probe") from None
         candidates = usable_probes(probes, kind)
         usable = len(candidates)
+        what = ("a task scorer (exact_number, code_tests, choice)" if kind == "task" else "a reference answer")
+        if not usable:   # e.g. a set of reference answers only, for a router fitted on task outcomes
+            other = "likelihood" if kind == "task" else "task"
+            suits = (f"its {n} probes suit a {other} profile: " if (n := len(usable_probes(probes, other))) else "")
+            raise InvalidRequestError(
+                f"profile.probe: {req.probe} has no probe with {what}, which a {kind} profile needs (the fitted "
+                f"router's data holds {fitted!r} outcomes); {suits}give probes with {what}, or refit the router on "
+                f"{other} outcomes (`coe router fit`)", param="profile.probe")
         if req.budget > usable:
-            what = ("a task scorer (exact_number, code_tests, choice)" if kind == "task" else "a reference answer")
             raise InvalidRequestError(f"profile.budget is {req.budget}, but {req.probe} has {usable} probes with "
                                       f"{what}; allowed: 1 to {usable}", param="profile.budget")
         req = req.model_copy(update={"kind": kind, "max_tokens": min(req.max_tokens, limit)})

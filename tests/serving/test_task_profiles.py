@@ -176,7 +176,8 @@ def test_bad_task_profiles_are_refused_naming_the_field(task_world):
         ({"probe": tasks, "budget": 2, "max_tokens": 0}, "profile.max_tokens", []),
         ({"probe": tasks, "budget": 2, "max_tokens": 10**6}, "profile.max_tokens", ["1 to 4096"]),
         ({"probe": str(probes / "notests.jsonl"), "budget": 1}, "profile.probe", ["'tests'"]),
-        ({"probe": str(probes / "references.jsonl"), "budget": 1}, "profile.budget", ["task scorer"]),
+        ({"probe": str(probes / "references.jsonl"), "budget": 1}, "profile.probe", ["task scorer", "'task'",
+                                                                                    "likelihood"]),
     ]
     for profile, param, words in cases:
         r = w.request("POST", "/v1/experts", json=_new(task_world.tiny, **profile))
