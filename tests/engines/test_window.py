@@ -1,4 +1,4 @@
-"""Expert-grouped batching (no engine): windows, grouping, size limits, concurrency, errors."""
+"""The batching window (serving/engines/window.py, the mixture engine's; no engine here): windows, grouping, size limits, concurrency, errors."""
 
 from __future__ import annotations
 
