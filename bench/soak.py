@@ -203,6 +203,9 @@ class ReplicaProbe:
         from coe.tools.ray_local import use_loopback
 
         use_loopback()  # before `import ray`: the service's Ray listens on 127.0.0.1 only
+        # a local Ray started by ray.init() uses token auth (~/.ray/auth_token); a driver that
+        # names the address gets it only when asked
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         import ray
         from ray import serve
 

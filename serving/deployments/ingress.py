@@ -16,7 +16,7 @@ from ray import serve
 from coe.config import CoEConfig
 from coe.registry import live_experts, open_registry
 from coe.serving.api.registry_sync import RegistrySync
-from coe.serving.deployments.memtrace import MemTrace, memory_report
+from coe.serving.deployments.memtrace import MemTrace, frames_from_env, memory_report
 from coe.serving.deployments.ray_deployments import ServeBackend
 from coe.serving.deployments.spec import plan_servers
 
@@ -31,7 +31,7 @@ class CoEIngress:
         from coe.serving.api.service import CoEService
 
         logging.basicConfig(level=logging.INFO)
-        self.memtrace = MemTrace.from_env()   # COE_TRACEMALLOC (off: None)
+        frames = frames_from_env()   # COE_TRACEMALLOC, checked first
         config = CoEConfig.model_validate_json(config_json)
         base = Path(base_dir) if base_dir else None
         registry = open_registry(config, base)
@@ -50,6 +50,7 @@ class CoEIngress:
         self.sync.revision = revision
         self.sync.start()  # every replica follows the registry (serving/api/registry_sync.py)
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.memtrace = MemTrace.of(frames)   # traced from here on (off: None)
         log.info("coe ingress %s up: %d experts, router %s", self.replica, len(experts), getattr(router, "name", "?"))
 
     async def memory_diff(self, limit: int = 20) -> dict:

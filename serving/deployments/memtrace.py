@@ -1,8 +1,9 @@
 """Opt-in memory diagnostics inside a replica: ``tracemalloc`` snapshot diffs and the RSS.
 
 Set ``COE_TRACEMALLOC=<frames>`` (1-64; unset, empty or ``0`` is off) in the environment the
-replicas inherit, and the expert-server deployments and the ingress start ``tracemalloc`` when
-they are constructed. Each then answers ``memory_diff(limit)`` (a deployment method, called by
+replicas inherit, and the expert-server deployments and the ingress start ``tracemalloc`` at the
+end of their construction (an engine loads several times slower traced, and what grows per
+request is allocated after it). Each then answers ``memory_diff(limit)`` (a deployment method, called by
 handle; ``bench/soak.py --tracemalloc`` does) with what its Python heap gained or lost since the
 previous call. Off, nothing is traced and the method reports only the RSS.
 
@@ -69,10 +70,14 @@ class MemTrace:
         self.calls = 0
 
     @classmethod
-    def from_env(cls, environ=None) -> MemTrace | None:
-        """A started :class:`MemTrace` when ``COE_TRACEMALLOC`` asks for one, else None (no cost)."""
-        frames = frames_from_env(environ)
+    def of(cls, frames: int) -> MemTrace | None:
+        """A started :class:`MemTrace` of ``frames`` frames, or None for 0 (off: no cost)."""
         return cls(frames) if frames else None
+
+    @classmethod
+    def from_env(cls, environ=None) -> MemTrace | None:
+        """:meth:`of` the frames ``COE_TRACEMALLOC`` asks for (:func:`frames_from_env`)."""
+        return cls.of(frames_from_env(environ))
 
     @staticmethod
     def _snapshot() -> tracemalloc.Snapshot:

@@ -26,7 +26,7 @@ from coe.errors import (
 )
 from coe.serving.deployments.capacity import check_capacity
 from coe.serving.deployments.expert_server import ExpertServer
-from coe.serving.deployments.memtrace import MemTrace, memory_report
+from coe.serving.deployments.memtrace import MemTrace, frames_from_env, memory_report
 from coe.serving.deployments.spec import ServerSpec, adapter_model_id
 
 log = logging.getLogger("coe.serving")
@@ -56,7 +56,7 @@ class ExpertServerDeployment:
 
     async def __init__(self, spec: ServerSpec) -> None:
         logging.basicConfig(level=logging.INFO)
-        self.memtrace = MemTrace.from_env()   # COE_TRACEMALLOC (off: None)
+        frames = frames_from_env()   # COE_TRACEMALLOC, checked before the engine loads
         nice = spec.model_expert.engine.nice if spec.model_expert is not None else 0
         if nice:
             lower_priority(nice)   # this replica and the engine processes it starts (routing runs first)
@@ -68,6 +68,7 @@ class ExpertServerDeployment:
 
         self._load_adapter = serve.multiplexed(max_num_models_per_replica=spec.max_adapters)(load)
         await self.server.start()
+        self.memtrace = MemTrace.of(frames)   # traced from here on (off: None)
 
     @serve.multiplexed(max_num_models_per_replica=8)
     async def _load_adapter(self, model_id: str):  # replaced per replica in __init__
