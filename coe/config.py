@@ -336,9 +336,6 @@ class BatchingConfig(Strict):
         validation_alias=AliasChoices("window_ms", "max_wait_ms"),
         description="How long the oldest request of a group waits for others to join it. Old name: max_wait_ms.",
     )
-    max_concurrent_batches: int | None = Field(
-        None, ge=1, description="Batches in flight per expert server; none: no limit (the engine batches them)."
-    )
 
 
 class AdmissionConfig(Strict):

@@ -3,13 +3,12 @@
 Series (all prefixed ``coe_``):
 ``requests_total{expert,endpoint}``, ``request_errors_total{expert,code}``,
 ``routing_latency_seconds`` (histogram, new queries), ``routing_batch_size`` (histogram, queries per micro-batch), ``routing_cache_hits_total``, ``queue_depth{expert}`` (requests in flight at the
-ingress per expert), ``batch_size{expert}`` (histogram of the grouped batch each request was
-served in), ``generated_tokens_total{expert}`` (its rate is tokens/s), ``tokens_per_second{expert}``
+ingress per expert), ``generated_tokens_total{expert}`` (its rate is tokens/s), ``tokens_per_second{expert}``
 (over the last ``window_s`` seconds), ``request_latency_seconds{expert}``,
 ``time_to_first_token_seconds{expert}``, ``fallbacks_total{expert,fallback}``,
 ``cancelled_total{expert}``, ``recruited_total{expert,role}`` (calls of recruit-and-aggregate requests,
 role ``answer`` or ``aggregate``), ``expert_ready{expert}`` and ``server_queue_depth{server}`` (requests
-waiting in an expert server's batcher, read at scrape time).
+waiting in an engine's own queue, e.g. the mixture's batching window, read at scrape time).
 """
 
 from __future__ import annotations
@@ -42,7 +41,6 @@ class ServiceMetrics:
         self.routing_batch = Histogram("coe_routing_batch_size", "Queries embedded together in one ingress routing batch", buckets=_BATCH, registry=r)
         self.routing_cache_hits = Counter("coe_routing_cache_hits_total", "Routed queries whose embedding came from the cache", registry=r)
         self.queue = Gauge("coe_queue_depth", "Requests in flight per expert", ["expert"], registry=r)
-        self.batch = Histogram("coe_batch_size", "Size of the grouped batch a request was served in", ["expert"], buckets=_BATCH, registry=r)
         self.tokens = Counter("coe_generated_tokens_total", "Completion tokens generated", ["expert"], registry=r)
         self.tps = Gauge("coe_tokens_per_second", "Completion tokens per second over the recent window", ["expert"], registry=r)
         self.latency = Histogram("coe_request_latency_seconds", "End-to-end request latency", ["expert"], buckets=_LATENCY, registry=r)
@@ -50,7 +48,7 @@ class ServiceMetrics:
         self.fallbacks = Counter("coe_fallbacks_total", "Requests retried on a fallback expert", ["expert", "fallback"], registry=r)
         self.cancelled = Counter("coe_cancelled_total", "Streams cancelled because the client went away", ["expert"], registry=r)
         self.recruited = Counter("coe_recruited_total", "Calls of recruit-and-aggregate requests per expert (role: answer or aggregate)", ["expert", "role"], registry=r)
-        self.server_queue = Gauge("coe_server_queue_depth", "Requests waiting for a batch in an expert server", ["server"], registry=r)
+        self.server_queue = Gauge("coe_server_queue_depth", "Requests waiting in an expert server engine's own queue", ["server"], registry=r)
         self.ready = Gauge("coe_expert_ready", "1 when the expert's engine has loaded", ["expert"], registry=r)
         self._window_s = window_s
         self._recent: dict[str, collections.deque] = collections.defaultdict(collections.deque)

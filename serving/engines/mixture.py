@@ -78,8 +78,7 @@ class MixtureEngine(Engine):
 
     def set_window(self, window: BatchingConfig) -> None:
         """Collect requests for ``window`` from now on (a benchmark compares windows on one loaded
-        engine). One batch runs at a time whatever ``max_concurrent_batches`` says: the mixture
-        has one KV cache."""
+        engine). One batch runs at a time: the mixture has one KV cache."""
         self.window = ExpertGroupedBatcher(self._run_batch, max_batch_size=window.max_batch_size,
                                            window_ms=window.window_ms, max_concurrent=1)
 

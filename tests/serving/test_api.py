@@ -134,7 +134,7 @@ def test_health_ready_metrics(h):
     assert ready.status_code == 200 and ready.json()["ready"] is True
     text = h.request("GET", "/metrics").text
     for series in ["coe_requests_total", "coe_request_errors_total", "coe_routing_latency_seconds",
-                   "coe_queue_depth", "coe_batch_size", "coe_generated_tokens_total", "coe_tokens_per_second",
+                   "coe_queue_depth", "coe_generated_tokens_total", "coe_tokens_per_second",
                    "coe_server_queue_depth", "coe_expert_ready"]:
         assert series in text
     assert 'coe_requests_total{endpoint="chat",expert="tiny-a"}' in text
