@@ -23,7 +23,7 @@ crashes does the same. Scorers that need likelihoods (``choice``, ``reference_nl
 by :func:`profile_experts`.
 
 Likelihood profiles (outcome ``exp(-mean NLL)`` of each probe's reference answer, the scale of the
-shipped router data) are defined once in :mod:`coe.likelihood_profile`: :func:`profile_likelihood_service`
+shipped router data) are defined once in :mod:`coe.scoring.served_likelihood`: :func:`profile_likelihood_service`
 asks a running service (``POST /v1/completions`` with the ``encode_chat`` token ids, ``echo``,
 ``logprobs: 0``), the same request the service's background profile of a new expert sends to the
 engine; :func:`profile_likelihood` computes it in this process with the config's models.
@@ -249,7 +249,7 @@ def profile_likelihood(probes: list, config: str | None, experts: dict[str, floa
     configured cost. Probes without a reference are skipped. Overwrites ``out``."""
     import math
 
-    from coe.likelihood_profile import likelihood_cell
+    from coe.scoring.served_likelihood import likelihood_cell
 
     probes = [p for p in probes if (p.reference or "").strip()]
     if not probes:
@@ -293,7 +293,7 @@ async def profile_likelihood_service(url: str, probes: list, experts: dict[str, 
     import httpx
     from tqdm import tqdm
 
-    from coe.likelihood_profile import (
+    from coe.scoring.served_likelihood import (
         ScoringError,
         answer_nll_from_completion,
         completions_body,

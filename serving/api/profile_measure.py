@@ -8,7 +8,7 @@ must be of this expert), and scores it as the profile's kind (:mod:`coe.profile_
   (:func:`coe.scoring.cells.task_cell`: ``exact_number``; ``code_tests`` in the sandbox of
   :mod:`coe.scoring.sandbox`, never in this process; ``choice`` by each option's likelihood, no
   generation); outcome 0/1. Scoring runs in a worker thread, so the event loop keeps answering.
-- ``likelihood``: one scoring request (:mod:`coe.likelihood_profile`: the reference answer's
+- ``likelihood``: one scoring request (:mod:`coe.scoring.served_likelihood`: the reference answer's
   ``exp(-mean NLL)`` from the engine's prompt log-probabilities).
 
 An overloaded expert (429 at admission) is retried; any other failure raises a CoEError.
@@ -44,13 +44,13 @@ class ProbeMeasurer:
         if expert is None:
             raise ExpertNotFoundError(f"expert {expert_id!r} was removed")
         if kind == "likelihood":
-            from coe.likelihood_profile import likelihood_cell
+            from coe.scoring.served_likelihood import likelihood_cell
 
             lps, _ = await self._answer_logprobs(expert, probe.query, probe.reference)
             nll = -sum(lps) / len(lps)
             cell = likelihood_cell(nll, len(lps), float(expert.cost))
         elif probe.scorer == "choice":   # option likelihoods, no generation
-            from coe.likelihood_profile import MeasuredLikelihood
+            from coe.scoring.served_likelihood import MeasuredLikelihood
 
             table, tokens = {}, 0
             for option in probe.choices:   # one at a time: the job's concurrency bounds this expert's load
@@ -79,8 +79,8 @@ class ProbeMeasurer:
 
     async def _answer_logprobs(self, expert, query: str, answer: str) -> tuple[list[float], int]:
         """The log-probability of each token of ``answer`` after ``query`` under ``expert`` (one
-        scoring request, :mod:`coe.likelihood_profile`), and the prompt's tokens."""
-        from coe.likelihood_profile import (
+        scoring request, :mod:`coe.scoring.served_likelihood`), and the prompt's tokens."""
+        from coe.scoring.served_likelihood import (
             SCORING_SAMPLING,
             ScoringError,
             answer_logprobs,

@@ -6,7 +6,7 @@ The layers, lowest first (``docs/architecture.md`` draws them):
    and resolver (``coe.model_paths``), the plugin table (``coe.plugins``), the expert registry
    (``coe.registry*``, ``coe.profile_records``), log-probability types;
 1. **scoring** ``coe/scoring/``: probe files and the scorers that grade an answer to a probe
-   (with ``coe.likelihood_profile``, the served-likelihood measurement, until it moves there);
+   (``coe.scoring.served_likelihood``: the reference likelihood as a serving engine measures it);
 2. **routers** ``routers/`` and **adapters** ``adapters/`` (side by side: neither is above the other);
 3. **serving** ``serving/``: engines and the pool, then the deployment layer, then the HTTP API;
 4. **tools** ``coe/tools/``: the CLI, k8s rendering, profiling through a service, the local Ray
@@ -154,9 +154,6 @@ LAYERS = ["foundation", "scoring", "routers and adapters", "serving", "tools", "
 LAYER_OF = {
     "coe": "foundation",
     "coe.scoring": "scoring",
-    # the engine-measured reference likelihood builds on coe.scoring.likelihood; it belongs in
-    # coe/scoring/ (a move left for when the live-profile work on it has landed)
-    "coe.likelihood_profile": "scoring",
     "coe.routers": "routers and adapters",
     "coe.adapters": "routers and adapters",
     "coe.serving": "serving",

@@ -320,7 +320,7 @@ async def _event():
 def test_answer_nll_checks_the_engine_scored_encode_chat_tokens(tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    from coe.likelihood_profile import ScoringError, answer_nll, likelihood_cell, scoring_prompt
+    from coe.scoring.served_likelihood import ScoringError, answer_nll, likelihood_cell, scoring_prompt
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     sp = scoring_prompt(tok, "what is 1 + 2 ?", "the answer is 3 .")

@@ -7,7 +7,7 @@ configured ``cost`` (:func:`likelihood_cell`). The tokens are exactly those of
 then the answer and the end-of-sequence token), so the in-process profile
 (``coe experts profile --likelihood --in-process``), the profile through a running service
 (``coe experts profile --likelihood``) and the service's background profile of a newly
-registered expert (``serving/api/profiles.py``) measure one thing.
+registered expert (``serving/api/profile_measure.py``) measure one thing.
 
 Through a service the expert scores the tokens itself (the ingress has no model): the request is
 the ``encode_chat`` token ids as the prompt (``prompt_token_ids``; over HTTP ``POST /v1/completions``
