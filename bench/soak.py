@@ -403,15 +403,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
                     help=f"replicas trace their heap with this many frames ({ENV}; 1-{MAX_FRAMES}) and report "
                          "their diff at every sample")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="an environment variable for the service (and its local Ray), e.g. a Ray/Serve setting")
+    ap.add_argument("--name", default=None, help="results name (default soak, or soak_tracemalloc when tracing)")
     ap.add_argument("--config", default=None)
     args = ap.parse_args(argv)
+    env = dict(e.split("=", 1) for e in args.env)
     if not 0 <= args.tracemalloc <= MAX_FRAMES:
         ap.error(f"--tracemalloc: from 1 to {MAX_FRAMES} frames (0: off)")
     traced = f"; replicas under {ENV}={args.tracemalloc}" if args.tracemalloc else ""
+    traced += "".join(f"; {k}={v}" for k, v in env.items())
     rec = RunRecord.start(note="coe serve on the default config; RSS of the expert-smollm2 replica (vLLM) and of "
                                f"the ingress replica{traced}.")
     stop_on_sigterm()
-    svc = Service(free_port(), args.config, env={ENV: str(args.tracemalloc)})
+    svc = Service(free_port(), args.config, env={**env, ENV: str(args.tracemalloc)})
     probe = None
     try:
         if args.tracemalloc:
@@ -425,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         stop = svc.stop()
     data = rec.finish({"soak": out, "startup_s": round(svc.startup_s, 1), "stop": stop})
     md = rec.markdown_header("Soak: memory of the expert-smollm2 and ingress replicas") + soak_markdown(out)
-    write_results("soak_tracemalloc" if args.tracemalloc else "soak", data, md)  # the RSS figures: untraced
+    write_results(args.name or ("soak_tracemalloc" if args.tracemalloc else "soak"), data, md)  # RSS: untraced
     print(md)
     return 0
 
