@@ -332,6 +332,7 @@ class CoEService:
                     raise ServerDownError(f"expert {expert} is unavailable: {broken}")
                 if wait is not None:
                     raise ServerDownError(f"expert {expert} is marked down: {health.why(expert)}", retry_after_s=wait)
+                self.live.dispatched(expert)
                 result = await attempt(self.dispatch(expert, request, deadline, fallbacks=fallbacks, trace=trace))
                 health.mark_up([expert])
                 info.expert = expert

@@ -161,6 +161,7 @@ class PoolEngine(Engine):
             "device": pool.device,
             "swapping": pool.swapping,
             "resident": pool.resident_experts(),
+            "max_resident": pool.config.max_resident,
             "slot_bytes": pool.slot_bytes(),
             "hits": st.hits,
             "swaps": st.swaps,

@@ -291,3 +291,45 @@ def test_plan_reads_the_pools_residency_and_swap_cost():
     plan = SelectionPolicy(load_weight=1.0).plan(["p1", "p0"], {"p0": 0.5, "p1": 0.6}, {"p0": 1, "p1": 1},
                                                  load=then)
     assert plan.expert == "p0" and plan.candidates[1].swap_ms == 250.0
+
+
+def test_the_residency_view_follows_the_requests_sent_between_reads():
+    """Decisions between two reads of the pool's stats see the swaps of the requests just routed:
+    the expert sent a request becomes the most recently used resident, the least recently used
+    one leaves past ``max_resident``; a read asked for before a request gets it replayed."""
+    from coe.serving.api.catalog import ExpertCatalog
+    from coe.serving.api.live import LiveState
+    from coe.serving.deployments.spec import POOL_SERVER
+
+    class Backend:
+        def __init__(self):
+            self.gate = asyncio.Event()
+
+        async def stats(self):
+            await self.gate.wait()                    # the pool answers what it held when asked
+            return {POOL_SERVER: {"engine": {"resident": ["p0", "p1"], "max_resident": 2,
+                                             "swap_in_s": {"p0": 0.0, "p1": 0.0, "p2": 0.3}}}}
+
+    pooled = [ModelExpert(id=i, model="m", description="d", pooled=True) for i in ("p0", "p1", "p2")]
+    cat = ExpertCatalog(pooled, config_ids=["p0", "p1", "p2"], router=None)
+    backend = Backend()
+    live = LiveState(cat, Admission(AdmissionConfig()), backend, refresh_s=0.0)
+    ids = ["p0", "p1", "p2"]
+
+    async def go():
+        live.loads(ids)                              # first read, answered below
+        backend.gate.set()
+        await asyncio.sleep(0.01)
+        before = live.loads(ids)
+        backend.gate.clear()                         # the next read is asked now, answered later
+        live.dispatched("p2")                        # p2 swaps in; p0 (LRU) leaves
+        after = live.loads(ids)
+        backend.gate.set()
+        await asyncio.sleep(0.01)                    # the stale read lands: the request is replayed on it
+        return before, after, live.loads(ids)
+
+    before, after, replayed = asyncio.run(go())
+    assert [before[e].resident for e in ids] == [True, True, False] and before["p2"].swap_s == 0.3
+    for view in (after, replayed):
+        assert [view[e].resident for e in ids] == [False, True, True]
+        assert view["p0"].swap_s == 0.3              # evicted by the view: priced as the measured swap
