@@ -50,6 +50,28 @@ def lower_priority(increment: int) -> None:
             os.setpriority(os.PRIO_PROCESS, tid, min(19, now + increment))
 
 
+@contextlib.contextmanager
+def serve_log_targets_kept(logger_name: str = "ray.serve"):
+    """Give Serve's buffering log handlers back the targets that a ``logging.config.dictConfig``
+    inside the block took away.
+
+    vLLM configures logging with ``dictConfig`` when its engine is built, which closes every
+    existing handler: the replica's ``MemoryHandler`` then has no file to flush to and keeps
+    every later record (its access log line per request, ~1.5 KiB each) for the life of the
+    replica, and the replica's Serve log file stops. A closed file handler reopens on its next
+    record."""
+    from logging.handlers import MemoryHandler
+
+    kept = [(h, h.target) for h in logging.getLogger(logger_name).handlers if isinstance(h, MemoryHandler)]
+    try:
+        yield
+    finally:
+        for handler, target in kept:
+            if handler.target is None and target is not None:
+                handler.setTarget(target)
+                handler.flush()
+
+
 @serve.deployment(max_ongoing_requests=256, health_check_period_s=10, graceful_shutdown_timeout_s=5)
 class ExpertServerDeployment:
     """One replica: an :class:`ExpertServer` whose engine loads in the constructor."""
@@ -67,7 +89,8 @@ class ExpertServerDeployment:
             return await self._load(model_id)
 
         self._load_adapter = serve.multiplexed(max_num_models_per_replica=spec.max_adapters)(load)
-        await self.server.start()
+        with serve_log_targets_kept():   # the engine may configure logging (vLLM does)
+            await self.server.start()
         self.memtrace = MemTrace.of(frames)   # traced from here on (off: None)
 
     @serve.multiplexed(max_num_models_per_replica=8)

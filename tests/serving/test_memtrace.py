@@ -89,3 +89,38 @@ def test_coe_serve_refuses_a_bad_value_before_starting_ray(monkeypatch, capsys):
     monkeypatch.setenv(ENV, "lots")
     assert main(["serve", "--port", "1"]) == 2
     assert f"{ENV}='lots'" in capsys.readouterr().err
+
+
+def test_serve_access_log_records_are_not_kept_after_the_engine_configures_logging(tmp_path):
+    """What the soak found growing (~1.5 KiB per request in the expert replica): vLLM's
+    ``dictConfig`` closes every existing log handler, Serve's MemoryHandler loses its file and
+    keeps every later access-log record. The deployment gives it its file back."""
+    import logging
+    from logging.handlers import MemoryHandler
+
+    from coe.serving.deployments.ray_deployments import serve_log_targets_kept
+
+    def replica_logger(name):
+        logger = logging.getLogger(name)
+        logger.propagate = False
+        handler = MemoryHandler(capacity=1, target=logging.FileHandler(tmp_path / f"{name}.log"))
+        logger.addHandler(handler)
+        return logger, handler
+
+    def requests(logger, n=200):
+        for i in range(n):
+            logger.warning("CALL stream OK %d", i)
+
+    bare, leaking = replica_logger("coe-test-bare")
+    leaking.close()   # what dictConfig does to it
+    requests(bare)
+    assert len(leaking.buffer) == 200   # the leak, reproduced
+
+    kept, handler = replica_logger("coe-test-kept")
+    with serve_log_targets_kept("coe-test-kept"):
+        handler.close()
+    requests(kept)
+    assert handler.buffer == [] and (tmp_path / "coe-test-kept.log").read_text().count("CALL stream OK") == 200
+    for logger, h in ((bare, leaking), (kept, handler)):
+        logger.removeHandler(h)
+        h.target and h.target.close()
