@@ -18,10 +18,13 @@ Usage and ``coe.cost`` are the sums over every call that answered (recruits and 
 ``aggregate`` and, for a vote, ``votes``. When no recruited expert answers, the request is served
 the usual single-expert way (routing, fallbacks) and ``coe.failed`` still names the recruits.
 Streaming streams the aggregated answer: a vote's winner as chunks once every answer is in; an
-aggregator's own stream. Bad options get a 400 naming ``coe.recruit``/``coe.aggregate``.
+aggregator's own stream. Bad options get a 400 naming ``coe.recruit``/``coe.aggregate``. A
+request whose trigger does not fire is served by the single-expert path on the decision already
+made (``service.chat(req, info=...)``): it is routed once. The whole request shares one deadline.
 
-Uses only the service's public methods (``sampling``, ``decide``, ``chat``, ``chat_stream``).
-Runs on the ingress's event loop.
+One path (:func:`answer`) serves both edges; an :class:`Edge` says only whether the answer leaves
+whole or streamed. Uses only the service's public methods (``sampling``, ``decide``, ``chat``,
+``chat_stream``). Runs on the ingress's event loop.
 """
 
 from __future__ import annotations
@@ -170,6 +173,8 @@ class Gathered:
     info: RoutingInfo                     # the routed decision
     rec: Recruitment
     trace: bool
+    deadline: Deadline                    # the request's, from before it was routed
+    asked: list[str] = field(default_factory=list)          # the recruits, best first (none: the trigger did not fire)
     answers: list[ChatCompletionResponse] = field(default_factory=list)
     quality: list[float | None] = field(default_factory=list)
     asked_for: list[str] = field(default_factory=list)      # the recruited expert each answer stands for
@@ -208,23 +213,24 @@ def _cost(service, expert: str) -> float:
     return float(e.cost) if e is not None else 0.0
 
 
-async def gather(service, req: ChatCompletionRequest, rec: Recruitment, deadline: Deadline) -> Gathered | None:
-    """Decide, then ask the recruited experts concurrently (None: the trigger did not fire). A
-    recruit that fails is named in ``failed``; so is one whose fallback answered for an expert
-    that had already answered (one expert votes once)."""
+async def gather(service, req: ChatCompletionRequest, rec: Recruitment) -> Gathered:
+    """Decide once, then ask the recruited experts concurrently, each pinned, within the request's
+    deadline. ``asked`` is empty when the trigger did not fire (nobody was asked; ``info`` is the
+    decision the single-expert path then serves). A recruit that fails is named in ``failed``; so is
+    one whose fallback answered for an expert that had already answered (one expert votes once)."""
+    deadline = Deadline(service.config.serving.request_timeout_s)
     service.sampling(req)   # every check that needs no expert, before anything is generated
-    trace = coe_options(req.coe).trace
     info = await service.decide(req.model, req.messages, trace=True)
-    experts = recruits(info.candidates or [], rec)
-    if not experts:
-        return None
+    got = Gathered(info=info, rec=rec, trace=coe_options(req.coe).trace, deadline=deadline,
+                   asked=recruits(info.candidates or [], rec))
+    if not got.asked:
+        return got
     quality = {c.expert: c.quality for c in info.candidates}
-    for e in experts:
+    for e in got.asked:
         service.metrics.recruited.labels(e, "answer").inc()
-    results = await deadline.run(asyncio.gather(*(service.chat(pinned(req, e)) for e in experts),
-                                                return_exceptions=True))
-    got = Gathered(info=info, rec=rec, trace=trace)
-    for asked, res in zip(experts, results):
+    results = await deadline.run(asyncio.gather(
+        *(service.chat(pinned(req, e), deadline=deadline) for e in got.asked), return_exceptions=True))
+    for asked, res in zip(got.asked, results):
         if isinstance(res, BaseException):
             if not isinstance(res, CoEError):
                 raise res
@@ -257,9 +263,9 @@ def _voted(got: Gathered) -> ChatCompletionResponse:
     return winner.model_copy(update={"usage": got.usage, "coe": coe})
 
 
-def _aggregator_request(req: ChatCompletionRequest, got: Gathered, **update) -> ChatCompletionRequest:
+def _aggregator_request(req: ChatCompletionRequest, got: Gathered, edge: Edge) -> ChatCompletionRequest:
     texts = [a.choices[0].message.content or "" for a in got.answers]
-    return pinned(req, got.rec.aggregate, messages=aggregator_messages(req.messages, texts), **update)
+    return pinned(req, got.rec.aggregate, messages=aggregator_messages(req.messages, texts), **edge.keep(req))
 
 
 def _aggregated(got: Gathered, served: str) -> RoutingInfo:
@@ -275,61 +281,90 @@ def _aggregator_failed(got: Gathered, err: CoEError) -> None:
 # ------------------------------------------------------------------ the two entry points
 
 
-async def chat(service, req: ChatCompletionRequest) -> ChatCompletionResponse:
-    """The chat answer, recruiting when the request or the config asks for it (else
-    :meth:`CoEService.chat`). Raises CoEError as ``chat`` does; cancelling cancels every call."""
+class Edge:
+    """How one answer leaves: whole (:data:`PLAIN`, a :class:`ChatCompletionResponse`) or streamed
+    (:data:`STREAM`, ``(routing info, SSE stream)``). :func:`answer` is the one recruit path; an
+    edge only says how to ask the service and how to name the recruits in what comes back."""
+
+    def keep(self, req: ChatCompletionRequest) -> dict:
+        """What a request made on this request's behalf (the aggregator's) keeps of it."""
+        return {}
+
+    async def ask(self, service, req: ChatCompletionRequest, **kw):
+        return await service.chat(req, **kw)
+
+    def info(self, result) -> RoutingInfo:
+        """Who answered ``result``, and why."""
+        return result.coe
+
+    def annotated(self, result, coe: RoutingInfo, usage: Usage):
+        """``result`` (another answer) with ``coe`` in place of its own and ``usage`` added to its usage."""
+        return result.model_copy(update={"usage": add_usage(usage, result.usage), "coe": coe})
+
+    def whole(self, resp: ChatCompletionResponse, req: ChatCompletionRequest):
+        return resp
+
+
+class _Streamed(Edge):
+    def keep(self, req):
+        return {"stream": True, "stream_options": req.stream_options}
+
+    async def ask(self, service, req, **kw):
+        return await service.chat_stream(req, **kw)
+
+    def info(self, result):
+        return result[0]
+
+    def annotated(self, result, coe, usage):
+        return coe, Annotated(result[1], coe, usage)
+
+    def whole(self, resp, req):
+        return resp.coe, _chunks(resp, bool(req.stream_options and req.stream_options.include_usage))
+
+
+PLAIN, STREAM = Edge(), _Streamed()
+
+
+async def answer(service, req: ChatCompletionRequest, edge: Edge):
+    """The chat answer through ``edge``, recruiting when the request or the config asks for it (else
+    the service's single-expert path). A request that does not recruit (the trigger did not fire) is
+    served on the decision already made: routed once. When no recruit answers, the single-expert
+    path routes afresh (the failures changed the plan's health) and ``coe.failed`` names the
+    recruits. A vote is the winner's whole answer (streamed as chunks once every answer is in); an
+    aggregator's answer comes as it would alone, its ``coe`` naming the recruits and its usage the
+    sums. Raises CoEError as the service does (errors before the first chunk, streamed); cancelling
+    cancels every call."""
     rec = requested(service, req)
     if rec is None:
-        return await service.chat(req)
-    deadline = Deadline(service.config.serving.request_timeout_s)
-    got = await gather(service, req, rec, deadline)
-    if got is None:
-        return await service.chat(req)
+        return await edge.ask(service, req)
+    got = await gather(service, req, rec)
+    if not got.asked:
+        return await edge.ask(service, req, info=got.info, deadline=got.deadline)
     if not got.answers:   # the usual single-expert path, its fallbacks included
-        out = await service.chat(req)
-        return out.model_copy(update={"usage": add_usage(got.usage, out.usage),
-                                      "coe": _all_failed(service, got, out.coe)})
-    if rec.aggregate == VOTE:
-        return _voted(got)
-    service.metrics.recruited.labels(rec.aggregate, "aggregate").inc()
-    try:
-        out = await deadline.run(service.chat(_aggregator_request(req, got)))
-    except CoEError as err:
-        _aggregator_failed(got, err)
-        return _voted(got)
-    got.add(out, _cost(service, out.model))
-    return out.model_copy(update={"usage": got.usage, "coe": _aggregated(got, out.model)})
-
-
-async def chat_stream(service, req: ChatCompletionRequest) -> tuple[RoutingInfo, AsyncIterator[str]]:
-    """(routing info, SSE stream) as :meth:`CoEService.chat_stream`, recruiting when asked: a vote
-    streams the winner's answer once every answer is in; an aggregator streams its own answer,
-    with ``coe`` and the usage chunk rewritten to name the recruits and sum the usage. Errors
-    before the first chunk raise here."""
-    rec = requested(service, req)
-    if rec is None:
-        return await service.chat_stream(req)
-    deadline = Deadline(service.config.serving.request_timeout_s)
-    got = await gather(service, req, rec, deadline)
-    if got is None:
-        return await service.chat_stream(req)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    if not got.answers:
-        info, events = await service.chat_stream(req)
-        return info, Annotated(events, _all_failed(service, got, info), got.usage)
+        out = await edge.ask(service, req, deadline=got.deadline)
+        return edge.annotated(out, _all_failed(service, got, edge.info(out)), got.usage)
     if rec.aggregate != VOTE:
         service.metrics.recruited.labels(rec.aggregate, "aggregate").inc()
-        agg = _aggregator_request(req, got, stream=True, stream_options=req.stream_options)
         try:
-            info, events = await deadline.run(service.chat_stream(agg))
+            out = await got.deadline.run(edge.ask(service, _aggregator_request(req, got, edge),
+                                                  deadline=got.deadline))
         except CoEError as err:
             _aggregator_failed(got, err)
         else:
-            got.cost += _cost(service, info.expert)
-            coe = _aggregated(got, info.expert)
-            return coe, Annotated(events, coe, got.usage)
-    voted = _voted(got)
-    return voted.coe, _chunks(voted, include_usage)
+            served = edge.info(out).expert
+            got.cost += _cost(service, served)
+            return edge.annotated(out, _aggregated(got, served), got.usage)
+    return edge.whole(_voted(got), req)
+
+
+async def chat(service, req: ChatCompletionRequest) -> ChatCompletionResponse:
+    """The whole answer (see :func:`answer`)."""
+    return await answer(service, req, PLAIN)
+
+
+async def chat_stream(service, req: ChatCompletionRequest) -> tuple[RoutingInfo, AsyncIterator[str]]:
+    """(routing info, SSE stream) as :meth:`CoEService.chat_stream` (see :func:`answer`)."""
+    return await answer(service, req, STREAM)
 
 
 def _all_failed(service, got: Gathered, info: RoutingInfo) -> RoutingInfo:

@@ -361,23 +361,32 @@ class CoEService:
                 self.metrics.fallbacks.labels(expert, nxt).inc()
                 info.fallback_from, expert = info.fallback_from or expert, nxt
 
-    async def _admit(self, req: ChatCompletionRequest):
+    async def _admit(self, req: ChatCompletionRequest, info: RoutingInfo | None, deadline: Deadline | None):
         """(deadline, start time, sampling, routing info, tool-call parser or None) of a chat request:
         parameters validated, expert chosen (a tool-capable one when it asks for tools), unimplemented
-        fields refused for that expert — before anything is queued."""
-        deadline = Deadline(self.config.serving.request_timeout_s)
+        fields refused for that expert — before anything is queued. ``info``/``deadline``: see :meth:`chat`."""
+        deadline = deadline or Deadline(self.config.serving.request_timeout_s)
         t0 = time.perf_counter()
         sampling = self.sampling(req)
-        info = await self.decide(req.model, req.messages, trace=coe_options(req.coe).trace)
+        trace = coe_options(req.coe).trace
+        if info is None:
+            info = await self.decide(req.model, req.messages, trace=trace)
+        elif not trace:   # a caller's decision made with the plan: the request did not ask to see it
+            info = info.model_copy(update={"candidates": None})
         refuse_unimplemented(req, info.expert)
         tools = tools_for(req, info, model_ref=self.model_ref,
                           ranked=lambda: self._ranked(info))
         return deadline, t0, sampling, info, tools
 
-    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+    async def chat(self, req: ChatCompletionRequest, *, info: RoutingInfo | None = None,
+                   deadline: Deadline | None = None) -> ChatCompletionResponse:
         """A whole answer; raises CoEError (mapped to HTTP by the caller). Cancelling the call
-        (the client went away) cancels the generation on the expert server."""
-        deadline, t0, sampling, info, tools = await self._admit(req)
+        (the client went away) cancels the generation on the expert server.
+
+        ``info``: the decision :meth:`decide` already made for this request (its model and
+        messages), so the request is not routed again (recruit-and-aggregate decides first);
+        ``deadline``: the request's deadline when it started earlier (default: from now)."""
+        deadline, t0, sampling, info, tools = await self._admit(req, info, deadline)
         out = await self.generate(info, self.chat_request(req, sampling, tools), deadline, t0, "chat")
         return response_of(out, info, top_logprobs=sampling.logprobs, tools=tools)
 
@@ -407,12 +416,14 @@ class CoEService:
         m.latency.labels(info.expert).observe(time.perf_counter() - t0)
         return out
 
-    async def chat_stream(self, req: ChatCompletionRequest) -> tuple[RoutingInfo, EventStream]:
+    async def chat_stream(self, req: ChatCompletionRequest, *, info: RoutingInfo | None = None,
+                          deadline: Deadline | None = None) -> tuple[RoutingInfo, EventStream]:
         """Start a streamed answer. Errors before the first token raise here (so the HTTP status
         can still say so); later ones end the stream with an error event. The returned stream
         yields SSE lines and ends with ``data: [DONE]``; ``aclose()`` (the client went away)
-        cancels the generation and frees the expert's slot, whether or not it was iterated."""
-        deadline, t0, sampling, info, tools = await self._admit(req)
+        cancels the generation and frees the expert's slot, whether or not it was iterated.
+        ``info``, ``deadline``: as for :meth:`chat`."""
+        deadline, t0, sampling, info, tools = await self._admit(req, info, deadline)
         shape = ChatChunks(req, info, top_logprobs=sampling.logprobs, tools=tools)
         return info, await self.stream(info, self.chat_request(req, sampling, tools), deadline, t0, "chat_stream",
                                        shape)

@@ -333,12 +333,12 @@ def test_the_recruits_are_asked_at_once(h, router, monkeypatch):
     request does)."""
     real, live, peak, asked = h.service.chat, [0], [0], []
 
-    async def spy(req):
+    async def spy(req, **kw):
         asked.append(req.model)
         live[0] += 1
         peak[0] = max(peak[0], live[0])
         try:
-            return await real(req)
+            return await real(req, **kw)
         finally:
             live[0] -= 1
 
@@ -410,3 +410,29 @@ def test_the_config_recruits_only_when_the_top_prediction_is_unsure(h, router, c
     assert body["coe"]["recruited"] == ["tiny-a", "tiny", "twin"] and body["model"] == "twin"
     configured(k=2)
     assert _ok(h.chat(Q, coe={"aggregate": "tiny"}))["coe"]["aggregate"] == "tiny"   # the request's aggregator
+
+
+def test_a_request_the_trigger_does_not_recruit_is_routed_once(h, router, configured, monkeypatch):
+    """The config's trigger decides on the plan; the single-expert path then serves that decision
+    instead of routing the request again (and shows the plan only when asked)."""
+    configured(k=2, when="margin", threshold=0.1)                 # 0.80 vs 0.60: sure enough, no recruits
+    real, decided = h.service.decide, []
+
+    async def spy(model, messages, **kw):
+        decided.append(model)
+        return await real(model, messages, **kw)
+
+    monkeypatch.setattr(h.service, "decide", spy)
+    alone = _alone(h, "tiny-a")
+    decided.clear()
+    for stream in (False, True):
+        resp = h.chat(Q, stream=stream)
+        coe = _events(resp)[0]["coe"] if stream else _ok(resp)["coe"]
+        assert coe["expert"] == "tiny-a" and coe.get("recruited") is None and coe.get("candidates") is None
+        assert coe["router"] == "scored-test" and coe["pinned"] is False
+        if not stream:
+            assert _text(_ok(resp)) == _text(alone)
+    assert decided == ["coe", "coe"]                              # once per request
+    traced = _ok(h.chat(Q, coe={"trace": True}))["coe"]
+    assert [c["expert"] for c in traced["candidates"]] == ["tiny-a", "tiny", "twin", "tiny-b"]
+    assert decided == ["coe"] * 3
