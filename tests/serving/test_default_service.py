@@ -5,6 +5,7 @@ HTTP is listed, receives routed traffic, and is still there after Ctrl-C and a r
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -74,6 +75,52 @@ class Service:
             self.proc.wait(30)
 
 
+def _sse(resp: httpx.Response) -> list[dict]:
+    """The JSON events of a streamed answer, which must end with [DONE]."""
+    assert resp.status_code == 200, resp.text
+    data = [e[len("data: "):] for e in resp.text.split("\n\n") if e.startswith("data: ")]
+    assert data and data[-1] == "[DONE]", data[-3:]
+    return [json.loads(d) for d in data[:-1]]
+
+
+def check_recruit(client, url: str, experts: set[str]) -> None:
+    """Recruit and aggregate through Ray Serve: the plan's first two experts answer (each on its own
+    server's replica), the vote's winner is the response, usage is the sum of the two pinned answers;
+    streamed, the same coe fields and usage; a bad coe.recruit is a 400 naming it."""
+    ask = [{"role": "user", "content": "What is 7 + 5? Answer with the number only."}]
+    params = {"max_tokens": 4, "temperature": 0}
+    plan = httpx.post(f"{url}/route", json={"model": "coe", "messages": ask}, timeout=60).json()["candidates"]
+    recruit = {"coe": {"recruit": 2, "aggregate": "vote"}}
+    voted = client.chat.completions.create(model="coe", messages=ask, extra_body=recruit, **params)
+    coe = voted.model_extra["coe"]
+    assert coe["recruited"] == [c["expert"] for c in plan if c["healthy"]][:2], (coe, plan)
+    assert coe["failed"] == [] and coe["aggregate"] == "vote" and set(coe["votes"]) == set(coe["recruited"])
+    assert voted.model == coe["expert"] in coe["recruited"] and set(coe["recruited"]) <= experts
+    alone = [client.chat.completions.create(model=e, messages=ask, **params) for e in coe["recruited"]]
+    text = voted.choices[0].message.content
+    assert text == next(a for a in alone if a.model == voted.model).choices[0].message.content
+    usage = ("prompt_tokens", "completion_tokens", "total_tokens")
+    for key in usage:
+        assert getattr(voted.usage, key) == sum(getattr(a.usage, key) for a in alone), (voted.usage, alone)
+
+    body = {"model": "coe", "messages": ask, **params, **recruit}
+    with httpx.Client(base_url=url, timeout=300) as http:
+        events = _sse(http.post("/chat/completions", json={**body, "stream": True,
+                                                             "stream_options": {"include_usage": True}}))
+        first = events[0]["coe"]
+        named = ("expert", "recruited", "failed", "aggregate", "votes", "cost")
+        assert {k: first.get(k) for k in named} == {k: coe.get(k) for k in named}
+        assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]) == text
+        assert events[-1]["usage"] == voted.usage.model_dump(include=set(usage))
+
+        for k in (0, len(experts) + 1):
+            for stream in (False, True):
+                bad = http.post("/chat/completions", json={**body, "coe": {"recruit": k}, "stream": stream})
+                assert bad.status_code == 400, bad.text
+                error = bad.json()["error"]
+                assert error["param"] == "coe.recruit" and "coe.recruit" in error["message"], error
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, smollm2_dir, qwen_dir, minilm_dir):
     from coe.paths import models_dir
@@ -130,6 +177,8 @@ def test_default_config_openai_client_register_restart(env, lora_dir):
         assert chunks and all(c.model in experts for c in chunks)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+        check_recruit(client, service.url, experts)
 
         admin = httpx.Client(base_url=service.url.removesuffix("/v1"), timeout=300,
                              headers={"Authorization": f"Bearer {KEY}"})
