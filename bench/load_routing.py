@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.record import RunRecord, write_results
+from bench.record import RunRecord, conclude
 from bench.soak import Service, free_port, stop_on_sigterm
 from bench.stats import bootstrap_ci, paired_ratio, percentile
 
@@ -333,15 +333,9 @@ def main(argv: list[str] | None = None) -> dict:
     res["rate_rps"] = rate
     res.setdefault("capacity", {"rps": rate / args.load, "clients": 0, "seconds": 0, "given": True})
     res["mix"] = res["runs"][0]["mix"]
-    cmp = compare(res)
-    res["comparison"] = cmp
-    body = markdown(res, cmp)
-    data = rec.finish(res)
-    write_results(args.name, data, rec.markdown_header("Load-aware routing under load (default service)") + body)
-    print(body)
-    return data
+    return conclude(rec, args.name, "Load-aware routing under load (default service)", res,
+                    compare=compare, markdown=markdown)
 
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

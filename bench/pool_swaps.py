@@ -48,7 +48,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.load_routing import send
-from bench.record import RunRecord, write_results
+from bench.record import RunRecord, conclude
 from bench.stats import summary
 
 QUALITY = "quality"
@@ -294,15 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
     res.update({"model": args.model, "dtype": args.dtype, "experts": args.experts, "resident": args.resident,
                 "requests": args.requests, "n_rounds": args.rounds, "rate": args.rate, "max_tokens": args.max_tokens,
                 "swap_worth": args.swap_worth, "mix": MIX, "smoke": args.smoke})
-    cmp = compare(res)
-    res["comparison"] = cmp
-    body = markdown(res, cmp)
-    data = rec.finish(res)
-    write_results(args.name, data, rec.markdown_header("Swaps in the expert pool: swap-aware routing") + body)
-    print(body)
-    return data
+    return conclude(rec, args.name, "Swaps in the expert pool: swap-aware routing", res,
+                    compare=compare, markdown=markdown)
 
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

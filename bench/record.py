@@ -19,6 +19,9 @@ Usage::
     ...                                         # the benchmark
     write_results("name", rec.finish({...}), rec.markdown_header("Title") + body)
 
+or, for a benchmark that compares its arms and renders its own markdown,
+``conclude(rec, "name", "Title", results, compare=compare, markdown=markdown)``.
+
 No torch import here unless torch is already imported (the header reports it then); no side
 effects at import time.
 """
@@ -33,6 +36,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -162,6 +166,19 @@ class RunRecord:
             f"{'Commit ' + commit + '. ' if commit else ''}{self.note + ' ' if self.note else ''}\n\n"
             f"Command: `{self.command}`\n\n"
         )
+
+
+def conclude(rec: RunRecord, name: str, title: str, results: dict, *,
+             compare: Callable[[dict], dict], markdown: Callable[[dict, dict], str]) -> dict:
+    """The end of a benchmark's ``main``: ``results["comparison"] = compare(results)``, the body
+    ``markdown(results, comparison)``, ``rec`` finished, ``<name>.json``/``.md`` written (under the
+    header ``# title``) and the body printed. Returns the data written (``{"run": header, **results}``)."""
+    results["comparison"] = comparison = compare(results)
+    body = markdown(results, comparison)
+    data = rec.finish(results)
+    write_results(name, data, rec.markdown_header(title) + body)
+    print(body)
+    return data
 
 
 def _fmt_load(xs: list[float] | None) -> str:

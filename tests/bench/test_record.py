@@ -7,7 +7,7 @@ import json
 import os
 
 from bench import record
-from bench.record import RunRecord, command_line, write_results
+from bench.record import RunRecord, command_line, conclude, write_results
 
 
 def test_load_is_read_at_start_and_at_finish(monkeypatch):
@@ -38,3 +38,15 @@ def test_write_results_goes_to_coe_bench_results(tmp_path, monkeypatch):
     assert md.read_text() == "# md\n"
     monkeypatch.delenv("COE_BENCH_RESULTS")
     assert record.RESULTS.name == "results"
+
+
+def test_conclude_compares_writes_both_files_and_prints_the_body(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COE_BENCH_RESULTS", str(tmp_path))
+    rec = RunRecord.start(argv=["bench/x.py"])
+    data = conclude(rec, "x", "Title", {"n": 3}, compare=lambda res: {"twice": res["n"] * 2},
+                    markdown=lambda res, cmp: f"n {res['n']}, twice {cmp['twice']}\n")
+    assert data["comparison"] == {"twice": 6} and data["n"] == 3 and data["run"]["finished"]
+    assert json.loads((tmp_path / "x.json").read_text()) == json.loads(json.dumps(data))
+    md = (tmp_path / "x.md").read_text()
+    assert md.startswith("# Title\n") and md.endswith("n 3, twice 6\n")
+    assert capsys.readouterr().out == "n 3, twice 6\n\n"
