@@ -19,8 +19,18 @@ and the oracle (the best expert per probe, the cheapest on ties), plus paired-bo
 With ``--nll`` it adds the mean reference NLL (the reference answer's per-token NLL under the
 expert each system picks; computed in process with the reference_nll scorer).
 
+``policy`` needs no service: it asks whether a cost-aware policy would do better than the
+shipped one. On the profile only, by 5-fold CV (each fold refits the config's fitted router on
+the other folds and routes through the service's router), it picks the cost weight λ of
+``tradeoff`` and the threshold τ of ``threshold``; then it applies the shipped router with
+those settings to the held-out items and scores its choices from the stored per-expert outcomes
+of ``run`` (``bench/results/composition/eval_outcomes.jsonl``): accuracy with the paired CI
+against the best single expert, mean cost and latency, and the whole held-out curve for
+information (nothing is chosen on it).
+
     python bench/composition.py probes                       # write the two probe files
     python bench/composition.py run [--config CFG] [--url URL] [--n-code 30] [--n-math 30]
+    python bench/composition.py policy [--config CFG]        # bench/results/composition_policy.md
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/composition.py` from the checkout
     sys.path.insert(0, str(REPO))
+
+import numpy as np
 
 from bench.record import RunRecord, write_results
 
@@ -142,8 +154,6 @@ def _verify(url: str, probes: list, routes: dict, pinned: dict, max_tokens: int)
 
 def _boot(matrix, fn, n: int = 2000, seed: int = 0):
     """Percentile-bootstrap 95% CI of ``fn(rows)`` resampling probes (paired across systems)."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     k = len(matrix)
     vals = np.array([fn(matrix[rng.integers(0, k, k)]) for _ in range(n)])
@@ -155,8 +165,6 @@ def _boot(matrix, fn, n: int = 2000, seed: int = 0):
 
 def analyse(rows: list[dict], routes: dict[str, str], nll: dict | None = None) -> dict:
     """Per-system accuracy/cost/NLL with CIs; coe vs best single expert; share of oracle gain."""
-    import numpy as np
-
     experts = list(rows[0]["outcomes"])
     q = np.array([[r["outcomes"][e] for e in experts] for r in rows])  # [N, E]
     c = np.array([[r["costs"][e] for e in experts] for r in rows])     # [N, E]
@@ -229,16 +237,226 @@ def markdown(res: dict) -> str:
         if "nll" in s:
             cells.append(f"{s['nll']:.3f} {ci(s['nll_ci'])}")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {share} |")
-    lines += ["", f"Best single expert by accuracy: **{res['best_single']}**. "
-              f"coe − best: {res['coe_minus_best']:+.3f} {ci(res['coe_minus_best_ci'])} (paired bootstrap); "
-              f"share of the oracle's gain recovered: {res['oracle_gain_recovered']:.2f} "
-              f"{ci(res['oracle_gain_recovered_ci'])}."]
+    lines += ["", (f"Best single expert by accuracy: **{res['best_single']}**. "
+                   f"coe − best: {res['coe_minus_best']:+.3f} {ci(res['coe_minus_best_ci'])} (paired bootstrap); "
+                   f"share of the oracle's gain recovered: {res['oracle_gain_recovered']:.2f} "
+                   f"{ci(res['oracle_gain_recovered_ci'])}.")]
     if "coe_minus_best_nll" in res:
         lines.append(f"Best single expert by reference NLL: **{res['best_single_nll']}**; coe − best NLL: "
                      f"{res['coe_minus_best_nll']:+.3f} {ci(res['coe_minus_best_nll_ci'])}; oracle NLL gain "
                      f"recovered: {res['oracle_nll_gain_recovered']:.2f} {ci(res['oracle_nll_gain_recovered_ci'])}.")
     return "\n".join(lines) + "\n"
 
+
+# -- cost-aware policy: λ or τ chosen on the profile by cross-validation, then applied to the held-out items --
+
+KNOB = {"tradeoff": "lam", "threshold": "tau"}   # the policy field each cost-aware mode sweeps
+
+
+def knob_sweep(mode: str, costs, n: int) -> list[float]:
+    """The values swept for ``mode``, from its max-quality end to its cheapest end: λ from 0
+    (``routers.policy.lambda_sweep``), τ from 1 down to 0 (task outcomes are on 0..1)."""
+    from coe.routers.policy import lambda_sweep
+
+    if mode == "tradeoff":
+        return [float(x) for x in lambda_sweep(np.asarray(costs, dtype=float), n)]
+    return [float(x) for x in np.linspace(1.0, 0.0, n)]
+
+
+def policy_router(cfg, policy: dict, fitted, embedder):
+    """The service's router (``OnlineRouter``) for ``cfg`` over its experts, with ``router.policy``
+    fields replaced by ``policy`` and ``fitted`` as the fitted router."""
+    from coe.routers.online import OnlineRouter
+
+    router_cfg = cfg.router.model_copy(update={"policy": cfg.router.policy.model_copy(update=policy)})
+    return OnlineRouter(router_cfg, cfg.experts, fitted=fitted, embedder=embedder)
+
+
+def policy_choices(cfg, fitted, embedder, queries: list[str], mode: str, knobs) -> list[list[str]]:
+    """The expert the service picks for each query under ``mode`` at each knob value (λ or τ),
+    unsure queries going to the default expert as in the service."""
+    return [[d.expert for d in policy_router(cfg, {"mode": mode, KNOB[mode]: float(v)}, fitted, embedder)
+             .route(queries)] for v in knobs]
+
+
+def cv_choices(cfg, fitted, embedder, data, mode: str, knobs, folds: int = 5, seed: int = 0) -> list[list[str]]:
+    """Out-of-fold choices on the profile ``data``: per fold the fitted router's kind and params are
+    refitted on the other folds (embedded as ``coe router fit`` embeds) and the service's router
+    with that fit routes the held-out fold at every knob value."""
+    from coe.routers.base import create_router
+    from coe.routers.datasets import embed_routing_data
+    from coe.routers.tuning import kfold
+
+    x, _, _ = embed_routing_data(embedder, data)
+    out = [[""] * len(data) for _ in knobs]
+    for held in kfold(len(data), folds, seed):
+        train = np.setdiff1d(np.arange(len(data)), held)
+        fold = create_router(fitted.name, fitted.params.model_dump()).fit(data.subset(train), x[train])
+        for row, names in zip(out, policy_choices(cfg, fold, embedder, [data.queries[k] for k in held], mode, knobs)):
+            for k, name in zip(held, names):
+                row[k] = name
+    return out
+
+
+def policy_stats(rows: list[dict], choices: list[str], best: str) -> dict:
+    """Accuracy, mean cost/tokens/latency and share of ``best`` when each row is answered by its
+    choice, with the paired-bootstrap CI of accuracy minus ``best``'s."""
+    q = np.array([[r["outcomes"][e], r["outcomes"][best]] for r, e in zip(rows, choices)], dtype=float)  # [N, 2]
+    detail = [r["detail"][e] for r, e in zip(rows, choices)]
+    return {"accuracy": float(q[:, 0].mean()), "minus_best": float(q[:, 0].mean() - q[:, 1].mean()),
+            "minus_best_ci": _boot(q, lambda m: m[:, 0].mean() - m[:, 1].mean()),
+            "cost": float(np.mean([r["costs"][e] for r, e in zip(rows, choices)])),
+            "mean_completion_tokens": float(np.nanmean([d.get("completion_tokens", np.nan) for d in detail])),
+            "mean_latency_ms": float(np.nanmean([d.get("latency_ms", np.nan) for d in detail])),
+            "share_best": float(np.mean([e == best for e in choices]))}
+
+
+def curve(rows: list[dict], knobs, choices: list[list[str]], best: str) -> list[dict]:
+    """:func:`policy_stats` per run of consecutive knob values that give the same choices
+    (``knob_from``..``knob_to``, in sweep order)."""
+    out: list[dict] = []
+    for v, ch in zip(knobs, choices):
+        if out and out[-1]["choices"] == ch:
+            out[-1]["knob_to"] = float(v)
+            continue
+        out.append({"knob_from": float(v), "knob_to": float(v), "choices": ch, **policy_stats(rows, ch, best)})
+    return out
+
+
+def choose_knob(points: list[dict], best_accuracy: float) -> dict[str, float]:
+    """The knob value chosen from cross-validated points (:func:`curve` on the profile, in sweep
+    order from the max-quality end), by two rules, each the last value up to which every point
+    qualifies: ``no_loss``, CV accuracy at least the best single expert's; ``ci``, the paired CI of
+    CV accuracy minus the best single expert's reaches 0."""
+    chosen = {}
+    for rule, ok in (("no_loss", lambda p: p["accuracy"] >= best_accuracy - 1e-12),
+                     ("ci", lambda p: p["minus_best_ci"][1] >= 0)):
+        value = points[0]["knob_from"]
+        for p in points:
+            if not ok(p):
+                break
+            value = p["knob_to"]
+        chosen[rule] = value
+    return chosen
+
+
+def policy_eval(args) -> int:
+    """``policy``: choose λ (``tradeoff``) and τ (``threshold``) by CV on the profile, apply them to
+    the stored held-out outcomes."""
+    from coe.config import load_config
+    from coe.routers.datasets import load_routing_data
+    from coe.routers.online import build_online_router
+
+    rec = RunRecord.start(note=f"cost-aware policy from stored outcomes, config {args.config or 'default'}")
+    cfg = load_config(args.config)
+    served = build_online_router(cfg.router, cfg.experts)
+    if served.fitted is None:
+        raise SystemExit("the config's router has no router.fitted: there is no profile to cross-validate on")
+    fitted, embedder = served.fitted, served.embedder
+    profile = load_routing_data(args.profile)
+    prof_rows = [json.loads(line) for line in Path(args.profile).read_text().splitlines() if line.strip()]
+    if [r["query"] for r in prof_rows] != list(profile.queries):
+        raise SystemExit(f"{args.profile}: rows without a usable outcome were skipped ({profile.skipped}); "
+                         "the CV needs every row scored")
+    held = [json.loads(line) for line in Path(args.outcomes).read_text().splitlines() if line.strip()]
+    experts = list(held[0]["outcomes"])
+    queries = [r["query"] for r in held]
+
+    def best_of(rows):
+        return max(experts, key=lambda e: np.mean([r["outcomes"][e] for r in rows]))
+
+    best_cv, best = best_of(prof_rows), best_of(held)
+    best_cv_acc = float(np.mean([r["outcomes"][best_cv] for r in prof_rows]))
+    modes, settings = {}, {"max_quality": ("tradeoff", 0.0)}
+    for mode, field in KNOB.items():
+        knobs = knob_sweep(mode, [e.cost for e in cfg.experts], args.steps)
+        cv_points = curve(prof_rows, knobs, cv_choices(cfg, fitted, embedder, profile, mode, knobs, args.folds), best_cv)
+        chosen = choose_knob(cv_points, best_cv_acc)
+        settings.update({f"{mode}:{rule}": (mode, v) for rule, v in chosen.items()})
+        held_points = curve(held, knobs, policy_choices(cfg, fitted, embedder, queries, mode, knobs), best)
+        modes[mode] = {"knob": field, "chosen": chosen, "cv_curve": _without_choices(cv_points),
+                       "heldout_curve": _without_choices(held_points)}
+    b = analyse(held, {r["id"]: best for r in held})["systems"][best]
+    systems = {}
+    for name, (mode, v) in settings.items():
+        res = analyse(held, dict(zip([r["id"] for r in held],
+                                     policy_choices(cfg, fitted, embedder, queries, mode, [v])[0])))
+        s = {"mode": mode, KNOB[mode]: v, **res["systems"]["coe"], "minus_best": res["coe_minus_best"],
+             "minus_best_ci": res["coe_minus_best_ci"]}
+        s["target_met"] = bool(s["minus_best_ci"][1] >= 0
+                               and (s["cost"] < b["cost"] or s["mean_latency_ms"] < b["mean_latency_ms"]))
+        systems[name] = s
+    res = {"profile": _shown(args.profile), "outcomes": _shown(args.outcomes), "folds": args.folds,
+           "router": {"name": fitted.name, "params": fitted.params.model_dump()},
+           "costs": {e.id: e.cost for e in cfg.experts}, "best_single_cv": best_cv, "best_single_cv_accuracy": best_cv_acc,
+           "best_single": best, "best_single_heldout": b, "modes": modes, "systems": systems}
+    body = policy_markdown(res)
+    write_results(args.name, rec.finish(res), rec.markdown_header(
+        "Cost-aware policy: λ and τ chosen by CV on the profile, applied to the held-out items") + body)
+    print(body)
+    return 0
+
+
+def _without_choices(points: list[dict]) -> list[dict]:
+    return [{k: v for k, v in p.items() if k != "choices"} for p in points]
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the checkout where it is inside it (as the results show it)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+
+def policy_markdown(res: dict) -> str:
+    def ci(v):
+        return f"[{v[0]:+.3f}, {v[1]:+.3f}]"
+
+    def knob(p):
+        a, b = p["knob_from"], p["knob_to"]
+        return f"{a:.4g}" if a == b else f"{a:.4g} … {b:.4g}"
+
+    def table(points, best, name):
+        lines = [f"| {name} | accuracy | − {best} (paired 95% CI) | mean cost | mean latency (s) | share {best} |",
+                 "|---|---|---|---|---|---|"]
+        lines += [f"| {knob(p)} | {p['accuracy']:.3f} | {p['minus_best']:+.3f} {ci(p['minus_best_ci'])} | "
+                  f"{p['cost']:.0f} | {p['mean_latency_ms'] / 1000:.1f} | {p['share_best']:.0%} |" for p in points]
+        return lines
+
+    sym = {"lam": "λ", "tau": "τ"}
+    b, best = res["best_single_heldout"], res["best_single"]
+    costs = ", ".join(f"{k} {v:g}" for k, v in res["costs"].items())
+    out = [(f"Router: the config's fitted `{res['router']['name']}` {res['router']['params']}; configured costs "
+            f"{costs}. Modes: `tradeoff` (argmax quality − λ·cost; λ = 0 is `max_quality`) and `threshold` (the "
+            "cheapest expert with predicted quality ≥ τ, else the best). Mean cost per query: tokens × the expert's "
+            "configured cost, as `run` reports. Latencies are the stored ones of the pinned runs (loaded, not "
+            "QUIET)."), "",
+           (f"Rules for the choice, on the profile only ({res['folds']}-fold CV on `{res['profile']}`; each fold "
+            "refits the router on the other folds and routes through the service's router): **no_loss**, the "
+            "setting furthest from max quality up to which the CV accuracy stays at least the best single "
+            f"expert's ({res['best_single_cv']}, {res['best_single_cv_accuracy']:.3f}); **ci**, the same up to "
+            f"which the paired CI of CV accuracy minus {res['best_single_cv']}'s still reaches 0."), "",
+           f"## The chosen settings on the held-out items (`{res['outcomes']}`)", "",
+           ("| system | setting | accuracy (95% CI) | − best single (paired 95% CI) | mean cost | mean tokens | "
+            "mean latency (s) | routing share | target met |"), "|---|---|---|---|---|---|---|---|---|",
+           (f"| {best} | — | {b['accuracy']:.3f} [{b['accuracy_ci'][0]:.3f}, {b['accuracy_ci'][1]:.3f}] | — | "
+            f"{b['cost']:.1f} | {b['mean_completion_tokens']:.0f} | {b['mean_latency_ms'] / 1000:.1f} | {best} 100% | — |")]
+    for name, s in res["systems"].items():
+        share = ", ".join(f"{e} {v:.0%}" for e, v in s["share"].items() if v > 0)
+        key = "lam" if s["mode"] == "tradeoff" else "tau"
+        out.append(f"| coe ({name}) | {sym[key]} = {s[key]:.4g} | {s['accuracy']:.3f} [{s['accuracy_ci'][0]:.3f}, "
+                   f"{s['accuracy_ci'][1]:.3f}] | {s['minus_best']:+.3f} {ci(s['minus_best_ci'])} | {s['cost']:.1f} | "
+                   f"{s['mean_completion_tokens']:.0f} | {s['mean_latency_ms'] / 1000:.1f} | {share} | "
+                   f"{'yes' if s['target_met'] else 'no'} |")
+    out += ["", ("Target met: the paired CI of coe − best single reaches 0 and the mean cost or latency is lower "
+                 "than the best single expert's.")]
+    for mode, m in res["modes"].items():
+        name = sym[m["knob"]]
+        out += ["", f"## `{mode}`: {name} by CV on the profile", "",
+                "Chosen: " + ", ".join(f"{rule} {name} = {v:.4g}" for rule, v in m["chosen"].items()) + ".", "",
+                *table(m["cv_curve"], res["best_single_cv"], name), "",
+                f"### `{mode}` over the whole held-out curve (information only: nothing was chosen on it)", "",
+                *table(m["heldout_curve"], best, name)]
+    return "\n".join(out) + "\n"
 
 def run(args) -> int:
     from coe.tools.profiling import expert_costs, profile_experts
@@ -305,7 +523,19 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--verify", type=int, default=6, help="probes to send as model: coe as a check")
     r.add_argument("--nll", action="store_true")
     r.add_argument("--name", default="composition_cpu")
+    po = sub.add_parser("policy", help="choose the cost weight λ and the threshold τ by CV on the profile; apply "
+                        "them to stored held-out outcomes (no service)")
+    po.add_argument("--config", default=None, help="config whose fitted router and costs to use (default: embedded)")
+    po.add_argument("--profile", default=str(REPO / "configs/profiles/default_tasks.jsonl"),
+                    help="the outcomes the router was fitted on (λ is chosen on these only)")
+    po.add_argument("--outcomes", default=str(PROBES / "eval_outcomes.jsonl"),
+                    help="held-out per-expert outcomes, as `run` stores them")
+    po.add_argument("--folds", type=int, default=5)
+    po.add_argument("--steps", type=int, default=401, help="λ (and τ) values in each sweep")
+    po.add_argument("--name", default="composition_policy")
     args = ap.parse_args(argv)
+    if args.cmd == "policy":
+        return policy_eval(args)
     if args.cmd == "probes":
         write_probe_files(args.n_code, args.n_math)
         return 0

@@ -1,0 +1,84 @@
+"""bench/composition.py ``policy``: the statistics, the curve and the CV choice rules on known rows, and
+the choices it simulates are the shipped service router's (needs the prepared embedder)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.composition import choose_knob, curve, cv_choices, knob_sweep, policy_choices, policy_stats
+
+
+def _row(outcomes, costs, latency=None):
+    detail = {e: {"completion_tokens": 10, "latency_ms": (latency or {}).get(e, 1000.0)} for e in outcomes}
+    return {"outcomes": outcomes, "costs": costs, "detail": detail}
+
+
+ROWS = [_row({"big": 1.0, "small": 0.0}, {"big": 10.0, "small": 1.0}),
+        _row({"big": 0.0, "small": 0.0}, {"big": 10.0, "small": 1.0}),
+        _row({"big": 1.0, "small": 1.0}, {"big": 10.0, "small": 1.0}, {"big": 3000.0})]
+
+
+def test_policy_stats_are_paired_against_the_best_expert():
+    s = policy_stats(ROWS, ["big", "small", "small"], "big")
+    assert s["accuracy"] == pytest.approx(2 / 3) and s["minus_best"] == 0.0
+    assert s["cost"] == pytest.approx(4.0) and s["share_best"] == pytest.approx(1 / 3)
+    assert s["mean_latency_ms"] == 1000.0
+    worse = policy_stats(ROWS, ["small", "small", "small"], "big")
+    assert worse["minus_best"] == pytest.approx(-1 / 3)
+    assert worse["minus_best_ci"][0] < 0 <= worse["minus_best_ci"][1]   # 3 items: the CI reaches 0
+
+
+def test_curve_merges_equal_choices_and_choose_knob_stops_at_the_first_loss():
+    knobs = [0.0, 0.1, 0.2, 0.3, 0.4]
+    choices = [["big"] * 3, ["big"] * 3, ["big", "small", "small"], ["small"] * 3, ["big"] * 3]
+    points = curve(ROWS, knobs, choices, "big")
+    assert [(p["knob_from"], p["knob_to"]) for p in points] == [(0.0, 0.1), (0.2, 0.2), (0.3, 0.3), (0.4, 0.4)]
+    # no_loss: the last value before the first point below the best single expert (a later return does not count)
+    assert choose_knob(points, best_accuracy=2 / 3)["no_loss"] == 0.2
+    assert choose_knob(points, best_accuracy=2 / 3)["ci"] == 0.4          # 3 items: every CI reaches 0
+    assert choose_knob(points, best_accuracy=1.0)["no_loss"] == 0.0       # nothing qualifies: the first value
+
+
+def test_knob_sweeps_run_from_max_quality_to_cheapest():
+    lams, taus = knob_sweep("tradeoff", [1.0, 4.6], 50), knob_sweep("threshold", [1.0, 4.6], 41)
+    assert lams[0] == 0.0 and lams == sorted(lams) and len(lams) == 50
+    assert taus[0] == 1.0 and taus[-1] == 0.0 and taus == sorted(taus, reverse=True)
+
+
+@pytest.fixture(scope="module")
+def shipped(minilm_dir):
+    from coe.config import load_config
+    from coe.model_paths import is_prepared
+    from coe.routers import build_online_router
+
+    cfg = load_config()
+    if not is_prepared(cfg.router.embedder):
+        pytest.skip(f"embedder {cfg.router.embedder} is not prepared: run `coe models prepare`")
+    return cfg, build_online_router(cfg.router, cfg.experts)
+
+
+QUERIES = ["A baker made 24 muffins and sold 3/4 of them. How many are left?",
+           ("Write a python function to remove duplicates from a list.\nYour code should pass this test:\n"
+            "assert remove_dups([1, 1, 2]) == [1, 2]"),
+           "What is the capital of France?"]
+
+
+def test_policy_choices_are_the_service_routers(shipped):
+    cfg, router = shipped
+    served = [d.expert for d in router.route(QUERIES)]
+    lam0, huge = policy_choices(cfg, router.fitted, router.embedder, QUERIES, "tradeoff", [0.0, 1e3])
+    assert lam0 == served                                    # λ = 0 is the shipped max_quality choice
+    costs = {e.id: e.cost for e in cfg.experts}
+    assert all(costs[e] == min(costs.values()) for e in huge)   # a huge λ: only the cheapest cost counts
+    (tau1,) = policy_choices(cfg, router.fitted, router.embedder, QUERIES, "threshold", [1.0])
+    assert tau1 == served                                    # τ above every prediction: the best expert
+
+
+def test_cv_choices_route_every_profile_row_out_of_fold(shipped):
+    from coe.paths import default_config_path
+    from coe.routers.datasets import load_routing_data
+
+    cfg, router = shipped
+    data = load_routing_data(default_config_path().parent / "profiles" / "default_tasks.jsonl")
+    (row,) = cv_choices(cfg, router.fitted, router.embedder, data, "tradeoff", [0.0], folds=5)
+    assert len(row) == len(data) and set(row) <= {e.id for e in cfg.experts}
