@@ -46,6 +46,13 @@ class Scorer(Protocol):
 
     def __call__(self, probe: Probe, answer: str | None, **context: Any) -> Outcome: ...
 
+    def settled(self, probe: Probe, prefix: str) -> bool:
+        """True when no continuation of ``prefix`` (the start of a generated answer) can change
+        this scorer's outcome on ``probe``, so generation may stop there: the score of ``prefix``
+        is the score of every longer answer that starts with it. False when unsure (always for a
+        scorer that reads the end of the answer, or reads no answer). Cheap; thread-safe."""
+        ...
+
 
 _SCORERS: Plugins[type] = Plugins(
     "scorer", modules=[f"coe.scoring.{m}" for m in BUILTIN_MODULES], error=InvalidRequestError

@@ -26,6 +26,10 @@ class Choice:
     def __call__(self, probe: Probe, answer: str | None = None, **context: Any) -> Outcome:
         return self.score_batch([probe], **context)[0]
 
+    def settled(self, probe: Probe, prefix: str) -> bool:
+        """False: this scorer reads no generated answer."""
+        return False
+
     def score_batch(self, probes: Sequence[Probe], *, likelihood, adapter: str | None = None, **_: Any) -> list[Outcome]:
         items, owner = [], []
         out: list[Outcome] = []

@@ -16,19 +16,37 @@ from typing import Any
 from coe.scoring.base import Outcome, register_scorer
 from coe.scoring.probes import Probe
 
-_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)   # an unclosed last block runs to the end
+_PYTHON = ("", "python", "py", "python3")
+_DEFINES = re.compile(r"^\s*(def|class|import|from)\s", re.MULTILINE)
 
 
 def extract_code(answer: str) -> str:
     """The code of an answer (rules in the module docstring)."""
     blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(answer)]
-    py = [b for lang, b in blocks if lang in ("", "python", "py", "python3")]
+    py = [b for lang, b in blocks if lang in _PYTHON]
     for body in py or [b for _, b in blocks]:
-        if re.search(r"^\s*(def|class|import|from)\s", body, re.MULTILINE):
+        if _DEFINES.search(body):
             return body
     if blocks:
         return (py or [b for _, b in blocks])[0]
     return answer
+
+
+def code_settled(prefix: str) -> bool:
+    """True when :func:`extract_code` gives the same code for ``prefix`` and for every text that
+    starts with it: ``prefix`` holds a *closed* Python (or bare) fenced block that defines
+    something. Such a block is the first defining Python block of any continuation: the blocks
+    closed within ``prefix`` are the first blocks of every continuation, unchanged (each ends at
+    the first closing fence after its opening line), and a Python block wins over other languages
+    and over later blocks. A defining block in another language never settles (a later Python
+    block would win); nor does an unclosed one (it grows)."""
+    for m in _FENCE.finditer(prefix):
+        if m.end(2) == m.end():   # ran to the end of the prefix: not closed yet (and the last block)
+            return False
+        if m.group(1).lower() in _PYTHON and _DEFINES.search(m.group(2)):
+            return True
+    return False
 
 
 @register_scorer("code_tests")
@@ -57,3 +75,7 @@ class CodeTests:
             return Outcome(1.0, True, None, detail)
         reason = res.reason or "the program exited before the last assert"
         return Outcome(0.0, False, reason, detail)
+
+    def settled(self, probe: Probe, prefix: str) -> bool:
+        """:func:`code_settled`: the code that would run can no longer change."""
+        return code_settled(prefix)

@@ -30,3 +30,8 @@ class ExactNumber:
         if pred == gold:
             return Outcome(1.0, True, None, {"pred": pred})
         return Outcome(0.0, False, f"final number {pred} != {gold}", {"pred": pred})
+
+    def settled(self, probe: Probe, prefix: str) -> bool:
+        """Never before the end: the answer is the number after the *last* ``####`` (else the last
+        "answer is", else the last number), and any continuation may add another one."""
+        return False

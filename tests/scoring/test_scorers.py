@@ -94,6 +94,45 @@ def test_code_tests_pass_and_fail():
     assert _run("import sys\nsys.exit(0)").reason == "the program exited before the last assert"
 
 
+# answers as the SmolLM2 LoRAs write them (code, then rambling), and the length of the prefix at
+# which code_tests may stop generating (None: only the whole answer is scorable)
+RIGHT = "```python\ndef f(x):\n    return x * x\n```"
+WRONG = "```python\ndef f(x):\n    return x + x\n```"
+SETTLING = [
+    ("Here is a Python function:\n" + RIGHT + "\nThis function squares x.\nThe `sorted` function is used "
+     "to sort.\nExample usage:\n```python\nprint(f(3))\n```\n", len("Here is a Python function:\n" + RIGHT)),
+    (WRONG + "\nOr better:\n" + RIGHT, len(WRONG)),                 # the first defining block is the one run
+    ("```python\nprint(f(2))\n```\nwhere\n" + RIGHT + "\nmore", len("```python\nprint(f(2))\n```\nwhere\n" + RIGHT)),
+    ("```text\ndef f(x): return 0\n```\nIn Python:\n```\ndef f(x): return x * x\n```\n...",
+     len("```text\ndef f(x): return 0\n```\nIn Python:\n```\ndef f(x): return x * x\n```")),
+    ("```py3\ndef f(x): return x * x\n```", None),                  # not a Python fence: a later one would win
+    ("def f(x):\n    return x * x\n\n# Test\nassert f(2) == 4", None),   # no fence: the whole answer runs
+    ("```python\ndef f(x):\n    return x * x\n", None),            # never closed
+]
+
+
+@pytest.mark.parametrize("answer, stop", SETTLING)
+def test_code_tests_settle_once_the_code_it_runs_is_closed(answer, stop):
+    from coe.scoring.code_tests import code_settled
+
+    scorer = get_scorer("code_tests")
+    settled = [n for n in range(len(answer) + 1) if scorer.settled(CODE, answer[:n])]
+    assert (settled[0] if settled else None) == stop
+    assert settled == list(range(stop, len(answer) + 1)) if stop is not None else not settled
+    # every settled prefix runs the code the whole answer runs, and scores the same in the sandbox
+    assert all(extract_code(answer[:n]) == extract_code(answer) for n in settled)
+    if stop is not None:
+        at_stop, whole = _run(answer[:stop]), _run(answer)
+        assert code_settled(answer[:stop]) and (at_stop.score, at_stop.reason) == (whole.score, whole.reason)
+
+
+def test_scorers_that_read_the_end_or_no_answer_never_settle():
+    p = Probe(id="g", query="q", scorer="exact_number", answer="18")
+    # the answer is the number after the last ####: a continuation may add another
+    assert not get_scorer("exact_number").settled(p, "9 * 2 = 18\n#### 18\n")
+    assert not get_scorer("choice").settled(p, "A") and not get_scorer("reference_nll").settled(p, "x")
+
+
 def test_code_tests_setup_code_runs_before_asserts():
     p = Probe(id="s", query="q", scorer="code_tests", test_setup="K = 3", tests=["assert f() == 3"])
     assert score(get_scorer("code_tests"), p, "def f(): return K").passed
