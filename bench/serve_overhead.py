@@ -23,14 +23,19 @@ workers and the Ray replicas (Ray keeps a value that is already set) all see it,
 engine gets ``cpu_threads`` = ``--threads``. vLLM's CPU workers bind their own OpenMP threads to
 the cores they may use, the same way in both phases.
 
+``--hops`` (a diagnosis, not a figure) has every process of the service stamp each hop of a
+request (``coe.serving.deployments.hops``) and breaks the service's TTFT down by hop over the TTFT
+pairs: the medians of each hop's milliseconds, beside the bare engine's TTFT.
+
 Usage: ``python bench/serve_overhead.py [--engine vllm|hf] [--clients 8] [--repeat 1] [--rounds 2]
-[--ttft-pairs 60] [--max-tokens 32] [--threads 1]``
+[--ttft-pairs 60] [--max-tokens 32] [--threads 1] [--hops]``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import sys
@@ -126,18 +131,27 @@ class Service:
 
     def __init__(self, client, args) -> None:
         self.c, self.args = client, args
+        self.routing_ms: list[float | None] = []   # of each TTFT request (the opening chunk's routing info)
+        self.label = "warm"   # the hop stamps' request label: "ttft" once warmed up
 
     def body(self, q, max_tokens, stream=False):
         return {"model": "coe", "messages": [{"role": "user", "content": q}], "max_tokens": max_tokens,
                 "temperature": 0, "stream": stream}
 
     async def ttft_ms(self, i, expert, q) -> float:
+        from coe.serving.deployments.hops import stamp
+
+        rid = f"{self.label}{i}"
+        stamp("client.send", rid)
         t0, ms = time.perf_counter(), None
         async with self.c.stream("POST", "/v1/chat/completions", json=self.body(q, 1, True)) as s:
             s.raise_for_status()
             async for line in s.aiter_lines():
                 if ms is None and line.startswith("data:"):
                     ms = (time.perf_counter() - t0) * 1000
+                    stamp("client.first", rid)
+                    if self.label == "ttft":
+                        self.routing_ms.append(json.loads(line[5:]).get("coe", {}).get("routing_ms"))
         return ms
 
     async def answer(self, i, expert, q) -> tuple[int, str, str]:
@@ -147,8 +161,37 @@ class Service:
         return data["usage"]["completion_tokens"], data["choices"][0]["message"]["content"], data["model"]
 
 
-async def throughput(side, work, clients: int) -> dict:
-    """Every request of ``work`` through ``clients`` concurrent clients; tokens/s over the wall."""
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Per process of this machine: (its title, prefixed ``bench:`` for this process and its
+    children, CPU seconds used so far)."""
+    import psutil
+
+    me = os.getpid()
+    out = {}
+    for p in psutil.process_iter(["pid", "ppid", "cmdline", "cpu_times"]):
+        info = p.info
+        if not info["cmdline"] or info["cpu_times"] is None:
+            continue
+        title = info["cmdline"][0].split("/")[-1][:48]
+        if info["pid"] == me or info["ppid"] == me:
+            title = "bench:" + title
+        out[info["pid"]] = (title, info["cpu_times"].user + info["cpu_times"].system)
+    return out
+
+
+def cpu_used(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds per process title between two :func:`cpu_seconds` (more than 0.05 s), most first."""
+    used: dict[str, float] = {}
+    for pid, (title, t) in after.items():
+        if pid in before:
+            used[title] = used.get(title, 0.0) + t - before[pid][1]
+    return dict(sorted(((k, round(v, 2)) for k, v in used.items() if v > 0.05), key=lambda kv: -kv[1]))
+
+
+async def throughput(side, work, clients: int, cpu: bool = False) -> dict:
+    """Every request of ``work`` through ``clients`` concurrent clients; tokens/s over the wall
+    (``cpu``: and the CPU seconds each process of the machine used meanwhile)."""
+    before = cpu_seconds() if cpu else None
     queue = list(enumerate(work))
     counts: dict[int, int] = {}
     texts: dict[int, str] = {}
@@ -167,8 +210,11 @@ async def throughput(side, work, clients: int) -> dict:
     await asyncio.gather(*(client() for _ in range(clients)))
     wall = time.perf_counter() - t0
     tokens = sum(counts.values())
-    return {"tokens": tokens, "requests": len(counts), "wall_s": wall, "tokens_per_s": tokens / wall,
-            "expert_agreement": agree / len(work), "texts": [texts[i] for i in sorted(texts)]}
+    out = {"tokens": tokens, "requests": len(counts), "wall_s": wall, "tokens_per_s": tokens / wall,
+           "expert_agreement": agree / len(work), "texts": [texts[i] for i in sorted(texts)]}
+    if cpu:
+        out["cpu_s"] = cpu_used(before, cpu_seconds())
+    return out
 
 
 async def measure(config, url: str, work, args) -> dict:
@@ -183,10 +229,11 @@ async def measure(config, url: str, work, args) -> dict:
             for side in sides.values():  # warm-up
                 await side.answer(0, *work[0])
                 await side.ttft_ms(0, *work[0])
+            service.label = "ttft"
             rounds: dict[str, list[dict]] = {"bare": [], "service": []}
             for r in range(args.rounds):
                 for name in (["bare", "service"] if r % 2 == 0 else ["service", "bare"]):
-                    rounds[name].append(await throughput(sides[name], work, args.clients))
+                    rounds[name].append(await throughput(sides[name], work, args.clients, cpu=args.hops))
                     print(name, {k: v for k, v in rounds[name][-1].items() if k != "texts"}, flush=True)
             ttft: dict[str, list[float]] = {"bare": [], "service": []}
             for i in range(args.ttft_pairs):
@@ -195,7 +242,61 @@ async def measure(config, url: str, work, args) -> dict:
                     ttft[name].append(await sides[name].ttft_ms(i, expert, q))
     finally:
         await bare.engine.stop()
-    return {"rounds": rounds, "ttft_ms": ttft}
+    return {"rounds": rounds, "ttft_ms": ttft, "routing_ms": service.routing_ms}
+
+
+# (name, from stage, to stage) of each hop of a streamed request, in order (see serving/deployments/hops.py)
+HOPS = [
+    ("proxy: client -> ingress replica", "client.send", "ingress.enter"),
+    ("ingress: ASGI, body parse/validate", "ingress.enter", "route.enter"),
+    ("ingress: checks, routing, admission, dispatch", "route.enter", "backend.call"),
+    ("handle call -> expert replica", "backend.call", "replica.enter"),
+    ("expert server: prepare (tokenize)", "replica.enter", "server.prepared"),
+    ("engine: first token", "server.prepared", "server.first"),
+    ("stream item: replica -> ingress", "server.first", "backend.first"),
+    ("ingress: EventStream, response", "backend.first", "route.response"),
+    ("ingress: first SSE body handed to Serve", "route.response", "ingress.first_body"),
+    ("proxy: ingress -> client", "ingress.first_body", "client.first"),
+]
+
+
+def hop_breakdown(stamps, routing_ms: list) -> dict:
+    """Per hop, the summary of its milliseconds over the TTFT requests: each request is the
+    window between its ``client.send`` and ``client.first`` stamps, and a hop's ends are the first
+    stamps of its stages in that window (the requests of the TTFT phase run one at a time)."""
+    sends = [(t, rid) for t, _, stage, rid in stamps if stage == "client.send" and rid.startswith("ttft")]
+    firsts = {rid: t for t, _, stage, rid in stamps if stage == "client.first"}
+    per_hop: dict[str, list[float]] = {name: [] for name, _, _ in HOPS}
+    total: list[float] = []
+    for t0, rid in sends:
+        t1 = firsts.get(rid)
+        if t1 is None:
+            continue
+        seen: dict[str, float] = {"client.send": t0, "client.first": t1}
+        for t, _, stage, _ in stamps:
+            if t0 <= t <= t1 and stage not in seen:
+                seen[stage] = t
+        if not all(a in seen and b in seen for _, a, b in HOPS):
+            continue
+        for name, a, b in HOPS:
+            per_hop[name].append((seen[b] - seen[a]) * 1000)
+        total.append((t1 - t0) * 1000)
+    out = {name: summary(v) for name, v in per_hop.items()}
+    out["routing_ms (inside the routing hop)"] = summary([r for r in routing_ms if r is not None])
+    out["total"] = summary(total)
+    return out
+
+
+def stream_items(stamps) -> float | None:
+    """The mean number of stream items (replica -> ingress) per answer before the TTFT phase (the
+    throughput rounds): ``backend.first`` and ``backend.item`` stamps per request id."""
+    start = min((t for t, _, stage, rid in stamps if stage == "client.send" and rid.startswith("ttft")),
+                default=float("inf"))
+    items: dict[str, int] = {}
+    for t, _, stage, rid in stamps:
+        if t < start and stage in ("backend.first", "backend.item"):
+            items[rid] = items.get(rid, 0) + 1
+    return sum(items.values()) / len(items) if items else None
 
 
 def run_service(config, root: Path, work, args) -> dict:
@@ -203,18 +304,41 @@ def run_service(config, root: Path, work, args) -> dict:
     from ray import serve
 
     from coe.serving.app import build_app
+    from coe.serving.deployments import hops
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    if args.hops:
+        os.environ[hops.ENV] = str(root / "hops.txt")   # before Ray starts: its workers inherit it
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config, base_dir=root), name="coe", route_prefix="/", blocking=False)
-        return asyncio.run(measure(config, f"http://127.0.0.1:{port}", work, args))
+        m = asyncio.run(measure(config, f"http://127.0.0.1:{port}", work, args))
     finally:
         serve.shutdown()
         ray.shutdown()
+    if args.hops:
+        stamps = hops.read(os.environ.pop(hops.ENV))
+        m["hops"] = hop_breakdown(stamps, m["routing_ms"])
+        m["stream_items_per_answer"] = stream_items(stamps)
+    return m
+
+
+def hop_table(hops: dict | None, bare: dict, items: float | None = None) -> list[str]:
+    """The markdown lines of ``--hops``'s breakdown (none without it)."""
+    if not hops:
+        return []
+    lines = [("Service TTFT by hop (`--hops`: every hop stamped, a diagnosis, not a figure); ms, median "
+              "[IQR] over the TTFT requests:"), "", "| hop | ms |", "|---|---|"]
+    for name, s in hops.items():
+        if s.get("n"):
+            lines.append(f"| {name} | {s['median']:.1f} [{s['iqr'][0]:.1f}–{s['iqr'][1]:.1f}] |")
+    lines.append(f"| (bare engine TTFT) | {bare['median']:.1f} [{bare['iqr'][0]:.1f}–{bare['iqr'][1]:.1f}] |")
+    if items is not None:
+        lines += ["", f"Stream items replica -> ingress per answer in the throughput rounds: {items:.1f}."]
+    return lines + [""]
 
 
 def verdict(ci: list[float], target: float) -> str:
@@ -236,6 +360,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1,
                         help="compute threads for both phases' engine (Ray gives a 1-CPU replica 1)")
     parser.add_argument("--note", default="2-core CPU development machine")
+    parser.add_argument("--hops", action="store_true",
+                        help="break the service's TTFT down by hop and count each process's CPU seconds in the "
+                             "throughput rounds (a diagnosis: stamps cost a write each)")
     args = parser.parse_args(argv)
     rec = RunRecord.start(note=args.note)
     os.environ.update(thread_env(args.threads))  # before torch / vLLM are imported; Ray replicas inherit it
@@ -255,7 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "serve_overhead", "args": vars(args), "work": work, "rounds": rounds, "ttft_ms": ttft,
         "tokens_per_s": tps, "throughput_ratio": ratio, "ttft": ttft_s, "ttft_added_ms": added,
         "ttft_target": {"added_ms_max": TTFT_TARGET_MS, "status": status}, "identical_answers": same,
-        "routing_agreement": rounds["service"][0]["expert_agreement"],
+        "routing_agreement": rounds["service"][0]["expert_agreement"], "hops": m.get("hops"),
+        "stream_items_per_answer": m.get("stream_items_per_answer"),
     })
     md = rec.markdown_header(f"Service overhead ({args.engine} engine)") + "\n".join([
         (f"{len(work)} requests over 3 experts (SmolLM2-135M-Instruct + 2 LoRA experts, one {args.engine} engine), "
@@ -273,6 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"| routed as pre-assigned | | {data['routing_agreement']:.0%} | |",
         f"| identical answers (greedy, round 1) | | {same}/{len(work)} | |",
         "",
+        *hop_table(m.get("hops"), ttft_s["bare"], m.get("stream_items_per_answer")),
     ])
     write_results(f"serve_overhead_{args.engine}", data, md)
     print(md)

@@ -31,6 +31,7 @@ from coe.serving.api.models import (
 )
 from coe.serving.api.profiles import ProfileJobs
 from coe.serving.api.service import CoEService
+from coe.serving.deployments.hops import stamp
 from coe.serving.metrics import CONTENT_TYPE_LATEST
 
 EXPERT_HEADER = "x-coe-expert"
@@ -114,9 +115,11 @@ def create_api(service: CoEService) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request, creds=api_key):
         """An answer from the routed (``model: coe``) or pinned expert; ``stream: true`` gives SSE.
         ``coe: {recruit: k, aggregate}`` aggregates the answers of k experts (``serving/api/recruit.py``)."""
+        stamp("route.enter")
         service.check_api(_token(creds))
         if body.stream:
             info, events = await recruit.chat_stream(service, body)
+            stamp("route.response")
             return _ClosingStream(events, media_type="text/event-stream",
                                   headers={EXPERT_HEADER: info.expert, "cache-control": "no-cache"})
         result = await until_disconnect(request, recruit.chat(service, body))

@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator
 
 from coe.errors import CoEError, DeadlineExceededError, EngineError, ExpertNotFoundError, available
+from coe.serving.deployments.hops import stamp
 from coe.serving.deployments.spec import ServerSpec, resolve_path
 from coe.types import Dispatch, StreamDelta
 
@@ -220,8 +221,13 @@ class ExpertServer:
             if lazy is not None:
                 await self._done(lazy)
             raise
+        stamp("server.prepared", dispatch.request_id)
+        first = True
         try:
             async for delta in agen:
+                if first:
+                    stamp("server.first", dispatch.request_id)
+                    first = False
                 if delta.finish_reason is not None:
                     self.requests_served += 1
                     self.tokens_generated += delta.completion_tokens

@@ -16,6 +16,7 @@ from ray import serve
 from coe.config import CoEConfig
 from coe.registry import live_experts, open_registry
 from coe.serving.api.registry_sync import RegistrySync
+from coe.serving.deployments.hops import stamp
 from coe.serving.deployments.memtrace import MemTrace, frames_from_env, memory_report
 from coe.serving.deployments.ray_deployments import ServeBackend
 from coe.serving.deployments.spec import plan_servers
@@ -78,10 +79,16 @@ class ReplicaHeader:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        stamp("ingress.enter")
+        body = False
 
         async def send_named(message):
+            nonlocal body
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", []), self.header]}
+            elif not body and message["type"] == "http.response.body":
+                body = True
+                stamp("ingress.first_body")
             await send(message)
 
         return await self.app(scope, receive, send_named)

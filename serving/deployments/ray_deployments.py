@@ -26,6 +26,7 @@ from coe.errors import (
 )
 from coe.serving.deployments.capacity import check_capacity
 from coe.serving.deployments.expert_server import ExpertServer
+from coe.serving.deployments.hops import stamp
 from coe.serving.deployments.memtrace import MemTrace, frames_from_env, memory_report
 from coe.serving.deployments.spec import ServerSpec, adapter_model_id
 
@@ -114,6 +115,7 @@ class ExpertServerDeployment:
 
     async def stream(self, dispatch):
         """The one call: :meth:`ExpertServer.stream` of ``dispatch`` (a :class:`~coe.types.Dispatch`)."""
+        stamp("replica.enter", dispatch.request_id)
         agen = self.server.stream(dispatch, await self._lazy(dispatch))
         try:
             async for delta in agen:
@@ -187,8 +189,19 @@ def deployment_options(spec: ServerSpec) -> dict:
     return serve_options(spec.server_id, spec.resources)
 
 
+# Ray Serve runs a replica's own code on a second thread with its own event loop, and a handle's
+# router on a third loop, unless told otherwise; every request and every stream item then crosses
+# threads (a loop wake-up, and the GIL, each time: ~1 ms per hop on a busy 2-core machine). Our
+# replicas never block their loop (engines decode in their own threads or processes, the router
+# embeds in a worker thread), so they run both on Serve's own loop. Serve reads these when the
+# replica's process imports it, hence the actor's environment.
+SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
 def serve_options(name: str, res: ResourcesConfig) -> dict:
-    actor = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    """Ray Serve options of the deployment ``name``: ``res``'s resources and replicas, and
+    :data:`SERVE_ENV` in the replicas' environment (Ray merges it into the job's)."""
+    actor = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "runtime_env": {"env_vars": dict(SERVE_ENV)}}
     if res.memory_gib:
         actor["memory"] = int(res.memory_gib * 2**30)
     opts: dict = {"name": name, "ray_actor_options": actor}
@@ -245,6 +258,9 @@ class ServeBackend:
         self.handles = dict(handles)
         self.load_timeout_s = load_timeout_s
         self.replicas = dict(replicas or {})  # server id -> most replicas it may have (1 when absent)
+        # (server id, LoRA expert id and adapter path or None) -> (the server's handle, its streaming handle):
+        # built once, not per request; rebuilt when the server's handle changes
+        self._streaming: dict[tuple[str, str | None, str | None], tuple[object, object]] = {}
 
     def _error(self, err: BaseException, server_id: str) -> BaseException:
         """:func:`map_ray_error`, except that the death of one replica of a server that has
@@ -273,6 +289,27 @@ class ServeBackend:
             return handle
         return handle.options(multiplexed_model_id=adapter_model_id(expert_id, adapter_path))
 
+    def _stream_handle(self, dispatch):
+        """The streaming handle (``stream=True``, the multiplexed model id of a LoRA expert) for
+        ``dispatch``'s server and adapter, made once per server and adapter."""
+        handle = self._handle(dispatch.server_id)
+        lora = dispatch.expert is not None and dispatch.adapter_path is not None
+        key = (dispatch.server_id, dispatch.expert, dispatch.adapter_path) if lora else (dispatch.server_id, None, None)
+        cached = self._streaming.get(key)
+        if cached is not None and cached[0] is handle:
+            return cached[1]
+        options = {"stream": True}
+        if lora:
+            options["multiplexed_model_id"] = adapter_model_id(dispatch.expert, dispatch.adapter_path)
+        streaming = handle.options(**options)
+        self._streaming[key] = (handle, streaming)
+        return streaming
+
+    def _forget(self, server_id: str) -> None:
+        self.handles.pop(server_id, None)
+        for key in [k for k in self._streaming if k[0] == server_id]:
+            del self._streaming[key]
+
     async def _call(self, server_id: str, method: str, *args, handle=None):
         response = getattr(handle or self._handle(server_id), method).remote(*args)
         try:
@@ -284,12 +321,14 @@ class ServeBackend:
             raise self._error(err, server_id) from None
 
     async def stream(self, dispatch):
-        handle = self._handle_for(dispatch.server_id, dispatch.expert, dispatch.adapter_path)
-        gen = handle.options(stream=True).stream.remote(dispatch)
-        done = False
+        stamp("backend.call", dispatch.request_id)
+        gen = self._stream_handle(dispatch).stream.remote(dispatch)
+        done, first = False, True
         try:
             try:
                 async for delta in gen:
+                    stamp("backend.first" if first else "backend.item", dispatch.request_id)
+                    first = False
                     yield delta
             except Exception as err:  # noqa: BLE001
                 raise self._error(err, dispatch.server_id) from None
@@ -313,7 +352,7 @@ class ServeBackend:
 
     def detach_server(self, server_id: str) -> None:
         """Forget a model expert another ingress replica removed (it deleted the application)."""
-        self.handles.pop(server_id, None)
+        self._forget(server_id)
 
     async def add_server(self, spec: ServerSpec) -> None:
         """Deploy ``spec`` as its own Serve application and wait for its engine."""
@@ -336,7 +375,7 @@ class ServeBackend:
         self.handles[spec.server_id] = handle
 
     async def remove_server(self, server_id: str) -> None:
-        self.handles.pop(server_id, None)
+        self._forget(server_id)
         app_name = RUNTIME_APP_PREFIX + server_id.removeprefix("expert-")
         try:
             await asyncio.to_thread(serve.delete, app_name)
