@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from bench.composition import choose_knob, curve, cv_choices, knob_sweep, policy_choices, policy_stats
+from bench.composition import (
+    choose_knob,
+    curve,
+    cv_choices,
+    knob_sweep,
+    policy_choices,
+    policy_stats,
+)
 
 
 def _row(outcomes, costs, latency=None):
