@@ -8,6 +8,10 @@ must be of this expert), and scores it as the profile's kind (:mod:`coe.profile_
   (:func:`coe.scoring.cells.task_cell`: ``exact_number``; ``code_tests`` in the sandbox of
   :mod:`coe.scoring.sandbox`, never in this process; ``choice`` by each option's likelihood, no
   generation); outcome 0/1. Scoring runs in a worker thread, so the event loop keeps answering.
+  The answer is streamed, and generation stops as soon as the scorer says no continuation can
+  change its outcome (:meth:`coe.scoring.base.Scorer.settled`: ``code_tests`` once the code block
+  it runs is closed); closing the stream aborts the request in the engine. The outcome's
+  ``detail`` records the tokens actually generated and ``finish_reason`` (``settled`` then).
 - ``likelihood``: one scoring request (:mod:`coe.scoring.served_likelihood`: the reference answer's
   ``exp(-mean NLL)`` from the engine's prompt log-probabilities).
 
@@ -17,6 +21,8 @@ An overloaded expert (429 at admission) is retried; any other failure raises a C
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import uuid
 
 from coe.config import LoraExpert
@@ -37,7 +43,8 @@ class ProbeMeasurer:
         self._tokenizers: dict[str, object] = {}
 
     async def measure(self, expert_id: str, probe, profiled_by: str, kind: str, max_tokens: int) -> ProfileOutcome:
-        """One outcome of ``expert_id`` on ``probe``, scored as ``kind``; raises CoEError."""
+        """One outcome of ``expert_id`` on ``probe``, scored as ``kind`` (``max_tokens``: the longest
+        answer to a generated task probe); raises CoEError."""
         from coe.scoring.cells import task_cell
 
         expert = self.service.catalog.get(expert_id)
@@ -61,13 +68,16 @@ class ProbeMeasurer:
         else:
             from coe.types import ChatMessage
 
+            scorer = self._scorer(probe.scorer)
             greedy = {"max_tokens": max_tokens, "temperature": 0.0}
             out = await self._send(expert, self._request(expert, greedy,
-                                                         messages=[ChatMessage(role="user", content=probe.query)]))
-            usage = {"tokens": out.prompt_tokens + out.completion_tokens, "completion_tokens": out.completion_tokens}
+                                                         messages=[ChatMessage(role="user", content=probe.query)]),
+                                   until=lambda text: scorer.settled(probe, text))
+            # the tokens actually generated (fewer than the answer would have had when it stopped early)
+            usage = {"tokens": out.prompt_tokens + out.completion_tokens, "completion_tokens": out.completion_tokens,
+                     "finish_reason": out.finish_reason}
             # code_tests waits for its sandboxed subprocess: off the event loop
-            cell = await asyncio.to_thread(task_cell, probe, out.text, usage, float(expert.cost),
-                                           scorer=self._scorer(probe.scorer))
+            cell = await asyncio.to_thread(task_cell, probe, out.text, usage, float(expert.cost), scorer=scorer)
         outcome, cost, detail = cell
         return ProfileOutcome(expert=expert_id, probe_id=probe.id, query=probe.query, category=probe.category,
                               kind=kind, outcome=outcome, cost=cost, detail=detail, profiled_by=profiled_by)
@@ -102,10 +112,13 @@ class ProbeMeasurer:
         return GenerationRequest(request_id=f"profile-{uuid.uuid4().hex[:16]}", messages=messages,
                                  prompt_token_ids=prompt_token_ids, sampling=SamplingParams(**sampling))
 
-    async def _send(self, expert, request):
-        """One request through admission control and the backend (no fallback); its GenerationOutput."""
+    async def _send(self, expert, request, *, until=None):
+        """One request through admission control and the backend (no fallback); its GenerationOutput.
+
+        ``until(text)``: called with the answer so far after each delta; once it is true the
+        stream is closed, which aborts the generation in the engine (its tokens are freed for
+        other requests), and the output so far comes back with ``finish_reason`` ``"settled"``."""
         from coe.serving.api.admission import Deadline
-        from coe.serving.api.service import joined
 
         service = self.service
         deadline = Deadline(service.config.serving.request_timeout_s)
@@ -118,7 +131,7 @@ class ProbeMeasurer:
                     raise
                 await asyncio.sleep(min(self.retry_pause_s, max(0.05, deadline.left() / self.retries)))
         try:   # the service's one request shape, no fallbacks: the measurement must be of this expert
-            out = await deadline.run(joined(service.backend.stream(service.dispatch(expert.id, request, deadline))))
+            out = await deadline.run(_read(service.backend.stream(service.dispatch(expert.id, request, deadline)), until))
         except CoEError:
             raise
         except Exception as raw:  # noqa: BLE001  (a transport error counts as a failed request)
@@ -143,3 +156,24 @@ class ProbeMeasurer:
             self._tokenizers[ref] = await asyncio.to_thread(load_tokenizer, ref)
         return self._tokenizers[ref]
 
+
+
+async def _read(stream, until=None):
+    """The GenerationOutput of ``stream``, up to the first delta after which ``until(text so far)``
+    holds (then ``finish_reason`` is ``"settled"``); the stream is closed in every case (closing
+    it early cancels the generation: the backends' contract, see ``Backend.stream``)."""
+    from coe.types import GenerationOutput
+
+    deltas, text, settled = [], "", False
+    try:
+        async for delta in stream:
+            deltas.append(delta)
+            text += delta.text
+            if until is not None and delta.finish_reason is None and until(text):
+                settled = True
+                break
+    finally:
+        with contextlib.suppress(Exception):   # closing after a failure: the first error is what matters
+            await stream.aclose()
+    out = GenerationOutput.from_deltas(deltas)
+    return dataclasses.replace(out, finish_reason="settled") if settled else out

@@ -1,13 +1,15 @@
-"""Which probes a runtime profile asks next, wave by wave, and what it knows of the expert so far.
+"""Which probe a runtime profile asks next, one at a time, and what it knows of the expert so far.
 
 A :class:`ProbePlan` holds the candidate probes of one profile job (the probe set's probes the
 job's kind can score), the strategy (:data:`coe.routers.probe_selection.STRATEGIES`) and the new
-expert's outcomes so far. Each wave comes from :func:`coe.routers.probe_selection.next_probes`,
-the rule the offline simulation (``coe eval new-expert``) measures:
+expert's outcomes so far. The job keeps a few probes in flight; each time one finishes it asks
+:meth:`ProbePlan.next_probe` for the next, which comes from
+:func:`coe.routers.probe_selection.next_probes` given every outcome so far (the probes still in
+flight are skipped), the rule the offline simulation (``coe eval new-expert``) measures:
 
 - ``round_robin`` (the default): file order, round-robin over the categories;
 - ``random``: a fixed permutation (seed 0);
-- ``adaptive``: anchor points: each wave extends the set of probes that best covers the
+- ``adaptive``: anchor points: each probe extends the set of probes that best covers the
   candidates, where two probes are close when their queries embed alike (the service router's
   embedder) and the fitted router's experts did alike on them (its data);
 - ``information``: the probes with the most Fisher information about the new expert under the
@@ -19,7 +21,7 @@ strategy reports the ability estimate and its standard error from the new expert
 those (what ``stop_when.se`` reads). ``adaptive`` and ``information`` ask only among them,
 provided they cover the budget; otherwise (a user's own probe file) they fall back to
 ``round_robin``, and :attr:`ProbePlan.note` says so. Not thread-safe: one job uses it, on the event loop (only
-:meth:`ProbePlan.fit` may run in a worker thread, before the first wave).
+:meth:`ProbePlan.fit` may run in a worker thread, before the first probe).
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ class ProbePlan:
         obs = getattr(fitted, "observed", None)
         self._observed = np.asarray(obs, dtype=bool)[rows] if banked and obs is not None else None
         self.bank = None
-        self.asked: list[int] = []          # candidate indices asked, in order (failed ones too)
-        self._answered: list[int] = []      # those with an outcome
+        self.asked: list[int] = []          # candidate indices handed out, in order (in flight and failed too)
+        self._recorded: set[int] = set()    # those whose outcome (or failure) is recorded
+        self._answered: list[int] = []      # those with an outcome, in the order recorded
         self._outcomes: list[float] = []
         self.stopped: str | None = None     # why the plan stopped before the budget
 
@@ -107,29 +110,41 @@ class ProbePlan:
         idx = next_probes(strategy, len(self.probes), [], [], self.budget, categories=self.categories, seed=0)
         return [self.probes[int(i)] for i in idx]
 
-    def next_wave(self, width: int) -> list:
-        """The next at most ``width`` probes to ask (none once the budget is spent or the stop rule
-        holds); they count as asked from now on."""
-        width = min(width, self.budget - len(self.asked))
-        if width <= 0 or self.stopped is not None:
-            return []
-        failed = sorted(set(self.asked) - set(self._answered))
-        idx = self._next(width, asked=self._answered, outcomes=self._outcomes, failed=failed)
-        self.asked += idx
-        return [(i, self.probes[i]) for i in idx]
+    @property
+    def in_flight(self) -> list[int]:
+        """Candidates handed out by :meth:`next_probe` whose outcome is not recorded yet."""
+        return [i for i in self.asked if i not in self._recorded]
 
-    def _next(self, width: int, *, asked: list[int], outcomes: list[float], failed: list[int]) -> list[int]:
+    def next_probe(self) -> tuple[int, object] | None:
+        """``(index, probe)``: the next probe to ask, chosen from every outcome recorded so far and
+        never one already handed out (in flight, answered or failed); None once the budget is
+        handed out or the stop rule holds. It counts as asked from now on; report its outcome with
+        :meth:`record`. A job keeps ``serving.profile_concurrency`` probes in flight by calling
+        this each time one finishes."""
+        if len(self.asked) >= self.budget or self.stopped is not None:
+            return None
+        idx = self._next(skip=[i for i in self.asked if i not in self._answered])
+        if idx is None:
+            return None
+        self.asked.append(idx)
+        return idx, self.probes[idx]
+
+    def _next(self, *, skip: list[int]) -> int | None:
         from coe.routers.probe_selection import next_probes
 
-        # next_probes reads the outcomes of ``asked``; a probe that failed has none, so it is asked
-        # for past the failed ones and those are dropped (the order of the rest is kept)
-        idx = next_probes(self.strategy, len(self.probes), asked, outcomes, width + len(failed),
+        # next_probes reads the outcomes of ``asked``; a probe in flight or failed has none, so it
+        # is asked for past them and they are dropped (the strategy's order of the rest is kept)
+        idx = next_probes(self.strategy, len(self.probes), self._answered, self._outcomes, 1 + len(skip),
                           bank=self.bank if self.strategy in BANKED else None, categories=self.categories, seed=0)
-        skip = set(failed)
-        return [int(i) for i in idx if int(i) not in skip][:width]
+        skipped = set(skip)
+        return next((int(i) for i in idx if int(i) not in skipped), None)
 
     def record(self, index: int, outcome: float | None) -> None:
-        """The new expert's outcome on candidate ``index`` (None: the request failed)."""
+        """The new expert's outcome on candidate ``index``, handed out by :meth:`next_probe` (None:
+        the request failed; it is not asked again). Raises ValueError for an index not in flight."""
+        if index not in self.asked or index in self._recorded:
+            raise ValueError(f"probe {index} is not in flight")
+        self._recorded.add(index)
         if outcome is not None:
             self._answered.append(index)
             self._outcomes.append(float(outcome))

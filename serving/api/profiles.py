@@ -3,11 +3,12 @@ refit the served router on its outcomes so it wins the queries it is measurably 
 
 ``POST /v1/experts`` with ``profile: {probe, budget, kind, max_tokens, strategy, stop_when}`` (or
 ``POST /v1/experts/{id}/profile``) answers at once; :class:`ProfileJobs` then asks the expert the
-probes in waves of ``serving.profile_concurrency``, each wave chosen by the strategy from what
-is known so far (:mod:`coe.serving.api.profile_plan`: ``round_robin`` by default, ``random``, or
-``adaptive``, which reads the fitted experts' outcomes on the same probes), through the
-ingress's own admission control and backend (:mod:`coe.serving.api.profile_measure`), so other
-traffic keeps flowing. After each wave the job records the expert's ability estimate and its
+probes, keeping ``serving.profile_concurrency`` of them in flight: each time one ends, the strategy
+picks the next from every outcome so far (:mod:`coe.serving.api.profile_plan`: ``round_robin`` by
+default, ``random``, or ``adaptive``, which reads the fitted experts' outcomes on the same probes),
+through the ingress's own admission control and backend (:mod:`coe.serving.api.profile_measure`,
+which stops generating once an answer's score cannot change), so other traffic keeps flowing.
+After each probe the job records the expert's ability estimate and its
 standard error; ``stop_when: {se}`` ends the job early once the error is small enough.
 
 The outcome kind (:mod:`coe.profile_records`) is the fitted router's data's (``outcome_kind`` in
@@ -61,7 +62,12 @@ from coe.serving.api.profile_plan import MIN_STOP_PROBES, ProbePlan
 
 log = logging.getLogger("coe.serving")
 BUILTIN_PROBES = "probes"   # folder of coe.configs holding the built-in probe sets (name = file stem)
-DEFAULT_MAX_TOKENS = 512
+# The longest answer to a generated task probe, per scorer, unless the request gives max_tokens: how
+# the shipped router's data (configs/profiles/default_tasks.jsonl) was measured, so a new expert's
+# outcomes compare with the fitted experts' on the same probes. Every MBPP reference answer of the
+# default probe set fits 256 SmolLM2 tokens (median 55, max 247) and the fitted experts' passing code
+# answers used at most 256; their passing GSM8K answers used up to 452 (512 in the 200-probe eval).
+DEFAULT_MAX_TOKENS = {"code_tests": 256, "exact_number": 512}
 
 
 class StopWhen(BaseModel):
@@ -87,16 +93,25 @@ class ProfileRequest(BaseModel):
                                      "code_tests in the sandbox, choice by option likelihood; outcome 0/1) or "
                                      "`likelihood` (exp(-mean NLL) of its reference). Default: the kind of the fitted "
                                      "router's data; the other kind is refused (a router must not mix them).")
-    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, strict=True, description="Longest answer to a task probe (greedy), 1 to "
-                            "serving.max_tokens_limit; by default 512 or that limit if lower.")
+    max_tokens: int | None = Field(None, ge=1, strict=True, description="Longest answer to a task probe (greedy), 1 "
+                                   "to serving.max_tokens_limit. By default per scorer: 256 for code_tests, 512 for "
+                                   "exact_number (as the shipped router's data was measured), or that limit if lower. "
+                                   "Generation stops earlier once the answer's score cannot change (code_tests: the "
+                                   "code block it runs is closed).")
     strategy: Literal[STRATEGIES] = Field(
-        "round_robin", description="How each next wave of probes is chosen: `round_robin` over the set's categories "
+        "round_robin", description="How each next probe is chosen: `round_robin` over the set's categories "
         "in file order; `random`; `adaptive`, anchor points: the probes that best cover the set, by query embedding "
         "and the fitted experts' outcomes on them; `information`, the most informative probes about the expert's "
         "ability under an IRT model of those outcomes. The last two fall back to round_robin, saying so, on probes "
         "the fitted experts have no outcomes on.")
     stop_when: StopWhen | None = Field(None, description="Stop early: `{se: x}` once the ability's standard error "
                                                          "is at most x.")
+
+
+def max_tokens_for(probe, requested: int | None, limit: int) -> int:
+    """The longest answer to ``probe``: ``requested``, else its scorer's default
+    (:data:`DEFAULT_MAX_TOKENS`), at most ``limit`` (``serving.max_tokens_limit``)."""
+    return min(requested or DEFAULT_MAX_TOKENS.get(probe.scorer, max(DEFAULT_MAX_TOKENS.values())), limit)
 
 
 def builtin_probe_sets() -> dict[str, Path]:
@@ -230,8 +245,8 @@ class ProfileJobs:
 
     def prepare(self, expert, body) -> tuple[ProfileRequest, list]:
         """Check a profile request for ``expert`` (a config object, registered or not yet) before
-        anything starts: 400 naming the field. Returns the request (``kind`` and ``max_tokens``
-        resolved) and the chosen probes."""
+        anything starts: 400 naming the field. Returns the request (``kind`` resolved) and the
+        chosen probes."""
         from coe.scoring.probes import check_probe_file
 
         req = parse_profile(body)
@@ -250,7 +265,7 @@ class ProfileJobs:
                 f"router must not mix them; profile with kind {fitted!r}, or refit the router on {kind} outcomes "
                 "(`coe router fit`)", param="profile.kind")
         limit = self.service.config.serving.max_tokens_limit
-        if "max_tokens" in req.model_fields_set and req.max_tokens > limit:
+        if req.max_tokens is not None and req.max_tokens > limit:
             raise InvalidRequestError(f"profile.max_tokens is {req.max_tokens}; allowed: 1 to {limit} "
                                       "(serving.max_tokens_limit)", param="profile.max_tokens")
         path = self._probe_path(req.probe)
@@ -271,7 +286,7 @@ class ProfileJobs:
         if req.budget > usable:
             raise InvalidRequestError(f"profile.budget is {req.budget}, but {req.probe} has {usable} probes with "
                                       f"{what}; allowed: 1 to {usable}", param="profile.budget")
-        req = req.model_copy(update={"kind": kind, "max_tokens": min(req.max_tokens, limit)})
+        req = req.model_copy(update={"kind": kind})
         return req, candidates
 
     def _probe_path(self, probe: str) -> Path:
@@ -355,7 +370,8 @@ class ProfileJobs:
                     self._save(job, state="running", phase="measuring", started_at=time.time())
                 got = None
                 try:
-                    got = await self.measurer.measure(eid, probe, job.expert, req.kind, req.max_tokens)
+                    got = await self.measurer.measure(eid, probe, job.expert, req.kind,
+                                                      max_tokens_for(probe, req.max_tokens, limit))
                     outcomes.append(got)
                 except CoEError as err:
                     job.failed += 1
@@ -366,15 +382,27 @@ class ProfileJobs:
                     job.probes_done += 1
                 self._save(job, done=job.done + 1, ability=plan.ability())
 
+        async def probe(index, p):   # the new expert on one probe (and the fitted experts, on a foreign one)
+            eids = [job.expert, *(others if p.query not in known else [])]
+            await asyncio.gather(*(one(index, p, e) for e in eids))
+
+        limit = self.service.config.serving.max_tokens_limit
+        flying: set[asyncio.Task] = set()
         try:
             data = self.data()   # the item bank (the fitted data's embeddings, an L-BFGS fit): off the event loop
             await asyncio.to_thread(lambda: plan.fit(data.base_embeddings() if plan.strategy == "adaptive" else None))
             if plan.note != job.note:
                 self._save(job, strategy=plan.strategy, note=plan.note)
-            while wave := plan.next_wave(self.concurrency):
-                work = [(i, p, job.expert) for i, p in wave]
-                work += [(i, p, e) for i, p in wave if p.query not in known for e in others]
-                await asyncio.gather(*(one(i, p, e) for i, p, e in work))
+            # a sliding window: `concurrency` probes in flight; as each ends, the plan picks the next
+            # from every outcome so far (no wave waits for its slowest probe)
+            while True:
+                while len(flying) < self.concurrency and (nxt := plan.next_probe()) is not None:
+                    flying.add(asyncio.get_running_loop().create_task(probe(*nxt)))
+                if not flying:
+                    break
+                ended, flying = await asyncio.wait(flying, return_when=asyncio.FIRST_COMPLETED)
+                for task in ended:
+                    task.result()   # an unexpected error fails the job (a failed request does not)
             if plan.stopped:
                 note = f"{job.note}; {plan.stopped}" if job.note else plan.stopped
                 self._save(job, total=job.done, note=note)
@@ -409,6 +437,10 @@ class ProfileJobs:
             log.warning("profile of %s failed: %s", job.expert, why)
             self._save(job, state="failed", phase=None, finished_at=time.time(), error=why)
         finally:
+            for task in flying:   # cancelled or failed midway: stop its requests too
+                task.cancel()
+            if flying:
+                await asyncio.gather(*flying, return_exceptions=True)
             if self._tasks.get(job.expert) is asyncio.current_task():
                 self._tasks.pop(job.expert, None)
 

@@ -243,16 +243,34 @@ def test_a_probe_plan_asks_each_probe_once_in_its_strategy_order():
     emb = HashEmbedder().encode(queries)
     info = ProbePlan(probes, "information", 6, fitted)
     info.fit()
-    assert [i for i, _ in info.next_wave(3)] == list(next_probes("information", 8, [], [], 3, bank=ItemBank.fit(quality)))
+    bank = ItemBank.fit(quality)
+    # three in flight at once: the strategy's first three, none handed out twice
+    assert [info.next_probe()[0] for _ in range(3)] == list(next_probes("information", 8, [], [], 3, bank=bank))
+    assert len(info.in_flight) == 3
+    # one ends: the next is chosen from its outcome, skipping the two still in flight
+    done, *flying = info.asked
+    info.record(done, 0.0)
+    after = info.next_probe()[0]
+    expect = [int(i) for i in next_probes("information", 8, [done], [0.0], 3, bank=bank) if int(i) not in flying]
+    assert after == expect[0] and after not in info.asked[:3]
+    with pytest.raises(ValueError, match="not in flight"):
+        info.record(done, 1.0)
     plan = ProbePlan(probes, "adaptive", 6, fitted)
     plan.fit(emb)
-    first = [i for i, _ in plan.next_wave(2)]
+    first = [plan.next_probe()[0] for _ in range(2)]
     bank = ItemBank.fit(quality, embeddings=emb)
     assert first == list(next_probes("adaptive", 8, [], [], 2, bank=bank))
     plan.record(first[0], 1.0)
     plan.record(first[1], None)   # a failed request: not asked again, no outcome
-    second = [i for i, _ in plan.next_wave(4)]
-    assert len(second) == 4 and not set(second) & set(first)
-    assert plan.next_wave(2) == [] and plan.ability().answered == 1
+    second = [plan.next_probe()[0] for _ in range(4)]
+    assert len(set(second)) == 4 and not set(second) & set(first)
+    assert plan.next_probe() is None and plan.ability().answered == 1   # the budget (6) is handed out
+    stop = ProbePlan(probes, "information", 8, fitted, stop_se=10.0, min_probes=1)
+    stop.fit()
+    a, b = stop.next_probe()[0], stop.next_probe()[0]
+    stop.record(a, 1.0)   # the rule holds: nothing more is handed out, the one in flight still records
+    assert stop.stopped and stop.next_probe() is None
+    stop.record(b, 0.0)
+    assert stop.ability().answered == 2 and stop.in_flight == []
     foreign = ProbePlan([SimpleNamespace(query="x ?", category="")] * 3, "adaptive", 2, fitted, stop_se=0.1)
     assert foreign.strategy == "round_robin" and "fell back" in foreign.note and "stop_when" in foreign.note

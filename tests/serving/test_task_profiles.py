@@ -8,6 +8,7 @@ answers run in the real sandbox (coe.scoring.sandbox)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -48,6 +49,35 @@ class TaskBackend(FakeBackend):
         self.chats.append((dispatch.expert, query, request.sampling))
         return StreamDelta(text=self.answers[dispatch.expert][query], finish_reason="stop", prompt_tokens=3,
                            completion_tokens=2)
+
+
+class StreamingTaskBackend(TaskBackend):
+    """Chat answers streamed 4 characters a delta (one token each, usage counted as it goes, like the
+    engines); ``closed_early``: the queries whose stream the consumer closed before its last delta."""
+
+    def __init__(self, tokenizer, answers):
+        super().__init__(tokenizer, answers)
+        self.closed_early: list[str] = []
+
+    async def stream(self, dispatch):
+        request = dispatch.request
+        if request.prompt_token_ids is not None:
+            yield await self.answer(dispatch)
+            return
+        query = request.messages[-1].content
+        self.chats.append((dispatch.expert, query, request.sampling))
+        text = self.answers[dispatch.expert][query]
+        pieces = [text[i:i + 4] for i in range(0, len(text), 4)]
+        finished = False
+        try:
+            for k, piece in enumerate(pieces, 1):
+                await asyncio.sleep(0)
+                yield StreamDelta(text=piece, finish_reason="stop" if k == len(pieces) else None, prompt_tokens=3,
+                                  completion_tokens=k)
+            finished = True
+        finally:
+            if not finished:
+                self.closed_early.append(query)
 
 
 def write_task_world(root, tiny):
@@ -97,8 +127,8 @@ def task_world(tmp_path, tiny_llama_dir):
     lt = LoopThread()
     made = []
 
-    def make(answers):
-        w = World(lt, config, tmp_path, TaskBackend(tok, answers))
+    def make(answers, backend=None):
+        w = World(lt, config, tmp_path, (backend or TaskBackend)(tok, answers))
         made.append(w)
         return w
 
@@ -140,6 +170,33 @@ def test_a_task_profile_scores_each_probe_by_its_scorer_and_refits(task_world):
                                                     cost=1.0, detail={"nll": 0.1}, profiled_by="new")])
     w.app.state.profiles.refit()
     assert w.router.fitted.notes["profiled"]["rows"] == 9   # the task rows only, no row for the likelihood query
+
+
+def test_generation_stops_once_the_answer_is_scorable_and_each_scorer_has_its_max_tokens(task_world):
+    ramble = "\nThis function doubles x." * 40
+    wrong = "```python\ndef f(x):\n    return x + 1\n```"
+    answers = {"new": {**{q: f"{q} = {GOLD[q]}\n#### {GOLD[q]}" for q in MATH}, CODE[0]: "Here:\n" + DOUBLE + ramble,
+                       CODE[1]: wrong + "\nOr:\n" + DOUBLE + ramble, CODE[2]: DOUBLE,
+                       CODE[3]: "def f(x):\n    return x * 2\n" + "# it doubles x\n" * 40}}   # no fence: all of it runs
+    w = task_world(answers, StreamingTaskBackend)
+    r = w.request("POST", "/v1/experts", json=_new(task_world.tiny, probe=str(task_world.root / "probes" / "tasks.jsonl"),
+                                                   budget=9))
+    assert r.status_code == 201, r.text
+    prof = w.wait("new", timeout=120)
+    assert prof["state"] == "done" and prof["done"] == 9 and prof["failed"] == 0, prof
+    # no max_tokens in the request: each scorer's default
+    assert {q: s.max_tokens for _, q, s in w.backend.chats} == {**{q: 512 for q in MATH}, **{q: 256 for q in CODE}}
+    # the streams of the two rambling answers with a closed code block were closed (the engine aborts them)
+    assert sorted(w.backend.closed_early) == sorted(CODE[:2])
+    got = {o.probe_id: o for o in w.registry.profile_outcomes()}
+    assert {p: got[p].outcome for p in ("c0", "c1", "c2", "c3")} == {"c0": 1.0, "c1": 0.0, "c2": 1.0, "c3": 1.0}
+    stop0 = -(-len("Here:\n" + DOUBLE) // 4)   # the delta that closed the block, in 4-character tokens
+    assert got["c0"].detail["completion_tokens"] == stop0 and got["c0"].detail["finish_reason"] == "settled"
+    assert got["c0"].detail["tokens"] == 3 + stop0 and got["c0"].cost == 3 + stop0   # the tokens generated
+    assert got["c1"].detail["finish_reason"] == "settled" and "AssertionError" in got["c1"].detail["reason"]
+    assert got["c3"].detail["finish_reason"] == "stop"
+    assert got["c3"].detail["completion_tokens"] == -(-len(answers["new"][CODE[3]]) // 4)
+    assert all(got[f"m{i}"].detail["finish_reason"] == "stop" and got[f"m{i}"].outcome == 1.0 for i in range(4))
 
 
 def test_code_answers_run_in_the_sandbox_and_the_ingress_keeps_answering(task_world, tmp_path):
