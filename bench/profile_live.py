@@ -21,7 +21,9 @@ then:
    plan that lists the new expert with the fitted router's own prediction (a quality with an
    uncertainty; before the refit it is scored from its description, without one). (a) and (c)
    are as fine as ``--poll``.
-3. **after**: the same chat load again with the new expert registered and idle (drift check).
+3. **after**: the same chat load again with the new expert registered and idle (drift check); when
+   the profile had not ended by ``--timeout``, the expert is removed first (stopping its job), so
+   the after phase never runs beside the profile's requests.
 
 Chat latency *during the profile* is that of the requests sent after the register call and
 answered before the job ended; its p50 over idle's, with a bootstrap 95% interval (the two
@@ -116,6 +118,17 @@ def first_time(polls: list[dict], pred) -> float | None:
     return next((p["t"] for p in polls if pred(p)), None)
 
 
+def last_job(polls: list[dict]) -> dict | None:
+    """The profile job as the last poll saw it: its full record when the poll kept one (the job
+    ended, or the watch timed out), else the fields every poll keeps; None without polls."""
+    if not polls:
+        return None
+    if "job" in polls[-1]:
+        return polls[-1]["job"]
+    keep = ("state", "phase", "probes_done", "done", "total", "failed", "ability")
+    return {k: polls[-1].get(k) for k in keep}
+
+
 def during(rows: list[dict], start: float, end: float | None) -> list[dict]:
     """The requests sent at or after ``start`` and answered by ``end`` (None: no end)."""
     return [r for r in rows if r["t0"] >= start and (end is None or r["t1"] <= end)]
@@ -181,7 +194,7 @@ def register_body(adapter: Path, profile: dict) -> dict:
 async def watch(http, t_ref: float, poll_s: float, timeout_s: float, polls: list[dict], routes: list[dict]) -> None:
     """Poll the expert's profile and the route of :data:`MATH_QUERY` until the job has ended and
     the plan lists the expert with a fitted prediction (or ``timeout_s``)."""
-    ended = False
+    ended, job = False, {}
     while time.monotonic() - t_ref < timeout_s:
         t0 = time.monotonic()
         r = await http.get(f"/v1/experts/{EXPERT_ID}", headers=AUTH)
@@ -201,6 +214,8 @@ async def watch(http, t_ref: float, poll_s: float, timeout_s: float, polls: list
         if job.get("state") == "failed" or (ended and entry is not None and entry["uncertainty"] is not None):
             return
         await asyncio.sleep(poll_s)
+    if polls and job:   # timed out: the job as it stood at the last poll (its note, strategy, ability...)
+        polls[-1]["job"] = job
 
 
 async def scenario(url: str, args, adapter: Path, profile: dict) -> dict:
@@ -225,8 +240,13 @@ async def scenario(url: str, args, adapter: Path, profile: dict) -> dict:
             await watch(http, t_ref, args.poll, t_reg + args.timeout, polls, routes)
         stop.set()
         await chat
+        if reg.is_success and (polls[-1]["state"] if polls else None) in ("queued", "running"):
+            # the profile outlived --timeout: remove the expert (which stops its job) so that the
+            # after phase measures the service without the profile's requests
+            registered["delete_status"] = (await http.delete(f"/v1/experts/{EXPERT_ID}", headers=AUTH)).status_code
+            registered["removed_before_after"] = True
         await load.count("after", args.requests)
-        if reg.is_success:
+        if reg.is_success and "delete_status" not in registered:
             registered["delete_status"] = (await http.delete(f"/v1/experts/{EXPERT_ID}", headers=AUTH)).status_code
     return {"t_register": round(t_reg, 3), "wall_ref": wall_ref, "register": registered, "rows": load.rows,
             "polls": polls, "routes": routes}
@@ -235,7 +255,7 @@ async def scenario(url: str, args, adapter: Path, profile: dict) -> dict:
 def analyse(raw: dict) -> dict:
     """Times vs the target, latency per phase and the p50 ratio, the profile's end and the plan."""
     t_reg, polls, routes, rows = raw["t_register"], raw["polls"], raw["routes"], raw["rows"]
-    last = next((p["job"] for p in reversed(polls) if "job" in p), None)
+    last = last_job(polls)
     finished = last["finished_at"] - raw["wall_ref"] if last and last.get("finished_at") else None
     t_measured = first_time(polls, lambda p: p["phase"] == "refitting" or p["state"] in ("done", "failed"))
     t_routed = first_time(routes, lambda r: r["new_expert"] is not None and r["new_expert"]["uncertainty"] is not None
@@ -321,6 +341,9 @@ def markdown(res: dict) -> str:
                  f"answered GET /v1/experts/{{id}} in p50 {pm['admin_p50']:.0f} ms, max {pm['admin_max']} ms "
                  f"({'max ' + str(pm['admin_max_refitting']) + ' ms while refitting' if pm['admin_max_refitting'] else 'no poll fell in the refit'}), /v1/route in p50 {pm['route_p50']:.0f} ms, "
                  f"max {pm['route_max']} ms.")
+    if reg.get("removed_before_after"):
+        lines.append("The profile had not ended at --timeout: the expert was removed (its job stopped) before the "
+                     "after phase.")
     lines.append(f"\nLoad: {res['clients']} closed-loop clients, chat pinned to {', '.join(res['experts'])} in turn, "
                  f"max_tokens {res['max_tokens']}, greedy; {res['requests']} requests idle and after; "
                  f"polls every {res['poll_s']} s (times (a), (c) are as fine as that).")

@@ -60,3 +60,21 @@ def test_analyse_times_from_the_register_call():
     assert math.isclose(a["p50_ratio"]["all"]["ratio"], 1.6 / 1.1)
     assert a["polls_ms"]["admin_max_refitting"] == 9
     assert a["route"]["final"]["new_expert"]["rank"] == 1
+
+
+def test_a_profile_that_never_ended_is_summarised_from_the_last_poll():
+    from bench.profile_live import last_job
+
+    polls = [{"t": 20, "ms": 5, "status": 200, "state": "queued", "phase": None, "probes_done": 0, "done": 0,
+              "total": 24, "failed": 0, "ability": None},
+             {"t": 600, "ms": 5, "status": 200, "state": "running", "phase": "measuring", "probes_done": 20,
+              "done": 20, "total": 24, "failed": 1, "ability": {"theta": 0.1, "se": 0.5, "answered": 19}}]
+    assert last_job(polls) == {k: polls[-1][k] for k in ("state", "phase", "probes_done", "done", "total", "failed",
+                                                          "ability")}
+    full = {**polls[-1], "job": {"state": "running", "probes_done": 20, "strategy": "adaptive", "note": "n"}}
+    assert last_job([polls[0], full]) == full["job"] and last_job([]) is None
+    raw = {"t_register": 10.0, "wall_ref": 1000.0, "rows": [row("idle", "a", 1, 1.0), row("idle", "a", 2, 1.2)],
+           "polls": polls, "routes": []}
+    a = analyse(raw)
+    assert a["profile"]["probes_done"] == 20 and a["profile"]["state"] == "running"
+    assert a["times"] == {"measured_s": None, "refitted_s": None, "routed_s": None, "within_target": False}
