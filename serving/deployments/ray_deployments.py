@@ -290,15 +290,18 @@ class ServeBackend:
         return handle.options(multiplexed_model_id=adapter_model_id(expert_id, adapter_path))
 
     def _stream_handle(self, dispatch):
-        """The streaming handle (``stream=True``, the multiplexed model id of a LoRA expert) for
-        ``dispatch``'s server and adapter, made once per server and adapter."""
+        """The streaming handle (``stream=True``, by value, the multiplexed model id of a LoRA
+        expert) for ``dispatch``'s server and adapter, made once per server and adapter."""
         handle = self._handle(dispatch.server_id)
         lora = dispatch.expert is not None and dispatch.adapter_path is not None
         key = (dispatch.server_id, dispatch.expert, dispatch.adapter_path) if lora else (dispatch.server_id, None, None)
         cached = self._streaming.get(key)
         if cached is not None and cached[0] is handle:
             return cached[1]
-        options = {"stream": True}
+        # by value: the request and each stream item go over the replica's own gRPC server instead
+        # of Ray's object protocol (an ObjectRef per item, reported to the owner and then fetched);
+        # an item back to the ingress takes ~0.7 ms instead of ~2 ms
+        options = {"stream": True, "_by_reference": False}
         if lora:
             options["multiplexed_model_id"] = adapter_model_id(dispatch.expert, dispatch.adapter_path)
         streaming = handle.options(**options)

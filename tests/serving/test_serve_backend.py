@@ -55,15 +55,16 @@ def test_streaming_handles_are_made_once_per_server_and_adapter():
     for _ in range(3):
         assert _drain(backend, plain) == ["a", "b"]
         assert _drain(backend, lora) == ["a", "b"]
-    assert [h.opts for h in base.made] == [
-        {"stream": True}, {"stream": True, "multiplexed_model_id": adapter_model_id("s-math", "/adapters/math")}]
+    model_id = adapter_model_id("s-math", "/adapters/math")
+    assert [h.opts for h in base.made] == [{"stream": True, "_by_reference": False},
+                                           {"stream": True, "_by_reference": False, "multiplexed_model_id": model_id}]
     assert [h.calls for h in base.made] == [3, 3]
 
     # a server whose handle changed (registered again) gets a new streaming handle; a removed one none
     again = FakeHandle()
     backend.handles["expert-s"] = again
     assert _drain(backend, plain) == ["a", "b"]
-    assert [h.opts for h in again.made] == [{"stream": True}] and len(base.made) == 2
+    assert [h.opts for h in again.made] == [{"stream": True, "_by_reference": False}] and len(base.made) == 2
     backend.detach_server("expert-s")
     from coe.errors import ServerDownError
 
