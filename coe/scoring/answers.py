@@ -56,6 +56,21 @@ def final_number(text: str) -> str | None:
     return normalize_number(found[-1]) if found else None
 
 
+LOOP_TIMES, LOOP_MIN_CHARS = 3, 20
+
+
+def looping(text: str, times: int = LOOP_TIMES, min_chars: int = LOOP_MIN_CHARS, max_chars: int = 400) -> bool:
+    """True when ``text`` ends with one block of ``min_chars`` to ``max_chars`` characters written
+    ``times`` times in a row: a greedy answer caught in a repetition loop, which greedy decoding
+    keeps repeating. Costs at most ``max_chars`` slice comparisons."""
+    n = len(text)
+    for period in range(min_chars, min(max_chars, n // times) + 1):
+        tail = text[n - period:]
+        if all(text[n - (k + 1) * period:n - k * period] == tail for k in range(1, times)):
+            return True
+    return False
+
+
 Kind = Literal["choice", "number", "text"]
 KINDS: tuple[str, ...] = ("choice", "number", "text")
 
