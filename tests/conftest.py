@@ -136,3 +136,16 @@ def qwen_dir() -> Path:
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     return _prepared("minilm-l6")
+
+
+@pytest.fixture(scope="module")
+def shipped(minilm_dir):
+    """The default config and the router it ships (its embedder prepared, else skip)."""
+    from coe.config import load_config
+    from coe.model_paths import is_prepared
+    from coe.routers import build_online_router
+
+    cfg = load_config()
+    if not is_prepared(cfg.router.embedder):
+        pytest.skip(f"embedder {cfg.router.embedder} is not prepared: run `coe models prepare`")
+    return cfg, build_online_router(cfg.router, cfg.experts)

@@ -52,18 +52,6 @@ def test_knob_sweeps_run_from_max_quality_to_cheapest():
     assert taus[0] == 1.0 and taus[-1] == 0.0 and taus == sorted(taus, reverse=True)
 
 
-@pytest.fixture(scope="module")
-def shipped(minilm_dir):
-    from coe.config import load_config
-    from coe.model_paths import is_prepared
-    from coe.routers import build_online_router
-
-    cfg = load_config()
-    if not is_prepared(cfg.router.embedder):
-        pytest.skip(f"embedder {cfg.router.embedder} is not prepared: run `coe models prepare`")
-    return cfg, build_online_router(cfg.router, cfg.experts)
-
-
 QUERIES = ["A baker made 24 muffins and sold 3/4 of them. How many are left?",
            ("Write a python function to remove duplicates from a list.\nYour code should pass this test:\n"
             "assert remove_dups([1, 1, 2]) == [1, 2]"),

@@ -7,22 +7,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
-from coe.config import load_config
 from coe.paths import default_config_path
 from coe.routers import build_online_router
 from coe.routers.base import QueryBatch
-
-
-@pytest.fixture(scope="module")
-def shipped(minilm_dir):
-    from coe.model_paths import is_prepared
-
-    cfg = load_config()
-    if not is_prepared(cfg.router.embedder):
-        pytest.skip(f"embedder {cfg.router.embedder} is not prepared: run `coe models prepare`")
-    return cfg, build_online_router(cfg.router, cfg.experts)
 
 
 def test_default_config_ships_a_fitted_router(shipped):
