@@ -385,6 +385,10 @@ class LimitsConfig(Strict):
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body; larger ones get 413.")
 
 
+# the Secret that the rendered KubeRay manifests read each key from (coe.tools.k8s.RenderOptions)
+_KEY_SECRETS = {"admin_key": "coe-admin", "api_key": "coe-api"}
+
+
 class ServingConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -397,18 +401,29 @@ class ServingConfig(Strict):
         description="Refused: a key is never written in a config file. Put the admin key in the environment "
         "variable named by admin_key_env (default COE_ADMIN_KEY).",
     )
-    api_key: str | None = Field(None, repr=False, description="Bearer key for chat; none means chat is open.")
+    api_key_env: str = Field(
+        "COE_API_KEY", description="Environment variable holding the bearer key of chat, routing and models "
+        "(unset: those endpoints are open). The ingress keeps only its SHA-256 digest.",
+    )
+    api_key: str | None = Field(
+        None, repr=False,
+        description="Refused: a key is never written in a config file. Put the chat key in the environment "
+        "variable named by api_key_env (default COE_API_KEY).",
+    )
 
-    @field_validator("admin_key")
+    @field_validator("admin_key", "api_key")
     @classmethod
-    def _admin_key_inline(cls, key: str | None, info: ValidationInfo) -> None:
+    def _key_inline(cls, key: str | None, info: ValidationInfo) -> None:
         if key is not None:  # (its value is never repeated: format_validation_error hides SECRET_FIELDS)
-            env = info.data.get("admin_key_env") or "COE_ADMIN_KEY"
+            field = info.field_name
+            env = info.data.get(f"{field}_env") or cls.model_fields[f"{field}_env"].default
             raise ValueError(
-                f"serving.admin_key is set inline, and a key written in a config file is refused: remove it and set "
-                f"the key in the environment variable {env} (named by serving.admin_key_env) of the process that runs "
-                "`coe serve` (on Kubernetes, the rendered manifests set it from a Secret: coe-admin by default)"
+                f"serving.{field} is set inline, and a key written in a config file is refused: remove it and set "
+                f"the key in the environment variable {env} (named by serving.{field}_env) of the process that runs "
+                "`coe serve` (on Kubernetes, the rendered manifests set it from a Secret: "
+                f"{_KEY_SECRETS[field]} by default)"
             )
+
     registry_path: str | None = Field(None, description="SQLite expert registry; default $COE_HOME/registry.sqlite.")
     registry_url: str | None = Field(
         None,

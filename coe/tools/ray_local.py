@@ -6,8 +6,8 @@
   (Ray reads it at import) and the processes Ray starts inherit it.
 * No secrets in Ray: a local Ray's workers inherit this process's environment, so nothing is
   passed through Ray's runtime environment (which Ray writes to a world-readable log). For a
-  remote cluster, :func:`forwarded_env` forwards a few non-secret settings; the admin key is
-  never among them: the cluster's nodes must have it in their own environment.
+  remote cluster, :func:`forwarded_env` forwards a few non-secret settings; the admin and chat
+  keys are never among them: the cluster's nodes must have them in their own environment.
 * Nothing left behind: :class:`ProcessJanitor` makes this process the subreaper of everything
   it starts (processes orphaned by a dying replica come back to it) and, at stop, ends every
   descendant still running after Ray's own shutdown.

@@ -2,7 +2,7 @@
 
 ``create_api(service)`` builds the FastAPI app; the Ray ingress deployment serves the same app
 (``serving/deployments/ingress.py``), and tests call it in-process. The OpenAPI document declares
-the error responses and the two bearer schemes (``apiKey`` for chat when ``serving.api_key`` is
+the error responses and the two bearer schemes (``apiKey`` for chat when ``$COE_API_KEY`` is
 set, ``adminKey`` for ``/v1/experts``); ``serving.openapi_docs: false`` turns ``/docs``,
 ``/redoc`` and ``/openapi.json`` off.
 """
@@ -38,7 +38,8 @@ EXPERT_HEADER = "x-coe-expert"
 CLIENT_GONE = 499  # nginx's "client closed request": nobody reads it, the access log shows it
 
 _API_KEY = HTTPBearer(scheme_name="apiKey", auto_error=False,
-                      description="serving.api_key, when set (chat, routing, models).")
+                      description="$COE_API_KEY (the variable named by serving.api_key_env), when set: "
+                      "chat, routing, models.")
 _ADMIN_KEY = HTTPBearer(scheme_name="adminKey", auto_error=False,
                         description="$COE_ADMIN_KEY (the variable named by serving.admin_key_env): "
                         "expert registration.")

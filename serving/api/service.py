@@ -118,12 +118,10 @@ class CoEService:
         self.policy = SelectionPolicy.from_config(config.router.policy)
         self.live = LiveState(self.catalog, self.admission, backend)
         self.admin_lock = asyncio.Lock()
-        # Keys are kept only as digests (no plaintext in attributes, reprs or tracebacks); the
-        # config keeps no api_key either, so nothing that shows the config shows a key.
+        # Keys come only from the environment (the config refuses inline ones) and are kept only
+        # as digests: no plaintext in attributes, reprs or tracebacks.
         self._admin_digest = key_digest(os.environ.get(s.admin_key_env) or None)
-        self._api_digest = key_digest(s.api_key)
-        if s.api_key is not None:
-            self.config = config.model_copy(update={"serving": s.model_copy(update={"api_key": None})})
+        self._api_digest = key_digest(os.environ.get(s.api_key_env) or None)
         self._probe: asyncio.Task | None = None
 
     def _server_of(self, expert_id: str) -> str | None:
@@ -150,8 +148,8 @@ class CoEService:
             raise ForbiddenError("the admin key is wrong")
 
     def check_api(self, token: str | None) -> None:
-        """Nothing when chat is open (no ``serving.api_key``); else 401 without a Bearer token, 403
-        with a wrong one."""
+        """Nothing when chat is open (``$COE_API_KEY``, the variable named by ``serving.api_key_env``,
+        was unset at start); else 401 without a Bearer token, 403 with a wrong one."""
         if self._api_digest is None:
             return
         if not token:

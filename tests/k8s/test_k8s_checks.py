@@ -96,11 +96,12 @@ def _config(tmp_path, default_config, **replace) -> str:
     return path
 
 
-def test_render_refuses_inline_admin_key(tmp_path, default_config):
+@pytest.mark.parametrize("field, env", [("admin_key", "COE_ADMIN_KEY"), ("api_key", "COE_API_KEY")])
+def test_render_refuses_inline_keys(tmp_path, default_config, field, env):
     path = _config(
-        tmp_path, default_config, **{"  port: 8000\n": "  port: 8000\n  admin_key: s3cret\n"}
+        tmp_path, default_config, **{"  port: 8000\n": f"  port: 8000\n  {field}: s3cret\n"}
     )
-    with pytest.raises(ConfigError, match="admin_key is set inline.*COE_ADMIN_KEY"):
+    with pytest.raises(ConfigError, match=f"{field} is set inline.*{env}"):
         render(path)
 
 

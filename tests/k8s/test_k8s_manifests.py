@@ -81,6 +81,7 @@ def test_serve_config_runs_the_same_config(gpu, default_config):
     assert inline.serving.registry_path == str(REGISTRY_PATH)
     assert str(ADAPTERS_DIR) in inline.serving.adapter_roots
     assert inline.serving.admin_key is None and inline.serving.admin_key_env == "COE_ADMIN_KEY"
+    assert inline.serving.api_key is None and inline.serving.api_key_env == "COE_API_KEY"
 
 
 def test_import_path_imports_and_accepts_the_rendered_args(default_config):
@@ -96,7 +97,7 @@ def test_import_path_imports_and_accepts_the_rendered_args(default_config):
 
 
 def test_cluster_wiring(default_config):
-    """Admin key from the Secret, state volume everywhere, readiness on /readyz, sized pods."""
+    """Admin and chat keys from Secrets, state volume everywhere, readiness on /readyz, sized pods."""
     objects = render(
         default_config, gpu=True, options=RenderOptions(name="coe2", storage_class="nfs")
     )
@@ -118,7 +119,11 @@ def test_cluster_wiring(default_config):
             {
                 "name": "COE_ADMIN_KEY",
                 "valueFrom": {"secretKeyRef": {"name": "coe-admin", "key": "admin-key"}},
-            }
+            },
+            {  # optional: without the Secret, chat is open
+                "name": "COE_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": "coe-api", "key": "api-key", "optional": True}},
+            },
         ]
         assert c["volumeMounts"] == [{"name": "coe-state", "mountPath": "/var/lib/coe"}]
         assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "coe2-state"
@@ -140,9 +145,9 @@ def test_cluster_wiring(default_config):
     )
 
 
-def test_admin_key_env_follows_the_config(tmp_path, default_config):
+def test_key_envs_follow_the_config(tmp_path, default_config):
     text = default_config.read_text().replace(
-        "  port: 8000\n", "  port: 8100\n  admin_key_env: MY_KEY\n"
+        "  port: 8000\n", "  port: 8100\n  admin_key_env: MY_KEY\n  api_key_env: MY_CHAT_KEY\n"
     )
     cfg = tmp_path / "configs" / "c.yaml"
     cfg.parent.mkdir()
@@ -151,6 +156,6 @@ def test_admin_key_env_follows_the_config(tmp_path, default_config):
     worker = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"][
         "containers"
     ][0]
-    assert worker["env"][0]["name"] == "MY_KEY"
+    assert [e["name"] for e in worker["env"]] == ["MY_KEY", "MY_CHAT_KEY"]
     assert worker["readinessProbe"]["httpGet"]["port"] == 8100
     assert yaml.safe_load(rs["spec"]["serveConfigV2"])["http_options"]["port"] == 8100

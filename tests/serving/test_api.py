@@ -247,11 +247,12 @@ def test_keys_are_kept_only_as_digests(h, tiny_llama_dir, tiny_loras, monkeypatc
     with pytest.raises(ForbiddenError, match="wrong") as wrong:
         h.service.check_admin(ADMIN[:-1])  # a prefix of the key is just as wrong
     assert ADMIN not in str(wrong.value)
-    # an inline chat key: the service keeps its digest, and a copy of the config without it
-    data = tiny_config_dict(tiny_llama_dir, tiny_loras, h.root, flaky=False, api_key="chat-s3cret")
+    # a chat key from $COE_API_KEY: the service keeps its digest only
+    data = tiny_config_dict(tiny_llama_dir, tiny_loras, h.root, flaky=False)
     monkeypatch.delenv("COE_ADMIN_KEY")
+    monkeypatch.setenv("COE_API_KEY", "chat-s3cret")
     service = CoEService(parse_config(data), backend=h.backend, router=h.service.router)
-    assert "chat-s3cret" not in shown(service) and service.config.serving.api_key is None
+    assert "chat-s3cret" not in shown(service)
     service.check_api("chat-s3cret")
     with pytest.raises(UnauthorizedError):
         service.check_api(None)
@@ -259,6 +260,36 @@ def test_keys_are_kept_only_as_digests(h, tiny_llama_dir, tiny_loras, monkeypatc
         service.check_api("chat-s3cre")
     with pytest.raises(ForbiddenError, match=r"no admin key is configured: set \$COE_ADMIN_KEY"):
         service.check_admin(ADMIN)
+
+
+def test_chat_key_from_the_environment_guards_chat(h, tiny_llama_dir, tiny_loras, monkeypatch):
+    """$COE_API_KEY (serving.api_key_env) set at start: chat, routing and models need it; unset
+    (the shared harness): they are open."""
+    from coe.config import parse_config
+    from coe.serving.api.routes import create_api
+    from coe.serving.api.service import CoEService
+
+    assert h.chat("hi").status_code == 200  # no key in the environment: open
+    data = tiny_config_dict(tiny_llama_dir, tiny_loras, h.root, flaky=False)
+    data["serving"]["api_key_env"] = "MY_CHAT_KEY"
+    monkeypatch.setenv("MY_CHAT_KEY", "chat-s3cret")
+    service = CoEService(parse_config(data), backend=h.backend, router=h.service.router)
+    app = create_api(service)
+    body = {"model": "coe", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+    async def post(**headers):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://coe") as client:
+            return await client.post("/v1/chat/completions", json=body, headers=headers)
+
+    try:
+        assert h.lt.run(post()).status_code == 401
+        wrong = h.lt.run(post(Authorization="Bearer chat-s3cre"))
+        assert wrong.status_code == 403 and "chat-s3cret" not in wrong.text
+        ok = h.lt.run(post(Authorization="Bearer chat-s3cret"))
+        assert ok.status_code == 200, ok.text
+    finally:
+        h.lt.run(service.close())
 
 
 def test_register_lora_live_routed_persisted_and_removed(h):

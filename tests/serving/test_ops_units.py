@@ -76,10 +76,11 @@ def test_check_capacity_takes_server_specs(tiny_llama_dir):
         check_capacity([spec], nodes=[{"CPU": 2.0, "GPU": 0.0, "memory": GIB}])
 
 
-def test_forwarded_env_never_carries_the_admin_key():
+def test_forwarded_env_never_carries_a_key():
     from coe.tools.ray_local import forwarded_env
 
-    env = {"COE_HOME": "/h", "COE_ADMIN_KEY": "s3cret", "MY_KEY": "x", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {"COE_HOME": "/h", "COE_ADMIN_KEY": "s3cret", "COE_API_KEY": "s3cret2", "MY_KEY": "x",
+           "VLLM_CPU_KVCACHE_SPACE": "1"}
     assert forwarded_env(env) == {"COE_HOME": "/h", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 

@@ -88,8 +88,8 @@ def _serve(args) -> int:
         env = forwarded_env()
         if env:
             init["runtime_env"] = {"env_vars": env}
-        _say(f"the admin key is not sent to the cluster: its nodes need ${config.serving.admin_key_env} in their "
-             "own environment")
+        _say(f"the keys are not sent to the cluster: its nodes need ${config.serving.admin_key_env} (admin) and, "
+             f"for a chat key, ${config.serving.api_key_env} in their own environment")
     try:
         ctx = ray.init(**init)
         ray_processes = janitor.children()  # Ray's GCS, raylet, ...: everything else reparented here is an orphan

@@ -126,9 +126,9 @@ def cluster_config(
     configs). ``registry_url``: an external PostgreSQL registry (``postgresql://USER@HOST/DB``;
     its password comes from a Secret, see ``RenderOptions.registry_secret``).
 
-    Raises :class:`ConfigError` for an invalid config (an inline ``serving.admin_key`` among
-    them: the key comes from a Secret), a path that would not exist in the container, or,
-    without ``gpu``, an expert that asks for GPUs.
+    Raises :class:`ConfigError` for an invalid config (an inline ``serving.admin_key`` or
+    ``serving.api_key`` among them: keys come from Secrets), a path that would not exist in the
+    container, or, without ``gpu``, an expert that asks for GPUs.
     """
     import yaml
 
@@ -145,7 +145,7 @@ def cluster_config(
         raise ConfigError(f"--project is {project!r}: not a folder; give the folder your image copies to {PROJECT_DIR}")
     changes: list[str] = []
 
-    serving = data.setdefault("serving", {})  # (an inline serving.admin_key was refused by load_config)
+    serving = data.setdefault("serving", {})  # (inline keys were refused by load_config)
 
     router = data.setdefault("router", {})
     if router.get("embedder"):

@@ -46,6 +46,13 @@ class RenderOptions(BaseModel):
     admin_secret_key: str = Field(
         "admin-key", pattern=r"^[-._a-zA-Z0-9]+$", description="Key in that Secret."
     )
+    api_secret: str = Field(
+        "coe-api", pattern=DNS_LABEL,
+        description="Secret holding the chat key; optional: without it, chat is open.",
+    )
+    api_secret_key: str = Field(
+        "api-key", pattern=r"^[-._a-zA-Z0-9]+$", description="Key in that Secret."
+    )
     state_size: str = Field(
         "20Gi", pattern=r"^[0-9]+(Mi|Gi|Ti)$", description="Size of the state volume."
     )
@@ -107,7 +114,12 @@ def _quantity(cpus: int, memory_gib: int, gpus: int = 0) -> dict:
 def _env(cc: ClusterConfig, opts: RenderOptions) -> list[dict]:
     serving = cc.config.serving
     ref = {"name": opts.admin_secret, "key": opts.admin_secret_key}
-    env = [{"name": serving.admin_key_env, "valueFrom": {"secretKeyRef": ref}}]
+    # chat is open unless a key is set, so a pod starts without the chat-key Secret
+    chat = {"name": opts.api_secret, "key": opts.api_secret_key, "optional": True}
+    env = [
+        {"name": serving.admin_key_env, "valueFrom": {"secretKeyRef": ref}},
+        {"name": serving.api_key_env, "valueFrom": {"secretKeyRef": chat}},
+    ]
     if serving.registry_url is not None:
         db = {"name": opts.registry_secret, "key": opts.registry_secret_key}
         env.append({"name": serving.registry_password_env, "valueFrom": {"secretKeyRef": db}})
@@ -279,8 +291,9 @@ def render(
 ) -> list[dict]:
     """The manifests for ``config``: ``[PersistentVolumeClaim, RayService]``.
 
-    Raises :class:`coe.errors.ConfigError` as :func:`cluster_config` does. The admin-key Secret
-    is not rendered (a key does not belong in a manifest); create it with kubectl.
+    Raises :class:`coe.errors.ConfigError` as :func:`cluster_config` does. The key Secrets
+    (admin key; chat key, optional) are not rendered (a key does not belong in a manifest);
+    create them with kubectl.
     """
     opts = options or RenderOptions()
     cc = cluster_config(config, gpu=gpu, project=opts.project, registry_url=opts.registry_url)
