@@ -50,9 +50,9 @@ class Scorer(Protocol):
         """True when no continuation of ``prefix`` (the start of a generated answer) can change
         this scorer's outcome on ``probe``, so generation may stop there: the score of ``prefix``
         is the score of every longer answer that starts with it. False when unsure (always for a
-        scorer that reads the end of the answer, or reads no answer). A scorer may also settle an
-        answer that greedy decoding has caught in a loop, where it measured that stopping changes
-        no outcome (``exact_number``). Cheap; thread-safe."""
+        scorer that reads the end of the answer, or reads no answer). A guarantee, not a
+        heuristic: rules that stop an answer because it will not change in practice (a greedy
+        loop) belong to whoever generates it. Cheap; thread-safe."""
         ...
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from coe.scoring.answers import final_number, looping, normalize_number
+from coe.scoring.answers import final_number, normalize_number
 from coe.scoring.base import Outcome, register_scorer
 from coe.scoring.probes import Probe
 
@@ -32,11 +32,6 @@ class ExactNumber:
         return Outcome(0.0, False, f"final number {pred} != {gold}", {"pred": pred})
 
     def settled(self, probe: Probe, prefix: str) -> bool:
-        """Only once the answer is caught in a loop (:func:`coe.scoring.answers.looping`: a block of
-        at least 20 characters written three times in a row, which greedy decoding keeps
-        repeating). Otherwise never before the end: the answer is the number after the *last*
-        ``####`` (else the last "answer is", else the last number), and a continuation may add
-        another. The loop rule is measured, not proven: on the 400 stored GSM8K answers of the four
-        default experts (``bench/composition.py``), it stops 28 answers (27 of the 39 that ran to
-        512 tokens), saves 9% of their characters, and changes no final number."""
-        return looping(prefix)
+        """False: the answer is the number after the *last* ``####`` (else the last "answer is",
+        else the last number), and a continuation may add another."""
+        return False

@@ -8,10 +8,12 @@ must be of this expert), and scores it as the profile's kind (:mod:`coe.profile_
   (:func:`coe.scoring.cells.task_cell`: ``exact_number``; ``code_tests`` in the sandbox of
   :mod:`coe.scoring.sandbox`, never in this process; ``choice`` by each option's likelihood, no
   generation); outcome 0/1. Scoring runs in a worker thread, so the event loop keeps answering.
-  The answer is streamed, and generation stops as soon as the scorer says no continuation can
-  change its outcome (:meth:`coe.scoring.base.Scorer.settled`: ``code_tests`` once the code block
-  it runs is closed); closing the stream aborts the request in the engine. The outcome's
-  ``detail`` records the tokens actually generated and ``finish_reason`` (``settled`` then).
+  The answer is streamed, and generation stops early by one of two rules (:func:`stop_reason`):
+  ``settled``, the scorer says no continuation can change its outcome
+  (:meth:`coe.scoring.base.Scorer.settled`: ``code_tests`` once the code block it runs is closed);
+  ``loop``, greedy decoding has caught the answer in a loop. Stopping closes the stream, which
+  aborts the request in the engine. The outcome's ``detail`` records the tokens actually generated
+  and ``finish_reason`` (the rule's name when one stopped it).
 - ``likelihood``: one scoring request (:mod:`coe.scoring.served_likelihood`: the reference answer's
   ``exp(-mean NLL)`` from the engine's prompt log-probabilities).
 
@@ -21,8 +23,6 @@ An overloaded expert (429 at admission) is retried; any other failure raises a C
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import uuid
 
 from coe.config import LoraExpert
@@ -72,7 +72,7 @@ class ProbeMeasurer:
             greedy = {"max_tokens": max_tokens, "temperature": 0.0}
             out = await self._send(expert, self._request(expert, greedy,
                                                          messages=[ChatMessage(role="user", content=probe.query)]),
-                                   until=lambda text: scorer.settled(probe, text))
+                                   until=lambda text: stop_reason(scorer, probe, text))
             # the tokens actually generated (fewer than the answer would have had when it stopped early)
             usage = {"tokens": out.prompt_tokens + out.completion_tokens, "completion_tokens": out.completion_tokens,
                      "finish_reason": out.finish_reason}
@@ -115,10 +115,10 @@ class ProbeMeasurer:
     async def _send(self, expert, request, *, until=None):
         """One request through admission control and the backend (no fallback); its GenerationOutput.
 
-        ``until(text)``: called with the answer so far after each delta; once it is true the
-        stream is closed, which aborts the generation in the engine (its tokens are freed for
-        other requests), and the output so far comes back with ``finish_reason`` ``"settled"``."""
+        ``until``: as in :func:`coe.serving.api.service.joined` (a reason stops the stream, which
+        aborts the generation in the engine and frees its tokens for other requests)."""
         from coe.serving.api.admission import Deadline
+        from coe.serving.api.service import joined
 
         service = self.service
         deadline = Deadline(service.config.serving.request_timeout_s)
@@ -131,7 +131,7 @@ class ProbeMeasurer:
                     raise
                 await asyncio.sleep(min(self.retry_pause_s, max(0.05, deadline.left() / self.retries)))
         try:   # the service's one request shape, no fallbacks: the measurement must be of this expert
-            out = await deadline.run(_read(service.backend.stream(service.dispatch(expert.id, request, deadline)), until))
+            out = await deadline.run(joined(service.backend.stream(service.dispatch(expert.id, request, deadline)), until))
         except CoEError:
             raise
         except Exception as raw:  # noqa: BLE001  (a transport error counts as a failed request)
@@ -157,23 +157,20 @@ class ProbeMeasurer:
         return self._tokenizers[ref]
 
 
+def stop_reason(scorer, probe, text: str) -> str | None:
+    """Why a generated task probe's answer may stop at ``text`` (the answer so far), or None to
+    generate on. Two rules, the first that holds names the stop:
 
-async def _read(stream, until=None):
-    """The GenerationOutput of ``stream``, up to the first delta after which ``until(text so far)``
-    holds (then ``finish_reason`` is ``"settled"``); the stream is closed in every case (closing
-    it early cancels the generation: the backends' contract, see ``Backend.stream``)."""
-    from coe.types import GenerationOutput
+    - ``"settled"``: ``scorer.settled(probe, text)``, no continuation can change the outcome.
+    - ``"loop"``: the answer is caught in a loop (:func:`coe.scoring.answers.looping`: a block of at
+      least 20 characters written three times in a row), which greedy decoding keeps repeating, so
+      in practice continuing never changes it. Measured, not proven: on the 400 stored GSM8K
+      answers of the four default experts (``bench/composition.py``), it stops 28 answers (27 of
+      the 39 that ran to 512 tokens), saves 9% of their characters, and changes no final number.
+      It applies to every generated task probe (all are greedy), not only ``exact_number``'s.
+      Not a scorer's ``settled``: that one is a guarantee, this a measured heuristic."""
+    from coe.scoring.answers import looping
 
-    deltas, text, settled = [], "", False
-    try:
-        async for delta in stream:
-            deltas.append(delta)
-            text += delta.text
-            if until is not None and delta.finish_reason is None and until(text):
-                settled = True
-                break
-    finally:
-        with contextlib.suppress(Exception):   # closing after a failure: the first error is what matters
-            await stream.aclose()
-    out = GenerationOutput.from_deltas(deltas)
-    return dataclasses.replace(out, finish_reason="settled") if settled else out
+    if scorer.settled(probe, text):
+        return "settled"
+    return "loop" if looping(text) else None

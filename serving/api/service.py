@@ -523,10 +523,23 @@ class CoEService:
                 self.metrics.server_queue.labels(sid).set(st["queue_depth"])
 
 
-async def joined(stream) -> GenerationOutput:
-    """The whole answer of a stream of deltas (closed when cancelled or failed)."""
+async def joined(stream, until: Callable[[str], str | None] | None = None) -> GenerationOutput:
+    """The whole answer of a stream of deltas; the stream is closed in every case (closing it before
+    its last delta cancels the generation: the backends' contract, see ``Backend.stream``).
+
+    ``until(text)``: called with the answer so far after each delta that is not the last; a falsy
+    value reads on, a string stops reading there, and the output so far comes back with that
+    string as its ``finish_reason``. Without ``until``, the stream is read to its end."""
     try:
-        return GenerationOutput.from_deltas([delta async for delta in stream])
+        if until is None:
+            return GenerationOutput.from_deltas([delta async for delta in stream])
+        deltas, text = [], ""
+        async for delta in stream:
+            deltas.append(delta)
+            text += delta.text
+            if delta.finish_reason is None and (reason := until(text)):
+                return dataclasses.replace(GenerationOutput.from_deltas(deltas), finish_reason=reason)
+        return GenerationOutput.from_deltas(deltas)
     finally:
         await _close(stream)
 

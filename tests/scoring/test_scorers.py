@@ -131,17 +131,9 @@ def test_scorers_that_read_the_end_or_no_answer_never_settle():
     # the answer is the number after the last ####: a continuation may add another
     assert not get_scorer("exact_number").settled(p, "9 * 2 = 18\n#### 18\n")
     assert not get_scorer("exact_number").settled(p, "1,000,000,000 and 2,000,000,000,000,000")
-
-
-def test_exact_number_settles_a_greedy_loop_and_keeps_its_number():
-    p = Probe(id="g", query="q", scorer="exact_number", answer="18")
-    loop = "So she has 9 * 2 = 18 apples.\n" * 3
-    answer = "Step 1: " + loop + "So she has 9 * 2 = 18 apples.\nThen 7"
-    scorer = get_scorer("exact_number")
-    stops = [n for n in range(len(answer) + 1) if scorer.settled(p, answer[:n])]
-    assert stops and answer[:stops[0]].endswith(loop)   # the third copy of the block settles it
-    assert scorer(p, answer[:stops[0]]).score == 1.0
-    assert not scorer.settled(p, "Step 1: " + "So she has 9 * 2 = 18 apples.\n" * 2)   # twice is not a loop
+    # nor a greedy loop: that stop is a measured heuristic of the profile (profile_measure.stop_reason),
+    # not the guarantee settled() gives
+    assert not get_scorer("exact_number").settled(p, "Step 1: " + "So she has 9 * 2 = 18 apples.\n" * 5)
     assert not get_scorer("choice").settled(p, "A") and not get_scorer("reference_nll").settled(p, "x")
 
 

@@ -175,9 +175,12 @@ def test_a_task_profile_scores_each_probe_by_its_scorer_and_refits(task_world):
 def test_generation_stops_once_the_answer_is_scorable_and_each_scorer_has_its_max_tokens(task_world):
     ramble = "\nThis function doubles x." * 40
     wrong = "```python\ndef f(x):\n    return x + 1\n```"
-    answers = {"new": {**{q: f"{q} = {GOLD[q]}\n#### {GOLD[q]}" for q in MATH}, CODE[0]: "Here:\n" + DOUBLE + ramble,
+    looped = f"{MATH[3]} = {GOLD[MATH[3]]}\n" + "So the total stays the same.\n" * 10   # a greedy loop, no ####
+    answers = {"new": {**{q: f"{q} = {GOLD[q]}\n#### {GOLD[q]}" for q in MATH[:3]}, MATH[3]: looped,
+                       CODE[0]: "Here:\n" + DOUBLE + ramble,
                        CODE[1]: wrong + "\nOr:\n" + DOUBLE + ramble, CODE[2]: DOUBLE,
-                       CODE[3]: "def f(x):\n    return x * 2\n" + "# it doubles x\n" * 40}}   # no fence: all of it runs
+                       CODE[3]: "def f(x):\n    return x * 2\n"   # no fence: all of it runs (and no loop)
+                       + "".join(f"# f({i}) == {2 * i}\n" for i in range(40))}}
     w = task_world(answers, StreamingTaskBackend)
     r = w.request("POST", "/v1/experts", json=_new(task_world.tiny, probe=str(task_world.root / "probes" / "tasks.jsonl"),
                                                    budget=9))
@@ -186,8 +189,9 @@ def test_generation_stops_once_the_answer_is_scorable_and_each_scorer_has_its_ma
     assert prof["state"] == "done" and prof["done"] == 9 and prof["failed"] == 0, prof
     # no max_tokens in the request: each scorer's default
     assert {q: s.max_tokens for _, q, s in w.backend.chats} == {**{q: 512 for q in MATH}, **{q: 256 for q in CODE}}
-    # the streams of the two rambling answers with a closed code block were closed (the engine aborts them)
-    assert sorted(w.backend.closed_early) == sorted(CODE[:2])
+    # the streams of the two rambling answers with a closed code block and of the looping one were
+    # closed (the engine aborts them)
+    assert sorted(w.backend.closed_early) == sorted([*CODE[:2], MATH[3]])
     got = {o.probe_id: o for o in w.registry.profile_outcomes()}
     assert {p: got[p].outcome for p in ("c0", "c1", "c2", "c3")} == {"c0": 1.0, "c1": 0.0, "c2": 1.0, "c3": 1.0}
     stop0 = -(-len("Here:\n" + DOUBLE) // 4)   # the delta that closed the block, in 4-character tokens
@@ -196,7 +200,11 @@ def test_generation_stops_once_the_answer_is_scorable_and_each_scorer_has_its_ma
     assert got["c1"].detail["finish_reason"] == "settled" and "AssertionError" in got["c1"].detail["reason"]
     assert got["c3"].detail["finish_reason"] == "stop"
     assert got["c3"].detail["completion_tokens"] == -(-len(answers["new"][CODE[3]]) // 4)
-    assert all(got[f"m{i}"].detail["finish_reason"] == "stop" and got[f"m{i}"].outcome == 1.0 for i in range(4))
+    assert all(got[f"m{i}"].detail["finish_reason"] == "stop" and got[f"m{i}"].outcome == 1.0 for i in range(3))
+    # the loop rule: stopped after the third copy of the block, still scored by its final number
+    stop3 = -(-len(f"{MATH[3]} = {GOLD[MATH[3]]}\n" + "So the total stays the same.\n" * 3) // 4)
+    assert got["m3"].detail["finish_reason"] == "loop" and got["m3"].outcome == 1.0
+    assert got["m3"].detail["completion_tokens"] == stop3
 
 
 def test_code_answers_run_in_the_sandbox_and_the_ingress_keeps_answering(task_world, tmp_path):
@@ -302,3 +310,55 @@ def test_task_cell_scores_an_answer_or_records_the_failed_request():
     assert task_cell(p, None, {"tokens": 0}, 1.0, error="HTTP 503: down", keep_answer=True) == (
         0.0, 0.0, {"tokens": 0, "reason": "HTTP 503: down", "answer": None})
     assert np.isclose(task_cell(p, "the answer is 3", {"tokens": 1}, 1.0)[0], 1.0)
+
+
+def test_joined_reads_until_a_reason_and_closes_the_stream():
+    from coe.serving.api.service import joined
+
+    closed, seen = [], []
+
+    async def stream(pieces):
+        k = 0
+        try:
+            for k, piece in enumerate(pieces, 1):
+                yield StreamDelta(text=piece, finish_reason="stop" if k == len(pieces) else None, prompt_tokens=3,
+                                  completion_tokens=k)
+        finally:
+            closed.append(k)
+
+    def until(text):
+        seen.append(text)
+        return "settled" if text.endswith("c") else None
+
+    out = asyncio.run(joined(stream(["a", "b", "c", "d"]), until=until))
+    assert (out.text, out.finish_reason, out.completion_tokens) == ("abc", "settled", 3)
+    assert seen == ["a", "ab", "abc"] and closed == [3]   # closed at the delta that stopped it
+    # never asked after the last delta: a finished answer keeps its own finish_reason
+    out = asyncio.run(joined(stream(["a", "b"]), until=lambda text: "loop" if text == "ab" else None))
+    assert (out.text, out.finish_reason) == ("ab", "stop") and closed[-1] == 2
+    # without until: the whole stream
+    out = asyncio.run(joined(stream(["a", "b", "c"])))
+    assert (out.text, out.finish_reason, out.completion_tokens) == ("abc", "stop", 3) and closed[-1] == 3
+
+
+def test_stop_reason_names_the_rule_that_stops_a_generated_answer():
+    from coe.scoring.base import get_scorer
+    from coe.scoring.probes import Probe
+    from coe.serving.api.profile_measure import stop_reason
+
+    math = Probe(id="g", query="q", scorer="exact_number", answer="18")
+    exact = get_scorer("exact_number")
+    loop = "So she has 9 * 2 = 18 apples.\n" * 3
+    answer = "Step 1: " + loop + "So she has 9 * 2 = 18 apples.\nThen 7"
+    stops = [n for n in range(len(answer) + 1) if stop_reason(exact, math, answer[:n])]
+    assert stops and answer[:stops[0]].endswith(loop)   # the third copy of the block stops it
+    assert stop_reason(exact, math, answer[:stops[0]]) == "loop" and exact(math, answer[:stops[0]]).score == 1.0
+    assert stop_reason(exact, math, "Step 1: " + "So she has 9 * 2 = 18 apples.\n" * 2) is None   # twice: no loop
+    assert stop_reason(exact, math, "9 * 2 = 18\n#### 18\n") is None
+    # every scorer's answer: the scorer's own rule first, then the loop rule
+    code = Probe(id="c", query="q", scorer="code_tests", tests=["assert f(2) == 4"])
+    tests = get_scorer("code_tests")
+    assert stop_reason(tests, code, DOUBLE) == "settled"
+    assert stop_reason(tests, code, DOUBLE + "\nIt doubles x, as asked.\n" * 3) == "settled"
+    assert stop_reason(tests, code, "It doubles x, as asked.\n" * 3) == "loop"
+    assert stop_reason(tests, code, "It doubles x, as asked.\n" * 2) is None
