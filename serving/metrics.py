@@ -4,9 +4,9 @@ Series (all prefixed ``coe_``):
 ``requests_total{expert,endpoint}``, ``request_errors_total{expert,code}``,
 ``routing_latency_seconds`` (histogram, new queries), ``routing_batch_size`` (histogram, queries per micro-batch), ``routing_cache_hits_total``, ``queue_depth{expert}`` (requests in flight at the
 ingress per expert), ``generated_tokens_total{expert}`` (its rate is tokens/s), ``tokens_per_second{expert}``
-(over the last ``window_s`` seconds), ``request_latency_seconds{expert}``,
-``time_to_first_token_seconds{expert}``, ``fallbacks_total{expert,fallback}``,
-``cancelled_total{expert}``, ``recruited_total{expert,role}`` (calls of recruit-and-aggregate requests,
+(over the last ``window_s`` seconds), ``request_latency_seconds{expert}`` and
+``time_to_first_token_seconds{expert}`` (both from the request's arrival, routing included),
+``fallbacks_total{expert,fallback}``, ``cancelled_total{expert}``, ``recruited_total{expert,role}`` (calls of recruit-and-aggregate requests,
 role ``answer`` or ``aggregate``), ``expert_ready{expert}`` and ``server_queue_depth{server}`` (requests
 waiting in an engine's own queue, e.g. the mixture's batching window, read at scrape time).
 """

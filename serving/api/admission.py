@@ -26,10 +26,13 @@ from coe.errors import DeadlineExceededError, OverloadedError
 
 
 class Deadline:
-    """The moment by which a request must be answered (``timeout_s`` from now)."""
+    """The moment by which a request must be answered (``timeout_s`` from now), made when the
+    request arrives, before it is routed. ``started`` (``time.perf_counter()`` at that moment) is
+    the origin of the request's latency and time-to-first-token metrics, whoever routes it."""
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
+        self.started = time.perf_counter()
         self.end = time.monotonic() + timeout_s
 
     def left(self) -> float:

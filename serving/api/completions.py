@@ -165,8 +165,8 @@ class CompletionChunks:
 
 
 async def _admit(service, req: CompletionRequest):
-    """(deadline, start, generation request, routing info, text shaper): every check before queueing."""
-    deadline, t0 = Deadline(service.config.serving.request_timeout_s), time.perf_counter()
+    """(deadline, generation request, routing info, text shaper): every check before queueing."""
+    deadline = Deadline(service.config.serving.request_timeout_s)
     check_text(req.model_dump(exclude_none=True))
     check(req)
     text, ids = prompt_of(req)
@@ -181,13 +181,13 @@ async def _admit(service, req: CompletionRequest):
     info = await service.decide(req.model, [ChatMessage(role="user", content=text)] if text is not None else None)
     refuse_unimplemented(req, info.expert)
     request = GenerationRequest(request_id="", prompt=text, prompt_token_ids=ids, sampling=sampling)
-    return deadline, t0, request, info, CompletionText(text, echo=req.echo, top=top)
+    return deadline, request, info, CompletionText(text, echo=req.echo, top=top)
 
 
 async def complete(service, req: CompletionRequest) -> CompletionResponse:
     """The whole completion (raises CoEError; cancelling cancels the generation)."""
-    deadline, t0, request, info, shaper = await _admit(service, req)
-    out = await service.generate(info, request, deadline, t0, "completions")
+    deadline, request, info, shaper = await _admit(service, req)
+    out = await service.generate(info, request, deadline, "completions")
     text, logprobs = shaper.piece(out)
     return CompletionResponse(model=info.expert, usage=usage_of(out), coe=info,
                               choices=[CompletionChoice(text=text, logprobs=logprobs, finish_reason=out.finish_reason)])
@@ -195,7 +195,7 @@ async def complete(service, req: CompletionRequest) -> CompletionResponse:
 
 async def complete_stream(service, req: CompletionRequest) -> tuple[RoutingInfo, EventStream]:
     """A streamed completion (SSE, ``data: [DONE]`` last); errors before the first token raise here."""
-    deadline, t0, request, info, shaper = await _admit(service, req)
-    stream = await service.stream(info, request, deadline, t0, "completions_stream",
+    deadline, request, info, shaper = await _admit(service, req)
+    stream = await service.stream(info, request, deadline, "completions_stream",
                                   CompletionChunks(req, info, shaper))
     return info, stream

@@ -360,11 +360,10 @@ class CoEService:
                 info.fallback_from, expert = info.fallback_from or expert, nxt
 
     async def _admit(self, req: ChatCompletionRequest, info: RoutingInfo | None, deadline: Deadline | None):
-        """(deadline, start time, sampling, routing info, tool-call parser or None) of a chat request:
+        """(deadline, sampling, routing info, tool-call parser or None) of a chat request:
         parameters validated, expert chosen (a tool-capable one when it asks for tools), unimplemented
         fields refused for that expert — before anything is queued. ``info``/``deadline``: see :meth:`chat`."""
         deadline = deadline or Deadline(self.config.serving.request_timeout_s)
-        t0 = time.perf_counter()
         sampling = self.sampling(req)
         trace = coe_options(req.coe).trace
         if info is None:
@@ -374,7 +373,7 @@ class CoEService:
         refuse_unimplemented(req, info.expert)
         tools = tools_for(req, info, model_ref=self.model_ref,
                           ranked=lambda: self._ranked(info))
-        return deadline, t0, sampling, info, tools
+        return deadline, sampling, info, tools
 
     async def chat(self, req: ChatCompletionRequest, *, info: RoutingInfo | None = None,
                    deadline: Deadline | None = None) -> ChatCompletionResponse:
@@ -383,16 +382,18 @@ class CoEService:
 
         ``info``: the decision :meth:`decide` already made for this request (its model and
         messages), so the request is not routed again (recruit-and-aggregate decides first);
-        ``deadline``: the request's deadline when it started earlier (default: from now)."""
-        deadline, t0, sampling, info, tools = await self._admit(req, info, deadline)
-        out = await self.generate(info, self.chat_request(req, sampling, tools), deadline, t0, "chat")
+        ``deadline``: the request's deadline when it started earlier (default: from now). The
+        latency metrics count from ``deadline.started``, so a decision made earlier is counted."""
+        deadline, sampling, info, tools = await self._admit(req, info, deadline)
+        out = await self.generate(info, self.chat_request(req, sampling, tools), deadline, "chat")
         return response_of(out, info, top_logprobs=sampling.logprobs, tools=tools)
 
-    async def generate(self, info: RoutingInfo, request: GenerationRequest, deadline: Deadline, t0: float,
+    async def generate(self, info: RoutingInfo, request: GenerationRequest, deadline: Deadline,
                        endpoint: str) -> GenerationOutput:
         """``request``'s whole answer from ``info.expert`` (or a fallback, see :meth:`on_experts`):
         its stream joined, through the expert's admission queue, within ``deadline``; metrics
-        recorded under ``endpoint``. Cancelling the call cancels the generation on the expert server."""
+        recorded under ``endpoint``, latency from ``deadline.started``. Cancelling the call cancels
+        the generation on the expert server."""
 
         async def attempt(dispatch: Dispatch) -> GenerationOutput:
             expert = dispatch.expert
@@ -411,7 +412,7 @@ class CoEService:
         out = await self.on_experts(info, request, deadline, endpoint, attempt)
         m = self.metrics
         m.add_tokens(info.expert, out.completion_tokens)
-        m.latency.labels(info.expert).observe(time.perf_counter() - t0)
+        m.latency.labels(info.expert).observe(time.perf_counter() - deadline.started)
         return out
 
     async def chat_stream(self, req: ChatCompletionRequest, *, info: RoutingInfo | None = None,
@@ -421,12 +422,11 @@ class CoEService:
         yields SSE lines and ends with ``data: [DONE]``; ``aclose()`` (the client went away)
         cancels the generation and frees the expert's slot, whether or not it was iterated.
         ``info``, ``deadline``: as for :meth:`chat`."""
-        deadline, t0, sampling, info, tools = await self._admit(req, info, deadline)
+        deadline, sampling, info, tools = await self._admit(req, info, deadline)
         shape = ChatChunks(req, info, top_logprobs=sampling.logprobs, tools=tools)
-        return info, await self.stream(info, self.chat_request(req, sampling, tools), deadline, t0, "chat_stream",
-                                       shape)
+        return info, await self.stream(info, self.chat_request(req, sampling, tools), deadline, "chat_stream", shape)
 
-    async def stream(self, info: RoutingInfo, request: GenerationRequest, deadline: Deadline, t0: float,
+    async def stream(self, info: RoutingInfo, request: GenerationRequest, deadline: Deadline,
                      endpoint: str, shape) -> EventStream:
         """Start streaming ``request`` from ``info.expert`` (or a fallback): errors before the first
         token raise here; the returned :class:`EventStream` (SSE lines in ``shape``'s chunks) owns the
@@ -447,8 +447,8 @@ class CoEService:
             return upstream, first
 
         upstream, first = await self.on_experts(info, request, deadline, endpoint, attempt)
-        self.metrics.ttft.labels(info.expert).observe(time.perf_counter() - t0)
-        return EventStream(info, shape, first, upstream, t0=t0, deadline=deadline, metrics=self.metrics,
+        self.metrics.ttft.labels(info.expert).observe(time.perf_counter() - deadline.started)
+        return EventStream(info, shape, first, upstream, deadline=deadline, metrics=self.metrics,
                            public_error=lambda err: self._public(err, info.expert),
                            release=lambda: self.admission.release(info.expert))
 

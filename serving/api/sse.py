@@ -153,7 +153,7 @@ class EventStream:
     Errors after the first token end the stream with an error event in the request's terms; the
     deadline ends it the same way. Not thread-safe (one event loop)."""
 
-    def __init__(self, info: RoutingInfo, shape: Chunks, first, upstream, *, t0: float, deadline: Deadline,
+    def __init__(self, info: RoutingInfo, shape: Chunks, first, upstream, *, deadline: Deadline,
                  metrics: ServiceMetrics, public_error: Callable[[Exception], Exception],
                  release: Callable[[], None]) -> None:
         self.info = info
@@ -163,7 +163,7 @@ class EventStream:
         self._closed = False
         self._finished = False
         metrics.queue.labels(info.expert).inc()
-        self._gen = self._events(shape, first, t0, deadline, public_error)
+        self._gen = self._events(shape, first, deadline, public_error)
 
     def __aiter__(self) -> EventStream:
         return self
@@ -191,7 +191,7 @@ class EventStream:
                 self._metrics.cancelled.labels(expert).inc()
             self._release()
 
-    async def _events(self, shape: Chunks, first, t0: float, deadline: Deadline, public_error) -> AsyncIterator[str]:
+    async def _events(self, shape: Chunks, first, deadline: Deadline, public_error) -> AsyncIterator[str]:
         expert, m = self.info.expert, self._metrics
         opening = shape.opening()
         if opening is not None:
@@ -221,4 +221,4 @@ class EventStream:
             yield shape.usage(usage)
         yield "data: [DONE]\n\n"
         self._finished = True
-        m.latency.labels(expert).observe(time.perf_counter() - t0)
+        m.latency.labels(expert).observe(time.perf_counter() - deadline.started)

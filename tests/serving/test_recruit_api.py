@@ -436,3 +436,29 @@ def test_a_request_the_trigger_does_not_recruit_is_routed_once(h, router, config
     traced = _ok(h.chat(Q, coe={"trace": True}))["coe"]
     assert [c["expert"] for c in traced["candidates"]] == ["tiny-a", "tiny", "twin", "tiny-b"]
     assert decided == ["coe"] * 3
+
+
+def test_a_request_routed_before_it_is_served_counts_its_routing_in_its_latency(h, router, configured,
+                                                                                 monkeypatch):
+    """Recruit decides before the service serves (``info=``): the latency and time-to-first-token
+    metrics still count from the request's arrival, so the routing time is in them."""
+    configured(k=2, when="margin", threshold=0.1)                 # no recruits: served on the decision
+    real, routing_s = h.service.decide, 1.0
+
+    async def slow(model, messages, **kw):
+        await asyncio.sleep(routing_s)
+        return await real(model, messages, **kw)
+
+    monkeypatch.setattr(h.service, "decide", slow)
+    samples = h.service.metrics.registry.get_sample_value
+
+    def total(name: str) -> float:
+        return samples(f"coe_{name}_seconds_sum", {"expert": "tiny-a"}) or 0.0
+
+    before = total("request_latency")
+    assert _ok(h.chat(Q))["coe"]["expert"] == "tiny-a"
+    assert total("request_latency") - before >= routing_s
+    before, first = total("request_latency"), total("time_to_first_token")
+    assert _events(h.chat(Q, stream=True))[0]["coe"]["expert"] == "tiny-a"
+    assert total("time_to_first_token") - first >= routing_s
+    assert total("request_latency") - before >= routing_s
