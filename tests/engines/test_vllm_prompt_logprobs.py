@@ -148,3 +148,30 @@ def test_the_400_reaches_the_http_client_without_a_fallback(smollm2_vllm, smollm
         assert ok.status_code == 200 and "Paris" in ok.json()["choices"][0]["message"]["content"], ok.text
     finally:
         h.close()
+
+
+def test_a_base_chat_beside_both_loras_keeps_the_base_model(both_with_loras, loop):
+    """Both LoRA slots full, a base-model chat in mid-decode and one chat per LoRA beside it: each
+    answer's tokens are those it gets alone, and the base chat's are the transformers engine's.
+    On vLLM's own CPU ops the base rows were given the last slot's adapter (vllm-project/vllm#48421;
+    coe.serving.engines.vllm_lora_cpu)."""
+    hf, vllm = both_with_loras
+    text = "Write a Python function that reverses a string."
+    base = chat(text, max_tokens=24)
+    loras = {name: chat(text, max_tokens=24, adapter=name) for name in ("attn", "mlp")}
+    alone = loop.run(generate(vllm, base)).token_ids
+    alone_lora = {name: loop.run(generate(vllm, d)).token_ids for name, d in loras.items()}
+    # each adapter changes this answer, so a base row given either adapter would show
+    assert all(ids != alone for ids in alone_lora.values()), alone_lora
+
+    async def beside():
+        chatting = asyncio.ensure_future(generate(vllm, base))
+        await asyncio.sleep(0.05)  # the base chat is in the engine when the LoRA chats come
+        others = await asyncio.gather(*(generate(vllm, d) for d in loras.values()))
+        return await chatting, others
+
+    together, others = loop.run(beside())
+    assert together.token_ids == alone
+    assert alone == loop.run(generate(hf, base)).token_ids
+    for name, out in zip(loras, others):
+        assert out.token_ids == alone_lora[name], name
