@@ -167,7 +167,9 @@ def stop_reason(scorer, probe, text: str) -> str | None:
       in practice continuing never changes it. Measured, not proven: on the 400 stored GSM8K
       answers of the four default experts (``bench/composition.py``), it stops 28 answers (27 of
       the 39 that ran to 512 tokens), saves 9% of their characters, and changes no final number.
-      It applies to every generated task probe (all are greedy), not only ``exact_number``'s.
+      It applies to every generated task probe (all are greedy), not only ``exact_number``'s: on the
+      400 stored MBPP answers of the same run, checked in this order (settled first), it stops 18
+      answers, none of them a passing one, so it changes no code outcome either.
       Not a scorer's ``settled``: that one is a guarantee, this a measured heuristic."""
     from coe.scoring.answers import looping
 

@@ -101,16 +101,17 @@ class GroupedPunicaCPU(PunicaWrapperCPU):
     def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start: int = 0, add_inputs: bool = True,
                    **kwargs: Any):
         """``y[:, offset:offset+size_i] += x[i] @ B_i[slot].T`` on each slot's rows, per slice ``i``,
-        in ``y``'s dtype, every slice in one product; with ``add_inputs`` false the slices are zeroed first."""
+        in ``y``'s dtype, every slice in one product; with ``add_inputs`` false each slot's rows of those
+        columns are overwritten, not added to (rows without an adapter are left alone)."""
         if torch.compiler.is_compiling():
             return super().add_expand(y, x, lora_b_stacked, output_slices, offset_start, add_inputs, **kwargs)
         y2 = y.view(-1, y.shape[-1])
         target = y2[:, offset_start:offset_start + sum(output_slices)]
-        if not add_inputs:
-            target.zero_()
         xs = x if isinstance(x, torch.Tensor) else torch.stack(tuple(x))   # (slices, tokens, rank)
         xs = xs.transpose(0, 1).reshape(xs.shape[1], -1)
         for slot, mask in self._token_groups:
+            if not add_inputs:   # the slot's rows are overwritten, as vLLM's GPU kernel does; -1 rows kept
+                target.zero_() if mask is None else target.mul_((1 - mask).to(target.dtype))
             part = xs if mask is None else xs * mask
             target.add_(torch.mm(part.to(y.dtype), self._fused(lora_b_stacked, slot, y.dtype).t()))
         return None

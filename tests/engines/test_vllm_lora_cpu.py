@@ -15,10 +15,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 
-from vllm.lora.layers.utils import LoRAMapping  # noqa: E402
-from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
+from vllm.lora.layers.utils import LoRAMapping
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from coe.serving.engines.vllm_lora_cpu import GroupedPunicaCPU, register  # noqa: E402
+from coe.serving.engines.vllm_lora_cpu import GroupedPunicaCPU, register
 
 LORA_IDS = [1, 2]  # slot -> LoRA id
 MAX_LORAS = len(LORA_IDS)
@@ -136,6 +136,27 @@ def test_add_shrink_into_a_buffer_then_add_expand(batch, offset):
     assert torch.equal(y[:, offset + sum(SLICES):], before[:, offset + sum(SLICES):])
     for row in base_rows(tokens):
         assert torch.equal(y[row], before[row]), row
+
+
+@pytest.mark.parametrize("batch", ["one", "mixed", "prefill-base-first"])
+def test_add_expand_without_add_inputs_overwrites_only_the_adapters_rows(batch):
+    """``add_inputs`` false: a LoRA row's columns become the delta alone; base rows keep theirs."""
+    tokens, seqs, prefill = BATCHES[batch]
+    w = wrapper(tokens, seqs, prefill)
+    a, b = linear_weights(seed=4)
+    x = randn(len(tokens), HIDDEN, seed=11)
+    buffer = torch.zeros(len(SLICES), len(tokens), RANK, dtype=torch.float32)
+    w.add_shrink(buffer, x, a, SCALE)
+    y = randn(len(tokens), sum(SLICES), seed=12)
+    before = y.clone()
+    w.add_expand(y, buffer, b, SLICES, add_inputs=False)
+    zeros = torch.zeros_like(before)
+    ref = linear_ref(zeros, x, a, b, tokens)
+    for row, slot in enumerate(tokens):
+        if slot < 0:
+            assert torch.equal(y[row], before[row]), row
+        else:
+            torch.testing.assert_close(y[row].float(), ref[row], atol=ATOL, rtol=RTOL)
 
 
 def test_add_shrink_into_a_tuple_of_buffers():
