@@ -305,12 +305,15 @@ def run_service(config, root: Path, work, args) -> dict:
 
     from coe.serving.app import build_app
     from coe.serving.deployments import hops
+    from coe.serving.deployments.spec import PROXY_ENV
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     if args.hops:
         os.environ[hops.ENV] = str(root / "hops.txt")   # before Ray starts: its workers inherit it
+    for key, value in PROXY_ENV.items():   # Serve's proxy as `coe serve` starts it
+        os.environ.setdefault(key, value)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -25,6 +25,15 @@ from coe.config import (
 if TYPE_CHECKING:
     from coe.serving.engines.spec import EngineSpec
 
+# Serve's HTTP proxy sends each request to the ingress replica, and gets every streamed item back,
+# as Ray objects, and routes on a loop of its own, unless told otherwise. Over gRPC by value and on
+# its own loop, the service kept more of the bare engine's tokens/s in both of two A/B pairs (0.97
+# against 0.87, 0.95 against 0.92; the added time-to-first-token did not measurably change:
+# bench/results/serve_overhead_proxy_ab.md, QUIET). The controller starts the proxy, not us, so these
+# must be in its node's environment: `coe serve` sets them (unless already set) before a local Ray
+# starts, and the KubeRay manifests put them in every Ray container.
+PROXY_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
 
 class ServerSpec(BaseModel):
     """Everything one expert server needs to start (picklable; passed to a Ray deployment)."""

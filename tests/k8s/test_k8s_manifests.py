@@ -124,6 +124,9 @@ def test_cluster_wiring(default_config):
                 "name": "COE_API_KEY",
                 "valueFrom": {"secretKeyRef": {"name": "coe-api", "key": "api-key", "optional": True}},
             },
+            # read by Serve's HTTP proxy on each node (serving/deployments/spec.py PROXY_ENV)
+            {"name": "RAY_SERVE_PROXY_USE_GRPC", "value": "1"},
+            {"name": "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "value": "0"},
         ]
         assert c["volumeMounts"] == [{"name": "coe-state", "mountPath": "/var/lib/coe"}]
         assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "coe2-state"
@@ -156,6 +159,6 @@ def test_key_envs_follow_the_config(tmp_path, default_config):
     worker = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"][
         "containers"
     ][0]
-    assert [e["name"] for e in worker["env"]] == ["MY_KEY", "MY_CHAT_KEY"]
+    assert [e["name"] for e in worker["env"] if "valueFrom" in e] == ["MY_KEY", "MY_CHAT_KEY"]
     assert worker["readinessProbe"]["httpGet"]["port"] == 8100
     assert yaml.safe_load(rs["spec"]["serveConfigV2"])["http_options"]["port"] == 8100

@@ -119,7 +119,8 @@ def test_external_registry_through_a_secret(default_config, crd_dir):
     for c in _containers(_rs(objects)):  # every Ray container: ingress replicas may run on any pod
         assert {"name": "COE_REGISTRY_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db-pw", "key": "pw"}}} in c["env"]
     default_env = _containers(_rs(render(default_config)))[0]["env"]
-    assert [e["name"] for e in default_env] == ["COE_ADMIN_KEY"]  # SQLite on the volume: no database secret
+    # SQLite on the volume: no database secret (only the admin and the chat key)
+    assert [e["name"] for e in default_env if "valueFrom" in e] == ["COE_ADMIN_KEY", "COE_API_KEY"]
 
 
 def test_external_registry_bad_input(default_config, tmp_path, capsys):

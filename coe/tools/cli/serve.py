@@ -10,6 +10,7 @@ and end every process the service started.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
@@ -74,8 +75,12 @@ def _serve(args) -> int:
     install_stop_handlers()
     janitor = ProcessJanitor()
     if local:
+        from coe.serving.deployments.spec import PROXY_ENV
+
         janitor.start()
         use_loopback()  # before `import ray`
+        for key, value in PROXY_ENV.items():   # Serve's proxy reads them from the node's environment
+            os.environ.setdefault(key, value)
     import ray
     from ray import serve
 
