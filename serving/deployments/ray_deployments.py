@@ -28,7 +28,7 @@ from coe.serving.deployments.capacity import check_capacity
 from coe.serving.deployments.expert_server import ExpertServer
 from coe.serving.deployments.hops import stamp
 from coe.serving.deployments.memtrace import MemTrace, frames_from_env, memory_report
-from coe.serving.deployments.spec import ServerSpec, adapter_model_id
+from coe.serving.deployments.spec import SERVE_ENV, ServerSpec, adapter_model_id
 
 log = logging.getLogger("coe.serving")
 RUNTIME_APP_PREFIX = "coe-expert-"
@@ -187,15 +187,6 @@ class _Resident:
 def deployment_options(spec: ServerSpec) -> dict:
     """Ray Serve options from the spec's ResourcesConfig (CPUs, GPUs, memory, replicas, autoscaling)."""
     return serve_options(spec.server_id, spec.resources)
-
-
-# Ray Serve runs a replica's own code on a second thread with its own event loop, and a handle's
-# router on a third loop, unless told otherwise; every request and every stream item then crosses
-# threads (a loop wake-up, and the GIL, each time: ~1 ms per hop on a busy 2-core machine). Our
-# replicas never block their loop (engines decode in their own threads or processes, the router
-# embeds in a worker thread), so they run both on Serve's own loop. Serve reads these when the
-# replica's process imports it, hence the actor's environment.
-SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
 def serve_options(name: str, res: ResourcesConfig) -> dict:

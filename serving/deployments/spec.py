@@ -25,6 +25,14 @@ from coe.config import (
 if TYPE_CHECKING:
     from coe.serving.engines.spec import EngineSpec
 
+# Ray Serve runs a replica's own code on a second thread with its own event loop, and a handle's
+# router on a third loop, unless told otherwise; every request and every stream item then crosses
+# threads (a loop wake-up, and the GIL, each time: ~1 ms per hop on a busy 2-core machine). Our
+# replicas never block their loop (engines decode in their own threads or processes, the router
+# embeds in a worker thread), so they run both on Serve's own loop. Serve reads these when the
+# replica's process imports it, hence the actor's environment.
+SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
 # Serve's HTTP proxy sends each request to the ingress replica, and gets every streamed item back,
 # as Ray objects, and routes on a loop of its own, unless told otherwise. Over gRPC by value and on
 # its own loop, the service kept more of the bare engine's tokens/s in both of two A/B pairs (0.97

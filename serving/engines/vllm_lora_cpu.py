@@ -89,7 +89,7 @@ class GroupedPunicaCPU(PunicaWrapperCPU):
         x = x.view(-1, x.shape[-1]).float()
         n = len(lora_a_stacked)
         for slot, mask in self._token_groups:
-            out = _only(torch.mm(x, self._fused(lora_a_stacked, slot, "a").t()).mul_(scale), mask)
+            out = self._shrunk(x, lora_a_stacked, slot, scale, mask)
             if isinstance(y, torch.Tensor):   # (slices, tokens, rank)
                 y.add_(out.view(out.shape[0], n, -1).transpose(0, 1))
             else:
@@ -113,7 +113,7 @@ class GroupedPunicaCPU(PunicaWrapperCPU):
             if not add_inputs:   # the slot's rows are overwritten, as vLLM's GPU kernel does; -1 rows kept
                 target.zero_() if mask is None else target.mul_((1 - mask).to(target.dtype))
             part = xs if mask is None else xs * mask
-            target.add_(torch.mm(part.to(y.dtype), self._fused(lora_b_stacked, slot, y.dtype).t()))
+            target.add_(self._expanded(part, lora_b_stacked, slot, y.dtype))
         return None
 
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale: float, output_slices, *, buffer=None,
@@ -126,9 +126,17 @@ class GroupedPunicaCPU(PunicaWrapperCPU):
         y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]).float()
         target = y2[:, :sum(output_slices)]
         for slot, mask in self._token_groups:
-            shrunk = _only(torch.mm(x2, self._fused(lora_a_stacked, slot, "a").t()).mul_(scale), mask)
-            target.add_(torch.mm(shrunk.to(y.dtype), self._fused(lora_b_stacked, slot, y.dtype).t()))
+            target.add_(self._expanded(self._shrunk(x2, lora_a_stacked, slot, scale, mask), lora_b_stacked, slot,
+                                       y.dtype))
         return None
+
+    def _shrunk(self, x32, lora_a_stacked, slot: int, scale: float, mask):
+        """``(x @ A[slot].T) * scale`` for every slice side by side, float32, rows outside ``mask`` zeroed."""
+        return _only(torch.mm(x32, self._fused(lora_a_stacked, slot, "a").t()).mul_(scale), mask)
+
+    def _expanded(self, shrunk, lora_b_stacked, slot: int, dtype):
+        """``shrunk @ B[slot].T`` for every slice at once (block-diagonal), in ``dtype``."""
+        return torch.mm(shrunk.to(dtype), self._fused(lora_b_stacked, slot, dtype).t())
 
     def _fused(self, stacked, slot: int, kind):
         """Slot ``slot`` of every slice of ``stacked`` as one matrix, cached until a weight changes:

@@ -74,7 +74,8 @@ def test_streaming_handles_are_made_once_per_server_and_adapter():
 
 def test_replicas_run_their_code_on_serves_own_loop():
     from coe.config import ResourcesConfig
-    from coe.serving.deployments.ray_deployments import SERVE_ENV, serve_options
+    from coe.serving.deployments.ray_deployments import serve_options
+    from coe.serving.deployments.spec import SERVE_ENV
 
     opts = serve_options("coe-ingress", ResourcesConfig(num_cpus=0.5))
     assert opts["ray_actor_options"]["runtime_env"]["env_vars"] == SERVE_ENV
