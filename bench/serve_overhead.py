@@ -6,7 +6,15 @@ gets them with those assignments (in process, no HTTP, no Ray), and the service 
 on Ray Serve, over HTTP, ``model: "coe"`` so it routes each one itself) gets the same requests.
 
 Both are up at the same time (the bare engine in this process, the service on Ray Serve with
-its own engine); requests never overlap between them, so they do not compete for the cores.
+its own engine); requests never overlap between them, and each measured request (or throughput
+round) starts ``--settle-s`` (1.2 s) after the other side's last one, so they do not compete for
+the cores: vLLM's worker and engine-core processes keep busy-polling their shared-memory queues for
+1 s after their last message (``SpinCondition.busy_loop_s`` in vllm's ``shm_broadcast.py``). Without
+the pause, the bare engine (this process, nice 0) still polls while the service's engine (a Ray
+worker: Ray starts them at nice 15) computes the next request, and the service's first token came
+~17 ms later than with it (``--settle-s 0``, QUIET: the expert replica's own engine hop 112-114 ms
+against the bare engine's 95-97 ms; 99.6 against 100.1 with the pause); the reverse costs the bare
+engine nothing, its polling neighbour being at nice 15.
 
 - throughput: completion tokens/s with ``--clients`` concurrent clients over the whole workload,
   ``--rounds`` rounds alternating bare / service (order rotated), the ratio taken per round
@@ -28,7 +36,7 @@ request (``coe.serving.deployments.hops``) and breaks the service's TTFT down by
 pairs: the medians of each hop's milliseconds, beside the bare engine's TTFT.
 
 Usage: ``python bench/serve_overhead.py [--engine vllm|hf] [--clients 8] [--repeat 1] [--rounds 2]
-[--ttft-pairs 60] [--max-tokens 32] [--threads 1] [--hops]``
+[--ttft-pairs 60] [--max-tokens 32] [--threads 1] [--settle-s 1.2] [--hops]``
 """
 
 from __future__ import annotations
@@ -233,12 +241,14 @@ async def measure(config, url: str, work, args) -> dict:
             rounds: dict[str, list[dict]] = {"bare": [], "service": []}
             for r in range(args.rounds):
                 for name in (["bare", "service"] if r % 2 == 0 else ["service", "bare"]):
+                    await asyncio.sleep(args.settle_s)   # the other side's engine has stopped polling
                     rounds[name].append(await throughput(sides[name], work, args.clients, cpu=args.hops))
                     print(name, {k: v for k, v in rounds[name][-1].items() if k != "texts"}, flush=True)
             ttft: dict[str, list[float]] = {"bare": [], "service": []}
             for i in range(args.ttft_pairs):
                 expert, q = work[i % len(work)]
                 for name in (["bare", "service"] if i % 2 == 0 else ["service", "bare"]):
+                    await asyncio.sleep(args.settle_s)
                     ttft[name].append(await sides[name].ttft_ms(i, expert, q))
     finally:
         await bare.engine.stop()
@@ -362,6 +372,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ttft-pairs", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1,
                         help="compute threads for both phases' engine (Ray gives a 1-CPU replica 1)")
+    parser.add_argument("--settle-s", type=float, default=1.2,
+                        help="idle seconds before each measured request or round (vLLM's queues poll 1 s)")
     parser.add_argument("--note", default="2-core CPU development machine")
     parser.add_argument("--hops", action="store_true",
                         help="break the service's TTFT down by hop and count each process's CPU seconds in the "
@@ -392,8 +404,9 @@ def main(argv: list[str] | None = None) -> dict:
         (f"{len(work)} requests over 3 experts (SmolLM2-135M-Instruct + 2 LoRA experts, one {args.engine} engine), "
          f"greedy, max_tokens {args.max_tokens}, {args.clients} concurrent clients, {args.rounds} throughput rounds "
          f"alternating bare / service; TTFT: {args.ttft_pairs} pairs (same query to both, one at a time, streamed, "
-         f"max_tokens 1, order alternating). {args.threads} compute thread(s) in both. Median [min–max]; the added "
-         f"TTFT's interval is a 95% bootstrap CI of the median paired difference."),
+         f"max_tokens 1, order alternating), each request or round {args.settle_s:g} s after the other side's last "
+         f"(vLLM polls its queues for 1 s after a request). {args.threads} compute thread(s) in both. "
+         f"Median [min–max]; the added TTFT's interval is a 95% bootstrap CI of the median paired difference."),
         "",
         "| | bare engine | service (HTTP, Ray Serve, routing) | ratio / added |",
         "|---|---|---|---|",
