@@ -131,6 +131,12 @@ class Dispatch:
     the vocabulary and the context length checked, once) and the engine decodes those ids
     without tokenizing again. The one other binding a server makes is the adapter's name on a
     replica that loaded a runtime-registered LoRA under its multiplexed id.
+
+    ``hold_s``: how long the expert server may hold the deltas after the first and send them
+    joined as one (:meth:`StreamDelta.join`). The first delta always goes at once (time to first
+    token). 0 (a client's stream): every delta as the engine gives it; ``math.inf`` (an answer read
+    whole): the first delta, then the rest as one at the end, which spares the answer a hop per
+    token between the processes (each costs CPU in both).
     """
 
     request: GenerationRequest
@@ -142,6 +148,7 @@ class Dispatch:
     deadline: float | None = None
     fallbacks: tuple[str, ...] = ()
     trace: tuple[Any, ...] = ()
+    hold_s: float = 0.0
 
     @property
     def request_id(self) -> str:
@@ -189,20 +196,11 @@ class GenerationOutput:
         Raises ValueError for an empty list."""
         if not deltas:
             raise ValueError("a stream without deltas has no output")
-        last = deltas[-1]
-        first_prompt = next((d for d in deltas if d.prompt_logprobs is not None or d.prompt_token_ids), None)
-        asked = any(d.logprobs is not None for d in deltas)
-        return cls(
-            text="".join(d.text for d in deltas),
-            finish_reason=last.finish_reason or "stop",
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens,
-            token_ids=[t for d in deltas for t in d.token_ids],
-            logprobs=[p for d in deltas for p in (d.logprobs or [])] if asked else None,
-            prompt_logprobs=first_prompt.prompt_logprobs if first_prompt else None,
-            prompt_token_ids=first_prompt.prompt_token_ids if first_prompt else None,
-            prompt_token_texts=first_prompt.prompt_token_texts if first_prompt else None,
-        )
+        d = StreamDelta.join(deltas)
+        return cls(text=d.text, finish_reason=d.finish_reason or "stop", prompt_tokens=d.prompt_tokens,
+                   completion_tokens=d.completion_tokens, token_ids=d.token_ids, logprobs=d.logprobs,
+                   prompt_logprobs=d.prompt_logprobs, prompt_token_ids=d.prompt_token_ids,
+                   prompt_token_texts=d.prompt_token_texts)
 
 
 @dataclass
@@ -221,3 +219,25 @@ class StreamDelta:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     prompt_token_ids: list[int] | None = None
     prompt_token_texts: list[str] | None = None
+
+    @staticmethod
+    def join(deltas: list[StreamDelta]) -> StreamDelta:
+        """Consecutive deltas as one: text, ids and logprobs joined; the finish reason and usage of
+        the last; the prompt's logprobs, ids and texts of the first that has them. Raises
+        ValueError for an empty list."""
+        if not deltas:
+            raise ValueError("no deltas to join")
+        last = deltas[-1]
+        first_prompt = next((d for d in deltas if d.prompt_logprobs is not None or d.prompt_token_ids), None)
+        asked = any(d.logprobs is not None for d in deltas)
+        return StreamDelta(
+            text="".join(d.text for d in deltas),
+            token_ids=[t for d in deltas for t in d.token_ids],
+            finish_reason=last.finish_reason,
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            logprobs=[p for d in deltas for p in (d.logprobs or [])] if asked else None,
+            prompt_logprobs=first_prompt.prompt_logprobs if first_prompt else None,
+            prompt_token_ids=first_prompt.prompt_token_ids if first_prompt else None,
+            prompt_token_texts=first_prompt.prompt_token_texts if first_prompt else None,
+        )

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import hmac
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -400,8 +401,9 @@ class CoEService:
             await self.admission.acquire(expert, deadline)
             queued = self.metrics.queue.labels(expert)
             queued.inc()
-            try:
-                return await deadline.run(joined(self.backend.stream(dispatch)))
+            try:   # read whole: the server sends the first delta, then the rest as one (Dispatch.hold_s)
+                whole = dataclasses.replace(dispatch, hold_s=math.inf)
+                return await deadline.run(joined(self.backend.stream(whole)))
             except asyncio.CancelledError:
                 self.metrics.cancelled.labels(expert).inc()
                 raise

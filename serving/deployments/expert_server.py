@@ -209,8 +209,9 @@ class ExpertServer:
         return self.engine.prepare(dataclasses.replace(dispatch, expert=eid, adapter=lazy or dispatch.adapter))
 
     async def stream(self, dispatch: Dispatch, lazy: str | None = None) -> AsyncIterator[StreamDelta]:
-        """Stream ``dispatch``'s answer; errors in the request raise before the first delta.
-        Closing the iterator (the client went away) cancels the generation. ``lazy``: the
+        """Stream ``dispatch``'s answer; errors in the request raise before the first delta. The
+        first delta goes at once, later ones joined over ``dispatch.hold_s`` (held deltas of an
+        answer that fails go with it). Closing the iterator (the client went away) cancels the generation. ``lazy``: the
         runtime-registered LoRA is served under that adapter name, loaded now if it is not
         (:meth:`load_lazy`), and kept loaded until the stream ends."""
         if lazy is not None:
@@ -222,16 +223,25 @@ class ExpertServer:
                 await self._done(lazy)
             raise
         stamp("server.prepared", dispatch.request_id)
-        first = True
+        first, held, since = True, [], 0.0
         try:
             async for delta in agen:
-                if first:
-                    stamp("server.first", dispatch.request_id)
-                    first = False
                 if delta.finish_reason is not None:
                     self.requests_served += 1
                     self.tokens_generated += delta.completion_tokens
-                yield delta
+                if first or dispatch.hold_s <= 0:
+                    if first:
+                        stamp("server.first", dispatch.request_id)
+                        first, since = False, time.monotonic()
+                    yield delta
+                    continue
+                held.append(delta)   # held up to dispatch.hold_s, then sent joined (Dispatch.hold_s)
+                now = time.monotonic()
+                if delta.finish_reason is not None or now - since >= dispatch.hold_s:
+                    yield StreamDelta.join(held)
+                    held, since = [], now
+            if held:   # an engine stream that ended without a finish reason
+                yield StreamDelta.join(held)
         except (CoEError, asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as err:

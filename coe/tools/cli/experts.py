@@ -64,7 +64,7 @@ def _client(args):
 
     config = load_config(args.config)
     url = args.url or f"http://{config.serving.host}:{config.serving.port}"
-    key = args.admin_key or config.serving.admin_key or os.environ.get(config.serving.admin_key_env)
+    key = args.admin_key or os.environ.get(config.serving.admin_key_env)   # (a key inline in the config is refused)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=900)
 
