@@ -11,10 +11,11 @@ round) starts ``--settle-s`` (1.2 s) after the other side's last one, so they do
 the cores: vLLM's worker and engine-core processes keep busy-polling their shared-memory queues for
 1 s after their last message (``SpinCondition.busy_loop_s`` in vllm's ``shm_broadcast.py``). Without
 the pause, the bare engine (this process, nice 0) still polls while the service's engine (a Ray
-worker: Ray starts them at nice 15) computes the next request, and the service's first token came
-~17 ms later than with it (``--settle-s 0``, QUIET: the expert replica's own engine hop 112-114 ms
-against the bare engine's 95-97 ms; 99.6 against 100.1 with the pause); the reverse costs the bare
-engine nothing, its polling neighbour being at nice 15.
+worker: Ray starts them at nice 15) computes the next request; the reverse costs the bare engine
+little, its polling neighbour being at nice 15. ``bench/engine_in_replica.py`` isolates it (QUIET):
+the replica's engine hop over the same engine in process was +5.2 ms [+0.1, +13.2] with requests
+back to back, +1.5 [-3.4, +4.1] after the pause (17-21 ms in an earlier ad-hoc run with every pair
+back to back).
 
 - throughput: completion tokens/s with ``--clients`` concurrent clients over the whole workload,
   ``--rounds`` rounds alternating bare / service (order rotated), the ratio taken per round

@@ -11,7 +11,15 @@ import math
 import pytest
 
 from coe.errors import EngineError
-from coe.types import ChatMessage, Dispatch, GenerationOutput, GenerationRequest, Logprob, SamplingParams, StreamDelta
+from coe.types import (
+    ChatMessage,
+    Dispatch,
+    GenerationOutput,
+    GenerationRequest,
+    Logprob,
+    SamplingParams,
+    StreamDelta,
+)
 
 
 def deltas(n: int) -> list[StreamDelta]:
