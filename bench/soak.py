@@ -70,8 +70,9 @@ class Service:
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
         self._up = threading.Event()
+        self.serving = False   # "serving at" seen (the output may also end without it: the process exited)
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._up.wait(startup_s) or self.proc.poll() is not None:
+        if not self._up.wait(startup_s) or not self.serving or self.proc.poll() is not None:
             self.stop()
             raise RuntimeError("coe serve did not come up:\n" + "\n".join(self.lines[-30:]))
         self.startup_s = time.monotonic() - self.t0
@@ -80,8 +81,9 @@ class Service:
         for line in self.proc.stdout:
             self.lines.append(line.rstrip())
             if "serving at http://" in line:
+                self.serving = True
                 self._up.set()
-        self._up.set()
+        self._up.set()   # the output ended: the process is exiting
 
     def tree(self) -> dict[int, float]:
         """pid -> create time of every process under ``coe serve`` now."""

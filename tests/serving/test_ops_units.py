@@ -158,6 +158,38 @@ def test_wait_running_returns_fails_and_times_out():
     assert time.monotonic() - t0 < 5
 
 
+def test_wait_http_waits_for_the_port_to_answer_and_names_it_when_nothing_does():
+    """`coe serve` says "serving at" only once its HTTP port answers (Serve starts its proxy on its own)."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from coe.tools.cli.serve import wait_http
+
+    class Ok(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        wait_http(f"http://127.0.0.1:{server.server_address[1]}/healthz", timeout_s=5, poll_s=0.05)
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as s:   # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(EngineError, match=f"nothing answers HTTP .* is port {port} in use"):
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout_s=0.3, poll_s=0.05)
+    assert time.monotonic() - t0 < 5
+
+
 def test_replica_grpc_server_is_bound_to_loopback(monkeypatch):
     from coe.tools.ray_local import _patch_replica, loopback_worker
 

@@ -105,6 +105,8 @@ def _serve(args) -> int:
         serve.start(http_options={"host": host, "port": port})
         _deploy(config, path.parent, serve, args)
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        if local:   # Serve's HTTP proxy starts on its own: say "serving" once it answers here
+            wait_http(f"http://{shown}:{port}/healthz", timeout_s=60)
         print(f"coe: serving at http://{shown}:{port}/v1  (OpenAI base_url; Ctrl-C stops)", flush=True)
         _watch(janitor, ray_processes)
     except KeyboardInterrupt as stop:
@@ -166,6 +168,27 @@ def wait_running(serve, app_name: str, *, timeout_s: float, poll_s: float = 1.0,
         if now - last_report >= report_s:
             _say(f"still starting after {now - t0:.0f} s: {_states(app, brief=True)}")
             last_report = now
+        time.sleep(poll_s)
+
+
+def wait_http(url: str, *, timeout_s: float, poll_s: float = 0.5) -> None:
+    """Return once ``url`` answers 200; raise :class:`coe.errors.EngineError` naming the port when
+    it does not within ``timeout_s`` (another process holds the port, or Serve's proxy failed)."""
+    import httpx
+
+    from coe.errors import EngineError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            port = httpx.URL(url).port
+            raise EngineError(f"the service is deployed, but nothing answers HTTP at {url} after {timeout_s:.0f} s: "
+                              f"is port {port} in use by another process? (--port or serving.port picks another)")
         time.sleep(poll_s)
 
 
