@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import socket
 import tempfile
@@ -37,17 +38,10 @@ from pathlib import Path
 
 from bench.record import RunRecord, write_results
 from bench.serve_common import QUERIES, expert_loras, thread_env
+from bench.serve_overhead import Bare, build_config
 from bench.stats import bootstrap_ci, summary
 
 CONDITIONS = ("busy", "settled")
-
-
-def request(rid: str, expert: str, host: str, query: str, server_id: str | None = None):
-    from coe.types import ChatMessage, Dispatch, GenerationRequest, SamplingParams
-
-    return Dispatch(GenerationRequest(request_id=rid, messages=[ChatMessage(role="user", content=query)],
-                                      sampling=SamplingParams(max_tokens=1, temperature=0)),
-                    expert=expert, server_id=server_id, adapter=None if expert == host else expert)
 
 
 async def local_ttft_ms(engine, dispatch) -> float:
@@ -66,10 +60,8 @@ async def measure(config, args, stamps_path: Path) -> dict:
 
     from coe.serving.deployments import hops
     from coe.serving.deployments.ray_deployments import bind_server
-    from coe.serving.deployments.spec import plan_servers, resolve_model
-    from coe.serving.engines import get_engine_class
+    from coe.serving.deployments.spec import plan_servers
 
-    host = config.experts[0]
     (server_id, spec), = plan_servers(list(config.experts), base_dir=None, batching=config.serving.batching).items()
     with socket.socket() as sock:   # Serve's HTTP proxy runs, as in the service (unused here)
         sock.bind(("127.0.0.1", 0))
@@ -77,10 +69,8 @@ async def measure(config, args, stamps_path: Path) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     handle = serve.run(bind_server(spec), name="engine-in-replica", route_prefix=None)
     streaming = handle.options(stream=True, _by_reference=False)
-    engine = get_engine_class("vllm")(resolve_model(host.model, None), host.engine)
-    await engine.start()
-    for e in config.experts[1:]:
-        await engine.add_adapter(e.id, e.adapter)
+    bare = Bare(config, args)   # the engine and its requests, as serve_overhead's bare side has them
+    await bare.start()
     experts = [e.id for e in config.experts]
     queries = [q for qs in QUERIES.values() for q in qs]
     out: dict[str, dict[str, list]] = {c: {"local": [], "replica_ids": []} for c in CONDITIONS}
@@ -91,17 +81,17 @@ async def measure(config, args, stamps_path: Path) -> dict:
             for side in (("local", "replica") if (i // 2) % 2 == 0 else ("replica", "local")):
                 await asyncio.sleep(args.settle_s if cond == "settled" else 0.0)
                 if side == "local":
-                    ms = await local_ttft_ms(engine, request(f"l{i}", expert, host.id, query))
+                    ms = await local_ttft_ms(bare.engine, bare.request(i, expert, query, 1))
                     if i >= 0:
                         out[cond]["local"].append(ms)
                 else:
-                    rid = f"r{i}"
-                    async for _ in streaming.stream.remote(request(rid, expert, host.id, query, server_id)):
+                    dispatch = dataclasses.replace(bare.request(i, expert, query, 1), server_id=server_id)
+                    async for _ in streaming.stream.remote(dispatch):
                         pass
                     if i >= 0:
-                        out[cond]["replica_ids"].append(rid)
+                        out[cond]["replica_ids"].append(dispatch.request_id)
     finally:
-        await engine.stop()
+        await bare.engine.stop()
         serve.delete("engine-in-replica")
     seen: dict[str, dict[str, float]] = {}
     for t, _, stage, rid in hops.read(str(stamps_path)):
@@ -127,8 +117,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     os.environ[hops.ENV] = str(stamps)   # the replica stamps its engine hop
     import ray
-
-    from bench.serve_overhead import build_config
 
     config = build_config("vllm", expert_loras(root), root, threads=1)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -192,10 +192,8 @@ class GenerationOutput:
 
     @classmethod
     def from_deltas(cls, deltas: list[StreamDelta]) -> GenerationOutput:
-        """The whole answer of a finished stream (text, ids, usage and logprobs joined).
-        Raises ValueError for an empty list."""
-        if not deltas:
-            raise ValueError("a stream without deltas has no output")
+        """The whole answer of a finished stream (:meth:`StreamDelta.join`). Raises ValueError for
+        an empty list."""
         d = StreamDelta.join(deltas)
         return cls(text=d.text, finish_reason=d.finish_reason or "stop", prompt_tokens=d.prompt_tokens,
                    completion_tokens=d.completion_tokens, token_ids=d.token_ids, logprobs=d.logprobs,

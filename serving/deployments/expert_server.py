@@ -211,8 +211,8 @@ class ExpertServer:
     async def stream(self, dispatch: Dispatch, lazy: str | None = None) -> AsyncIterator[StreamDelta]:
         """Stream ``dispatch``'s answer; errors in the request raise before the first delta. The
         first delta goes at once, later ones joined over ``dispatch.hold_s`` (held deltas of an
-        answer that fails go with it). Closing the iterator (the client went away) cancels the generation. ``lazy``: the
-        runtime-registered LoRA is served under that adapter name, loaded now if it is not
+        answer that fails go with it). Closing the iterator (the client went away) cancels the
+        generation. ``lazy``: the runtime-registered LoRA is served under that adapter name, loaded now if it is not
         (:meth:`load_lazy`), and kept loaded until the stream ends."""
         if lazy is not None:
             await self._use(lazy, dispatch.adapter_path)
