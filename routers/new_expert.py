@@ -9,8 +9,8 @@ Each model ``m`` of the data is left out in turn and comes back as the "new expe
   probes chosen by the strategy (:mod:`coe.routers.probe_selection`); ``m``'s other train cells
   are unobserved (``RoutingData.observed``), as a runtime profile leaves them. Routers that fit
   on the mask (``irt``) ignore those cells; for the others they are filled as the service
-  fills them (``impute="knn"``: :func:`coe.routers.profile_data.impute_missing`, ``m``'s own nearest
-  measured probes), or with the item bank's prediction (``impute="irt"``: the 2PL model of the
+  fills them (``impute="knn"``: :func:`coe.routers.profile_data.impute_missing`, the other models'
+  outcomes on the same probe plus ``m``'s deviation on its nearest measured probes), or with the item bank's prediction (``impute="irt"``: the 2PL model of the
   probes fitted on the other models, at ``m``'s ability posterior).
 
 It then routes the test queries over all models (λ sweep of the shared policy) and reports per
@@ -102,7 +102,7 @@ def masked_profile(train, embeddings: np.ndarray, j: int, asked: np.ndarray, *, 
         lo, hi = bank.bounds
         quality[:, j] = np.where(observed[:, j], train.quality[:, j], np.clip(quality[:, j] + pred, lo, hi))
     else:
-        impute_missing(quality, cost, observed, emb)       # the service's fill: m's nearest measured probes
+        impute_missing(quality, cost, observed, emb)       # the service's fill
     return RoutingData(list(train.queries), list(train.models), quality, None if train.cost is None else cost,
                        f"{train.source} (profile of {train.models[j]} on {len(asked)} probes)", train.skipped,
                        train.categories, observed)

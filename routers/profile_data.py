@@ -8,10 +8,12 @@ names (``data``). :class:`ProfiledData` reads it once and, given the stored prof
 - columns: the fitted experts, then each live profiled expert (in order of its first outcome);
 - cells: the measured outcome where there is one. A cell nobody measured (an expert profiled
   on a budget of the probes, or a fitted expert a foreign probe's measurement failed for) is
-  filled with that expert's kNN estimate (cosine-weighted mean over its ``IMPUTE_K`` nearest
-  measured rows) and marked unobserved in ``RoutingData.observed``: routers that fit on the mask
-  (``irt``) ignore it; the others see a value that says no more than the expert's own measured
-  neighbours do. An expert with no measured row gets no column (it stays routed by description).
+  filled (:func:`impute_missing`: what the other experts' outcomes on that row predict for this
+  expert, from a ridge fit on its measured rows, plus its own deviation from that prediction on
+  its ``IMPUTE_K`` nearest measured rows) and marked unobserved in ``RoutingData.observed``:
+  routers that fit on the mask (``irt``) ignore it; the others see a value that says no more than
+  the expert's own measurements and the other experts' outcomes on the same row do. An expert
+  with no measured row gets no column (it stays routed by description).
 
 The refit keeps the fitted router's class and chooses its params by the offline selection rule
 (:func:`select_params`): K-fold cross-validation over the router's ``cv_grid`` on the refit data
