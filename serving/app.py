@@ -27,11 +27,12 @@ def build_app(config: CoEConfig, *, base_dir: Path | None = None) -> Application
     ``base_dir`` is the folder relative config paths resolve against (the config file's)."""
     from coe.serving.deployments.ingress import CoEIngress
     from coe.serving.deployments.ray_deployments import bind_server, serve_options
+    from coe.serving.deployments.spec import INGRESS_ENV
 
     base_dir = Path(base_dir).resolve() if base_dir is not None else None
     specs = plan(config, base_dir=base_dir)
     servers = {sid: bind_server(spec) for sid, spec in specs.items()}
-    ingress = CoEIngress.options(**serve_options("coe-ingress", config.serving.ingress))
+    ingress = CoEIngress.options(**serve_options("coe-ingress", config.serving.ingress, INGRESS_ENV))
     return ingress.bind(config.model_dump_json(exclude_unset=True), str(base_dir) if base_dir else None, servers)
 
 

@@ -189,10 +189,12 @@ def deployment_options(spec: ServerSpec) -> dict:
     return serve_options(spec.server_id, spec.resources)
 
 
-def serve_options(name: str, res: ResourcesConfig) -> dict:
+def serve_options(name: str, res: ResourcesConfig, env: dict[str, str] | None = None) -> dict:
     """Ray Serve options of the deployment ``name``: ``res``'s resources and replicas, and
-    :data:`SERVE_ENV` in the replicas' environment (Ray merges it into the job's)."""
-    actor = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "runtime_env": {"env_vars": dict(SERVE_ENV)}}
+    :data:`SERVE_ENV` and ``env`` in the replicas' environment (Ray merges it into the job's; a
+    replica's process starts with it)."""
+    actor = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus,
+             "runtime_env": {"env_vars": {**SERVE_ENV, **(env or {})}}}
     if res.memory_gib:
         actor["memory"] = int(res.memory_gib * 2**30)
     opts: dict = {"name": name, "ray_actor_options": actor}

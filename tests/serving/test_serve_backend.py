@@ -82,3 +82,18 @@ def test_replicas_run_their_code_on_serves_own_loop():
     assert SERVE_ENV == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
                          "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
     assert opts["ray_actor_options"]["num_cpus"] == 0.5
+
+
+def test_the_ingress_replica_starts_with_two_malloc_arenas_and_expert_servers_do_not():
+    """glibc's per-thread arenas made the ingress's RSS creep (bench/results/soak.md)."""
+    from coe.config import ResourcesConfig
+    from coe.serving.deployments.ray_deployments import serve_options
+    from coe.serving.deployments.spec import INGRESS_ENV, SERVE_ENV
+
+    assert INGRESS_ENV == {"MALLOC_ARENA_MAX": "2"}
+    opts = serve_options("coe-ingress", ResourcesConfig(num_cpus=0.5), INGRESS_ENV)
+    assert opts["ray_actor_options"]["runtime_env"]["env_vars"] == {**SERVE_ENV, **INGRESS_ENV}
+    assert "MALLOC_ARENA_MAX" not in serve_options("expert-x", ResourcesConfig())["ray_actor_options"][
+        "runtime_env"]["env_vars"]
+    assert SERVE_ENV == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}   # not changed by the merge
