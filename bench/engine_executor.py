@@ -40,7 +40,7 @@ def engine_cpu_s(cpu: dict[str, float]) -> float:
     return sum(v for k, v in cpu.items() if "VLLM::" in k)
 
 
-async def measure(config, args) -> dict:
+async def measure(config, work, args) -> dict:
     sides = {}
     host = config.experts[0]
     try:
@@ -48,17 +48,17 @@ async def measure(config, args) -> dict:
             side = sides[name] = Bare(config, args)
             side.host = host.model_copy(update={"engine": host.engine.model_copy(update={"cpu_executor": name})})
             await side.start()
-            await side.answer(0, *args.work[0])   # warm-up
+            await side.answer(0, *work[0])   # warm-up
         rounds: dict[str, list[dict]] = {s: [] for s in SIDES}
         for r in range(args.rounds):
             for name in (SIDES if r % 2 == 0 else SIDES[::-1]):
                 await asyncio.sleep(args.settle_s)
-                out = await throughput(sides[name], args.work, args.clients, cpu=True)
+                out = await throughput(sides[name], work, args.clients, cpu=True)
                 rounds[name].append(out)
                 print(name, round(out["tokens_per_s"], 1), out["cpu_s"], flush=True)
         ttft: dict[str, list[float]] = {s: [] for s in SIDES}
         for i in range(args.ttft_pairs):
-            expert, q = args.work[i % len(args.work)]
+            expert, q = work[i % len(work)]
             for name in (SIDES if i % 2 == 0 else SIDES[::-1]):
                 await asyncio.sleep(args.settle_s)
                 ttft[name].append(await sides[name].ttft_ms(i, expert, q))
@@ -81,10 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.update(thread_env(1))   # before torch / vLLM are imported
     root = Path(tempfile.mkdtemp(prefix="coe-bench-"))
     config = build_config("vllm", expert_loras(root), root, threads=1)
-    args.work = workload(config, 1)
-    raw = asyncio.run(measure(config, args))
-    work = args.work
-    del args.work
+    work = workload(config, 1)
+    raw = asyncio.run(measure(config, work, args))
     rounds, ttft = raw["rounds"], raw["ttft_ms"]
     tps = {s: [r["tokens_per_s"] for r in rounds[s]] for s in SIDES}
     cpu = {s: [engine_cpu_s(r["cpu_s"]) for r in rounds[s]] for s in SIDES}

@@ -209,14 +209,15 @@ def impute_missing(quality: np.ndarray, cost: np.ndarray, observed: np.ndarray, 
     choices), plus ``j``'s own deviation from it, the cosine-weighted mean over its ``IMPUTE_K``
     nearest measured rows; clipped to the measured range. With no such peer it is the kNN mean of
     ``j``'s measured outcomes. Cost: ``j``'s mean measured cost."""
-    measured = observed.copy()   # the features are measured cells only, never filled ones
-    lo, hi = float(np.min(quality[measured])), float(np.max(quality[measured]))
+    if not observed.any():
+        return
+    lo, hi = float(np.min(quality[observed])), float(np.max(quality[observed]))
     for j in range(quality.shape[1]):
-        seen = np.flatnonzero(measured[:, j])
-        miss = np.flatnonzero(~measured[:, j])
+        seen = np.flatnonzero(observed[:, j])
+        miss = np.flatnonzero(~observed[:, j])
         if len(miss) == 0 or len(seen) == 0:
             continue
-        base = peer_baseline(quality, measured, j)
+        base = peer_baseline(quality, observed, j)   # reads measured cells only, never filled ones
         resid = quality[seen, j] - base[seen]
         sims = emb[miss] @ emb[seen].T                                   # [miss, seen]
         k = min(IMPUTE_K, len(seen))
@@ -243,14 +244,14 @@ def peer_baseline(quality: np.ndarray, measured: np.ndarray, j: int) -> np.ndarr
     n = len(seen)
     if n < MIN_PEER_ROWS or not peers:
         return base
+    peers = [c for c in peers if quality[seen, c].std() > 1e-9]   # a constant column tells nothing
+    if not peers:
+        return base
     x = quality[np.ix_(seen, peers)]
     mu, sd = x.mean(axis=0), x.std(axis=0)
-    keep = sd > 1e-9
-    if not keep.any():
-        return base
-    xs = (x[:, keep] - mu[keep]) / sd[keep]
+    xs = (x - mu) / sd
     yc = y - y.mean()
-    u, sv, _ = np.linalg.svd(xs, full_matrices=False)
+    u, sv, vt = np.linalg.svd(xs, full_matrices=False)
     uy = u.T @ yc
     best_err, best_alpha = float(np.sum((yc * n / (n - 1)) ** 2)), None    # the mean's own leave-one-out error
     for alpha in RIDGE_ALPHAS:
@@ -262,7 +263,7 @@ def peer_baseline(quality: np.ndarray, measured: np.ndarray, j: int) -> np.ndarr
             best_err, best_alpha = err, alpha
     if best_alpha is None:
         return base
-    coef = np.linalg.solve(xs.T @ xs + best_alpha * n * np.eye(xs.shape[1]), xs.T @ yc)
-    rows = np.flatnonzero(measured[:, [peers[i] for i in np.flatnonzero(keep)]].all(axis=1))
-    base[rows] = y.mean() + ((quality[np.ix_(rows, [peers[i] for i in np.flatnonzero(keep)])] - mu[keep]) / sd[keep]) @ coef
+    coef = vt.T @ (sv / (sv ** 2 + best_alpha * n) * uy)   # the ridge solution, from the same SVD
+    rows = np.flatnonzero(measured[:, peers].all(axis=1))
+    base[rows] = y.mean() + ((quality[np.ix_(rows, peers)] - mu) / sd) @ coef
     return base

@@ -44,10 +44,10 @@ PROXY_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_
 
 # glibc gives each thread that allocates a malloc arena of its own (up to 8 per core), and a Serve
 # replica has dozens of threads. Over 10,000 requests the ingress replica's RSS rose 312 -> 318 MiB
-# between its 1,000th and 4,000th request with a flat Python heap (bench/results/soak.md; traced heap
-# 2.8-3.3 MiB in soak_tracemalloc.md), and stayed at 300-303 MiB with two arenas
-# (bench/results/soak_arena2.md, where every process of the node had them). Only the ingress takes
-# it: that run, the one run with it node-wide, took 942 s for the 10,000 requests against 830 s.
+# between its 1,000th and 4,000th request with a flat Python heap (soak runs of 2026-12-06 in
+# docs/reliability.md; traced heap 2.8-3.3 MiB in bench/results/soak_tracemalloc.md), and stayed at
+# 300-303 MiB with two arenas (soak_arena2.md: every process of the node; soak.md: the ingress only).
+# Only the ingress takes it: the one run with it node-wide took 942 s for the 10,000 requests against 830 s.
 INGRESS_ENV = {"MALLOC_ARENA_MAX": "2"}
 
 
