@@ -39,7 +39,10 @@ request (``coe.serving.deployments.hops``) and breaks the service's TTFT down by
 pairs: the medians of each hop's milliseconds, beside the bare engine's TTFT.
 
 Usage: ``python bench/serve_overhead.py [--engine vllm|hf] [--clients 8] [--repeat 1] [--rounds 2]
-[--ttft-pairs 60] [--max-tokens 32] [--threads 1] [--settle-s 1.2] [--hops]``
+[--ttft-pairs 60] [--max-tokens 32] [--threads 1] [--settle-s 1.2] [--hops] [--proxy ray|haproxy]``
+
+``--proxy haproxy`` runs the service with ``serving.proxy: haproxy`` (Serve's HAProxy ingress), and
+writes ``serve_overhead_<engine>_haproxy``.
 """
 
 from __future__ import annotations
@@ -318,14 +321,15 @@ def run_service(config, root: Path, work, args) -> dict:
 
     from coe.serving.app import build_app
     from coe.serving.deployments import hops
-    from coe.serving.deployments.spec import PROXY_ENV
+    from coe.serving.deployments.spec import private_haproxy_dir, proxy_env
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     if args.hops:
         os.environ[hops.ENV] = str(root / "hops.txt")   # before Ray starts: its workers inherit it
-    for key, value in PROXY_ENV.items():   # Serve's proxy as `coe serve` starts it
+    private = private_haproxy_dir() if args.proxy == "haproxy" else None
+    for key, value in proxy_env(args.proxy, private).items():   # Serve's proxy as `coe serve` starts it
         os.environ.setdefault(key, value)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -377,6 +381,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="compute threads for both phases' engine (Ray gives a 1-CPU replica 1)")
     parser.add_argument("--settle-s", type=float, default=1.2,
                         help="idle seconds before each measured request or round (vLLM's queues poll 1 s)")
+    parser.add_argument("--proxy", choices=["ray", "haproxy"], default="ray",
+                        help="what takes the service's HTTP connections (serving.proxy)")
     parser.add_argument("--note", default="2-core CPU development machine")
     parser.add_argument("--hops", action="store_true",
                         help="break the service's TTFT down by hop and count each process's CPU seconds in the "
@@ -403,7 +409,8 @@ def main(argv: list[str] | None = None) -> dict:
         "routing_agreement": rounds["service"][0]["expert_agreement"], "hops": m.get("hops"),
         "stream_items_per_answer": m.get("stream_items_per_answer"),
     })
-    md = rec.markdown_header(f"Service overhead ({args.engine} engine)") + "\n".join([
+    proxy = "" if args.proxy == "ray" else f", serving.proxy {args.proxy}"
+    md = rec.markdown_header(f"Service overhead ({args.engine} engine{proxy})") + "\n".join([
         (f"{len(work)} requests over 3 experts (SmolLM2-135M-Instruct + 2 LoRA experts, one {args.engine} engine), "
          f"greedy, max_tokens {args.max_tokens}, {args.clients} concurrent clients, {args.rounds} throughput rounds "
          f"alternating bare / service; TTFT: {args.ttft_pairs} pairs (same query to both, one at a time, streamed, "
@@ -422,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         *hop_table(m.get("hops"), ttft_s["bare"], m.get("stream_items_per_answer")),
     ])
-    write_results(f"serve_overhead_{args.engine}", data, md)
+    write_results(f"serve_overhead_{args.engine}" + ("" if args.proxy == "ray" else f"_{args.proxy}"), data, md)
     print(md)
     return data
 

