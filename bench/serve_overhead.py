@@ -51,6 +51,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -339,6 +340,8 @@ def run_service(config, root: Path, work, args) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
+        if private:
+            shutil.rmtree(private, ignore_errors=True)
     if args.hops:
         stamps = hops.read(os.environ.pop(hops.ENV))
         m["hops"] = hop_breakdown(stamps, m["routing_ms"])

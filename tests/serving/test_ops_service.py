@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -205,7 +206,7 @@ def test_plan_that_does_not_fit_fails_at_once(tmp_path, tiny_llama_dir, tiny_lor
     assert "expert-tiny: 1 x (CPU 4)" in err and "coe-ingress: 1 x (CPU 0.25)" in err and "node 0: CPU 2" in err
 
 
-def test_haproxy_ingress_serves_checks_and_stops_clean(tmp_path, tiny_llama_dir, tiny_loras, serving_root,
+def test_haproxy_ingress_serves_checks_and_stops_clean(request, tmp_path, tiny_llama_dir, tiny_loras, serving_root,
                                                        minilm_dir):
     """``serving.proxy: haproxy``: Serve's HAProxy ingress takes the connections; chat (whole and
     streamed), the body checks and the admin key answer as behind Serve's proxy; only HAProxy's stats
@@ -215,6 +216,8 @@ def test_haproxy_ingress_serves_checks_and_stops_clean(tmp_path, tiny_llama_dir,
     data["serving"]["proxy"] = "haproxy"
     config.write_text(yaml.safe_dump(data))
     before = set(Path("/tmp").glob("coe-hap-*"))
+    request.addfinalizer(lambda: [shutil.rmtree(p, ignore_errors=True)   # a failed run's, killed before its stop
+                                  for p in set(Path("/tmp").glob("coe-hap-*")) - before])
     with _serving(tmp_path, config) as svc:
         chat = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
         with httpx.Client(base_url=f"http://127.0.0.1:{svc['port']}", timeout=60) as c:
