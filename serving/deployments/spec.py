@@ -24,6 +24,7 @@ from coe.config import (
     PoolConfig,
     ResourcesConfig,
 )
+from coe.errors import ConfigError
 
 if TYPE_CHECKING:
     from coe.serving.engines.spec import EngineSpec
@@ -74,8 +75,6 @@ def check_proxy(proxy: str) -> None:
     if proxy != "haproxy":
         return
     from importlib.metadata import version
-
-    from coe.errors import ConfigError
 
     ray_version = tuple(int(x) for x in version("ray").split(".")[:2])
     if ray_version < (2, 56):

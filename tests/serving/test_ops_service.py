@@ -132,16 +132,14 @@ def _serving(folder: Path, config: Path):
             psutil.wait_procs(procs, timeout=30)
 
 
-def _stop(svc) -> dict[int, float]:
-    """SIGINT, as Ctrl-C: wait until it stopped; returns the process tree it had."""
-    procs = process_tree(svc["pid"])
+def _stop(svc) -> None:
+    """SIGINT, as Ctrl-C: wait until it stopped."""
     os.kill(svc["pid"], signal.SIGINT)
     deadline = time.time() + 120
     while svc["alive"]() and time.time() < deadline:
         time.sleep(0.5)
     assert not svc["alive"](), "coe serve ignored SIGINT:\n" + svc["log"].read_text(errors="replace")[-3000:]
     time.sleep(1)
-    return procs
 
 
 @pytest.fixture(scope="module")
