@@ -15,8 +15,11 @@ sandboxed subprocess, never in the service). The result is the native routing JS
 One cell (outcome, cost, detail) is :func:`coe.scoring.cells.task_cell`, shared with the service's background
 profile of a newly registered expert (``serving/api/profiles.py``, kind ``task``).
 
-The run is resumable: a line is appended (and flushed) only when a probe has an outcome for
-every expert, and a re-run skips the probe ids already in the output. Requests run
+The run is resumable, per cell: a line is appended (and flushed) only when a probe has an outcome
+for every expert it lacked, and a re-run asks only for the (probe, expert) cells not yet in the
+output. So an expert added later is profiled into the same file: its answers are appended, and
+the lines of one probe are folded into one when the run ends (or at the next run's start, after
+a killed run). Requests run
 concurrently (``concurrency``), scoring runs in worker threads. A failed request (HTTP error,
 timeout) is recorded as a failed outcome with its reason and the run goes on; a scorer that
 crashes does the same. Scorers that need likelihoods (``choice``, ``reference_nll``) are refused
@@ -54,17 +57,55 @@ class ProfileRun:
     mean_outcome: dict[str, float] = field(default_factory=dict)
 
 
-def done_ids(out: Path) -> set[str]:
-    """Probe ids already written to ``out`` (a torn last line from a killed run is ignored)."""
+_PER_EXPERT = ("outcomes", "costs", "detail")   # the fields of a line keyed by expert
+
+
+def _lines(out: Path) -> list[dict]:
+    """The records of ``out`` in file order (a torn or foreign line is skipped)."""
     if not out.exists():
-        return set()
-    ids = set()
+        return []
+    recs = []
     for line in out.read_text(encoding="utf-8").splitlines():
         try:
-            ids.add(str(json.loads(line)["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
+            rec = json.loads(line)
+        except json.JSONDecodeError:
             continue
-    return ids
+        if isinstance(rec, dict) and "id" in rec:
+            recs.append(rec)
+    return recs
+
+
+def done_cells(out: Path) -> dict[str, set[str]]:
+    """``{probe id: the experts it has an outcome for}`` in ``out`` (over every line of the id)."""
+    have: dict[str, set[str]] = {}
+    for rec in _lines(out):
+        have.setdefault(str(rec["id"]), set()).update((rec.get("outcomes") or {}).keys())
+    return have
+
+
+def done_ids(out: Path) -> set[str]:
+    """Probe ids already written to ``out`` (a torn last line from a killed run is ignored)."""
+    return set(done_cells(out))
+
+
+def merge_lines(out: Path) -> int:
+    """Fold the lines that share a probe id into its first line (their ``outcomes``, ``costs`` and
+    ``detail`` united; a later line wins for the same expert), so that an expert profiled into an
+    existing file adds its columns to the rows already there. Rewrites ``out`` atomically, and only
+    when some id is on more than one line; returns how many lines were folded."""
+    recs = _lines(out)
+    merged: dict[str, dict] = {}
+    for rec in recs:
+        first = merged.setdefault(str(rec["id"]), rec)
+        if first is not rec:
+            for key in _PER_EXPERT:
+                first[key] = {**(first.get(key) or {}), **(rec.get(key) or {})}
+    folded = len(recs) - len(merged)
+    if folded:
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in merged.values()), encoding="utf-8")
+        tmp.replace(out)
+    return folded
 
 
 def _repair_tail(out: Path) -> None:
@@ -149,16 +190,13 @@ async def profile_experts(
         raise InvalidRequestError(
             f"scorer(s) {', '.join(bad)} need likelihoods, which profiling through the service does not support yet; "
             f"allowed: {', '.join(GENERATION_SCORERS)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _repair_tail(out)
-    seen = done_ids(out)
-    todo = [p for p in probes if p.id not in seen]
-    scorers = {name: get_scorer(name) for name in {p.scorer for p in todo}}
+    todo = _todo(out, probes, experts)
+    scorers = {name: get_scorer(name) for name in {p.scorer for p, _ in todo}}
     run = ProfileRun(probes=len(probes), skipped=len(probes) - len(todo), written=0)
     totals: dict[str, list[float]] = {e: [] for e in experts}
     gate = asyncio.Semaphore(max(1, concurrency))
     write_lock = asyncio.Lock()
-    bar = tqdm(total=len(todo) * len(experts), desc="profile", unit="answer", disable=not progress)
+    bar = tqdm(total=sum(len(es) for _, es in todo), desc="profile", unit="answer", disable=not progress)
 
     async def one(client, probe, expert) -> tuple[float, float, dict]:
         async with gate:
@@ -170,27 +208,39 @@ async def profile_experts(
         bar.update(1)
         return cell
 
-    async def probe_line(client, probe) -> None:
-        results = await asyncio.gather(*(one(client, probe, e) for e in experts))
+    async def probe_line(client, item) -> None:
+        probe, missing = item
+        results = await asyncio.gather(*(one(client, probe, e) for e in missing))
         rec = {
             "id": probe.id,
             "query": probe.query,
             "category": probe.category,
-            "outcomes": {e: r[0] for e, r in zip(experts, results)},
-            "costs": {e: r[1] for e, r in zip(experts, results)},
-            "detail": {e: r[2] for e, r in zip(experts, results)},
+            "outcomes": {e: r[0] for e, r in zip(missing, results)},
+            "costs": {e: r[1] for e, r in zip(missing, results)},
+            "detail": {e: r[2] for e, r in zip(missing, results)},
         }
         async with write_lock:
             with out.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(rec) + "\n")
             run.written += 1
-            for e, r in zip(experts, results):
+            for e, r in zip(missing, results):
                 totals[e].append(r[0])
 
     limits = httpx.Limits(max_connections=max(1, concurrency) * 2)
     client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers or {}, timeout=timeout_s,
                                limits=limits, transport=transport)
-    return await _in_waves(client, todo, probe_line, concurrency, bar, run, totals)
+    return await _in_waves(client, todo, probe_line, concurrency, bar, run, totals, out)
+
+
+def _todo(out: Path, probes: list, experts: dict[str, float]) -> list[tuple[object, list[str]]]:
+    """``(probe, the experts it still lacks in out)`` for every probe that lacks one; ``out`` is
+    first repaired (a torn last line cut) and its lines of one id folded (:func:`merge_lines`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _repair_tail(out)
+    merge_lines(out)
+    have = done_cells(out)
+    todo = [(p, [e for e in experts if e not in have.get(p.id, ())]) for p in probes]
+    return [(p, missing) for p, missing in todo if missing]
 
 
 def profile_summary(run: ProfileRun, out: Path) -> str:
@@ -304,14 +354,11 @@ async def profile_likelihood_service(url: str, probes: list, experts: dict[str, 
     probes = [p for p in probes if (p.reference or "").strip()]
     if not probes:
         raise InvalidRequestError("no probe has a reference answer: likelihood profiling needs 'reference'")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _repair_tail(out)
-    seen = done_ids(out)
-    todo = [p for p in probes if p.id not in seen]
+    todo = _todo(out, probes, experts)
     run = ProfileRun(probes=len(probes), skipped=len(probes) - len(todo), written=0)
     totals: dict[str, list[float]] = {e: [] for e in experts}
     gate = asyncio.Semaphore(max(1, concurrency))
-    bar = tqdm(total=len(todo) * len(experts), desc="likelihood", unit="score", disable=not progress)
+    bar = tqdm(total=sum(len(es) for _, es in todo), desc="likelihood", unit="score", disable=not progress)
 
     async def one(client, probe, expert):
         sp = scoring_prompt(tokenizers[expert], probe.query, probe.reference)
@@ -328,8 +375,9 @@ async def profile_likelihood_service(url: str, probes: list, experts: dict[str, 
             finally:
                 bar.update(1)
 
-    async def probe_line(client, probe):
-        cells = dict(zip(experts, await asyncio.gather(*(one(client, probe, e) for e in experts))))
+    async def probe_line(client, item):
+        probe, missing = item
+        cells = dict(zip(missing, await asyncio.gather(*(one(client, probe, e) for e in missing))))
         if any(isinstance(c, str) for c in cells.values()):
             return
         with out.open("a", encoding="utf-8") as fh:
@@ -340,14 +388,14 @@ async def profile_likelihood_service(url: str, probes: list, experts: dict[str, 
 
     client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers or {}, timeout=timeout_s,
                                transport=transport)
-    return await _in_waves(client, todo, probe_line, concurrency, bar, run, totals)
+    return await _in_waves(client, todo, probe_line, concurrency, bar, run, totals, out)
 
 
 async def _in_waves(client, todo: list, probe_line, concurrency: int, bar, run: ProfileRun,
-                    totals: dict[str, list[float]]) -> ProfileRun:
-    """Run ``probe_line(client, probe)`` over ``todo`` in waves of ``concurrency`` probes (so at most
-    ~concurrency probes are half-done at any time), close ``client`` and ``bar``, and fill
-    ``run.mean_outcome`` from ``totals``."""
+                    totals: dict[str, list[float]], out: Path) -> ProfileRun:
+    """Run ``probe_line(client, item)`` over ``todo`` in waves of ``concurrency`` probes (so at most
+    ~concurrency probes are half-done at any time), close ``client`` and ``bar``, fold the new
+    lines into the rows already in ``out`` and fill ``run.mean_outcome`` from ``totals``."""
     try:
         async with client:
             wave = max(1, concurrency)
@@ -355,6 +403,7 @@ async def _in_waves(client, todo: list, probe_line, concurrency: int, bar, run: 
                 await asyncio.gather(*(probe_line(client, p) for p in todo[i:i + wave]))
     finally:
         bar.close()
+        merge_lines(out)
     run.mean_outcome = {e: (sum(v) / len(v) if v else float("nan")) for e, v in totals.items()}
     return run
 

@@ -66,12 +66,36 @@ def test_profile_resumes_and_records_failures(tmp_path):
     calls.clear()
     run = asyncio.run(profile_experts("http://coe", _probes(4), {"good": 1.0, "bad": 1.0}, out,
                                       progress=False, transport=_transport(calls, fail_for="bad")))
-    assert run.skipped == 2 and run.written == 2
-    assert {q for _, q in calls} == {"question 2", "question 3"}
+    # p0 and p1 lacked only "bad": that cell alone is asked; p2 and p3 are asked of both
+    assert run.skipped == 0 and run.written == 4
+    assert sorted(calls) == sorted([("bad", f"question {i}") for i in range(4)] + [("good", "question 2"), ("good", "question 3")])
     assert done_ids(out) == {"p0", "p1", "p2", "p3"}
-    last = json.loads(out.read_text().splitlines()[-1])
-    assert last["outcomes"]["bad"] == 0.0 and "HTTP 503" in last["detail"]["bad"]["reason"]
-    assert run.failures == {"bad": 2}
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["p0", "p1", "p2", "p3"]                 # one line per probe, in order
+    assert all(set(r["outcomes"]) == {"good", "bad"} for r in rows) and rows[0]["outcomes"]["good"] == 1.0
+    assert rows[-1]["outcomes"]["bad"] == 0.0 and "HTTP 503" in rows[-1]["detail"]["bad"]["reason"]
+    assert run.failures == {"bad": 4}
+    calls.clear()
+    again = asyncio.run(profile_experts("http://coe", _probes(4), {"good": 1.0, "bad": 1.0}, out,
+                                        progress=False, transport=_transport(calls)))
+    assert again.skipped == 4 and again.written == 0 and calls == []
+
+
+def test_an_added_expert_after_a_killed_run_is_folded_into_its_rows(tmp_path):
+    from coe.tools.profiling import merge_lines
+
+    out = tmp_path / "profile.jsonl"
+    asyncio.run(profile_experts("http://coe", _probes(2), {"good": 1.0}, out, progress=False, transport=_transport([])))
+    with out.open("a") as fh:   # a killed run had appended one probe's new column, then a torn line
+        fh.write(json.dumps({"id": "p0", "outcomes": {"bad": 0.0}, "costs": {"bad": 15.0}, "detail": {"bad": {}}}) + "\n")
+        fh.write('{"id": "p1", "outc')
+    calls: list = []
+    asyncio.run(profile_experts("http://coe", _probes(2), {"good": 1.0, "bad": 1.0}, out, progress=False,
+                                transport=_transport(calls)))
+    assert calls == [("bad", "question 1")]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["p0", "p1"] and rows[0]["query"] == "question 0"
+    assert rows[0]["costs"] == {"good": 15.0, "bad": 15.0} and merge_lines(out) == 0
 
 
 def test_profile_refuses_likelihood_probes_and_unknown_experts(tmp_path):

@@ -41,7 +41,7 @@ def register(sub) -> None:
     )
     prof.add_argument("probes", help="probe file (JSONL, see coe.scoring.probes)")
     prof.add_argument("--expert", action="append", default=[], help="expert id to profile (repeatable; default: all)")
-    prof.add_argument("--out", required=True, help="outcome JSONL to write (appended; a re-run resumes)")
+    prof.add_argument("--out", required=True, help="outcome JSONL to write (appended; a re-run, or another --expert, fills only the cells it lacks)")
     prof.add_argument("--concurrency", type=int, default=4)
     prof.add_argument("--max-tokens", type=int, default=256)
     prof.add_argument("--limit", type=int, default=None, help="only the first N probes")
