@@ -38,8 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-STRATEGIES = ("adaptive", "information", "round_robin", "random", "adaptive_h", "adaptive_hu", "adaptive_hp")
-WEIGHT_FLOOR = 0.1
+STRATEGIES = ("adaptive", "information", "round_robin", "random")
 OUTCOME_WEIGHT = 0.5                     # weight of the outcome pattern beside the query embedding
 _POOL = 3000                              # coverage is measured against at most this many candidates
 _GRID = np.linspace(-6.0, 6.0, 121)     # ability grid of the EAP posterior
@@ -68,7 +67,6 @@ class ItemBank:
     theta: np.ndarray
     bounds: tuple[float, float]
     features: np.ndarray          # [N, F] unit-norm coverage features of the candidates
-    headroom: np.ndarray          # [N] 1 − the best fitted expert's outcome (0..1 scale)
 
     @classmethod
     def fit(cls, outcomes: np.ndarray, observed: np.ndarray | None = None, *, embeddings: np.ndarray | None = None,
@@ -111,10 +109,8 @@ class ItemBank:
 
         res = minimize(loss_grad, init, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
         v = res.x
-        best = np.where(mask, t, -np.inf).max(axis=1)
         return cls(a=v[:n].copy(), d=v[n:2 * n].copy(), theta=v[2 * n:].copy(), bounds=(lo, hi),
-                   features=coverage_features(np.where(mask, t, np.nan), embeddings),
-                   headroom=np.where(np.isfinite(best), 1.0 - best, 1.0))
+                   features=coverage_features(np.where(mask, t, np.nan), embeddings))
 
     def __len__(self) -> int:
         return len(self.a)
@@ -178,16 +174,13 @@ def coverage_features(outcomes: np.ndarray, embeddings: np.ndarray | None = None
     return z / (np.linalg.norm(z, axis=1, keepdims=True) + 1e-9)
 
 
-def cover(features: np.ndarray, asked: Sequence[int], k: int, *, seed: int = 0,
-          weights: np.ndarray | None = None) -> np.ndarray:
+def cover(features: np.ndarray, asked: Sequence[int], k: int, *, seed: int = 0) -> np.ndarray:
     """``k`` more probes that, with ``asked``, best cover every candidate (greedy facility
     location on cosine similarity, clipped at 0). Over :data:`_POOL` candidates, the coverage is
     measured against a seeded sample of them (the picks still come from every candidate)."""
     z = np.asarray(features, dtype=np.float64)
     n = len(z)
-    keep = np.arange(n) if n <= _POOL else np.sort(np.random.default_rng(seed).choice(n, _POOL, replace=False))
-    ref = z[keep]
-    w = np.ones(len(keep)) if weights is None else np.asarray(weights, dtype=np.float64)[keep]      # [R]
+    ref = z if n <= _POOL else z[np.sort(np.random.default_rng(seed).choice(n, _POOL, replace=False))]
     sim = np.maximum(ref @ z.T, 0.0)                                               # [R, N]
     idx = np.asarray(asked, dtype=np.int64)
     best = sim[:, idx].max(axis=1) if idx.size else np.zeros(len(ref))             # [R] coverage so far
@@ -195,7 +188,7 @@ def cover(features: np.ndarray, asked: Sequence[int], k: int, *, seed: int = 0,
     free[idx] = False
     out: list[int] = []
     for _ in range(min(k, int(free.sum()))):
-        gain = w @ np.maximum(sim - best[:, None], 0.0)
+        gain = np.maximum(sim - best[:, None], 0.0).sum(axis=0)
         gain[~free] = -1.0
         c = int(np.argmax(gain))
         out.append(c)
@@ -237,19 +230,11 @@ def next_probes(strategy: str, n: int, asked: Sequence[int], outcomes: Sequence[
     wave = min(int(wave), int((~done).sum()))
     if wave <= 0:
         return np.zeros(0, dtype=np.int64)
-    if strategy in ("adaptive", "information", "adaptive_h", "adaptive_hu", "adaptive_hp"):
+    if strategy in ("adaptive", "information"):
         if bank is None or len(bank) != n:
             raise ValueError(f"the {strategy} strategy needs an ItemBank fitted on the same candidates")
         if strategy == "adaptive":
             return cover(bank.features, asked, wave, seed=seed)
-        if strategy == "adaptive_h":
-            return cover(bank.features, asked, wave, seed=seed, weights=WEIGHT_FLOOR + bank.headroom)
-        if strategy == "adaptive_hu":
-            p = (bank.predict(asked, outcomes, keep_measured=False) - bank.bounds[0]) / (bank.bounds[1] - bank.bounds[0])
-            return cover(bank.features, asked, wave, seed=seed, weights=WEIGHT_FLOOR + bank.headroom * 4 * p * (1 - p))
-        if strategy == "adaptive_hp":
-            p = (bank.predict(asked, outcomes, keep_measured=False) - bank.bounds[0]) / (bank.bounds[1] - bank.bounds[0])
-            return cover(bank.features, asked, wave, seed=seed, weights=WEIGHT_FLOOR + bank.headroom * p)
         info = np.where(done, -np.inf, bank.information(asked, outcomes))
         return np.argsort(-info, kind="stable")[:wave]
     order = np.random.default_rng(seed).permutation(n) if strategy == "random" else round_robin_order(n, categories)
@@ -267,7 +252,7 @@ def choose_probes(strategy: str, others: np.ndarray, answer: Callable[[np.ndarra
     ``embeddings``: the candidates' query embeddings, for the bank fitted here.
     """
     n = len(others)
-    if strategy in ("adaptive", "information", "adaptive_h", "adaptive_hu", "adaptive_hp") and bank is None:
+    if strategy in ("adaptive", "information") and bank is None:
         bank = ItemBank.fit(others, embeddings=embeddings)
     if strategy == "adaptive":            # the new expert's outcomes don't steer the cover: one greedy run
         asked = cover(bank.features, [], min(budget, n), seed=seed)

@@ -114,19 +114,3 @@ def test_bad_strategy_or_missing_bank():
     for strategy in ("adaptive", "information"):
         with pytest.raises(ValueError, match="needs an ItemBank"):
             next_probes(strategy, 10, [], [], 2)
-
-
-def test_weighted_cover_reaches_the_heavy_clusters_first():
-    from coe.routers.probe_selection import cover
-
-    rng = np.random.default_rng(1)
-    sizes = [60, 40, 30, 10, 8, 6]
-    emb = np.concatenate([c + 0.05 * rng.normal(size=(k, 6)) for c, k in zip(np.eye(6), sizes)])
-    label = np.repeat(np.arange(6), sizes)
-    z = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    plain = cover(z, [], 3)
-    assert sorted(label[plain].tolist()) == [0, 1, 2]               # unweighted: the biggest clusters
-    heavy = np.where(label >= 3, 1.1, 0.1)                           # e.g. where a new expert could win
-    first = cover(z, [], 3, weights=heavy)
-    assert sorted(label[first].tolist()) == [3, 4, 5]
-    assert sorted(label[cover(z, first, 3, weights=heavy)].tolist()) == [0, 1, 2]   # then the rest
