@@ -31,6 +31,11 @@ information (nothing is chosen on it).
     python bench/composition.py probes                       # write the two probe files
     python bench/composition.py run [--config CFG] [--url URL] [--n-code 30] [--n-math 30]
     python bench/composition.py policy [--config CFG]        # bench/results/composition_policy.md
+    python bench/composition.py coverage [--config CFG]      # bench/results/composition_coverage.md
+
+``coverage`` needs no service either: for queries from sources other than the profile's (GSM8K
+test, MATH, HumanEval, JavaScript, MT-Bench), the share whose nearest profiled query is less
+similar than ``router.min_profile_similarity`` (those go by the descriptions).
 """
 
 from __future__ import annotations
@@ -505,6 +510,66 @@ def reference_nll_table(probes: list, config: str | None, experts: list[str]) ->
     return likelihood_table(probes, config, experts)[0]
 
 
+def out_of_source_queries(n: int) -> dict[str, list[str]]:
+    """Queries of math, code and chat from sources other than the profile's (MBPP, GSM8K train), from
+    ``../shared/data/routing``: the first ``n`` of each (MT-Bench split by its categories)."""
+    import csv
+
+    data = REPO.parent / "shared" / "data" / "routing"
+
+    def rdc7(name: str) -> list[str]:
+        return [r["question"] for r in json.loads((data / "rdc7" / name).read_text())[:n]]
+
+    csv.field_size_limit(1 << 30)
+    with (data / "routellm_gsm8k_responses.csv").open(newline="") as f:
+        gsm8k_test = [row["prompt"] for _, row in zip(range(n), csv.DictReader(f))]
+    mt = [json.loads(line) for line in (data / "mt_bench_questions.jsonl").read_text().splitlines() if line.strip()]
+    return {
+        "math: GSM8K test (same source, other split)": gsm8k_test,
+        "math: MATH prealgebra": rdc7("MATH_prealgebra.json"),
+        "code: HumanEval": rdc7("humaneval_test.json"),
+        "code: JavaScript (rdc7)": rdc7("javascript.json"),
+        "math/code: MT-Bench math and coding": [q["turns"][0] for q in mt if q["category"] in ("math", "coding")],
+        "chat: MT-Bench other categories": [q["turns"][0] for q in mt if q["category"] not in ("math", "coding")],
+    }
+
+
+def coverage_eval(args) -> int:
+    """``coverage``: how similar queries from other sources are to the profiled ones (the fitted
+    router's ``coverage``, the cosine similarity to the nearest profiled query), against
+    ``router.min_profile_similarity``: the share the fitted router decides and the share left to the
+    descriptions."""
+    from coe.config import load_config
+    from coe.routers.base import QueryBatch
+    from coe.routers.online import build_online_router
+
+    rec = RunRecord.start(note=f"profile coverage of out-of-source queries, config {args.config or 'default'}")
+    cfg = load_config(args.config)
+    served = build_online_router(cfg.router, cfg.experts)
+    if served.fitted is None:
+        raise SystemExit("the config's router has no router.fitted: nothing is profiled")
+    floor = cfg.router.min_profile_similarity
+    own = [json.loads(line)["query"] for line in (PROBES / "eval_probes.jsonl").read_text().splitlines() if line.strip()]
+    sets = {"held-out eval probes (MBPP test, GSM8K tail)": own, **out_of_source_queries(args.n)}
+    rows = []
+    for name, queries in sets.items():
+        cov = np.asarray(served.fitted.coverage(QueryBatch(queries, served.embedder.encode(queries))))
+        rows.append({"set": name, "n": len(queries), "p10": float(np.percentile(cov, 10)),
+                     "median": float(np.median(cov)), "p90": float(np.percentile(cov, 90)),
+                     "below_floor": None if floor is None else float((cov < floor).mean())})
+    lines = [f"Fitted router `{_shown(cfg.router.fitted)}`; `router.min_profile_similarity` = {floor}: a query whose "
+             "similarity to the nearest profiled query is below it is routed by the descriptions.", "",
+             "| queries | n | similarity p10 / median / p90 | share below the floor (routed by descriptions) |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['set']} | {r['n']} | {r['p10']:.2f} / {r['median']:.2f} / {r['p90']:.2f} | "
+              + ("—" if r["below_floor"] is None else f"{r['below_floor']:.0%}") + " |" for r in rows]
+    body = "\n".join(lines) + "\n"
+    write_results(args.name, rec.finish({"floor": floor, "sets": rows}),
+                  rec.markdown_header("Profile coverage of queries from other sources") + body)
+    print(body)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -533,7 +598,13 @@ def main(argv: list[str] | None = None) -> int:
     po.add_argument("--folds", type=int, default=5)
     po.add_argument("--steps", type=int, default=401, help="λ (and τ) values in each sweep")
     po.add_argument("--name", default="composition_policy")
+    co = sub.add_parser("coverage", help="how many queries from other sources the fitted router covers (no service)")
+    co.add_argument("--config", default=None, help="config whose fitted router to use (default: embedded)")
+    co.add_argument("--n", type=int, default=100, help="queries per source")
+    co.add_argument("--name", default="composition_coverage")
     args = ap.parse_args(argv)
+    if args.cmd == "coverage":
+        return coverage_eval(args)
     if args.cmd == "policy":
         return policy_eval(args)
     if args.cmd == "probes":

@@ -77,3 +77,16 @@ def test_cv_choices_route_every_profile_row_out_of_fold(shipped):
     data = load_routing_data(default_config_path().parent / "profiles" / "default_tasks.jsonl")
     (row,) = cv_choices(cfg, router.fitted, router.embedder, data, "tradeoff", [0.0], folds=5)
     assert len(row) == len(data) and set(row) <= {e.id for e in cfg.experts}
+
+
+def test_out_of_source_queries_come_from_every_source_and_none_from_the_profile():
+    from bench.composition import PROBES, out_of_source_queries
+
+    sets = out_of_source_queries(5)
+    assert len(sets) == 6 and all(queries and all(isinstance(q, str) and q.strip() for q in queries)
+                                  for queries in sets.values())
+    assert all(len(q) <= 5 for name, q in sets.items() if not name.startswith(("math/code", "chat")))
+    import json
+
+    profiled = {json.loads(line)["query"] for line in (PROBES / "profile_probes.jsonl").read_text().splitlines()}
+    assert not profiled & {q for queries in sets.values() for q in queries}
