@@ -57,9 +57,6 @@ class ProfileRun:
     mean_outcome: dict[str, float] = field(default_factory=dict)
 
 
-_PER_EXPERT = ("outcomes", "costs", "detail")   # the fields of a line keyed by expert
-
-
 def _lines(out: Path) -> list[dict]:
     """The records of ``out`` in file order (a torn or foreign line is skipped)."""
     if not out.exists():
@@ -89,21 +86,18 @@ def done_ids(out: Path) -> set[str]:
 
 
 def merge_lines(out: Path) -> int:
-    """Fold the lines that share a probe id into its first line (their ``outcomes``, ``costs`` and
-    ``detail`` united; a later line wins for the same expert), so that an expert profiled into an
-    existing file adds its columns to the rows already there. Rewrites ``out`` atomically, and only
-    when some id is on more than one line; returns how many lines were folded."""
+    """Fold the lines that share a probe id into its first line (:func:`coe.routers.datasets.fold_by_id`),
+    so that an expert profiled into an existing file adds its columns to the rows already there.
+    Rewrites ``out`` atomically, and only when some id is on more than one line; returns how many
+    lines were folded."""
+    from coe.routers.datasets import fold_by_id
+
     recs = _lines(out)
-    merged: dict[str, dict] = {}
-    for rec in recs:
-        first = merged.setdefault(str(rec["id"]), rec)
-        if first is not rec:
-            for key in _PER_EXPERT:
-                first[key] = {**(first.get(key) or {}), **(rec.get(key) or {})}
+    merged = fold_by_id(recs)
     folded = len(recs) - len(merged)
     if folded:
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in merged.values()), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in merged), encoding="utf-8")
         tmp.replace(out)
     return folded
 

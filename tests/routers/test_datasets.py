@@ -70,6 +70,23 @@ def test_native_jsonl(tmp_path):
     assert data.categories == ["math", "code"] and data.skipped == {"missing cost": 1}
 
 
+def test_native_lines_of_one_probe_id_are_folded(tmp_path):
+    from coe.routers.datasets import fold_by_id
+
+    lines = [
+        {"id": "p0", "query": "q0", "outcomes": {"x": 1}, "costs": {"x": 1}, "category": "math"},
+        {"id": "p1", "query": "q1", "outcomes": {"x": 0, "y": 1}, "costs": {"x": 1, "y": 5}},
+        {"id": "p0", "query": "q0", "outcomes": {"y": 0}, "costs": {"y": 5}},   # y profiled into the file later
+    ]
+    data = load_routing_data(_write(tmp_path, "n.jsonl", "\n".join(json.dumps(r) for r in lines)))
+    assert list(data.queries) == ["q0", "q1"] and data.quality.tolist() == [[1, 0], [0, 1]]
+    assert data.cost.tolist() == [[1, 5], [1, 5]] and data.categories == ["math", ""] and not data.skipped
+    assert lines[0]["outcomes"] == {"x": 1}                                     # the input is not changed
+    assert fold_by_id([{"query": "a", "outcomes": {}}] * 2) == [{"query": "a", "outcomes": {}}] * 2   # no id: kept
+    with pytest.raises(DatasetError, match="line 3: expected an object"):      # line numbers still right
+        load_routing_data(_write(tmp_path, "b.jsonl", "\n".join(json.dumps(r) for r in [*lines[:2], {"id": "p2", "query": "q", "outcomes": 3}])))
+
+
 def test_unparseable_files_name_the_line(tmp_path):
     bad = _write(tmp_path, "bad.jsonl", '{"query": "q", "outcomes": {"a": 1}}\n{"query": oops}\n')
     with pytest.raises(DatasetError, match=r"bad.jsonl, line 2: not valid JSON"):
