@@ -534,11 +534,14 @@ def out_of_source_queries(n: int) -> dict[str, list[str]]:
     }
 
 
+COVERAGE_FLOORS = (0.2, 0.25, 0.3)   # the floors `coverage` reports beside the config's
+
+
 def coverage_eval(args) -> int:
     """``coverage``: how similar queries from other sources are to the profiled ones (the fitted
     router's ``coverage``, the cosine similarity to the nearest profiled query), against
-    ``router.min_profile_similarity``: the share the fitted router decides and the share left to the
-    descriptions."""
+    ``router.min_profile_similarity`` and the floors of :data:`COVERAGE_FLOORS`: the share left to
+    the descriptions; and where the config's router sends each set."""
     from coe.config import load_config
     from coe.routers.base import QueryBatch
     from coe.routers.online import build_online_router
@@ -549,22 +552,27 @@ def coverage_eval(args) -> int:
     if served.fitted is None:
         raise SystemExit("the config's router has no router.fitted: nothing is profiled")
     floor = cfg.router.min_profile_similarity
+    floors = sorted({*COVERAGE_FLOORS, *([] if floor is None else [floor])})
     own = [json.loads(line)["query"] for line in (PROBES / "eval_probes.jsonl").read_text().splitlines() if line.strip()]
     sets = {"held-out eval probes (MBPP test, GSM8K tail)": own, **out_of_source_queries(args.n)}
     rows = []
     for name, queries in sets.items():
         cov = np.asarray(served.fitted.coverage(QueryBatch(queries, served.embedder.encode(queries))))
+        picks = [d.expert for d in served.route(queries)]
         rows.append({"set": name, "n": len(queries), "p10": float(np.percentile(cov, 10)),
                      "median": float(np.median(cov)), "p90": float(np.percentile(cov, 90)),
-                     "below_floor": None if floor is None else float((cov < floor).mean())})
-    lines = [f"Fitted router `{_shown(cfg.router.fitted)}`; `router.min_profile_similarity` = {floor}: a query whose "
-             "similarity to the nearest profiled query is below it is routed by the descriptions.", "",
-             "| queries | n | similarity p10 / median / p90 | share below the floor (routed by descriptions) |",
-             "|---|---|---|---|"]
+                     "below": {str(f): float((cov < f).mean()) for f in floors},
+                     "routed": {e: picks.count(e) / len(picks) for e in sorted(set(picks), key=picks.index)}})
+    lines = [f"Fitted router `{_shown(cfg.router.fitted)}`; the config's `router.min_profile_similarity` is {floor}: "
+             "a query whose similarity to the nearest profiled query is below the floor is routed by the descriptions.",
+             "", "| queries | n | similarity p10 / median / p90 | "
+             + " | ".join(f"below {f}{' (config)' if f == floor else ''}" for f in floors) + " | routed to (config) |",
+             "|---|---|---|" + "---|" * len(floors) + "---|"]
     lines += [f"| {r['set']} | {r['n']} | {r['p10']:.2f} / {r['median']:.2f} / {r['p90']:.2f} | "
-              + ("—" if r["below_floor"] is None else f"{r['below_floor']:.0%}") + " |" for r in rows]
+              + " | ".join(f"{r['below'][str(f)]:.0%}" for f in floors) + " | "
+              + ", ".join(f"{e} {v:.0%}" for e, v in r["routed"].items()) + " |" for r in rows]
     body = "\n".join(lines) + "\n"
-    write_results(args.name, rec.finish({"floor": floor, "sets": rows}),
+    write_results(args.name, rec.finish({"floor": floor, "floors": floors, "sets": rows}),
                   rec.markdown_header("Profile coverage of queries from other sources") + body)
     print(body)
     return 0
