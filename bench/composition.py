@@ -563,8 +563,8 @@ def coverage_eval(args) -> int:
                      "median": float(np.median(cov)), "p90": float(np.percentile(cov, 90)),
                      "below": {str(f): float((cov < f).mean()) for f in floors},
                      "routed": {e: picks.count(e) / len(picks) for e in sorted(set(picks), key=picks.index)}})
-    lines = [f"Fitted router `{_shown(cfg.router.fitted)}`; the config's `router.min_profile_similarity` is {floor}: "
-             "a query whose similarity to the nearest profiled query is below the floor is routed by the descriptions.",
+    lines = [(f"Fitted router `{_shown(cfg.router.fitted)}`; the config's `router.min_profile_similarity` is {floor}: "
+              "a query whose similarity to the nearest profiled query is below the floor is routed by the descriptions."),
              "", "| queries | n | similarity p10 / median / p90 | "
              + " | ".join(f"below {f}{' (config)' if f == floor else ''}" for f in floors) + " | routed to (config) |",
              "|---|---|---|" + "---|" * len(floors) + "---|"]
