@@ -88,16 +88,24 @@ def done_ids(out: Path) -> set[str]:
 def merge_lines(out: Path) -> int:
     """Fold the lines that share a probe id into its first line (:func:`coe.routers.datasets.fold_by_id`),
     so that an expert profiled into an existing file adds its columns to the rows already there.
-    Rewrites ``out`` atomically, and only when some id is on more than one line; returns how many
-    lines were folded."""
+    Every other line (no id, not JSON) is kept as it is. Rewrites ``out`` atomically, and only when
+    some id is on more than one line; returns how many lines were folded."""
     from coe.routers.datasets import fold_by_id
 
-    recs = _lines(out)
-    merged = fold_by_id(recs)
-    folded = len(recs) - len(merged)
+    if not out.exists():
+        return 0
+    items: list = []             # a record, or a line that is not one (kept as it is)
+    for line in out.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        items.append(rec if isinstance(rec, dict) else line)
+    merged = fold_by_id(items)
+    folded = len(items) - len(merged)
     if folded:
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in merged), encoding="utf-8")
+        tmp.write_text("".join((json.dumps(r) if isinstance(r, dict) else r) + "\n" for r in merged), encoding="utf-8")
         tmp.replace(out)
     return folded
 

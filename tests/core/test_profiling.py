@@ -96,6 +96,13 @@ def test_an_added_expert_after_a_killed_run_is_folded_into_its_rows(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["p0", "p1"] and rows[0]["query"] == "question 0"
     assert rows[0]["costs"] == {"good": 15.0, "bad": 15.0} and merge_lines(out) == 0
+    # lines that are not profile records (no id, or not JSON) survive a fold untouched
+    other = tmp_path / "mixed.jsonl"
+    other.write_text('{"query": "q", "outcomes": {"a": 1}}\nnot json\n{"id": "x", "outcomes": {"a": 1}}\n'
+                     '{"id": "x", "outcomes": {"b": 0}}\n')
+    assert merge_lines(other) == 1
+    assert other.read_text().splitlines() == ['{"query": "q", "outcomes": {"a": 1}}', "not json",
+                                              '{"id": "x", "outcomes": {"a": 1, "b": 0}}']
 
 
 def test_profile_refuses_likelihood_probes_and_unknown_experts(tmp_path):
