@@ -512,23 +512,21 @@ def reference_nll_table(probes: list, config: str | None, experts: list[str]) ->
 
 def out_of_source_queries(n: int) -> dict[str, list[str]]:
     """Queries of math, code and chat from sources other than the profile's (MBPP, GSM8K train), from
-    ``../shared/data/routing``: the first ``n`` of each (MT-Bench split by its categories)."""
-    import csv
+    ``../shared/data/routing`` (read by :func:`coe.routers.datasets.load_routing_data`): the first
+    ``n`` of each (MT-Bench's questions, split by their categories)."""
+    from coe.routers.datasets import load_routing_data
 
     data = REPO.parent / "shared" / "data" / "routing"
 
-    def rdc7(name: str) -> list[str]:
-        return [r["question"] for r in json.loads((data / "rdc7" / name).read_text())[:n]]
+    def first(name: str) -> list[str]:
+        return list(load_routing_data(data / name).queries[:n])
 
-    csv.field_size_limit(1 << 30)
-    with (data / "routellm_gsm8k_responses.csv").open(newline="") as f:
-        gsm8k_test = [row["prompt"] for _, row in zip(range(n), csv.DictReader(f))]
     mt = [json.loads(line) for line in (data / "mt_bench_questions.jsonl").read_text().splitlines() if line.strip()]
     return {
-        "math: GSM8K test (same source, other split)": gsm8k_test,
-        "math: MATH prealgebra": rdc7("MATH_prealgebra.json"),
-        "code: HumanEval": rdc7("humaneval_test.json"),
-        "code: JavaScript (rdc7)": rdc7("javascript.json"),
+        "math: GSM8K test (same source, other split)": first("routellm_gsm8k_responses.csv"),
+        "math: MATH prealgebra": first("rdc7/MATH_prealgebra.json"),
+        "code: HumanEval": first("rdc7/humaneval_test.json"),
+        "code: JavaScript (rdc7)": first("rdc7/javascript.json"),
         "math/code: MT-Bench math and coding": [q["turns"][0] for q in mt if q["category"] in ("math", "coding")],
         "chat: MT-Bench other categories": [q["turns"][0] for q in mt if q["category"] not in ("math", "coding")],
     }

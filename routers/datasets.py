@@ -299,26 +299,30 @@ def _json_records(path: Path):
 PER_EXPERT = ("outcomes", "costs", "detail")   # the fields of a native line keyed by expert
 
 
-def fold_by_id(records: list[dict]) -> list[dict]:
+def fold_by_id(records: list) -> list:
     """Native records with the lines of one ``id`` folded into its first (``outcomes``, ``costs`` and
     ``detail`` united; a later line wins for the same expert): what ``coe experts profile`` appends
-    when another expert is profiled into an existing file. Records without an ``id`` are kept as
-    they are. The input is not changed."""
-    out: list[dict] = []
+    when another expert is profiled into an existing file. Anything without an ``id`` (a record, or
+    not a record at all) is kept as it is. The input is not changed."""
+    return [rec for _, rec in _fold(records)]
+
+
+def _fold(records: list) -> list[tuple[int, object]]:
+    """:func:`fold_by_id`, each result with the index of the input it starts from."""
+    out: list[tuple[int, object]] = []
     first: dict[str, dict] = {}
-    for rec in records:
+    for i, rec in enumerate(records):
         key = rec.get("id") if isinstance(rec, dict) else None
         if key is None:
-            out.append(rec)
-            continue
-        if str(key) not in first:
+            out.append((i, rec))
+        elif str(key) not in first:
             first[str(key)] = dict(rec)
-            out.append(first[str(key)])
-            continue
-        head = first[str(key)]
-        for name in PER_EXPERT:
-            if isinstance(rec.get(name), dict):
-                head[name] = {**(head.get(name) or {}), **rec[name]}
+            out.append((i, first[str(key)]))
+        else:
+            head = first[str(key)]
+            for name in PER_EXPERT:
+                if isinstance(rec.get(name), dict):
+                    head[name] = {**(head.get(name) or {}), **rec[name]}
     return out
 
 
@@ -327,15 +331,7 @@ def _read_json(path: Path, fmt: str) -> RoutingData:
     if not records:
         raise DatasetError(f"{path}: no records")
     if fmt in ("auto", "native") and isinstance(records[0][1], dict) and "outcomes" in records[0][1]:
-        firsts, seen = [], set()           # the line number of each folded record: its id's first line
-        for n, rec in records:
-            key = rec.get("id") if isinstance(rec, dict) else None
-            if key is None:
-                firsts.append(n)
-            elif str(key) not in seen:
-                firsts.append(n)
-                seen.add(str(key))
-        records = list(zip(firsts, fold_by_id([r for _, r in records])))
+        records = [(records[i][0], rec) for i, rec in _fold([r for _, r in records])]   # line: the id's first
     first_line, first = records[0]
     if not isinstance(first, dict):
         raise DatasetError(f"{path}, line {first_line}: each record must be a JSON object")

@@ -57,26 +57,26 @@ class ProfileRun:
     mean_outcome: dict[str, float] = field(default_factory=dict)
 
 
-def _lines(out: Path) -> list[dict]:
-    """The records of ``out`` in file order (a torn or foreign line is skipped)."""
+def _items(out: Path) -> list:
+    """Every line of ``out`` in file order: its JSON object, or the line itself when it is not one."""
     if not out.exists():
         return []
-    recs = []
+    items: list = []
     for line in out.read_text(encoding="utf-8").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "id" in rec:
-            recs.append(rec)
-    return recs
+            rec = None
+        items.append(rec if isinstance(rec, dict) else line)
+    return items
 
 
 def done_cells(out: Path) -> dict[str, set[str]]:
     """``{probe id: the experts it has an outcome for}`` in ``out`` (over every line of the id)."""
     have: dict[str, set[str]] = {}
-    for rec in _lines(out):
-        have.setdefault(str(rec["id"]), set()).update((rec.get("outcomes") or {}).keys())
+    for rec in _items(out):
+        if isinstance(rec, dict) and "id" in rec:
+            have.setdefault(str(rec["id"]), set()).update((rec.get("outcomes") or {}).keys())
     return have
 
 
@@ -92,15 +92,7 @@ def merge_lines(out: Path) -> int:
     some id is on more than one line; returns how many lines were folded."""
     from coe.routers.datasets import fold_by_id
 
-    if not out.exists():
-        return 0
-    items: list = []             # a record, or a line that is not one (kept as it is)
-    for line in out.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            rec = None
-        items.append(rec if isinstance(rec, dict) else line)
+    items = _items(out)
     merged = fold_by_id(items)
     folded = len(items) - len(merged)
     if folded:
