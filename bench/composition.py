@@ -533,6 +533,7 @@ def out_of_source_queries(n: int) -> dict[str, list[str]]:
 
 
 COVERAGE_FLOORS = (0.2, 0.25, 0.3)   # the floors `coverage` reports beside the config's
+OUTSIDE_MODES = ("profile_mean", "descriptions")   # router.outside_profile's values
 
 
 def coverage_eval(args) -> int:
@@ -576,6 +577,154 @@ def coverage_eval(args) -> int:
     return 0
 
 
+def _rb_answer(cell: str) -> str:
+    """A RouterBench ``<model>|model_response`` cell (a stringified one-element list) as text."""
+    import ast
+
+    try:
+        v = ast.literal_eval(cell)
+    except (ValueError, SyntaxError):
+        return cell
+    return str(v[0]) if isinstance(v, list) and v else str(v)
+
+
+def transfer_probes(n: int) -> dict[str, list]:
+    """Reference-NLL probes from sources other than the profile's answers, from ``../shared/data/routing``:
+
+    - GSM8K test questions with GPT-4's answer where it was judged correct (RouteLLM's
+      ``routellm_gsm8k_responses.csv``): the profile's GSM8K lines are train questions with
+      GSM8K's own terse solutions;
+    - MBPP tasks as RouterBench asks them (the task text without its test) with GPT-4's passing
+      answer (prose and code), leaving out tasks whose text the profile holds;
+    - MT-Bench's math, reasoning and coding questions with their reference answers.
+
+    The first ``n`` of each (MT-Bench has 30)."""
+    import csv
+
+    from coe.scoring.probes import Probe
+
+    data = REPO.parent / "shared" / "data" / "routing"
+    csv.field_size_limit(1 << 30)
+    profiled = [json.loads(line)["query"] for line in (REPO / "configs/profiles/default_tasks.jsonl")
+                .read_text().splitlines() if line.strip()]
+    gsm, mbpp, mt = [], [], []
+    with open(data / "routellm_gsm8k_responses.csv", newline="", encoding="utf-8") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            if row["gpt-4-1106-preview"] == "True" and len(gsm) < n:
+                gsm.append(Probe(id=f"gsm8k-test/{i}", query=row["prompt"].strip(), scorer="reference_nll",
+                                 category="math", reference=row["gpt-4-1106-preview_response"].strip()))
+    for name in ("mbpp_test.csv", "mbpp_train.csv"):
+        with open(data / name, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                text = _rb_answer(row["prompt"]).strip()
+                if (len(mbpp) < n and float(row["gpt-4-1106-preview"] or 0) >= 1.0
+                        and not any(text in q for q in profiled)):
+                    mbpp.append(Probe(id=f"routerbench-mbpp/{row['sample_id']}", query=text, scorer="reference_nll",
+                                      category="code", reference=_rb_answer(row["gpt-4-1106-preview|model_response"])))
+    for line in (data / "mt_bench_questions.jsonl").read_text().splitlines():
+        q = json.loads(line) if line.strip() else {}
+        if q.get("category") in ("math", "reasoning", "coding") and q.get("reference") and len(mt) < n:
+            mt.append(Probe(id=f"mt-bench/{q['question_id']}", query=q["turns"][0], scorer="reference_nll",
+                            category="code" if q["category"] == "coding" else "math",
+                            reference=str(q["reference"][0])))
+    return {"math: GSM8K test, GPT-4's correct answer": gsm,
+            "code: MBPP as RouterBench asks it, GPT-4's passing answer": mbpp,
+            "math/reasoning/code: MT-Bench, its reference answers": mt}
+
+
+def nll_transfer_stats(nll: np.ndarray, pick: np.ndarray, experts: list[str], n_boot: int = 2000) -> dict:
+    """``nll`` ``[N, E]`` (per-token reference NLL, lower is better), ``pick`` ``[N]`` the routed
+    column: per-system mean NLL; the best single expert; coe − best and the share of the per-query
+    oracle's gain over the best single that coe recovers, with paired-bootstrap 95% CIs."""
+    idx = np.arange(len(nll))
+    mean = {e: float(nll[:, i].mean()) for i, e in enumerate(experts)}
+    b = int(np.argmin([mean[e] for e in experts]))
+    paired = np.stack([nll[idx, pick], nll[:, b], nll.min(1)], 1)                  # coe, best single, oracle
+
+    def recovered(m):
+        gain = m[:, 1].mean() - m[:, 2].mean()
+        return (m[:, 1].mean() - m[:, 0].mean()) / gain if gain > 0 else float("nan")
+
+    return {"n": len(nll), "mean_nll": mean, "coe": float(paired[:, 0].mean()), "oracle": float(paired[:, 2].mean()),
+            "coe_ci": _boot(paired[:, :1], lambda m: m.mean(), n_boot),
+            "best_single": experts[b], "coe_minus_best": float(paired[:, 0].mean() - paired[:, 1].mean()),
+            "coe_minus_best_ci": _boot(paired, lambda m: m[:, 0].mean() - m[:, 1].mean(), n_boot),
+            "recovered": float(recovered(paired)), "recovered_ci": _boot(paired, recovered, n_boot),
+            "share": {e: float((pick == i).mean()) for i, e in enumerate(experts)},
+            "oracle_share": {e: float((nll.argmin(1) == i).mean()) for i, e in enumerate(experts)}}
+
+
+def stored_nll(path: str, probes: list, experts: list[str]) -> dict:
+    """The per-probe NLL table a previous ``transfer`` run wrote (its ``items``), for a routing-only
+    change: every probe and expert must be in it (SystemExit naming what is missing otherwise)."""
+    stored = {it["id"]: it["nll"] for it in json.loads(Path(path).read_text())["items"]}
+    missing = sorted({p.id for p in probes if not set(experts) <= set(stored.get(p.id, {}))})
+    if missing:
+        raise SystemExit(f"--nll-from {path} lacks {len(missing)} probe(s) or experts {experts}, e.g. {missing[0]}")
+    return {p.id: stored[p.id] for p in probes}
+
+
+def transfer_eval(args) -> int:
+    """``transfer``: the issue-23 end-to-end question on local sources whose answers the profile never
+    saw. The config's router routes each query (in process, as ``POST /v1/route`` does, without
+    load), once per ``router.outside_profile`` mode (the config's first); every routable expert
+    scores the reference answer's per-token NLL (in process, :func:`reference_nll_table`, or the
+    table of ``--nll-from``); coe under each mode, every expert and the per-query oracle are
+    compared per set and over all of them."""
+    from coe.config import load_config
+    from coe.routers.online import build_online_router
+
+    rec = RunRecord.start(note=f"out-of-source reference NLL, config {args.config or 'default'}"
+                          + (f", NLL from {_shown(args.nll_from)}" if args.nll_from else ""))
+    cfg = load_config(args.config)
+    sets = transfer_probes(args.n)
+    probes = [p for ps in sets.values() for p in ps]
+    modes = [cfg.router.outside_profile, *[m for m in OUTSIDE_MODES if m != cfg.router.outside_profile]]
+    picks = {m: [d.expert for d in build_online_router(cfg.router.model_copy(update={"outside_profile": m}),
+                                                       cfg.experts).route([p.query for p in probes])] for m in modes}
+    experts = sorted({e for ps in picks.values() for e in ps}
+                     | set(args.expert or [e.id for e in cfg.experts if e.kind in ("model", "lora")]),
+                     key=[e.id for e in cfg.experts].index)
+    table = (stored_nll(args.nll_from, probes, experts) if args.nll_from
+             else reference_nll_table(probes, args.config, experts))
+    keep = [i for i, p in enumerate(probes) if all(np.isfinite(table[p.id].get(e, np.nan)) for e in experts)]
+    nll = np.array([[table[probes[i].id][e] for e in experts] for i in keep])
+    set_of = np.array([name for name, ps in sets.items() for _ in ps])[keep]
+    res = {"experts": experts, "router": _shown(cfg.router.fitted or "(none)"),
+           "floor": cfg.router.min_profile_similarity, "modes": modes, "dropped": len(probes) - len(keep), "by_mode": {},
+           "items": [{"id": probes[i].id, "routed": {m: picks[m][i] for m in modes}, "nll": table[probes[i].id]}
+                     for i in keep]}
+    for m in modes:
+        pick = np.array([experts.index(picks[m][i]) for i in keep])
+        res["by_mode"][m] = {"all": nll_transfer_stats(nll, pick, experts),
+                             "sets": {name: nll_transfer_stats(nll[set_of == name], pick[set_of == name], experts)
+                                      for name in sets if (set_of == name).any()}}
+
+    def ci(v):
+        return f"[{v[0]:+.3f}, {v[1]:+.3f}]"
+
+    lines = [f"Router: the config's (`{res['router']}`, `min_profile_similarity` {res['floor']}), routing in process "
+             "as `POST /v1/route` does (no load), under each `router.outside_profile` (the config's first). NLL: "
+             "mean per-token NLL of the reference answer under each expert, in process (transformers, float32; "
+             "LoRAs as the service loads them). Lower is better.", "",
+             "| set | n | " + " | ".join(experts) + " | oracle | best single | outside_profile | coe | coe − best "
+             "(95% CI) | oracle gain recovered (95% CI) | coe routes to |", "|---|---|" + "---|" * (len(experts) + 7)]
+    for name in [*res["by_mode"][modes[0]]["sets"], "all"]:
+        for m in modes:
+            st = res["by_mode"][m]["all" if name == "all" else "sets"]
+            st = st if name == "all" else st[name]
+            lines.append(f"| {name} | {st['n']} | " + " | ".join(f"{st['mean_nll'][e]:.3f}" for e in experts)
+                         + f" | {st['oracle']:.3f} | {st['best_single']} | {m} | {st['coe']:.3f} | "
+                         f"{st['coe_minus_best']:+.3f} {ci(st['coe_minus_best_ci'])} | {st['recovered']:.2f} "
+                         f"[{st['recovered_ci'][0]:.2f}, {st['recovered_ci'][1]:.2f}] | "
+                         + ", ".join(f"{e} {v:.0%}" for e, v in st["share"].items() if v > 0) + " |")
+    body = "\n".join(lines) + "\n"
+    write_results(args.name, rec.finish(res), rec.markdown_header("Out-of-source reference NLL: coe vs "
+                                                                   "single experts vs the oracle") + body)
+    print(body)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -608,7 +757,16 @@ def main(argv: list[str] | None = None) -> int:
     co.add_argument("--config", default=None, help="config whose fitted router to use (default: embedded)")
     co.add_argument("--n", type=int, default=100, help="queries per source")
     co.add_argument("--name", default="composition_coverage")
+    tr = sub.add_parser("transfer", help="reference NLL of coe, every expert and the oracle on answers from other "
+                        "sources (no service)")
+    tr.add_argument("--config", default=None, help="config whose router and experts to use (default: embedded)")
+    tr.add_argument("--n", type=int, default=60, help="probes per source")
+    tr.add_argument("--expert", action="append", default=[], help="experts to score (default: every routable one)")
+    tr.add_argument("--nll-from", default=None, help="reuse the NLL of a previous run's JSON (a change of routing only)")
+    tr.add_argument("--name", default="composition_transfer")
     args = ap.parse_args(argv)
+    if args.cmd == "transfer":
+        return transfer_eval(args)
     if args.cmd == "coverage":
         return coverage_eval(args)
     if args.cmd == "policy":

@@ -320,6 +320,13 @@ class RouterConfig(Strict):
         "similarity to the nearest profiled query is below this is routed by the experts' descriptions, as "
         "without a fitted router (the outcome data says nothing about it). None: always the fitted router.",
     )
+    outside_profile: Literal["profile_mean", "descriptions"] = Field(
+        "profile_mean",
+        description="How a query below min_profile_similarity is routed. profile_mean: each profiled expert "
+        "scores its mean outcome over the fitted data (the expert best on average wins, less λ·cost under "
+        "tradeoff), experts the fitted router has not seen score by description against the best of those "
+        "(new_expert_similarity); descriptions: every expert by description, as without a fitted router.",
+    )
     embedder_threads: int | None = Field(
         None, ge=1, le=256,
         description="Intra-op threads of the router's embedder in the ingress (None: the library's default, one "

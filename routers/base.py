@@ -124,8 +124,14 @@ class Router:
 
     def coverage(self, batch: QueryBatch) -> np.ndarray | None:
         """``[B]`` cosine similarity of each query to its nearest training query, or None when
-        the router keeps no training queries. The online router routes a query the training data
-        does not cover (``router.min_profile_similarity``) by the experts' descriptions."""
+        the router keeps no training queries. A query the training data does not cover
+        (``router.min_profile_similarity``) is routed as ``router.outside_profile`` says."""
+        return None
+
+    def mean_quality(self) -> np.ndarray | None:
+        """``[M]`` each expert's mean outcome over the fitted data (what the router predicts where
+        it has no local evidence), or None when the router keeps no outcomes. The online router
+        scores a query outside the training data by it (``router.outside_profile: profile_mean``)."""
         return None
 
     def state(self) -> dict[str, np.ndarray]:

@@ -10,7 +10,12 @@ How the scales meet: with a fitted router, an expert it has never seen (e.g. reg
 runtime) scores ``best_fitted_quality(query) + (cos(query, expert) − new_expert_similarity)``:
 it wins a query exactly when the query is closer to its description than
 ``router.new_expert_similarity``, and otherwise ranks below the fitted experts by how far it
-falls short. Without a fitted router all experts are scored by raw cosine similarity; when the
+falls short. A query less similar than ``router.min_profile_similarity`` to every profiled one
+(``Router.coverage``) gets no local evidence: under ``router.outside_profile: profile_mean`` (the
+default) each fitted expert scores its mean outcome over the fitted data (the expert best on
+average wins; unseen experts as above, against the best of those means); under
+``descriptions`` every expert is scored as without a fitted router. Without a fitted router all
+experts are scored by raw cosine similarity; when the
 best similarity is below ``router.unsure_similarity`` (or the query is empty), the query goes
 to ``router.default_expert``. Costs are the experts' configured ``cost`` (one scale for all).
 
@@ -180,9 +185,19 @@ class OnlineRouter:
         coverage = fitted.coverage(batch) if floor is not None else None   # [B] | None
         if coverage is not None:
             outside = coverage < floor          # the profiles say nothing about these queries
-            quality[outside] = cos[outside]
             spread[outside] = np.nan
-            unsure[outside] = cos[outside].max(axis=1) < self.cfg.unsure_similarity
+            mean = fitted.mean_quality() if self.cfg.outside_profile == "profile_mean" else None
+            if mean is not None and known:
+                row = np.full(e, -np.inf)
+                row[known] = np.asarray(mean)[cols]
+                quality[outside] = row
+                if unseen:
+                    quality[np.ix_(outside, unseen)] = row[known].max() + (
+                        cos[np.ix_(outside, unseen)] - self.cfg.new_expert_similarity)
+                unsure[outside] = False
+            else:
+                quality[outside] = cos[outside]
+                unsure[outside] = cos[outside].max(axis=1) < self.cfg.unsure_similarity
         return quality, unsure, spread
 
     def _decision(self, choice: str, ids: list[str], row: np.ndarray, costs: np.ndarray, *,

@@ -75,6 +75,9 @@ class KnnRouter(Router):
         sims, _ = self._get_index().search(np.ascontiguousarray(batch.embeddings, dtype=np.float32), 1)  # [B, 1]
         return sims[:, 0]
 
+    def mean_quality(self) -> np.ndarray:
+        return self.prior
+
     def state(self):
         return {"keys": self.keys, "values": self.values, "prior": self.prior}
 

@@ -90,3 +90,34 @@ def test_out_of_source_queries_come_from_every_source_and_none_from_the_profile(
 
     profiled = {json.loads(line)["query"] for line in (PROBES / "profile_probes.jsonl").read_text().splitlines()}
     assert not profiled & {q for queries in sets.values() for q in queries}
+
+
+def test_transfer_probes_carry_other_sources_answers_and_no_profiled_task():
+    import json
+
+    from bench.composition import REPO, transfer_probes
+
+    sets = transfer_probes(4)
+    assert len(sets) == 3 and all(0 < len(ps) <= 4 for ps in sets.values())
+    probes = [p for ps in sets.values() for p in ps]
+    assert all(p.scorer == "reference_nll" and p.reference.strip() and p.category in ("math", "code") for p in probes)
+    assert len({p.id for p in probes}) == len(probes)
+    profiled = [json.loads(line)["query"] for line in
+                (REPO / "configs/profiles/default_tasks.jsonl").read_text().splitlines() if line.strip()]
+    assert not any(p.query in q for p in probes for q in profiled)
+    assert not any(r.startswith("[") for r in (p.reference for p in probes))   # RouterBench's list cells unwrapped
+
+
+def test_nll_transfer_stats_pair_coe_with_the_best_single_and_the_oracle():
+    import numpy as np
+
+    from bench.composition import nll_transfer_stats
+
+    nll = np.array([[1.0, 2.0], [1.0, 0.0], [1.0, 0.5], [1.0, 3.0]])     # a is best on average (1.0 vs 1.375)
+    st = nll_transfer_stats(nll, np.array([0, 1, 0, 0]), ["a", "b"], n_boot=200)
+    assert st["best_single"] == "a" and st["coe"] == pytest.approx(0.75) and st["oracle"] == pytest.approx(0.625)
+    assert st["coe_minus_best"] == pytest.approx(-0.25)
+    assert st["recovered"] == pytest.approx(0.25 / 0.375)               # row 2 stays with a: 2/3 of the gain
+    assert st["share"] == {"a": 0.75, "b": 0.25} and st["oracle_share"] == {"a": 0.5, "b": 0.5}
+    lo, hi = st["recovered_ci"]
+    assert lo <= st["recovered"] <= hi

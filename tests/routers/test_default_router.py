@@ -1,12 +1,14 @@
 """The router the default config ships: kNN fitted on the experts' measured task outcomes (exact final
 number on GSM8K, unit tests on MBPP; configs/fitted/default, from configs/profiles/default_tasks.jsonl),
-with queries unlike every profiled one routed by the experts' descriptions (router.min_profile_similarity)."""
+with queries unlike every profiled one (router.min_profile_similarity) sent to the expert best on average
+on the profile (router.outside_profile: profile_mean)."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 
 from coe.paths import default_config_path
 from coe.routers import build_online_router
@@ -34,13 +36,21 @@ def test_profiled_domains_go_to_the_measured_best_expert(shipped):
     assert [d.expert for d in out] == ["qwen-coder", "qwen-coder"]
 
 
-def test_queries_outside_the_profiles_are_routed_by_description(shipped):
+def test_queries_outside_the_profiles_go_to_the_expert_best_on_the_profile(shipped):
+    """router.outside_profile: profile_mean (the default): a query unlike every profiled one goes to the
+    expert with the best mean outcome on the profile, not by the descriptions (which sent MT-Bench
+    reasoning questions to the SmolLM2 experts, worse by reference NLL: bench/results/composition_transfer.md)."""
     cfg, router = shipped
     queries = ["What is the capital of France?",
                "Continue the story. Once upon a time, in a small village by the river,"]
-    assert [d.expert for d in router.route(queries)] == ["smollm2", "smollm2"]   # the cheap chat expert
-    # without the floor, the fitted router alone sends them to the expert best on the profiled domains
-    bare = build_online_router(cfg.router.model_copy(update={"min_profile_similarity": None}), cfg.experts)
-    assert [d.expert for d in bare.route(queries)] == ["qwen-coder", "qwen-coder"]
-    cov = bare.fitted.coverage(QueryBatch(queries, bare.embedder.encode(queries)))
+    cov = router.fitted.coverage(QueryBatch(queries, router.embedder.encode(queries)))
     assert np.all(cov < cfg.router.min_profile_similarity)
+    assert cfg.router.outside_profile == "profile_mean"
+    means = dict(zip(router.fitted.experts, router.fitted.mean_quality()))
+    assert max(means, key=means.get) == "qwen-coder"
+    out = router.route(queries)
+    assert [d.expert for d in out] == ["qwen-coder", "qwen-coder"]
+    assert out[0].scores == {e: pytest.approx(v) for e, v in means.items()}
+    # outside_profile: descriptions routes them as without a fitted router: to the cheap chat expert
+    desc = build_online_router(cfg.router.model_copy(update={"outside_profile": "descriptions"}), cfg.experts)
+    assert [d.expert for d in desc.route(queries)] == ["smollm2", "smollm2"]

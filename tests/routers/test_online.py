@@ -80,6 +80,37 @@ def test_fitted_router_and_unseen_expert(tmp_path, synthetic, embedder):
     assert out[1].scores["chef"] < out[1].scores["math-expert"]
 
 
+def test_queries_outside_the_profile_go_to_the_expert_best_on_average(tmp_path, synthetic, embedder):
+    """Below router.min_profile_similarity (here every query), outside_profile: profile_mean scores each
+    fitted expert by its mean outcome over the fitted data; an unseen expert still wins the queries
+    close to its description, against the best of those means."""
+    from coe.routers import create_router, save_router
+
+    train, xtr, *_ = synthetic
+    save_router(create_router("knn", {"k": 5}).fit(train, xtr), tmp_path / "fitted", embedder="minilm-l6")
+    experts = [ModelExpert(id="general", model="smollm2-135m-instruct"),
+               LoraExpert(id="math-expert", base="general", adapter="x"),
+               LoraExpert(id="code-expert", base="general", adapter="y")]
+    means = dict(zip(train.models, train.quality.mean(axis=0)))
+    best = max(means, key=means.get)
+    cfg = RouterConfig(name="knn", fitted=str(tmp_path / "fitted"), default_expert="math-expert",
+                       min_profile_similarity=0.99)
+    router = build_online_router(cfg, experts, embedder=embedder)
+    queries = ["What is 12 plus 30?", "Write a python function that reverses a list.", "Give me a recipe for pancakes."]
+    out = router.route(queries)
+    assert [d.expert for d in out] == [best] * 3 and {d.reason for d in out} == {"policy"}
+    assert out[0].scores == pytest.approx(means) and not out[0].uncertainty    # no local evidence, no spread
+    router.add_expert(ModelExpert(id="chef", model="smollm2-135m-instruct", description="Recipes and cooking advice.",
+                                  examples=["How long should I boil an egg?", "Give me a recipe for tomato soup."]))
+    out = router.route(queries)
+    assert [d.expert for d in out] == [best, best, "chef"]
+    assert out[0].scores["chef"] < means[best] < out[2].scores["chef"]
+    # outside_profile: descriptions scores everyone by cosine to the descriptions instead
+    desc = build_online_router(cfg.model_copy(update={"outside_profile": "descriptions"}), experts, embedder=embedder)
+    cos = desc.route(queries)[0].scores
+    assert cos != pytest.approx(means) and all(-1.0 <= v <= 1.0 for v in cos.values())
+
+
 def test_router_that_needs_outcomes_is_refused_without_fitted(default_cfg, embedder):
     with pytest.raises(ConfigError, match="needs outcome data"):
         build_online_router(RouterConfig(name="knn"), default_cfg.experts, embedder=embedder)
