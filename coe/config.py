@@ -317,8 +317,8 @@ class RouterConfig(Strict):
     min_profile_similarity: float | None = Field(
         None, ge=-1, le=1,
         description="With a fitted router that keeps its training queries (knn): a query whose cosine "
-        "similarity to the nearest profiled query is below this is routed by the experts' descriptions, as "
-        "without a fitted router (the outcome data says nothing about it). None: always the fitted router.",
+        "similarity to the nearest profiled query is below this has no local evidence and is routed as "
+        "outside_profile says. None: always the fitted router.",
     )
     outside_profile: Literal["profile_mean", "descriptions"] = Field(
         "profile_mean",
