@@ -703,10 +703,10 @@ def transfer_eval(args) -> int:
     def ci(v):
         return f"[{v[0]:+.3f}, {v[1]:+.3f}]"
 
-    lines = [f"Router: the config's (`{res['router']}`, `min_profile_similarity` {res['floor']}), routing in process "
-             "as `POST /v1/route` does (no load), under each `router.outside_profile` (the config's first). NLL: "
-             "mean per-token NLL of the reference answer under each expert, in process (transformers, float32; "
-             "LoRAs as the service loads them). Lower is better.", "",
+    lines = [(f"Router: the config's (`{res['router']}`, `min_profile_similarity` {res['floor']}), routing in "
+              "process as `POST /v1/route` does (no load), under each `router.outside_profile` (the config's first). "
+              "NLL: mean per-token NLL of the reference answer under each expert, in process (transformers, "
+              "float32; LoRAs as the service loads them). Lower is better."), "",
              "| set | n | " + " | ".join(experts) + " | oracle | best single | outside_profile | coe | coe − best "
              "(95% CI) | oracle gain recovered (95% CI) | coe routes to |", "|---|---|" + "---|" * (len(experts) + 7)]
     for name in [*res["by_mode"][modes[0]]["sets"], "all"]:
