@@ -9,7 +9,8 @@ once per arm and repeat, with ``router.policy.load_weight`` set to 0 (``quality`
 or to μ (``load-aware``); nothing else differs. Arms are interleaved (``q, l`` then ``l, q``, ...).
 
 The query mix (:data:`MIX`): questions whose two best predicted experts, by the shipped kNN
-router, are ``qwen-coder`` (first) and ``smollm2`` (second), a few hundredths apart, and on
+router with ``router.outside_profile: descriptions`` (both arms), are ``qwen-coder`` (first) and
+``smollm2`` (second), a few hundredths apart, and on
 different engines: qwen-coder has a vLLM engine of its own, while a SmolLM2 LoRA would share
 smollm2's engine, and so its admission slots and its queue, which leaves nothing to balance.
 Every run checks the mix with ``POST /v1/route`` and records both predictions per query.
@@ -50,7 +51,10 @@ from bench.stats import bootstrap_ci, paired_ratio, percentile
 TOP, SECOND = "qwen-coder", "smollm2"
 # qwen-coder first and smollm2 second by the shipped kNN (configs/fitted/default, minilm-l6-int8),
 # 0.015 to 0.03 apart (0.02 on average): these questions are outside the task profiles (MBPP,
-# GSM8K), so the router scores them against the experts' descriptions and examples.
+# GSM8K), and with router.outside_profile: descriptions (set in both arms) the router scores them
+# against the experts' descriptions and examples. Under the default, profile_mean, every such
+# question gets the profile means (qwen-coder 0.2, the next 0.0625): no near tie left to balance.
+MIX_OUTSIDE_PROFILE = "descriptions"
 MIX = [
     "Explain how email is delivered.",
     "How does encryption keep data safe?",
@@ -64,14 +68,16 @@ TARGETS = {"p99_ratio": 2.0, "quality_within": 0.02}
 
 
 def arm_config(folder: Path, name: str, load_weight: float) -> Path:
-    """The embedded default config with ``router.policy.load_weight`` set, written to ``folder``
-    (paths already absolute: the loader resolved them against the default's folder)."""
+    """The embedded default config with ``router.policy.load_weight`` set and ``router.outside_profile:
+    descriptions`` (see :data:`MIX`), written to ``folder`` (paths already absolute: the loader
+    resolved them against the default's folder)."""
     import yaml
 
     from coe.config import load_config
 
     cfg = load_config(None)
     cfg.router.policy.load_weight = load_weight
+    cfg.router.outside_profile = MIX_OUTSIDE_PROFILE
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True), sort_keys=False))
     return path

@@ -36,13 +36,14 @@ def test_compare_checks_the_three_targets():
     assert not worse["targets"]["p99_ratio_at_least_2"] and not worse["targets"]["answered_at_least_as_many"]
 
 
-def test_arm_config_changes_only_the_load_weight(tmp_path):
+def test_arm_config_changes_only_the_load_weight_and_the_outside_rule(tmp_path):
     from coe.config import load_config
 
     shipped = load_config(None)
     written = load_config(arm_config(tmp_path, "x", 0.25))
-    assert written.router.policy.load_weight == 0.25
+    assert written.router.policy.load_weight == 0.25 and written.router.outside_profile == "descriptions"
     shipped.router.policy.load_weight = 0.25
+    shipped.router.outside_profile = "descriptions"
     assert written.model_dump() == shipped.model_dump()
 
 
