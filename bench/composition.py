@@ -32,10 +32,13 @@ information (nothing is chosen on it).
     python bench/composition.py run [--config CFG] [--url URL] [--n-code 30] [--n-math 30]
     python bench/composition.py policy [--config CFG]        # bench/results/composition_policy.md
     python bench/composition.py coverage [--config CFG]      # bench/results/composition_coverage.md
+    python bench/composition.py transfer [--config CFG]      # bench/results/composition_transfer.md
 
 ``coverage`` needs no service either: for queries from sources other than the profile's (GSM8K
 test, MATH, HumanEval, JavaScript, MT-Bench), the share whose nearest profiled query is less
-similar than ``router.min_profile_similarity`` (those go by the descriptions).
+similar than ``router.min_profile_similarity`` (those are routed as ``router.outside_profile``
+says), and where the config's router sends them. ``transfer`` (no service) scores coe, every
+expert and the oracle by reference NLL on answers from other sources than the profile's.
 """
 
 from __future__ import annotations
@@ -213,16 +216,10 @@ def analyse(rows: list[dict], routes: dict[str, str], nll: dict | None = None) -
     out["oracle_gain_recovered"] = float(recovered(paired))
     out["oracle_gain_recovered_ci"] = _boot(paired, recovered)
     if nll is not None:
-        nl = np.array([[nll[r["id"]][e] for e in experts] for r in rows])
-        best_nll = min(experts, key=lambda e: out["systems"][e]["nll"])
-        bn = experts.index(best_nll)
-        pn = np.stack([nl[idx, pick_coe], nl[:, bn], nl.min(1)], 1)
-        out["best_single_nll"] = best_nll
-        out["coe_minus_best_nll"] = float(np.nanmean(pn[:, 0]) - np.nanmean(pn[:, 1]))
-        out["coe_minus_best_nll_ci"] = _boot(pn, lambda m: np.nanmean(m[:, 0]) - np.nanmean(m[:, 1]))
-        gain = lambda m: (np.nanmean(m[:, 1]) - np.nanmean(m[:, 0])) / (np.nanmean(m[:, 1]) - np.nanmean(m[:, 2]))
-        out["oracle_nll_gain_recovered"] = float(gain(pn))
-        out["oracle_nll_gain_recovered_ci"] = _boot(pn, gain)
+        st = nll_transfer_stats(np.array([[nll[r["id"]][e] for e in experts] for r in rows]), pick_coe, experts)
+        out["best_single_nll"] = st["best_single"]
+        out["coe_minus_best_nll"], out["coe_minus_best_nll_ci"] = st["coe_minus_best"], st["coe_minus_best_ci"]
+        out["oracle_nll_gain_recovered"], out["oracle_nll_gain_recovered_ci"] = st["recovered"], st["recovered_ci"]
     return out
 
 
@@ -563,7 +560,8 @@ def coverage_eval(args) -> int:
                      "below": {str(f): float((cov < f).mean()) for f in floors},
                      "routed": {e: picks.count(e) / len(picks) for e in sorted(set(picks), key=picks.index)}})
     lines = [(f"Fitted router `{_shown(cfg.router.fitted)}`; the config's `router.min_profile_similarity` is {floor}: "
-              "a query whose similarity to the nearest profiled query is below the floor is routed by the descriptions."),
+              "a query whose similarity to the nearest profiled query is below the floor is routed as "
+              f"`router.outside_profile: {cfg.router.outside_profile}` says."),
              "", "| queries | n | similarity p10 / median / p90 | "
              + " | ".join(f"below {f}{' (config)' if f == floor else ''}" for f in floors) + " | routed to (config) |",
              "|---|---|---|" + "---|" * len(floors) + "---|"]
@@ -633,22 +631,25 @@ def transfer_probes(n: int) -> dict[str, list]:
 
 
 def nll_transfer_stats(nll: np.ndarray, pick: np.ndarray, experts: list[str], n_boot: int = 2000) -> dict:
-    """``nll`` ``[N, E]`` (per-token reference NLL, lower is better), ``pick`` ``[N]`` the routed
-    column: per-system mean NLL; the best single expert; coe − best and the share of the per-query
-    oracle's gain over the best single that coe recovers, with paired-bootstrap 95% CIs."""
+    """``nll`` ``[N, E]`` (per-token reference NLL, lower is better; nan where a probe has no
+    reference, left out of every mean), ``pick`` ``[N]`` the routed column: per-system mean NLL;
+    the best single expert; coe − best and the share of the per-query oracle's gain over the best
+    single that coe recovers, with paired-bootstrap 95% CIs. ``run --nll`` and ``transfer`` both
+    report these."""
     idx = np.arange(len(nll))
-    mean = {e: float(nll[:, i].mean()) for i, e in enumerate(experts)}
+    mean = {e: float(np.nanmean(nll[:, i])) for i, e in enumerate(experts)}
     b = int(np.argmin([mean[e] for e in experts]))
     paired = np.stack([nll[idx, pick], nll[:, b], nll.min(1)], 1)                  # coe, best single, oracle
 
     def recovered(m):
-        gain = m[:, 1].mean() - m[:, 2].mean()
-        return (m[:, 1].mean() - m[:, 0].mean()) / gain if gain > 0 else float("nan")
+        gain = np.nanmean(m[:, 1]) - np.nanmean(m[:, 2])
+        return (np.nanmean(m[:, 1]) - np.nanmean(m[:, 0])) / gain if gain > 0 else float("nan")
 
-    return {"n": len(nll), "mean_nll": mean, "coe": float(paired[:, 0].mean()), "oracle": float(paired[:, 2].mean()),
-            "coe_ci": _boot(paired[:, :1], lambda m: m.mean(), n_boot),
-            "best_single": experts[b], "coe_minus_best": float(paired[:, 0].mean() - paired[:, 1].mean()),
-            "coe_minus_best_ci": _boot(paired, lambda m: m[:, 0].mean() - m[:, 1].mean(), n_boot),
+    return {"n": len(nll), "mean_nll": mean, "coe": float(np.nanmean(paired[:, 0])),
+            "oracle": float(np.nanmean(paired[:, 2])),
+            "coe_ci": _boot(paired[:, :1], lambda m: np.nanmean(m), n_boot),
+            "best_single": experts[b], "coe_minus_best": float(np.nanmean(paired[:, 0]) - np.nanmean(paired[:, 1])),
+            "coe_minus_best_ci": _boot(paired, lambda m: np.nanmean(m[:, 0]) - np.nanmean(m[:, 1]), n_boot),
             "recovered": float(recovered(paired)), "recovered_ci": _boot(paired, recovered, n_boot),
             "share": {e: float((pick == i).mean()) for i, e in enumerate(experts)},
             "oracle_share": {e: float((nll.argmin(1) == i).mean()) for i, e in enumerate(experts)}}
@@ -680,8 +681,10 @@ def transfer_eval(args) -> int:
     sets = transfer_probes(args.n)
     probes = [p for ps in sets.values() for p in ps]
     modes = [cfg.router.outside_profile, *[m for m in OUTSIDE_MODES if m != cfg.router.outside_profile]]
-    picks = {m: [d.expert for d in build_online_router(cfg.router.model_copy(update={"outside_profile": m}),
-                                                       cfg.experts).route([p.query for p in probes])] for m in modes}
+    routers = [build_online_router(cfg.router, cfg.experts)]
+    routers += [build_online_router(cfg.router.model_copy(update={"outside_profile": m}), cfg.experts,
+                                    embedder=routers[0].embedder) for m in modes[1:]]
+    picks = {m: [d.expert for d in r.route([p.query for p in probes])] for m, r in zip(modes, routers)}
     experts = sorted({e for ps in picks.values() for e in ps}
                      | set(args.expert or [e.id for e in cfg.experts if e.kind in ("model", "lora")]),
                      key=[e.id for e in cfg.experts].index)
